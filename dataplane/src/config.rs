@@ -1,0 +1,394 @@
+//! The daemon's TOML configuration: ports, cross-connects, PMD CPUs. Everything is validated
+//! before anything is created, so a bad file changes nothing on the host.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::pmd::PmdMode;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub dataplane: DataplaneConfig,
+    #[serde(default, rename = "port")]
+    pub ports: Vec<PortConfig>,
+    #[serde(default, rename = "xconnect")]
+    pub xconnects: Vec<XConnectConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// One PMD thread per entry, pinned to that CPU. Empty: one unpinned PMD.
+    #[serde(default)]
+    pub pmd_cpus: Vec<usize>,
+    #[serde(default)]
+    pub pmd_mode: PmdMode,
+    /// Packet buffers per PMD.
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    /// Where to write port and PMD statistics (JSON) once a second.
+    pub stats_file: Option<PathBuf>,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            pmd_cpus: Vec::new(),
+            pmd_mode: PmdMode::default(),
+            pool_size: default_pool(),
+            stats_file: None,
+        }
+    }
+}
+
+fn default_pool() -> usize {
+    1024
+}
+
+/// A port: its name plus its type-specific settings.
+#[derive(Debug, Clone)]
+pub struct PortConfig {
+    pub name: String,
+    pub kind: PortKind,
+}
+
+impl<'de> Deserialize<'de> for PortConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Each variant carries `name` itself so unknown keys are refused per port type.
+        let raw = RawPort::deserialize(d)?;
+        let (name, kind) = match raw {
+            RawPort::VhostUser {
+                name,
+                socket,
+                mode,
+                queues,
+                mac,
+                mtu,
+            } => (
+                name,
+                PortKind::VhostUser {
+                    socket,
+                    mode,
+                    queues,
+                    mac,
+                    mtu,
+                },
+            ),
+            RawPort::Tap {
+                name,
+                ifname,
+                queues,
+            } => (name, PortKind::Tap { ifname, queues }),
+            RawPort::Source { name, frame_size } => (name, PortKind::Source { frame_size }),
+            RawPort::Sink { name } => (name, PortKind::Sink),
+        };
+        Ok(PortConfig { name, kind })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+enum RawPort {
+    VhostUser {
+        name: String,
+        socket: PathBuf,
+        #[serde(default = "default_mode")]
+        mode: String,
+        #[serde(default = "one")]
+        queues: u16,
+        mac: Option<String>,
+        #[serde(default = "default_mtu")]
+        mtu: u16,
+    },
+    Tap {
+        name: String,
+        ifname: String,
+        #[serde(default = "one")]
+        queues: u16,
+    },
+    Source {
+        name: String,
+        #[serde(default = "default_frame")]
+        frame_size: usize,
+    },
+    Sink {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum PortKind {
+    VhostUser {
+        socket: PathBuf,
+        mode: String,
+        queues: u16,
+        mac: Option<String>,
+        mtu: u16,
+    },
+    Tap {
+        ifname: String,
+        queues: u16,
+    },
+    Source {
+        frame_size: usize,
+    },
+    Sink,
+}
+
+fn default_mode() -> String {
+    "server".into()
+}
+fn one() -> u16 {
+    1
+}
+fn default_mtu() -> u16 {
+    1500
+}
+fn default_frame() -> usize {
+    60
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct XConnectConfig {
+    pub ports: [String; 2],
+    /// Index into `pmd_cpus`; default round-robin.
+    pub pmd: Option<usize>,
+}
+
+/// A configuration error, naming the offending entry.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("port {0:?}: {1}")]
+    Port(String, String),
+    #[error("xconnect {0}: {1}")]
+    XConnect(usize, String),
+    #[error("dataplane: {0}")]
+    Dataplane(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<string>"),
+            source: Box::new(source),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks everything that can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.dataplane;
+        if d.pool_size < 256 || d.pool_size > 65536 {
+            return Err(ConfigError::Dataplane(format!(
+                "pool_size {} is outside 256..=65536",
+                d.pool_size
+            )));
+        }
+        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for &c in &d.pmd_cpus {
+            if c >= ncpu {
+                return Err(ConfigError::Dataplane(format!(
+                    "pmd_cpus: CPU {c} does not exist (this host has {ncpu})"
+                )));
+            }
+        }
+        let mut names = HashSet::new();
+        let mut sockets = HashSet::new();
+        let mut ifnames = HashSet::new();
+        for p in &self.ports {
+            let err = |m: String| ConfigError::Port(p.name.clone(), m);
+            if p.name.is_empty() || p.name.len() > 64 {
+                return Err(err("name must be 1..=64 characters".into()));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(err("duplicate port name".into()));
+            }
+            match &p.kind {
+                PortKind::VhostUser {
+                    socket,
+                    mode,
+                    queues,
+                    mac,
+                    mtu,
+                } => {
+                    if !sockets.insert(socket.clone()) {
+                        return Err(err(format!("socket {} used twice", socket.display())));
+                    }
+                    if mode != "server" && mode != "client" {
+                        return Err(err(format!(
+                            "mode {mode:?} is not \"server\" or \"client\""
+                        )));
+                    }
+                    if *queues == 0 || *queues > torii_vhost_user_net::MAX_QUEUE_PAIRS {
+                        return Err(err(format!(
+                            "queues {queues} is outside 1..={}",
+                            torii_vhost_user_net::MAX_QUEUE_PAIRS
+                        )));
+                    }
+                    if let Some(m) = mac {
+                        parse_mac(m).map_err(err)?;
+                    }
+                    if *mtu < 68 {
+                        return Err(err(format!("mtu {mtu} is below 68")));
+                    }
+                }
+                PortKind::Tap { ifname, queues } => {
+                    if ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ', '\0']) {
+                        return Err(err(format!(
+                            "ifname {ifname:?} is not a valid interface name"
+                        )));
+                    }
+                    if !ifnames.insert(ifname.clone()) {
+                        return Err(err(format!("ifname {ifname} used twice")));
+                    }
+                    if *queues == 0 || *queues > 16 {
+                        return Err(err(format!("queues {queues} is outside 1..=16")));
+                    }
+                }
+                PortKind::Source { frame_size } => {
+                    if !(60..=9000).contains(frame_size) {
+                        return Err(err(format!("frame_size {frame_size} is outside 60..=9000")));
+                    }
+                }
+                PortKind::Sink => {}
+            }
+        }
+        let mut used = HashSet::new();
+        for (i, x) in self.xconnects.iter().enumerate() {
+            if x.ports[0] == x.ports[1] {
+                return Err(ConfigError::XConnect(
+                    i,
+                    "a port cannot be connected to itself".into(),
+                ));
+            }
+            for p in &x.ports {
+                if !names.contains(p.as_str()) {
+                    return Err(ConfigError::XConnect(i, format!("unknown port {p:?}")));
+                }
+                if !used.insert(p.as_str()) {
+                    return Err(ConfigError::XConnect(
+                        i,
+                        format!("port {p:?} is already in another cross-connect"),
+                    ));
+                }
+            }
+            if let Some(pmd) = x.pmd {
+                if pmd >= d.pmd_cpus.len().max(1) {
+                    return Err(ConfigError::XConnect(
+                        i,
+                        format!("pmd {pmd} does not exist"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`, refusing multicast addresses.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("mac {s:?} is not six colon-separated bytes"));
+    }
+    let mut m = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        m[i] = u8::from_str_radix(p, 16).map_err(|_| format!("mac {s:?}: {p:?} is not hex"))?;
+    }
+    if m[0] & 1 != 0 {
+        return Err(format!("mac {s:?} is a multicast address"));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [dataplane]
+        pmd_mode = "poll"
+        [[port]]
+        name = "vm1"
+        type = "vhost-user"
+        socket = "/tmp/vm1.sock"
+        queues = 2
+        mac = "52:54:00:00:00:01"
+        [[port]]
+        name = "tap0"
+        type = "tap"
+        ifname = "torii0"
+        [[xconnect]]
+        ports = ["vm1", "tap0"]
+    "#;
+
+    #[test]
+    fn accepts_a_good_config() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.ports.len(), 2);
+        assert_eq!(c.dataplane.pmd_mode, PmdMode::Poll);
+    }
+
+    #[test]
+    fn rejects_bad_configs_with_the_reason() {
+        let cases = [
+            (GOOD.replace("queues = 2", "queues = 0"), "queues 0"),
+            (
+                GOOD.replace("\"tap0\"]", "\"nope\"]"),
+                "unknown port \"nope\"",
+            ),
+            (GOOD.replace("52:54", "53:54"), "multicast"),
+            (GOOD.replace("torii0", "a/b"), "not a valid interface name"),
+            (
+                GOOD.replace("name = \"tap0\"", "name = \"vm1\""),
+                "duplicate port name",
+            ),
+            (
+                GOOD.replace("type = \"tap\"", "type = \"tapx\""),
+                "unknown variant",
+            ),
+            (GOOD.replace("pmd_mode", "pmd_mood"), "unknown field"),
+            (
+                GOOD.replace("queues = 2", "queus = 2"),
+                "unknown field `queus`",
+            ),
+            (
+                GOOD.replace("[\"vm1\", \"tap0\"]", "[\"vm1\", \"vm1\"]"),
+                "itself",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} should mention {want:?}");
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Torii's poll-mode data plane. The data path reads top to bottom:
+//! `port` (rx_burst) → `pmd` (forward, offload fixups) → `port` (tx_burst); `packet` holds the
+//! preallocated buffers they pass around. `config` and `daemon` are the control path.
+
+pub mod config;
+pub mod daemon;
+pub mod offload;
+pub mod packet;
+pub mod pmd;
+pub mod port;

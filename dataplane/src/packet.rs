@@ -1,0 +1,169 @@
+//! Packet buffers. Every buffer is allocated once, when its PMD starts, and then circulates
+//! between the PMD's free list and the ports: nothing is allocated per packet.
+
+use torii_vhost_user_net::{BufPool, NetBuf, VirtioNetHdr};
+
+/// Room in front of a frame: a tap's 12-byte vnet header, or an 802.1Q tag to push.
+pub const HEADROOM: usize = 64;
+/// Largest frame: a 64 KiB GSO packet with its Ethernet and VLAN headers.
+pub const MAX_FRAME: usize = torii_vhost_user_net::MAX_FRAME;
+/// Size of each buffer.
+pub const BUF_SIZE: usize = HEADROOM + MAX_FRAME;
+
+/// One frame and its offload metadata (the virtio-net header, which is also a tap's).
+pub struct Packet {
+    buf: Box<[u8]>,
+    off: usize,
+    len: usize,
+    hdr: VirtioNetHdr,
+}
+
+impl Packet {
+    fn new() -> Self {
+        Packet {
+            buf: vec![0u8; BUF_SIZE].into_boxed_slice(),
+            off: HEADROOM,
+            len: 0,
+            hdr: VirtioNetHdr::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.off..self.off + self.len]
+    }
+
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+
+    pub fn hdr_mut(&mut self) -> &mut VirtioNetHdr {
+        &mut self.hdr
+    }
+
+    /// Copies `frame` in with no offload metadata.
+    pub fn fill(&mut self, frame: &[u8]) {
+        let len = frame.len().min(MAX_FRAME);
+        self.off = HEADROOM;
+        self.len = len;
+        self.hdr = VirtioNetHdr::default();
+        self.buf[HEADROOM..HEADROOM + len].copy_from_slice(&frame[..len]);
+    }
+
+    /// The frame preceded by `prefix` bytes of headroom, which the caller fills (a tap's vnet
+    /// header). Returns None if there is not that much headroom.
+    pub fn with_prefix(&mut self, prefix: usize) -> Option<&mut [u8]> {
+        let start = self.off.checked_sub(prefix)?;
+        Some(&mut self.buf[start..self.off + self.len])
+    }
+
+    /// The buffer for a read that will place a `prefix`-byte header then the frame.
+    pub fn read_area(&mut self, prefix: usize) -> &mut [u8] {
+        &mut self.buf[HEADROOM - prefix..]
+    }
+
+    /// After a read into `read_area(prefix)` of `n` bytes, the header was the first `prefix`.
+    pub fn set_read(&mut self, prefix: usize, n: usize, hdr: VirtioNetHdr) {
+        self.off = HEADROOM;
+        self.len = n.saturating_sub(prefix);
+        self.hdr = hdr;
+    }
+}
+
+impl NetBuf for Packet {
+    fn raw_mut(&mut self) -> &mut [u8] {
+        // The virtio header lands in the headroom's tail so the frame starts at HEADROOM.
+        &mut self.buf[HEADROOM - torii_vhost_user_net::hdr::HDR_LEN_MRG..]
+    }
+
+    fn set_frame(&mut self, hdr: VirtioNetHdr, offset: usize, len: usize) {
+        self.off = HEADROOM - torii_vhost_user_net::hdr::HDR_LEN_MRG + offset;
+        self.len = len;
+        self.hdr = hdr;
+    }
+
+    fn frame(&self) -> &[u8] {
+        self.data()
+    }
+
+    fn hdr(&self) -> VirtioNetHdr {
+        self.hdr
+    }
+}
+
+/// A PMD's free list. Single-threaded; never grows after creation.
+pub struct PacketPool {
+    free: Vec<Packet>,
+    size: usize,
+}
+
+impl PacketPool {
+    pub fn new(size: usize) -> Self {
+        PacketPool {
+            free: (0..size).map(|_| Packet::new()).collect(),
+            size,
+        }
+    }
+
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+impl BufPool for PacketPool {
+    type Buf = Packet;
+
+    #[inline]
+    fn alloc(&mut self) -> Option<Packet> {
+        self.free.pop()
+    }
+
+    #[inline]
+    fn free(&mut self, mut p: Packet) {
+        p.len = 0;
+        p.off = HEADROOM;
+        p.hdr = VirtioNetHdr::default();
+        if self.free.len() < self.size {
+            self.free.push(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_recycles_without_growing() {
+        let mut pool = PacketPool::new(2);
+        let a = pool.alloc().unwrap();
+        let b = pool.alloc().unwrap();
+        assert!(pool.alloc().is_none());
+        pool.free(a);
+        pool.free(b);
+        assert_eq!(pool.available(), 2);
+    }
+
+    #[test]
+    fn virtio_header_lands_in_headroom() {
+        let mut pool = PacketPool::new(1);
+        let mut p = pool.alloc().unwrap();
+        let raw = p.raw_mut();
+        raw[12..16].copy_from_slice(b"abcd");
+        p.set_frame(VirtioNetHdr::default(), 12, 4);
+        assert_eq!(p.data(), b"abcd");
+        let pre = p.with_prefix(12).unwrap();
+        assert_eq!(pre.len(), 16);
+    }
+}

@@ -1,0 +1,334 @@
+//! PMD (poll-mode driver) workers: one thread per configured CPU, each owning its ports and a
+//! packet pool, forwarding bursts between cross-connected ports. No locks, no allocation and
+//! no syscalls per packet; in adaptive mode an idle PMD sleeps in epoll until a port wakes it.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use torii_vhost_user_net::{new_event_consumer_and_notifier, EventFlag, EventNotifier, NetBuf};
+
+use crate::offload::{fixup, Fixup};
+use crate::packet::{Packet, PacketPool};
+use crate::port::{Port, PortStats, BURST};
+
+/// How a PMD waits when it has nothing to do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PmdMode {
+    /// Busy-poll forever: lowest latency, one core at 100 %.
+    Poll,
+    /// Poll while there is traffic; after a run of empty rounds, enable guest notifications and
+    /// sleep until a kick or a tap completion arrives.
+    #[default]
+    Adaptive,
+}
+
+/// Empty poll rounds before an adaptive PMD goes to sleep (a few tens of microseconds).
+const IDLE_ROUNDS_BEFORE_SLEEP: u32 = 2048;
+/// Upper bound on one sleep, so a lost wakeup costs at most this much latency.
+const MAX_SLEEP_MS: i32 = 100;
+
+/// Two ports whose traffic is forwarded to each other.
+pub struct XConnect {
+    pub a: Box<dyn Port>,
+    pub b: Box<dyn Port>,
+}
+
+/// PMD counters, published every few thousand rounds.
+#[derive(Default)]
+pub struct PmdStats {
+    pub busy_rounds: AtomicU64,
+    pub idle_rounds: AtomicU64,
+    pub sleeps: AtomicU64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PmdStatsSnapshot {
+    pub id: usize,
+    pub cpu: Option<usize>,
+    pub busy_rounds: u64,
+    pub idle_rounds: u64,
+    pub sleeps: u64,
+}
+
+/// A running PMD thread.
+pub struct PmdHandle {
+    pub id: usize,
+    pub cpu: Option<usize>,
+    stop: Arc<AtomicBool>,
+    waker: EventNotifier,
+    thread: Option<JoinHandle<()>>,
+    pub stats: Arc<PmdStats>,
+}
+
+impl PmdHandle {
+    pub fn snapshot(&self) -> PmdStatsSnapshot {
+        PmdStatsSnapshot {
+            id: self.id,
+            cpu: self.cpu,
+            busy_rounds: self.stats.busy_rounds.load(Ordering::Relaxed),
+            idle_rounds: self.stats.idle_rounds.load(Ordering::Relaxed),
+            sleeps: self.stats.sleeps.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the thread; its ports are dropped with it.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.waker.notify();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PmdHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts PMD `id` on `cpu` with the given cross-connects.
+pub fn spawn(
+    id: usize,
+    cpu: Option<usize>,
+    mode: PmdMode,
+    pool_size: usize,
+    mut xconnects: Vec<XConnect>,
+) -> io::Result<PmdHandle> {
+    let (consumer, notifier) =
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+    for xc in &mut xconnects {
+        xc.a.set_waker(&notifier);
+        xc.b.set_waker(&notifier);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(PmdStats::default());
+    let (s, st) = (stop.clone(), stats.clone());
+    let thread = std::thread::Builder::new()
+        .name(format!("pmd{id}"))
+        .spawn(move || {
+            if let Some(c) = cpu {
+                if let Err(e) = pin_to_cpu(c) {
+                    tracing::warn!(pmd = id, cpu = c, "cannot pin PMD: {e}");
+                }
+            }
+            let mut w = Worker {
+                xconnects,
+                pool: PacketPool::new(pool_size),
+                batch: Vec::with_capacity(BURST),
+                stats: st,
+                wake: consumer,
+            };
+            w.run(mode, &s);
+        })?;
+    Ok(PmdHandle {
+        id,
+        cpu,
+        stop,
+        waker: notifier,
+        thread: Some(thread),
+        stats,
+    })
+}
+
+struct Worker {
+    xconnects: Vec<XConnect>,
+    pool: PacketPool,
+    batch: Vec<Packet>,
+    stats: Arc<PmdStats>,
+    wake: torii_vhost_user_net::EventConsumer,
+}
+
+impl Worker {
+    fn run(&mut self, mode: PmdMode, stop: &AtomicBool) {
+        let epoll = match Epoll::new(self.wake.as_raw_fd(), &self.xconnects) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!("epoll setup failed, PMD will busy-poll: {e}");
+                None
+            }
+        };
+        let (mut busy, mut idle, mut idle_run) = (0u64, 0u64, 0u32);
+        while !stop.load(Ordering::Relaxed) {
+            let mut work = 0;
+            for xc in &mut self.xconnects {
+                xc.a.poll_start();
+                xc.b.poll_start();
+                xc.a.set_rx_offloads(xc.b.tx_offloads());
+                xc.b.set_rx_offloads(xc.a.tx_offloads());
+                work += forward(&mut *xc.a, &mut *xc.b, &mut self.pool, &mut self.batch);
+                work += forward(&mut *xc.b, &mut *xc.a, &mut self.pool, &mut self.batch);
+            }
+            if work > 0 {
+                busy += 1;
+                idle_run = 0;
+            } else {
+                idle += 1;
+                idle_run += 1;
+                if mode == PmdMode::Adaptive && idle_run >= IDLE_ROUNDS_BEFORE_SLEEP {
+                    if let Some(ep) = &epoll {
+                        self.sleep(ep, stop);
+                    }
+                    idle_run = 0;
+                }
+            }
+            if (busy + idle) & 0xfff == 0 {
+                self.publish(&mut busy, &mut idle);
+            }
+        }
+        self.publish(&mut busy, &mut idle);
+    }
+
+    fn publish(&self, busy: &mut u64, idle: &mut u64) {
+        self.stats.busy_rounds.fetch_add(*busy, Ordering::Relaxed);
+        self.stats.idle_rounds.fetch_add(*idle, Ordering::Relaxed);
+        *busy = 0;
+        *idle = 0;
+    }
+
+    fn sleep(&mut self, ep: &Epoll, stop: &AtomicBool) {
+        let mut pending = false;
+        for xc in &mut self.xconnects {
+            pending |= xc.a.arm_wakeup();
+            pending |= xc.b.arm_wakeup();
+        }
+        if !pending && !stop.load(Ordering::Acquire) {
+            self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+            ep.wait(MAX_SLEEP_MS);
+        }
+        for xc in &mut self.xconnects {
+            xc.a.disarm_wakeup();
+            xc.b.disarm_wakeup();
+        }
+    }
+}
+
+/// Moves one burst per queue from `src` to `dst`. Returns the packets received.
+fn forward(
+    src: &mut dyn Port,
+    dst: &mut dyn Port,
+    pool: &mut PacketPool,
+    batch: &mut Vec<Packet>,
+) -> usize {
+    let mut total = 0;
+    let dq = dst.num_queues().max(1);
+    for q in 0..src.num_queues() {
+        src.rx_burst(q, pool, batch, BURST);
+        if batch.is_empty() {
+            continue;
+        }
+        total += batch.len();
+        let accepts = dst.tx_offloads();
+        if batch
+            .iter()
+            .any(|p| !accepts.contains(p.hdr().required_offloads()))
+        {
+            apply_fixups(batch, accepts, pool, dst.stats());
+        }
+        dst.tx_burst(q % dq, pool, batch);
+        batch.clear();
+    }
+    total
+}
+
+/// Completes checksums in software for a destination without checksum offload and drops what
+/// cannot be fixed (GSO to a port without segmentation offload), keeping packet order.
+#[cold]
+fn apply_fixups(
+    batch: &mut Vec<Packet>,
+    accepts: crate::port::Offloads,
+    pool: &mut PacketPool,
+    stats: &PortStats,
+) {
+    let mut i = 0;
+    let (mut sw, mut dropped) = (0, 0);
+    while i < batch.len() {
+        match fixup(&mut batch[i], accepts) {
+            Fixup::AsIs => i += 1,
+            Fixup::SwCsum => {
+                sw += 1;
+                i += 1;
+            }
+            Fixup::Unsupported => {
+                let p = batch.remove(i);
+                torii_vhost_user_net::BufPool::free(pool, p);
+                dropped += 1;
+            }
+        }
+    }
+    PortStats::add(&stats.sw_csum, sw);
+    PortStats::add(&stats.tx_dropped_offload, dropped);
+}
+
+/// The PMD's sleeping place: its own eventfd plus every port's wakeup fds.
+struct Epoll {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Epoll {
+    fn new(wake: RawFd, xcs: &[XConnect]) -> io::Result<Self> {
+        // SAFETY: epoll_create1 has no pointer arguments.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh fd we own.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let mut fds = vec![wake];
+        for xc in xcs {
+            fds.extend(xc.a.wakeup_fds());
+            fds.extend(xc.b.wakeup_fds());
+        }
+        for &f in &fds {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: f as u64,
+            };
+            // SAFETY: `ev` is valid for the call; `f` is an fd owned by a port or the PMD.
+            if unsafe { libc::epoll_ctl(fd.as_raw_fd(), libc::EPOLL_CTL_ADD, f, &mut ev) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(Epoll { fd })
+    }
+
+    fn wait(&self, timeout_ms: i32) {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        // SAFETY: `evs` has room for 8 events.
+        let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), evs.as_mut_ptr(), 8, timeout_ms) };
+        for ev in evs.iter().take(n.max(0) as usize) {
+            drain_eventfd(ev.u64 as RawFd);
+        }
+    }
+}
+
+fn drain_eventfd(fd: RawFd) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into `v` from a non-blocking eventfd.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}
+
+fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "cpu out of range",
+        ));
+    }
+    // SAFETY: CPU_SET writes within `set`, as cpu < CPU_SETSIZE was checked above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,118 @@
+//! Ports: where packets enter and leave the data plane. One trait, one module per port type.
+//! A port is owned by exactly one PMD thread; its counters are shared read-only with the
+//! control path.
+
+pub mod null;
+pub mod tap;
+pub mod vhost_user;
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+pub use torii_vhost_user_net::Offloads;
+
+use crate::packet::{Packet, PacketPool};
+
+/// Packets moved per burst.
+pub const BURST: usize = 32;
+
+/// The data-path face of a port.
+pub trait Port: Send {
+    fn name(&self) -> &str;
+    fn kind(&self) -> &'static str;
+    fn num_queues(&self) -> u16;
+
+    /// Once per poll round, before any burst: pick up connection or configuration changes.
+    fn poll_start(&mut self) {}
+
+    /// Appends up to `max` received packets of queue `q` to `out`.
+    fn rx_burst(&mut self, q: u16, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize);
+
+    /// Transmits every packet of `pkts` on queue `q` (or drops and counts it); `pkts` is empty
+    /// afterwards and all buffers are back in `pool` or owned by the port until completion.
+    fn tx_burst(&mut self, q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>);
+
+    /// Offloads `tx_burst` accepts (partial checksums, GSO).
+    fn tx_offloads(&self) -> Offloads;
+
+    /// Limits what `rx_burst` may hand out to what the peer accepts.
+    fn set_rx_offloads(&mut self, _accepted: Offloads) {}
+
+    fn stats(&self) -> &Arc<PortStats>;
+
+    /// Adaptive mode, before the PMD sleeps: ask for wakeups. Returns true if work arrived
+    /// meanwhile (then the PMD does not sleep).
+    fn arm_wakeup(&mut self) -> bool {
+        false
+    }
+
+    /// Adaptive mode, after waking: back to polling without notifications.
+    fn disarm_wakeup(&mut self) {}
+
+    /// File descriptors that become readable when the port has work, for the PMD's epoll.
+    fn wakeup_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// For ports woken by another thread (vhost-user kicks): the PMD's eventfd.
+    fn set_waker(&mut self, _waker: &torii_vhost_user_net::EventNotifier) {}
+}
+
+/// Port counters. Written by the owning PMD only (relaxed, once per burst), read by anyone.
+#[derive(Default)]
+pub struct PortStats {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Received frames dropped: malformed (bad header, runt, oversize) or read errors.
+    pub rx_dropped_invalid: AtomicU64,
+    /// Transmit dropped: peer not connected or no room (guest ring full, tap backlog).
+    pub tx_dropped_no_room: AtomicU64,
+    /// Transmit dropped: the packet needs an offload the port cannot take.
+    pub tx_dropped_offload: AtomicU64,
+    /// Transmit errors reported by the kernel.
+    pub tx_errors: AtomicU64,
+    /// Checksums completed in software because the peer lacks checksum offload.
+    pub sw_csum: AtomicU64,
+}
+
+/// A copy of [`PortStats`] for reporting.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct PortStatsSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_dropped_invalid: u64,
+    pub tx_dropped_no_room: u64,
+    pub tx_dropped_offload: u64,
+    pub tx_errors: u64,
+    pub sw_csum: u64,
+}
+
+impl PortStats {
+    #[inline]
+    pub fn add(c: &AtomicU64, n: usize) {
+        if n != 0 {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self) -> PortStatsSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PortStatsSnapshot {
+            rx_packets: l(&self.rx_packets),
+            rx_bytes: l(&self.rx_bytes),
+            tx_packets: l(&self.tx_packets),
+            tx_bytes: l(&self.tx_bytes),
+            rx_dropped_invalid: l(&self.rx_dropped_invalid),
+            tx_dropped_no_room: l(&self.tx_dropped_no_room),
+            tx_dropped_offload: l(&self.tx_dropped_offload),
+            tx_errors: l(&self.tx_errors),
+            sw_csum: l(&self.sw_csum),
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! vhost-user-net port: the guest's virtio-net device. Guest TX is our rx, guest RX our tx.
+
+use std::sync::Arc;
+
+use torii_vhost_user_net::{
+    EventNotifier, NetDeviceConfig, NetQueues, Offloads, VhostUserNetDevice,
+};
+
+use super::{Port, PortStats};
+use crate::packet::{Packet, PacketPool};
+
+/// The data-path half of a vhost-user port; the device (control half) stays with the daemon.
+pub struct VhostUserPort {
+    name: String,
+    queues: NetQueues,
+    stats: Arc<PortStats>,
+}
+
+impl VhostUserPort {
+    /// Starts the device (socket, control thread) and returns both halves.
+    pub fn start(
+        cfg: NetDeviceConfig,
+    ) -> Result<(VhostUserNetDevice, Self), torii_vhost_user_net::DeviceError> {
+        let name = cfg.name.clone();
+        let (dev, queues) = VhostUserNetDevice::start(cfg)?;
+        Ok((
+            dev,
+            VhostUserPort {
+                name,
+                queues,
+                stats: Arc::new(PortStats::default()),
+            },
+        ))
+    }
+}
+
+impl Port for VhostUserPort {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "vhost-user"
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.queues.queue_pairs()
+    }
+
+    #[inline]
+    fn poll_start(&mut self) {
+        self.queues.refresh();
+    }
+
+    fn rx_burst(&mut self, q: u16, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
+        let r = self.queues.from_guest(q, max, pool, out);
+        PortStats::add(&self.stats.rx_packets, r.packets);
+        PortStats::add(&self.stats.rx_bytes, r.bytes);
+        PortStats::add(&self.stats.rx_dropped_invalid, r.dropped_invalid);
+    }
+
+    fn tx_burst(&mut self, q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
+        let r = self.queues.to_guest(q, pkts, pool);
+        PortStats::add(&self.stats.tx_packets, r.packets);
+        PortStats::add(&self.stats.tx_bytes, r.bytes);
+        PortStats::add(&self.stats.tx_dropped_no_room, r.dropped_no_buffer);
+        PortStats::add(&self.stats.tx_dropped_offload, r.dropped_unsupported);
+    }
+
+    fn tx_offloads(&self) -> Offloads {
+        self.queues.guest_rx_offloads()
+    }
+
+    fn stats(&self) -> &Arc<PortStats> {
+        &self.stats
+    }
+
+    fn arm_wakeup(&mut self) -> bool {
+        self.queues.set_tx_notifications(true)
+    }
+
+    fn disarm_wakeup(&mut self) {
+        self.queues.set_tx_notifications(false);
+    }
+
+    fn set_waker(&mut self, waker: &EventNotifier) {
+        self.queues.set_waker(waker.try_clone().ok());
+    }
+}
+
+impl Drop for VhostUserPort {
+    fn drop(&mut self) {
+        self.queues.detach();
+    }
+}

@@ -1,0 +1,294 @@
+//! The vhost-user protocol side: feature negotiation, config space and the vrings of one
+//! connection, on top of rust-vmm's `vhost-user-backend`. It knows nothing about sockets'
+//! lifetimes (see `device.rs`) nor about packets (see `queue.rs`).
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost_user_backend::{
+    VhostUserBackend, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net as vn;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::Error as VirtQueError;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::device::DeviceShared;
+
+/// Guest memory as the data path sees it.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// Largest queue the device accepts. 1024 lets a driver without MRG_RXBUF post 64 KiB receive
+/// buffers as chains of 4 KiB pages.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+/// Virtio features the device offers (§5.1.3). MQ is offered without CTRL_VQ on purpose: with
+/// vhost-user the control queue is emulated by the frontend (QEMU, DPDK virtio-user), which
+/// enables queue pairs with SET_VRING_ENABLE.
+pub fn offered_features(queue_pairs: u16) -> u64 {
+    let mut f = bit(VIRTIO_F_VERSION_1)
+        | bit(VIRTIO_RING_F_INDIRECT_DESC)
+        | bit(VIRTIO_RING_F_EVENT_IDX)
+        | bit(vn::VIRTIO_NET_F_MAC)
+        | bit(vn::VIRTIO_NET_F_STATUS)
+        | bit(vn::VIRTIO_NET_F_MTU)
+        | bit(vn::VIRTIO_NET_F_MRG_RXBUF)
+        | bit(vn::VIRTIO_NET_F_CSUM)
+        | bit(vn::VIRTIO_NET_F_GUEST_CSUM)
+        | bit(vn::VIRTIO_NET_F_HOST_TSO4)
+        | bit(vn::VIRTIO_NET_F_HOST_TSO6)
+        | bit(vn::VIRTIO_NET_F_HOST_ECN)
+        | bit(vn::VIRTIO_NET_F_HOST_UFO)
+        | bit(vn::VIRTIO_NET_F_GUEST_TSO4)
+        | bit(vn::VIRTIO_NET_F_GUEST_TSO6)
+        | bit(vn::VIRTIO_NET_F_GUEST_ECN)
+        | bit(vn::VIRTIO_NET_F_GUEST_UFO)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    if queue_pairs > 1 {
+        f |= bit(vn::VIRTIO_NET_F_MQ);
+    }
+    f
+}
+
+/// Per connection backend. A fresh one is made for every frontend connection so that nothing
+/// of a previous guest (features, vrings, memory) leaks into the next.
+pub struct NetBackend {
+    shared: Arc<DeviceShared>,
+    acked: AtomicU64,
+    event_idx: std::sync::atomic::AtomicBool,
+    backend_req: Mutex<Option<Backend>>,
+    exit: (Mutex<Option<EventConsumer>>, EventNotifier),
+}
+
+impl NetBackend {
+    pub(crate) fn new(shared: Arc<DeviceShared>) -> io::Result<Self> {
+        let (consumer, notifier) = vmm_sys_util::event::new_event_consumer_and_notifier(
+            vmm_sys_util::event::EventFlag::NONBLOCK,
+        )?;
+        Ok(NetBackend {
+            shared,
+            acked: AtomicU64::new(0),
+            event_idx: Default::default(),
+            backend_req: Mutex::new(None),
+            exit: (Mutex::new(Some(consumer)), notifier),
+        })
+    }
+
+    /// Features the driver acknowledged.
+    pub fn acked_features(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// Tells the frontend to re-read the config space (link status changed).
+    pub(crate) fn notify_config_change(&self) {
+        if let Some(b) = self.backend_req.lock().unwrap().as_ref() {
+            if let Err(e) = b.handle_config_change() {
+                tracing::debug!(port = %self.shared.name, "config change notification failed: {e}");
+            }
+        }
+    }
+
+    fn config_space(&self) -> [u8; 12] {
+        // struct virtio_net_config (§5.1.4): mac[6], status, max_virtqueue_pairs, mtu.
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.shared.mac);
+        let status = if self.shared.link_up.load(Ordering::Acquire) {
+            vn::VIRTIO_NET_S_LINK_UP as u16
+        } else {
+            0
+        };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c[8..10].copy_from_slice(&self.shared.queue_pairs.to_le_bytes());
+        c[10..12].copy_from_slice(&self.shared.mtu.to_le_bytes());
+        c
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = CapturedVring;
+
+    fn num_queues(&self) -> usize {
+        2 * self.shared.queue_pairs as usize
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        offered_features(self.shared.queue_pairs)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        let mut p = VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if self.shared.queue_pairs > 1 {
+            p |= VhostUserProtocolFeatures::MQ;
+        }
+        p
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config_space();
+        let start = (offset as usize).min(c.len());
+        let end = start.saturating_add(size as usize).min(c.len());
+        c[start..end].to_vec()
+    }
+
+    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
+        // The data path reads memory through the same GuestMemoryAtomic, which the handler has
+        // already updated; nothing is cached here.
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.backend_req.lock().unwrap() = Some(backend);
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One kick thread for all queues: it only wakes the PMD that owns the port.
+        vec![(1u64 << self.num_queues()) - 1]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let consumer = self.exit.0.lock().unwrap().take()?;
+        Some((consumer, self.exit.1.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        _device_event: u16,
+        _evset: EventSet,
+        _vrings: &[CapturedVring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // A kick: the driver posted buffers while the PMD had notifications enabled, i.e. was
+        // about to sleep. Wake it; the PMD does all ring work itself.
+        self.shared.wake();
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// Vrings made by `VhostUserDaemon::new` on this thread (see [`capture_vrings`]).
+    static CAPTURED: RefCell<Option<Vec<VringRwLock<GuestMem>>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (which must create exactly one `VhostUserDaemon`) and returns the vrings it created,
+/// in queue order. `vhost-user-backend` keeps its vrings private; the PMD needs them to poll.
+pub(crate) fn capture_vrings<R>(f: impl FnOnce() -> R) -> (R, Vec<VringRwLock<GuestMem>>) {
+    CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let r = f();
+    let v = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    (r, v)
+}
+
+/// A `VringRwLock` that registers itself with [`capture_vrings`] when created.
+#[derive(Clone)]
+pub struct CapturedVring(VringRwLock<GuestMem>);
+
+impl<'a> VringStateGuard<'a, GuestMem> for CapturedVring {
+    type G = <VringRwLock<GuestMem> as VringStateGuard<'a, GuestMem>>::G;
+}
+
+impl<'a> VringStateMutGuard<'a, GuestMem> for CapturedVring {
+    type G = <VringRwLock<GuestMem> as VringStateMutGuard<'a, GuestMem>>::G;
+}
+
+impl VringT<GuestMem> for CapturedVring {
+    fn new(mem: GuestMem, max_queue_size: u16) -> Result<Self, VirtQueError> {
+        let v = VringRwLock::new(mem, max_queue_size)?;
+        CAPTURED.with(|c| {
+            if let Some(list) = c.borrow_mut().as_mut() {
+                list.push(v.clone());
+            }
+        });
+        Ok(CapturedVring(v))
+    }
+    fn get_ref(&self) -> <Self as VringStateGuard<'_, GuestMem>>::G {
+        self.0.get_ref()
+    }
+    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, GuestMem>>::G {
+        self.0.get_mut()
+    }
+    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), VirtQueError> {
+        self.0.add_used(desc_index, len)
+    }
+    fn signal_used_queue(&self) -> io::Result<()> {
+        self.0.signal_used_queue()
+    }
+    fn enable_notification(&self) -> Result<bool, VirtQueError> {
+        self.0.enable_notification()
+    }
+    fn disable_notification(&self) -> Result<(), VirtQueError> {
+        self.0.disable_notification()
+    }
+    fn needs_notification(&self) -> Result<bool, VirtQueError> {
+        self.0.needs_notification()
+    }
+    fn set_enabled(&self, enabled: bool) {
+        self.0.set_enabled(enabled)
+    }
+    fn set_queue_info(&self, desc: u64, avail: u64, used: u64) -> Result<(), VirtQueError> {
+        self.0.set_queue_info(desc, avail, used)
+    }
+    fn queue_next_avail(&self) -> u16 {
+        self.0.queue_next_avail()
+    }
+    fn set_queue_next_avail(&self, base: u16) {
+        self.0.set_queue_next_avail(base)
+    }
+    fn set_queue_next_used(&self, idx: u16) {
+        self.0.set_queue_next_used(idx)
+    }
+    fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
+        self.0.queue_used_idx()
+    }
+    fn set_queue_size(&self, num: u16) {
+        self.0.set_queue_size(num)
+    }
+    fn set_queue_event_idx(&self, enabled: bool) {
+        self.0.set_queue_event_idx(enabled)
+    }
+    fn set_queue_ready(&self, ready: bool) {
+        self.0.set_queue_ready(ready)
+    }
+    fn set_kick(&self, file: Option<File>) {
+        self.0.set_kick(file)
+    }
+    fn read_kick(&self) -> io::Result<bool> {
+        self.0.read_kick()
+    }
+    fn set_call(&self, file: Option<File>) {
+        self.0.set_call(file)
+    }
+    fn set_err(&self, file: Option<File>) {
+        self.0.set_err(file)
+    }
+}
+
+/// Type of the vring state guard the data path holds for one burst.
+pub type VringStateW<'a> = std::sync::RwLockWriteGuard<'a, VringState<GuestMem>>;

@@ -1,0 +1,534 @@
+//! The data path of a vhost-user-net device: bursts of packets between the guest's virtqueues
+//! (split rings, virtio 1.2 §2.7) and the caller's preallocated buffers.
+//!
+//! Everything the guest controls — avail indices, descriptor addresses, lengths, flags, chain
+//! links and indirect tables — is untrusted. A queue whose ring is malformed is marked broken,
+//! reported once and no longer served until the frontend reconnects; a merely bad packet is
+//! dropped and counted. Nothing here panics on guest input, and every loop is bounded by the
+//! burst size or the queue size.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vhost_user_backend::VringT;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net as vn;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+
+use crate::device::{Connection, DeviceShared};
+use crate::hdr::{Offloads, VirtioNetHdr, HDR_LEN_LEGACY, HDR_LEN_MRG};
+
+/// A packet buffer the data path can fill or drain. The caller's packet type implements it.
+pub trait NetBuf {
+    /// The whole writable area. A received chain (virtio header + frame) is copied here.
+    fn raw_mut(&mut self) -> &mut [u8];
+    /// Records what `raw_mut` now holds: a frame of `len` bytes at `offset`, with `hdr`.
+    fn set_frame(&mut self, hdr: VirtioNetHdr, offset: usize, len: usize);
+    /// The frame (without any virtio header).
+    fn frame(&self) -> &[u8];
+    /// Its offload metadata.
+    fn hdr(&self) -> VirtioNetHdr;
+}
+
+/// Where buffers come from and go back to; a per-PMD free list, never the heap per packet.
+pub trait BufPool {
+    type Buf: NetBuf;
+    fn alloc(&mut self) -> Option<Self::Buf>;
+    fn free(&mut self, b: Self::Buf);
+}
+
+/// Counters of one burst from the guest (guest TX).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FromGuest {
+    pub packets: usize,
+    pub bytes: usize,
+    /// Chains longer than the buffers, shorter than a header, or with a bad header.
+    pub dropped_invalid: usize,
+}
+
+/// Counters of one burst to the guest (guest RX).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ToGuest {
+    pub packets: usize,
+    pub bytes: usize,
+    /// No guest buffers posted (ring full), or not connected.
+    pub dropped_no_buffer: usize,
+    /// The packet needs an offload the driver did not negotiate, or is larger than its buffers.
+    pub dropped_unsupported: usize,
+}
+
+/// Why a ring is considered broken.
+#[derive(Debug, thiserror::Error)]
+enum RingError {
+    #[error("avail ring: {0}")]
+    Avail(virtio_queue::Error),
+    #[error(
+        "descriptor chain starting at {0} is cut short (loop, bad index or bad indirect table)"
+    )]
+    Chain(u16),
+    #[error("descriptor {0:#x}+{1} is outside guest memory")]
+    Address(u64, u32),
+    #[error("{0} descriptor in a {1} chain")]
+    Direction(&'static str, &'static str),
+    #[error("used ring: {0}")]
+    Used(virtio_queue::Error),
+}
+
+/// Largest frame accepted from a guest: a 64 KiB GSO packet plus an Ethernet/VLAN header.
+pub const MAX_FRAME: usize = 65535 + 18;
+
+/// The PMD's handle on one device's virtqueues. Owned by exactly one thread.
+pub struct NetQueues {
+    shared: Arc<DeviceShared>,
+    seen_generation: u64,
+    conn: Option<Arc<Connection>>,
+    broken: Vec<bool>,
+    /// Used-ring entries of the current burst: (head, written length). Preallocated.
+    used: Vec<(u16, u32)>,
+}
+
+impl NetQueues {
+    pub(crate) fn new(shared: Arc<DeviceShared>) -> Self {
+        let n = 2 * shared.queue_pairs as usize;
+        NetQueues {
+            shared,
+            seen_generation: 0,
+            conn: None,
+            broken: vec![false; n],
+            used: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
+        }
+    }
+
+    /// Number of queue pairs the device was configured with.
+    pub fn queue_pairs(&self) -> u16 {
+        self.shared.queue_pairs
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Marks this handle as polled by a PMD (the control thread then waits for it on
+    /// disconnect) and picks up a new connection if there is one. Call once per poll round.
+    #[inline]
+    pub fn refresh(&mut self) {
+        let g = self.shared.generation.load(Ordering::Acquire);
+        if g != self.seen_generation {
+            self.switch(g);
+        }
+    }
+
+    #[cold]
+    fn switch(&mut self, g: u64) {
+        self.shared.pmd_attached.store(true, Ordering::Release);
+        self.conn = self.shared.conn.lock().unwrap().clone();
+        self.broken.iter_mut().for_each(|b| *b = false);
+        self.seen_generation = g;
+        self.shared.pmd_generation.store(g, Ordering::Release);
+    }
+
+    /// Whether a frontend is connected and has acked its features.
+    pub fn is_up(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Offloads the driver accepts on its receive queues.
+    pub fn guest_rx_offloads(&self) -> Offloads {
+        match &self.conn {
+            Some(c) => Offloads::guest_rx_from_features(c.backend.acked_features()),
+            None => Offloads::empty(),
+        }
+    }
+
+    /// Registers the eventfd the owning PMD sleeps on; kicks from the guest write it.
+    pub fn set_waker(&self, waker: Option<vmm_sys_util::event::EventNotifier>) {
+        *self.shared.waker.lock().unwrap() = waker;
+    }
+
+    /// Detaches from the PMD (the port moves or goes away).
+    pub fn detach(&mut self) {
+        self.conn = None;
+        self.shared.pmd_attached.store(false, Ordering::Release);
+    }
+
+    fn features(&self) -> u64 {
+        self.conn.as_ref().map_or(0, |c| c.backend.acked_features())
+    }
+
+    fn hdr_len(features: u64) -> usize {
+        if features & ((1 << VIRTIO_F_VERSION_1) | (1 << vn::VIRTIO_NET_F_MRG_RXBUF)) != 0 {
+            HDR_LEN_MRG
+        } else {
+            HDR_LEN_LEGACY
+        }
+    }
+
+    fn mark_broken(&mut self, queue: usize, e: RingError) {
+        if let Some(b) = self.broken.get_mut(queue) {
+            if !*b {
+                *b = true;
+                self.shared.report_broken(queue as u16, e.to_string());
+            }
+        }
+    }
+
+    /// Enables (before sleeping) or disables (while polling) guest kicks on the guest TX
+    /// queues (§2.7.7, used buffer / available buffer notification suppression). Returns true if
+    /// buffers arrived meanwhile, in which case the caller must poll instead of sleeping.
+    pub fn set_tx_notifications(&mut self, enable: bool) -> bool {
+        let Some(conn) = &self.conn else {
+            return false;
+        };
+        let mut pending = false;
+        for qp in 0..self.shared.queue_pairs as usize {
+            let qi = 2 * qp + 1;
+            if self.broken[qi] {
+                continue;
+            }
+            let vring = &conn.vrings[qi];
+            let r = if enable {
+                vring.enable_notification().map(|more| pending |= more)
+            } else {
+                vring.disable_notification()
+            };
+            if r.is_err() {
+                // Reported by the next burst on that queue.
+                pending = true;
+            }
+        }
+        pending
+    }
+
+    /// Moves up to `out.capacity() - out.len()` packets (at most `max`) from the guest's TX
+    /// queue of pair `qp` into buffers from `pool`, appended to `out` (§5.1.6.2).
+    pub fn from_guest<P: BufPool>(
+        &mut self,
+        qp: u16,
+        max: usize,
+        pool: &mut P,
+        out: &mut Vec<P::Buf>,
+    ) -> FromGuest {
+        let mut stats = FromGuest::default();
+        let qi = 2 * qp as usize + 1;
+        let Some(conn) = self.conn.clone() else {
+            return stats;
+        };
+        if self.broken.get(qi).copied().unwrap_or(true) {
+            return stats;
+        }
+        let hdr_len = Self::hdr_len(self.features());
+        let mem = conn.mem.memory();
+        let mut state = conn.vrings[qi].get_mut();
+        if !(state.get_queue().ready() && state.is_enabled()) {
+            return stats;
+        }
+        self.used.clear();
+        let mut err = None;
+        {
+            let queue = state.get_queue_mut();
+            let mut iter = match queue.iter(&*mem) {
+                Ok(it) => it,
+                Err(e) => {
+                    drop(state);
+                    self.mark_broken(qi, RingError::Avail(e));
+                    return stats;
+                }
+            };
+            while stats.packets + stats.dropped_invalid < max {
+                let Some(chain) = iter.next() else { break };
+                let head = chain.head_index();
+                let Some(mut buf) = pool.alloc() else {
+                    iter.go_to_previous_position();
+                    break;
+                };
+                let raw = buf.raw_mut();
+                let cap = raw.len().min(MAX_FRAME + hdr_len);
+                let mut off = 0usize;
+                let mut ndesc = 0usize;
+                let mut last_has_next = false;
+                let mut oversize = false;
+                for desc in chain {
+                    ndesc += 1;
+                    last_has_next = desc.has_next();
+                    if desc.is_write_only() {
+                        err = Some(RingError::Direction("device-writable", "transmit"));
+                        break;
+                    }
+                    let len = desc.len() as usize;
+                    if oversize || off + len > cap {
+                        // Keep walking (bounded by the chain's TTL) so the chain is validated,
+                        // but stop copying.
+                        oversize = true;
+                        continue;
+                    }
+                    if mem
+                        .read_slice(&mut raw[off..off + len], desc.addr())
+                        .is_err()
+                    {
+                        err = Some(RingError::Address(desc.addr().0, desc.len()));
+                        break;
+                    }
+                    off += len;
+                }
+                if err.is_none() && (ndesc == 0 || last_has_next) {
+                    err = Some(RingError::Chain(head));
+                }
+                if err.is_some() {
+                    pool.free(buf);
+                    break;
+                }
+                self.used.push((head, 0));
+                if oversize || off < hdr_len {
+                    stats.dropped_invalid += 1;
+                    pool.free(buf);
+                    continue;
+                }
+                let mut h = [0u8; HDR_LEN_LEGACY];
+                h.copy_from_slice(&raw[..HDR_LEN_LEGACY]);
+                let hdr = VirtioNetHdr::parse(&h);
+                let frame_len = off - hdr_len;
+                if hdr.validate(frame_len).is_err() {
+                    stats.dropped_invalid += 1;
+                    pool.free(buf);
+                    continue;
+                }
+                buf.set_frame(hdr, hdr_len, frame_len);
+                stats.packets += 1;
+                stats.bytes += frame_len;
+                out.push(buf);
+            }
+        }
+        let used_err = self.complete(&mut state, &mem);
+        drop(state);
+        if let Some(e) = err.or(used_err) {
+            self.mark_broken(qi, e);
+        }
+        stats
+    }
+
+    /// Puts the used entries of this burst in the used ring and notifies the driver if it
+    /// asked for it (§2.7.10, with EVENT_IDX §2.7.10.2).
+    fn complete(
+        &mut self,
+        state: &mut crate::backend::VringStateW<'_>,
+        mem: &vm_memory::GuestMemoryMmap<()>,
+    ) -> Option<RingError> {
+        if self.used.is_empty() {
+            return None;
+        }
+        let queue = state.get_queue_mut();
+        for &(head, len) in &self.used {
+            if let Err(e) = queue.add_used(mem, head, len) {
+                return Some(RingError::Used(e));
+            }
+        }
+        self.used.clear();
+        match queue.needs_notification(mem) {
+            Ok(true) => {
+                let _ = state.signal_used_queue();
+                None
+            }
+            Ok(false) => None,
+            Err(e) => Some(RingError::Used(e)),
+        }
+    }
+
+    /// Delivers `pkts` (all of them are consumed: sent or dropped, and returned to `pool`) to the
+    /// guest's RX queue of pair `qp` (§5.1.6.3, §5.1.6.4 with MRG_RXBUF).
+    pub fn to_guest<P: BufPool>(
+        &mut self,
+        qp: u16,
+        pkts: &mut Vec<P::Buf>,
+        pool: &mut P,
+    ) -> ToGuest {
+        let mut stats = ToGuest::default();
+        let qi = 2 * qp as usize;
+        let conn = match self.conn.clone() {
+            Some(c) if !self.broken.get(qi).copied().unwrap_or(true) => c,
+            _ => {
+                stats.dropped_no_buffer = pkts.len();
+                pkts.drain(..).for_each(|p| pool.free(p));
+                return stats;
+            }
+        };
+        let features = conn.backend.acked_features();
+        let hdr_len = Self::hdr_len(features);
+        let mergeable = features & (1 << vn::VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let accepts = Offloads::guest_rx_from_features(features);
+        let mem = conn.mem.memory();
+        let mut state = conn.vrings[qi].get_mut();
+        if !(state.get_queue().ready() && state.is_enabled()) {
+            drop(state);
+            stats.dropped_no_buffer = pkts.len();
+            pkts.drain(..).for_each(|p| pool.free(p));
+            return stats;
+        }
+        self.used.clear();
+        let mut err = None;
+        {
+            let queue = state.get_queue_mut();
+            let mut iter = match queue.iter(&*mem) {
+                Ok(it) => Some(it),
+                Err(e) => {
+                    err = Some(RingError::Avail(e));
+                    None
+                }
+            };
+            for pkt in pkts.drain(..) {
+                let Some(it) = iter.as_mut() else {
+                    stats.dropped_no_buffer += 1;
+                    pool.free(pkt);
+                    continue;
+                };
+                let hdr = pkt.hdr();
+                if !accepts.contains(hdr.required_offloads()) {
+                    stats.dropped_unsupported += 1;
+                    pool.free(pkt);
+                    continue;
+                }
+                let mut hbytes = [0u8; HDR_LEN_MRG];
+                let mut h = hdr;
+                if !accepts.contains(Offloads::CSUM) {
+                    // DATA_VALID is only meaningful with GUEST_CSUM (§5.1.6.4.1).
+                    h.flags = 0;
+                }
+                h.write(&mut hbytes[..hdr_len], 1);
+                match write_packet(
+                    it,
+                    &mem,
+                    &hbytes[..hdr_len],
+                    pkt.frame(),
+                    mergeable,
+                    &mut self.used,
+                ) {
+                    Ok(Written::Done) => {
+                        stats.packets += 1;
+                        stats.bytes += pkt.frame().len();
+                    }
+                    Ok(Written::NoBuffers) => {
+                        stats.dropped_no_buffer += 1;
+                        iter = None;
+                    }
+                    Ok(Written::TooBig) => stats.dropped_unsupported += 1,
+                    Err(e) => {
+                        stats.dropped_no_buffer += 1;
+                        err = Some(e);
+                        iter = None;
+                    }
+                }
+                pool.free(pkt);
+            }
+        }
+        let used_err = self.complete(&mut state, &mem);
+        drop(state);
+        if let Some(e) = err.or(used_err) {
+            self.mark_broken(qi, e);
+        }
+        stats
+    }
+}
+
+enum Written {
+    Done,
+    /// The ring ran out of buffers; the chains taken for this packet were put back.
+    NoBuffers,
+    /// Without MRG_RXBUF the packet does not fit in one chain; the chain was put back.
+    TooBig,
+}
+
+/// Writes one packet (virtio header + frame) into as many chains as needed, recording used
+/// entries. On any failure the chains popped for this packet are returned to the avail ring.
+fn write_packet<M>(
+    iter: &mut virtio_queue::AvailIter<'_, M>,
+    mem: &vm_memory::GuestMemoryMmap<()>,
+    hdr: &[u8],
+    frame: &[u8],
+    mergeable: bool,
+    used: &mut Vec<(u16, u32)>,
+) -> Result<Written, RingError>
+where
+    M: std::ops::Deref<Target = vm_memory::GuestMemoryMmap<()>> + Clone,
+{
+    let total = hdr.len() + frame.len();
+    let mut pos = 0usize;
+    let first_used = used.len();
+    let mut chains = 0u16;
+    // Where bytes 10 and 11 (num_buffers) of the header landed in guest memory.
+    let mut nb_addr: [Option<GuestAddress>; 2] = [None, None];
+    let rollback = |iter: &mut virtio_queue::AvailIter<'_, M>, used: &mut Vec<_>, n: u16| {
+        for _ in 0..n {
+            iter.go_to_previous_position();
+        }
+        used.truncate(first_used);
+    };
+    while pos < total {
+        let Some(chain) = iter.next() else {
+            rollback(iter, used, chains);
+            return Ok(Written::NoBuffers);
+        };
+        chains += 1;
+        let head = chain.head_index();
+        let mut written = 0u32;
+        let mut ndesc = 0usize;
+        let mut last_has_next = false;
+        for desc in chain {
+            ndesc += 1;
+            last_has_next = desc.has_next();
+            if !desc.is_write_only() {
+                rollback(iter, used, chains);
+                return Err(RingError::Direction("device-readable", "receive"));
+            }
+            if pos >= total {
+                continue; // validate the rest of the chain, write nothing
+            }
+            let n = (desc.len() as usize).min(total - pos);
+            let mut done = 0usize;
+            while done < n {
+                let p = pos + done;
+                let (src, len) = if p < hdr.len() {
+                    let l = (hdr.len() - p).min(n - done);
+                    (&hdr[p..p + l], l)
+                } else {
+                    let fp = p - hdr.len();
+                    let l = n - done;
+                    (&frame[fp..fp + l], l)
+                };
+                let addr = desc.addr().checked_add(done as u64);
+                let Some(addr) = addr.filter(|a| mem.write_slice(src, *a).is_ok()) else {
+                    rollback(iter, used, chains);
+                    return Err(RingError::Address(desc.addr().0, desc.len()));
+                };
+                for (k, slot) in nb_addr.iter_mut().enumerate() {
+                    let b = 10 + k;
+                    if hdr.len() > b && p <= b && b < p + len {
+                        *slot = addr.checked_add((b - p) as u64);
+                    }
+                }
+                done += len;
+            }
+            pos += n;
+            written += n as u32;
+        }
+        if ndesc == 0 || last_has_next {
+            rollback(iter, used, chains);
+            return Err(RingError::Chain(head));
+        }
+        used.push((head, written));
+        if pos < total && !mergeable {
+            rollback(iter, used, chains);
+            return Ok(Written::TooBig);
+        }
+    }
+    if chains > 1 {
+        let nb = chains.to_le_bytes();
+        for (k, a) in nb_addr.iter().enumerate() {
+            if let Some(a) = a {
+                if mem.write_obj(nb[k], *a).is_err() {
+                    return Err(RingError::Address(a.0, 1));
+                }
+            }
+        }
+    }
+    Ok(Written::Done)
+}
