@@ -1,0 +1,40 @@
+//! Test and benchmark harness for Torii that drives **real** peers.
+//!
+//! * [`prereq`] — checks that make a test *fail* (never skip) with an
+//!   actionable message when a prerequisite (root, QEMU, testpmd, hugepages,
+//!   guest image) is missing.
+//! * [`guest`] — boots a QEMU guest from the image built by `scripts/setup`
+//!   and drives its serial-console shell (`run`, `run_ok`, `spawn_bg`, ...).
+//! * [`testpmd`] — runs `dpdk-testpmd` as a vhost-user backend or a
+//!   virtio-user frontend and parses its periodic and final statistics.
+//! * [`proc_util`] — child-process guards, temporary directories and polling
+//!   helpers shared by the above.
+//!
+//! Everything here is meant for tests running as root on a machine prepared
+//! by `scripts/setup`. Set `TORII_KEEP_TMP=1` to keep temporary directories
+//! (serial logs, testpmd logs, sockets) for post-mortem debugging.
+
+pub mod guest;
+pub mod prereq;
+pub mod proc_util;
+pub mod testpmd;
+
+pub use guest::{ChardevMode, CmdOutput, Guest, GuestBuilder, GuestError};
+pub use prereq::{GuestImage, PrereqError, QemuInfo};
+pub use proc_util::{ChildGuard, ProcError, TmpDir};
+pub use testpmd::{FinalStats, FwdMode, StatsSample, Testpmd, TestpmdBuilder, TestpmdError};
+
+use std::sync::{Mutex, MutexGuard};
+
+static HEAVY_LOCK: Mutex<()> = Mutex::new(());
+
+/// Serialises CPU-heavy tests inside one test binary.
+///
+/// `cargo test` runs the tests of a binary on parallel threads; a TCG guest
+/// and a pair of busy-polling testpmds competing for the same two cores make
+/// both slow and flaky. Hold the returned guard for the duration of a test
+/// that boots guests or runs testpmd. A poisoned lock (a previous test
+/// panicked while holding it) is recovered transparently.
+pub fn heavy_test_lock() -> MutexGuard<'static, ()> {
+    HEAVY_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
