@@ -9,11 +9,14 @@
 //!   virtio-user frontend and parses its periodic and final statistics.
 //! * [`proc_util`] — child-process guards, temporary directories and polling
 //!   helpers shared by the above.
+//! * [`bench`] — the `torii-bench` comparison of Torii against DPDK's vhost
+//!   backend (run it with `perf/run-bench`).
 //!
 //! Everything here is meant for tests running as root on a machine prepared
 //! by `scripts/setup`. Set `TORII_KEEP_TMP=1` to keep temporary directories
 //! (serial logs, testpmd logs, sockets) for post-mortem debugging.
 
+pub mod bench;
 pub mod guest;
 pub mod prereq;
 pub mod proc_util;

@@ -1,25 +1,20 @@
-//! The vhost-user protocol side: feature negotiation, config space and the vrings of one
-//! connection, on top of rust-vmm's `vhost-user-backend`. It knows nothing about sockets'
-//! lifetimes (see `device.rs`) nor about packets (see `queue.rs`).
+//! The virtio-net device model as vhost-user sees it: offered features, protocol features and
+//! the config space (§5.1.3, §5.1.4), expressed through `vhost-user-backend`'s
+//! `VhostUserBackend` trait. Protocol messages are handled in `handler.rs`; sockets and
+//! connection lifetimes in `device.rs`; packets in `queue.rs`.
 
-use std::cell::RefCell;
-use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{
-    VhostUserBackend, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,
-};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net as vn;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::Error as VirtQueError;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::device::DeviceShared;
 
@@ -69,20 +64,15 @@ pub struct NetBackend {
     acked: AtomicU64,
     event_idx: std::sync::atomic::AtomicBool,
     backend_req: Mutex<Option<Backend>>,
-    exit: (Mutex<Option<EventConsumer>>, EventNotifier),
 }
 
 impl NetBackend {
     pub(crate) fn new(shared: Arc<DeviceShared>) -> io::Result<Self> {
-        let (consumer, notifier) = vmm_sys_util::event::new_event_consumer_and_notifier(
-            vmm_sys_util::event::EventFlag::NONBLOCK,
-        )?;
         Ok(NetBackend {
             shared,
             acked: AtomicU64::new(0),
             event_idx: Default::default(),
             backend_req: Mutex::new(None),
-            exit: (Mutex::new(Some(consumer)), notifier),
         })
     }
 
@@ -118,7 +108,7 @@ impl NetBackend {
 
 impl VhostUserBackend for NetBackend {
     type Bitmap = ();
-    type Vring = CapturedVring;
+    type Vring = VringRwLock<GuestMem>;
 
     fn num_queues(&self) -> usize {
         2 * self.shared.queue_pairs as usize
@@ -168,125 +158,15 @@ impl VhostUserBackend for NetBackend {
         *self.backend_req.lock().unwrap() = Some(backend);
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        // One kick thread for all queues: it only wakes the PMD that owns the port.
-        vec![(1u64 << self.num_queues()) - 1]
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let consumer = self.exit.0.lock().unwrap().take()?;
-        Some((consumer, self.exit.1.try_clone().ok()?))
-    }
-
     fn handle_event(
         &self,
         _device_event: u16,
         _evset: EventSet,
-        _vrings: &[CapturedVring],
+        _vrings: &[VringRwLock<GuestMem>],
         _thread_id: usize,
     ) -> io::Result<()> {
-        // A kick: the driver posted buffers while the PMD had notifications enabled, i.e. was
-        // about to sleep. Wake it; the PMD does all ring work itself.
-        self.shared.wake();
+        // Kicks are watched by the connection's handler (see handler.rs), not here.
         Ok(())
-    }
-}
-
-thread_local! {
-    /// Vrings made by `VhostUserDaemon::new` on this thread (see [`capture_vrings`]).
-    static CAPTURED: RefCell<Option<Vec<VringRwLock<GuestMem>>>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` (which must create exactly one `VhostUserDaemon`) and returns the vrings it created,
-/// in queue order. `vhost-user-backend` keeps its vrings private; the PMD needs them to poll.
-pub(crate) fn capture_vrings<R>(f: impl FnOnce() -> R) -> (R, Vec<VringRwLock<GuestMem>>) {
-    CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
-    let r = f();
-    let v = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
-    (r, v)
-}
-
-/// A `VringRwLock` that registers itself with [`capture_vrings`] when created.
-#[derive(Clone)]
-pub struct CapturedVring(VringRwLock<GuestMem>);
-
-impl<'a> VringStateGuard<'a, GuestMem> for CapturedVring {
-    type G = <VringRwLock<GuestMem> as VringStateGuard<'a, GuestMem>>::G;
-}
-
-impl<'a> VringStateMutGuard<'a, GuestMem> for CapturedVring {
-    type G = <VringRwLock<GuestMem> as VringStateMutGuard<'a, GuestMem>>::G;
-}
-
-impl VringT<GuestMem> for CapturedVring {
-    fn new(mem: GuestMem, max_queue_size: u16) -> Result<Self, VirtQueError> {
-        let v = VringRwLock::new(mem, max_queue_size)?;
-        CAPTURED.with(|c| {
-            if let Some(list) = c.borrow_mut().as_mut() {
-                list.push(v.clone());
-            }
-        });
-        Ok(CapturedVring(v))
-    }
-    fn get_ref(&self) -> <Self as VringStateGuard<'_, GuestMem>>::G {
-        self.0.get_ref()
-    }
-    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, GuestMem>>::G {
-        self.0.get_mut()
-    }
-    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), VirtQueError> {
-        self.0.add_used(desc_index, len)
-    }
-    fn signal_used_queue(&self) -> io::Result<()> {
-        self.0.signal_used_queue()
-    }
-    fn enable_notification(&self) -> Result<bool, VirtQueError> {
-        self.0.enable_notification()
-    }
-    fn disable_notification(&self) -> Result<(), VirtQueError> {
-        self.0.disable_notification()
-    }
-    fn needs_notification(&self) -> Result<bool, VirtQueError> {
-        self.0.needs_notification()
-    }
-    fn set_enabled(&self, enabled: bool) {
-        self.0.set_enabled(enabled)
-    }
-    fn set_queue_info(&self, desc: u64, avail: u64, used: u64) -> Result<(), VirtQueError> {
-        self.0.set_queue_info(desc, avail, used)
-    }
-    fn queue_next_avail(&self) -> u16 {
-        self.0.queue_next_avail()
-    }
-    fn set_queue_next_avail(&self, base: u16) {
-        self.0.set_queue_next_avail(base)
-    }
-    fn set_queue_next_used(&self, idx: u16) {
-        self.0.set_queue_next_used(idx)
-    }
-    fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
-        self.0.queue_used_idx()
-    }
-    fn set_queue_size(&self, num: u16) {
-        self.0.set_queue_size(num)
-    }
-    fn set_queue_event_idx(&self, enabled: bool) {
-        self.0.set_queue_event_idx(enabled)
-    }
-    fn set_queue_ready(&self, ready: bool) {
-        self.0.set_queue_ready(ready)
-    }
-    fn set_kick(&self, file: Option<File>) {
-        self.0.set_kick(file)
-    }
-    fn read_kick(&self) -> io::Result<bool> {
-        self.0.read_kick()
-    }
-    fn set_call(&self, file: Option<File>) {
-        self.0.set_call(file)
-    }
-    fn set_err(&self, file: Option<File>) {
-        self.0.set_err(file)
     }
 }
 

@@ -14,12 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserDaemon, VringRwLock};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
+use vhost_user_backend::VringRwLock;
 use vmm_sys_util::event::EventNotifier;
 
-use crate::backend::{capture_vrings, GuestMem, NetBackend};
+use crate::backend::{GuestMem, NetBackend};
+use crate::handler::ConnHandler;
 use crate::queue::NetQueues;
 
 /// Who listens on the vhost-user socket.
@@ -53,10 +55,7 @@ pub enum DeviceError {
     #[error("mtu {0} is outside 68..=65535")]
     Mtu(u16),
     #[error("cannot listen on vhost-user socket {path}: {source}")]
-    Listen {
-        path: PathBuf,
-        source: vhost::vhost_user::Error,
-    },
+    Listen { path: PathBuf, source: io::Error },
     #[error("cannot start the control thread of {name}: {source}")]
     Thread { name: String, source: io::Error },
 }
@@ -99,6 +98,26 @@ pub struct DeviceShared {
 }
 
 impl DeviceShared {
+    /// State of a device with no connection yet.
+    pub(crate) fn new(name: String, mac: [u8; 6], mtu: u16, queue_pairs: u16) -> Self {
+        DeviceShared {
+            name,
+            mac,
+            mtu,
+            queue_pairs,
+            link_up: AtomicBool::new(true),
+            generation: AtomicU64::new(0),
+            conn: Mutex::new(None),
+            pmd_generation: AtomicU64::new(0),
+            pmd_attached: AtomicBool::new(false),
+            waker: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            broken: Mutex::new(Vec::new()),
+            connections: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+        }
+    }
+
     /// Wakes the PMD that polls this device, if it sleeps (adaptive mode).
     pub(crate) fn wake(&self) {
         if let Some(w) = self.waker.lock().unwrap().as_ref() {
@@ -114,7 +133,8 @@ impl DeviceShared {
             .push(BrokenQueue { queue, reason });
     }
 
-    fn publish(&self, conn: Option<Arc<Connection>>) -> u64 {
+    /// Makes `conn` (or no connection) the one the PMD picks up on its next `refresh`.
+    pub(crate) fn publish(&self, conn: Option<Arc<Connection>>) -> u64 {
         let mut slot = self.conn.lock().unwrap();
         *slot = conn;
         self.generation.fetch_add(1, Ordering::AcqRel) + 1
@@ -144,7 +164,14 @@ impl VhostUserNetDevice {
         }
         let listener = match cfg.mode {
             SocketMode::Server => {
-                let l = Listener::new(&cfg.socket, true).map_err(|source| DeviceError::Listen {
+                // A socket file left by a previous instance would make bind fail.
+                if let Ok(m) = std::fs::symlink_metadata(&cfg.socket) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if m.file_type().is_socket() {
+                        let _ = std::fs::remove_file(&cfg.socket);
+                    }
+                }
+                let l = UnixListener::bind(&cfg.socket).map_err(|source| DeviceError::Listen {
                     path: cfg.socket.clone(),
                     source,
                 })?;
@@ -152,22 +179,12 @@ impl VhostUserNetDevice {
             }
             SocketMode::Client => None,
         };
-        let shared = Arc::new(DeviceShared {
-            name: cfg.name.clone(),
-            mac: cfg.mac,
-            mtu: cfg.mtu,
-            queue_pairs: cfg.queue_pairs,
-            link_up: AtomicBool::new(true),
-            generation: AtomicU64::new(0),
-            conn: Mutex::new(None),
-            pmd_generation: AtomicU64::new(0),
-            pmd_attached: AtomicBool::new(false),
-            waker: Mutex::new(None),
-            stop: AtomicBool::new(false),
-            broken: Mutex::new(Vec::new()),
-            connections: AtomicU64::new(0),
-            connected: AtomicBool::new(false),
-        });
+        let shared = Arc::new(DeviceShared::new(
+            cfg.name.clone(),
+            cfg.mac,
+            cfg.mtu,
+            cfg.queue_pairs,
+        ));
         let queues = NetQueues::new(shared.clone());
         let s = shared.clone();
         let socket = cfg.socket.clone();
@@ -188,6 +205,18 @@ impl VhostUserNetDevice {
             },
             queues,
         ))
+    }
+
+    /// A device handle with no socket and no control thread; the caller publishes connections
+    /// itself (see the `testing` module).
+    #[cfg(any(test, feature = "test-support"))]
+    pub(crate) fn detached(shared: Arc<DeviceShared>) -> Self {
+        VhostUserNetDevice {
+            shared,
+            thread: None,
+            socket: PathBuf::new(),
+            mode: SocketMode::Server,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -246,7 +275,11 @@ impl Drop for VhostUserNetDevice {
 }
 
 /// The control thread: one frontend connection after another until stopped.
-fn control_loop(shared: Arc<DeviceShared>, cfg: NetDeviceConfig, mut listener: Option<Listener>) {
+fn control_loop(
+    shared: Arc<DeviceShared>,
+    cfg: NetDeviceConfig,
+    mut listener: Option<UnixListener>,
+) {
     let poll_interval = Duration::from_millis(100);
     while !shared.stop.load(Ordering::Acquire) {
         // Wait for a peer before creating the daemon (it starts a kick thread).
@@ -280,44 +313,29 @@ fn control_loop(shared: Arc<DeviceShared>, cfg: NetDeviceConfig, mut listener: O
 fn serve_one(
     shared: &Arc<DeviceShared>,
     cfg: &NetDeviceConfig,
-    listener: Option<&mut Listener>,
+    listener: Option<&mut UnixListener>,
 ) -> Result<(), String> {
-    let backend = Arc::new(NetBackend::new(shared.clone()).map_err(|e| e.to_string())?);
-    let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let (daemon, vrings) =
-        capture_vrings(|| VhostUserDaemon::new(cfg.name.clone(), backend.clone(), mem.clone()));
-    let mut daemon = daemon.map_err(|e| format!("cannot create vhost-user daemon: {e}"))?;
-    if vrings.len() != 2 * cfg.queue_pairs as usize {
-        return Err(format!(
-            "expected {} vrings, got {}",
-            2 * cfg.queue_pairs,
-            vrings.len()
-        ));
+    let stream = match listener {
+        Some(l) => l.accept().map(|(s, _)| s),
+        None => UnixStream::connect(&cfg.socket),
     }
-    match listener {
-        Some(l) => daemon.start(l),
-        None => daemon.start_client(&cfg.socket.to_string_lossy()),
-    }
-    .map_err(|e| {
-        format!(
-            "cannot start vhost-user session on {}: {e}",
-            cfg.socket.display()
-        )
-    })?;
+    .map_err(|e| format!("cannot connect on {}: {e}", cfg.socket.display()))?;
+    let handler = ConnHandler::new(shared.clone()).map_err(|e| e.to_string())?;
+    let (vrings, mem, backend) = handler.parts();
+    let mut req = BackendReqHandler::from_stream(stream, Arc::new(Mutex::new(handler)));
+    let conn = req.try_clone_connection().map_err(|e| e.to_string())?;
 
     shared.broken.lock().unwrap().clear();
-    let conn = Arc::new(Connection {
+    shared.publish(Some(Arc::new(Connection {
         vrings,
         mem,
-        backend: backend.clone(),
-    });
-    shared.publish(Some(conn));
+        backend,
+    })));
     shared.connections.fetch_add(1, Ordering::AcqRel);
     shared.connected.store(true, Ordering::Release);
     tracing::info!(port = %cfg.name, socket = %cfg.socket.display(), "frontend connected");
 
-    // Watch for a stop request while the protocol thread runs.
-    let stopper = daemon.shutdown_handle();
+    // A stop request shuts the socket down, which ends the blocking receive below.
     let shared2 = shared.clone();
     let done = Arc::new(AtomicBool::new(false));
     let done2 = done.clone();
@@ -326,24 +344,40 @@ fn serve_one(
         .spawn(move || {
             while !done2.load(Ordering::Acquire) {
                 if shared2.stop.load(Ordering::Acquire) {
-                    if let Some(h) = &stopper {
-                        h.shutdown();
-                    }
+                    let _ = conn.shutdown(std::net::Shutdown::Both);
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
         })
         .map_err(|e| e.to_string())?;
-    let result = daemon.wait();
+    let result = loop {
+        match req.handle_request() {
+            Ok(()) => {}
+            // A request refused by the protocol layer because its feature is not negotiated
+            // yet: DPDK virtio-user sends SET_VRING_ENABLE before SET_FEATURES when it
+            // reconnects in server mode. Refuse the request, keep the session.
+            Err(
+                e @ (VhostUserError::InactiveFeature(_) | VhostUserError::InactiveOperation(_)),
+            ) => {
+                tracing::debug!(port = %cfg.name, "ignored out-of-order request: {e}");
+            }
+            Err(VhostUserError::Disconnected | VhostUserError::PartialMessage) => break Ok(()),
+            Err(VhostUserError::SocketBroken(_)) if shared.stop.load(Ordering::Acquire) => {
+                break Ok(())
+            }
+            Err(e) => break Err(e.to_string()),
+        }
+    };
     done.store(true, Ordering::Release);
     let _ = watcher.join();
 
     shared.connected.store(false, Ordering::Release);
     retire(shared);
     tracing::info!(port = %cfg.name, "frontend disconnected");
-    drop(daemon);
-    result.map_err(|e| e.to_string())
+    // Dropping the request handler drops the ConnHandler: its kick thread and fds go with it.
+    drop(req);
+    result
 }
 
 /// Unpublishes the connection and waits (bounded) until the PMD has let go of its vrings.

@@ -4,8 +4,11 @@
 
 mod backend;
 mod device;
+mod handler;
 pub mod hdr;
 mod queue;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 
 pub use backend::{offered_features, GuestMem, MAX_QUEUE_SIZE};
 pub use device::{

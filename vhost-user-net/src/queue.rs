@@ -73,6 +73,8 @@ enum RingError {
     Direction(&'static str, &'static str),
     #[error("used ring: {0}")]
     Used(virtio_queue::Error),
+    #[error("descriptor table, avail ring or used ring is not inside guest memory")]
+    Layout,
 }
 
 /// Largest frame accepted from a guest: a 64 KiB GSO packet plus an Ethernet/VLAN header.
@@ -223,6 +225,15 @@ impl NetQueues {
         if !(state.get_queue().ready() && state.is_enabled()) {
             return stats;
         }
+        // The three ring areas (§2.7: 16*size, 6+2*size and 6+8*size bytes) must lie in guest
+        // memory. Otherwise an unreadable avail entry looks like an empty ring (the queue would
+        // stall unreported) and an unwritable used ring is only found after the packets were
+        // handed on.
+        if !state.get_queue().is_valid(&*mem) {
+            drop(state);
+            self.mark_broken(qi, RingError::Layout);
+            return stats;
+        }
         self.used.clear();
         let mut err = None;
         {
@@ -358,8 +369,14 @@ impl NetQueues {
         let accepts = Offloads::guest_rx_from_features(features);
         let mem = conn.mem.memory();
         let mut state = conn.vrings[qi].get_mut();
-        if !(state.get_queue().ready() && state.is_enabled()) {
+        let usable = state.get_queue().ready() && state.is_enabled();
+        // As in `from_guest`: the ring areas must lie in guest memory.
+        let valid = usable && state.get_queue().is_valid(&*mem);
+        if !valid {
             drop(state);
+            if usable {
+                self.mark_broken(qi, RingError::Layout);
+            }
             stats.dropped_no_buffer = pkts.len();
             pkts.drain(..).for_each(|p| pool.free(p));
             return stats;
@@ -532,3 +549,6 @@ where
     }
     Ok(Written::Done)
 }
+
+#[cfg(test)]
+mod tests;

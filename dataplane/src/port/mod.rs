@@ -77,6 +77,10 @@ pub struct PortStats {
     pub tx_errors: AtomicU64,
     /// Checksums completed in software because the peer lacks checksum offload.
     pub sw_csum: AtomicU64,
+    /// Packets received per queue.
+    pub rxq_packets: Vec<AtomicU64>,
+    /// Packets transmitted per queue.
+    pub txq_packets: Vec<AtomicU64>,
 }
 
 /// A copy of [`PortStats`] for reporting.
@@ -91,9 +95,44 @@ pub struct PortStatsSnapshot {
     pub tx_dropped_offload: u64,
     pub tx_errors: u64,
     pub sw_csum: u64,
+    pub rxq_packets: Vec<u64>,
+    pub txq_packets: Vec<u64>,
 }
 
 impl PortStats {
+    /// Counters for a port with `queues` queues.
+    pub fn with_queues(queues: u16) -> Self {
+        PortStats {
+            rxq_packets: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            txq_packets: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Counts `n` received packets of `bytes` on queue `q`.
+    #[inline]
+    pub fn rx(&self, q: u16, n: usize, bytes: usize) {
+        if n != 0 {
+            Self::add(&self.rx_packets, n);
+            Self::add(&self.rx_bytes, bytes);
+            if let Some(c) = self.rxq_packets.get(q as usize) {
+                Self::add(c, n);
+            }
+        }
+    }
+
+    /// Counts `n` transmitted packets of `bytes` on queue `q`.
+    #[inline]
+    pub fn tx(&self, q: u16, n: usize, bytes: usize) {
+        if n != 0 {
+            Self::add(&self.tx_packets, n);
+            Self::add(&self.tx_bytes, bytes);
+            if let Some(c) = self.txq_packets.get(q as usize) {
+                Self::add(c, n);
+            }
+        }
+    }
+
     #[inline]
     pub fn add(c: &AtomicU64, n: usize) {
         if n != 0 {
@@ -113,6 +152,8 @@ impl PortStats {
             tx_dropped_offload: l(&self.tx_dropped_offload),
             tx_errors: l(&self.tx_errors),
             sw_csum: l(&self.sw_csum),
+            rxq_packets: self.rxq_packets.iter().map(l).collect(),
+            txq_packets: self.txq_packets.iter().map(l).collect(),
         }
     }
 }

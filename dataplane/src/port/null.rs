@@ -28,7 +28,7 @@ impl SourcePort {
         SourcePort {
             name: name.to_string(),
             frame: udp_frame(size),
-            stats: Arc::new(PortStats::default()),
+            stats: Arc::new(PortStats::with_queues(1)),
         }
     }
 }
@@ -37,7 +37,7 @@ impl SinkPort {
     pub fn new(name: &str) -> Self {
         SinkPort {
             name: name.to_string(),
-            stats: Arc::new(PortStats::default()),
+            stats: Arc::new(PortStats::with_queues(1)),
         }
     }
 }
@@ -85,8 +85,7 @@ impl Port for SourcePort {
             out.push(p);
             n += 1;
         }
-        PortStats::add(&self.stats.rx_packets, n);
-        PortStats::add(&self.stats.rx_bytes, n * self.frame.len());
+        self.stats.rx(0, n, n * self.frame.len());
     }
     fn tx_burst(&mut self, _q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
         PortStats::add(&self.stats.tx_dropped_no_room, pkts.len());
@@ -116,8 +115,7 @@ impl Port for SinkPort {
     fn rx_burst(&mut self, _q: u16, _pool: &mut PacketPool, _out: &mut Vec<Packet>, _max: usize) {}
     fn tx_burst(&mut self, _q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
         let bytes: usize = pkts.iter().map(|p| p.len()).sum();
-        PortStats::add(&self.stats.tx_packets, pkts.len());
-        PortStats::add(&self.stats.tx_bytes, bytes);
+        self.stats.tx(0, pkts.len(), bytes);
         pkts.drain(..).for_each(|p| pool.free(p));
     }
     fn tx_offloads(&self) -> Offloads {

@@ -112,7 +112,7 @@ impl TapPort {
             name: name.to_string(),
             ifname: ifname.to_string(),
             queues: qs,
-            stats: Arc::new(PortStats::default()),
+            stats: Arc::new(PortStats::with_queues(queues)),
             rx_offloads: Offloads::empty(),
         })
     }
@@ -287,8 +287,7 @@ impl Port for TapPort {
         let _ = tx_done;
         tq.post_reads(pool);
         tq.submit();
-        PortStats::add(&self.stats.rx_packets, n);
-        PortStats::add(&self.stats.rx_bytes, bytes);
+        self.stats.rx(q, n, bytes);
         PortStats::add(&self.stats.rx_dropped_invalid, bad);
         PortStats::add(&self.stats.tx_errors, tx_err);
     }
@@ -335,8 +334,7 @@ impl Port for TapPort {
             bytes += len;
         }
         tq.submit();
-        PortStats::add(&self.stats.tx_packets, sent);
-        PortStats::add(&self.stats.tx_bytes, bytes);
+        self.stats.tx(q, sent, bytes);
         PortStats::add(&self.stats.tx_dropped_no_room, no_room);
     }
 

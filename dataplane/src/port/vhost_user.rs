@@ -22,13 +22,14 @@ impl VhostUserPort {
         cfg: NetDeviceConfig,
     ) -> Result<(VhostUserNetDevice, Self), torii_vhost_user_net::DeviceError> {
         let name = cfg.name.clone();
+        let nq = cfg.queue_pairs;
         let (dev, queues) = VhostUserNetDevice::start(cfg)?;
         Ok((
             dev,
             VhostUserPort {
                 name,
                 queues,
-                stats: Arc::new(PortStats::default()),
+                stats: Arc::new(PortStats::with_queues(nq)),
             },
         ))
     }
@@ -54,15 +55,13 @@ impl Port for VhostUserPort {
 
     fn rx_burst(&mut self, q: u16, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
         let r = self.queues.from_guest(q, max, pool, out);
-        PortStats::add(&self.stats.rx_packets, r.packets);
-        PortStats::add(&self.stats.rx_bytes, r.bytes);
+        self.stats.rx(q, r.packets, r.bytes);
         PortStats::add(&self.stats.rx_dropped_invalid, r.dropped_invalid);
     }
 
     fn tx_burst(&mut self, q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
         let r = self.queues.to_guest(q, pkts, pool);
-        PortStats::add(&self.stats.tx_packets, r.packets);
-        PortStats::add(&self.stats.tx_bytes, r.bytes);
+        self.stats.tx(q, r.packets, r.bytes);
         PortStats::add(&self.stats.tx_dropped_no_room, r.dropped_no_buffer);
         PortStats::add(&self.stats.tx_dropped_offload, r.dropped_unsupported);
     }

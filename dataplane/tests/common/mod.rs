@@ -1,0 +1,237 @@
+//! Shared pieces of the data plane's end-to-end tests: the daemon under test, run as the real
+//! `torii-dataplane` binary with a generated config, and host network namespaces.
+
+#![allow(dead_code)]
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use torii_perf::proc_util::{wait_until, ChildGuard};
+
+/// Unwraps with the error's Display: harness errors carry the logs that explain them.
+pub trait OrFail<T> {
+    fn or_fail(self, ctx: &str) -> T;
+}
+
+impl<T, E: Display> OrFail<T> for Result<T, E> {
+    fn or_fail(self, ctx: &str) -> T {
+        self.unwrap_or_else(|e| panic!("{ctx}: {e}"))
+    }
+}
+
+/// A `torii-dataplane run` process.
+pub struct Daemon {
+    child: Option<ChildGuard>,
+    dir: PathBuf,
+    config: PathBuf,
+    stats: PathBuf,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Daemon {
+    /// Writes `body` (ports and cross-connects) under a `[dataplane]` section with
+    /// `dataplane_extra` lines, and starts the daemon.
+    pub fn start(dir: &Path, dataplane_extra: &str, body: &str) -> Daemon {
+        let stats = dir.join("stats.json");
+        let config = dir.join("dataplane.toml");
+        let text = format!(
+            "[dataplane]\nstats_file = \"{}\"\n{dataplane_extra}\n{body}",
+            stats.display()
+        );
+        std::fs::write(&config, text).or_fail("writing config");
+        let mut d = Daemon {
+            child: None,
+            dir: dir.to_path_buf(),
+            config,
+            stats,
+            log: dir.join("dataplane.log"),
+            starts: 0,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.stats);
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .or_fail("daemon log");
+        let child = Command::new(env!("CARGO_BIN_EXE_torii-dataplane"))
+            .args(["run", "-c"])
+            .arg(&self.config)
+            .env("TORII_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .or_fail("spawning torii-dataplane");
+        self.child = Some(ChildGuard::new(child, "torii-dataplane"));
+        let ok = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            self.stats.exists()
+        });
+        assert!(
+            ok,
+            "torii-dataplane wrote no stats file; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The latest stats report (written once a second).
+    pub fn report(&self) -> Value {
+        let text = std::fs::read_to_string(&self.stats).or_fail("reading stats file");
+        serde_json::from_str(&text).or_fail("parsing stats file")
+    }
+
+    /// One port of the latest report.
+    pub fn port(&self, name: &str) -> Value {
+        self.report()["ports"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("port {name} missing from report {}", self.report()))
+    }
+
+    pub fn counter(&self, port: &str, field: &str) -> u64 {
+        self.port(port)[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{port}.{field} missing"))
+    }
+
+    /// Waits until `pred` holds for port `name`; panics with the report and log otherwise.
+    pub fn wait_port(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) {
+        let ok = wait_until(timeout, Duration::from_millis(200), || {
+            pred(&self.port(name))
+        });
+        assert!(
+            ok,
+            "port {name}: timed out waiting for {what}; port now {}\nlog:\n{}",
+            self.port(name),
+            self.log_text()
+        );
+    }
+
+    /// Waits for two consecutive reports (1 s apart) with the same counters for `port`.
+    pub fn wait_settled(&self, port: &str) -> Value {
+        let mut last = self.port(port);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            std::thread::sleep(Duration::from_millis(1200));
+            let now = self.port(port);
+            if now == last || Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// SIGINT, wait for a clean exit, return what it printed.
+    pub fn stop(&mut self) -> String {
+        if let Some(mut c) = self.child.take() {
+            c.signal(libc::SIGINT).or_fail("SIGINT");
+            let st = c.wait_timeout(Duration::from_secs(15)).or_fail("waiting");
+            assert!(
+                matches!(st, Some(s) if s.success()),
+                "torii-dataplane did not exit cleanly: {st:?}\n{}",
+                self.log_text()
+            );
+        }
+        self.log_text()
+    }
+
+    /// Stops and starts the daemon with the same config.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.signal(libc::SIGINT);
+            if !matches!(c.wait_timeout(Duration::from_secs(10)), Ok(Some(_))) {
+                let _ = c.kill();
+            }
+        }
+    }
+}
+
+/// Runs a command on the host, panicking with its output on failure.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().or_fail(cmd);
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace for the host side of a test, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("torii-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        Netns { name }
+    }
+
+    /// Moves `ifname` (made by the daemon in the root namespace) here and gives it `cidr`.
+    pub fn adopt(&self, ifname: &str, cidr: &str) {
+        let n = &self.name;
+        sh(&format!(
+            "ip link set {ifname} netns {n} && ip -n {n} addr add {cidr} dev {ifname} && ip -n {n} link set {ifname} up"
+        ));
+    }
+
+    pub fn exec(&self, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} {cmd}", self.name))
+    }
+
+    /// `ip netns exec` as a Command, for children.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A short unique interface name (≤ 15 bytes).
+pub fn ifname(tag: &str) -> String {
+    format!("t{tag}{}", std::process::id() % 100000)
+}
