@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use std::os::unix::net::{UnixListener, UnixStream};
 
-use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vhost_user_backend::VringRwLock;
 use vmm_sys_util::event::EventNotifier;
 
 use crate::backend::{GuestMem, NetBackend};
 use crate::handler::ConnHandler;
+use crate::protocol::{Session, SessionEnd};
 use crate::queue::NetQueues;
 
 /// Who listens on the vhost-user socket.
@@ -322,8 +322,8 @@ fn serve_one(
     .map_err(|e| format!("cannot connect on {}: {e}", cfg.socket.display()))?;
     let handler = ConnHandler::new(shared.clone()).map_err(|e| e.to_string())?;
     let (vrings, mem, backend) = handler.parts();
-    let mut req = BackendReqHandler::from_stream(stream, Arc::new(Mutex::new(handler)));
-    let conn = req.try_clone_connection().map_err(|e| e.to_string())?;
+    let conn = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut session = Session::new(stream, handler);
 
     shared.broken.lock().unwrap().clear();
     shared.publish(Some(Arc::new(Connection {
@@ -335,7 +335,7 @@ fn serve_one(
     shared.connected.store(true, Ordering::Release);
     tracing::info!(port = %cfg.name, socket = %cfg.socket.display(), "frontend connected");
 
-    // A stop request shuts the socket down, which ends the blocking receive below.
+    // A stop request shuts the socket down, which ends the blocking receive in `run`.
     let shared2 = shared.clone();
     let done = Arc::new(AtomicBool::new(false));
     let done2 = done.clone();
@@ -351,23 +351,11 @@ fn serve_one(
             }
         })
         .map_err(|e| e.to_string())?;
-    let result = loop {
-        match req.handle_request() {
-            Ok(()) => {}
-            // A request refused by the protocol layer because its feature is not negotiated
-            // yet: DPDK virtio-user sends SET_VRING_ENABLE before SET_FEATURES when it
-            // reconnects in server mode. Refuse the request, keep the session.
-            Err(
-                e @ (VhostUserError::InactiveFeature(_) | VhostUserError::InactiveOperation(_)),
-            ) => {
-                tracing::debug!(port = %cfg.name, "ignored out-of-order request: {e}");
-            }
-            Err(VhostUserError::Disconnected | VhostUserError::PartialMessage) => break Ok(()),
-            Err(VhostUserError::SocketBroken(_)) if shared.stop.load(Ordering::Acquire) => {
-                break Ok(())
-            }
-            Err(e) => break Err(e.to_string()),
-        }
+    let end = session.run();
+    let result = match end {
+        SessionEnd::Closed => Ok(()),
+        SessionEnd::Io(_) if shared.stop.load(Ordering::Acquire) => Ok(()),
+        e => Err(e.to_string()),
     };
     done.store(true, Ordering::Release);
     let _ = watcher.join();
@@ -375,8 +363,8 @@ fn serve_one(
     shared.connected.store(false, Ordering::Release);
     retire(shared);
     tracing::info!(port = %cfg.name, "frontend disconnected");
-    // Dropping the request handler drops the ConnHandler: its kick thread and fds go with it.
-    drop(req);
+    // Dropping the session drops the ConnHandler: its kick thread and fds go with it.
+    drop(session);
     result
 }
 

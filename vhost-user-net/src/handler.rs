@@ -2,10 +2,11 @@
 //! message types"). It owns the connection's guest memory map and vrings; the PMD reads them
 //! through [`Connection`](crate::device::Connection).
 //!
-//! Written against `vhost`'s `VhostUserBackendReqHandlerMut` rather than
-//! `vhost-user-backend`'s daemon so that the data plane decides the connection's life: a fresh
-//! handler per connection, tolerant of the message orders real frontends use (DPDK virtio-user
-//! reconnecting in server mode disables rings before it re-negotiates features).
+//! `protocol.rs` frames the messages and calls these methods. A fresh handler serves each
+//! connection, so nothing of a previous frontend (memory map, rings, features) leaks into the
+//! next, and it accepts the message orders real frontends use: QEMU enables queue pair 0
+//! (SET_VRING_ENABLE) when the NIC is realized, before any SET_FEATURES, and DPDK
+//! virtio-user disables its rings before re-negotiating when it reconnects in server mode.
 
 use std::fs::File;
 use std::io;
@@ -13,23 +14,56 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
-    VhostUserVringAddrFlags, VhostUserVringState,
-};
-use vhost::vhost_user::{Backend, Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
-use vhost::VhostUserMemoryRegionBase;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
 
 use crate::backend::{GuestMem, NetBackend, MAX_QUEUE_SIZE};
 use crate::device::DeviceShared;
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
-const MAX_MEM_SLOTS: u64 = 32;
+pub(crate) const MAX_MEM_SLOTS: u64 = 32;
+
+/// Why a request was refused; the frontend gets a non-zero ack when it asked for one.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error("invalid parameter: {0}")]
+    InvalidParam(&'static str),
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+pub(crate) type Result<T> = std::result::Result<T, Error>;
+
+/// One guest memory region as SET_MEM_TABLE / ADD_MEM_REG describe it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MemRegion {
+    pub gpa: u64,
+    pub size: u64,
+    pub user_addr: u64,
+    pub mmap_offset: u64,
+}
+
+impl MemRegion {
+    fn map(&self, file: File) -> Result<GuestRegionMmap<()>> {
+        if self.size == 0 || self.size > isize::MAX as u64 {
+            return Err(Error::InvalidParam("memory region size"));
+        }
+        let region = MmapRegion::<()>::from_file(
+            FileOffset::new(file, self.mmap_offset),
+            self.size as usize,
+        )
+        .map_err(|e| Error::Io(io::Error::other(e)))?;
+        GuestRegionMmap::new(region, GuestAddress(self.gpa))
+            .ok_or(Error::InvalidParam("region overflows"))
+    }
+}
 
 struct Mapping {
     vmm_addr: u64,
@@ -72,7 +106,9 @@ impl ConnHandler {
     }
 
     fn vring(&self, index: u32) -> Result<&VringRwLock<GuestMem>> {
-        self.vrings.get(index as usize).ok_or(Error::InvalidParam)
+        self.vrings
+            .get(index as usize)
+            .ok_or(Error::InvalidParam("vring index"))
     }
 
     /// Translates a frontend virtual address (SET_VRING_ADDR) to a guest physical address.
@@ -81,7 +117,7 @@ impl ConnHandler {
             .iter()
             .find(|m| va >= m.vmm_addr && va - m.vmm_addr < m.size)
             .map(|m| m.gpa + (va - m.vmm_addr))
-            .ok_or(Error::InvalidParam)
+            .ok_or(Error::InvalidParam("ring address outside the memory table"))
     }
 
     fn reset_vrings(&mut self) {
@@ -99,37 +135,31 @@ impl ConnHandler {
     fn protocol_features_acked(&self) -> bool {
         self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
-}
 
-fn unsupported<T>(what: &'static str) -> Result<T> {
-    Err(Error::InvalidOperation(what))
-}
-
-impl VhostUserBackendReqHandlerMut for ConnHandler {
-    fn set_owner(&mut self) -> Result<()> {
-        Ok(())
+    pub(crate) fn acked_protocol(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::from_bits_truncate(self.acked_protocol)
     }
 
-    fn reset_owner(&mut self) -> Result<()> {
+    pub(crate) fn reset_owner(&mut self) -> Result<()> {
         self.reset_vrings();
         self.acked_features = 0;
         Ok(())
     }
 
-    fn reset_device(&mut self) -> Result<()> {
+    pub(crate) fn reset_device(&mut self) -> Result<()> {
         self.reset_vrings();
         self.acked_features = 0;
         self.backend.acked_features(0);
         Ok(())
     }
 
-    fn get_features(&mut self) -> Result<u64> {
+    pub(crate) fn get_features(&mut self) -> Result<u64> {
         Ok(self.backend.features())
     }
 
-    fn set_features(&mut self, features: u64) -> Result<()> {
+    pub(crate) fn set_features(&mut self, features: u64) -> Result<()> {
         if features & !self.backend.features() != 0 {
-            return Err(Error::InvalidParam);
+            return Err(Error::InvalidParam("feature not offered"));
         }
         self.acked_features = features;
         self.backend.acked_features(features);
@@ -148,65 +178,58 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
         Ok(())
     }
 
-    fn set_mem_table(
-        &mut self,
-        ctx: &[VhostUserMemoryRegion],
-        files: Vec<File>,
-        postcopy_listening: Option<bool>,
-    ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
-        if postcopy_listening.is_some() {
-            return unsupported("postcopy");
+    pub(crate) fn set_mem_table(&mut self, regions: &[MemRegion], files: Vec<File>) -> Result<()> {
+        if regions.len() != files.len() || regions.len() as u64 > MAX_MEM_SLOTS {
+            return Err(Error::InvalidParam("memory table"));
         }
-        let mut regions = Vec::with_capacity(ctx.len());
-        let mut mappings = Vec::with_capacity(ctx.len());
-        for (r, file) in ctx.iter().zip(files) {
-            let region =
-                GuestRegionMmap::new(r.mmap_region(file)?, GuestAddress(r.guest_phys_addr))
-                    .ok_or(Error::InvalidParam)?;
-            regions.push(region);
-            mappings.push(Mapping {
-                vmm_addr: r.user_addr,
-                size: r.memory_size,
-                gpa: r.guest_phys_addr,
-            });
+        let mut mapped = Vec::with_capacity(regions.len());
+        for (r, file) in regions.iter().zip(files) {
+            mapped.push(r.map(file)?);
         }
-        let mem = GuestMemoryMmap::from_regions(regions)
-            .map_err(|e| Error::ReqHandlerError(io::Error::other(e)))?;
+        let mem =
+            GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Io(io::Error::other(e)))?;
         // The PMD loads the memory per burst, so it sees the new table on its next one.
         self.mem.lock().unwrap().replace(mem);
-        self.mappings = mappings;
-        Ok(None)
+        self.mappings = regions
+            .iter()
+            .map(|r| Mapping {
+                vmm_addr: r.user_addr,
+                size: r.size,
+                gpa: r.gpa,
+            })
+            .collect();
+        Ok(())
     }
 
-    fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
+    pub(crate) fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
         if num == 0 || num as usize > MAX_QUEUE_SIZE || !num.is_power_of_two() {
-            return Err(Error::InvalidParam);
+            return Err(Error::InvalidParam("queue size"));
         }
         self.vring(index)?.set_queue_size(num as u16);
         Ok(())
     }
 
-    fn set_vring_addr(
+    pub(crate) fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
     ) -> Result<()> {
         let desc = self.vmm_va_to_gpa(descriptor)?;
         let avail = self.vmm_va_to_gpa(available)?;
         let used = self.vmm_va_to_gpa(used)?;
         let v = self.vring(index)?;
         v.set_queue_info(desc, avail, used)
-            .map_err(|_| Error::InvalidParam)?;
+            .map_err(|_| Error::InvalidParam("ring addresses"))?;
         // The used index in guest memory is the ground truth of what a previous backend
         // instance completed. A frontend that reconnects after a backend restart may send a
         // base (SET_VRING_BASE comes before SET_VRING_ADDR) that does not match it — DPDK
         // virtio-user sends 0 — so resume both indices from it; the few chains in flight are
         // redone (TX) or refilled (RX), as DPDK's own vhost library does.
-        let idx = v.queue_used_idx().map_err(|_| Error::InvalidParam)?;
+        let idx = v
+            .queue_used_idx()
+            .map_err(|_| Error::InvalidParam("used ring outside guest memory"))?;
         v.set_queue_next_used(idx);
         if v.queue_next_avail() != idx {
             tracing::info!(
@@ -220,12 +243,12 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
         Ok(())
     }
 
-    fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
+    pub(crate) fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
         self.vring(index)?.set_queue_next_avail(base as u16);
         Ok(())
     }
 
-    fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {
+    pub(crate) fn get_vring_base(&mut self, index: u32) -> Result<u16> {
         // "Stop ring upon receiving VHOST_USER_GET_VRING_BASE."
         let v = self.vring(index)?;
         v.set_queue_ready(false);
@@ -233,163 +256,88 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
         v.set_kick(None);
         v.set_call(None);
         self.kicks.forget(index as usize);
-        Ok(VhostUserVringState::new(index, u32::from(next)))
+        Ok(next)
     }
 
-    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+    pub(crate) fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         let watch = match &fd {
-            Some(f) => Some(f.try_clone().map_err(Error::ReqHandlerError)?),
+            Some(f) => Some(f.try_clone()?),
             None => None,
         };
         let v = self.vring(index as u32)?;
         v.set_kick(fd);
         // "Start ring upon receiving a kick file descriptor."
         v.set_queue_ready(true);
-        self.kicks
-            .watch(index as usize, watch)
-            .map_err(Error::ReqHandlerError)?;
+        self.kicks.watch(index as usize, watch)?;
         Ok(())
     }
 
-    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+    pub(crate) fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         self.vring(index as u32)?.set_call(fd);
         Ok(())
     }
 
-    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+    pub(crate) fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         self.vring(index as u32)?.set_err(fd);
         Ok(())
     }
 
-    fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures> {
-        Ok(self.backend.protocol_features())
+    pub(crate) fn get_protocol_features(&mut self) -> VhostUserProtocolFeatures {
+        self.backend.protocol_features()
     }
 
-    fn set_protocol_features(&mut self, features: u64) -> Result<()> {
+    pub(crate) fn set_protocol_features(&mut self, features: u64) -> Result<()> {
         self.acked_protocol = features;
         Ok(())
     }
 
-    fn get_queue_num(&mut self) -> Result<u64> {
-        Ok(self.vrings.len() as u64)
+    pub(crate) fn get_queue_num(&mut self) -> u64 {
+        self.vrings.len() as u64
     }
 
-    fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
+    pub(crate) fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
         // The spec sends this only after PROTOCOL_FEATURES, but a reconnecting DPDK virtio-user
         // disables its rings first; honouring it is harmless either way.
         self.vring(index)?.set_enabled(enable);
         Ok(())
     }
 
-    fn get_config(
-        &mut self,
-        offset: u32,
-        size: u32,
-        _flags: VhostUserConfigFlags,
-    ) -> Result<Vec<u8>> {
-        Ok(self.backend.get_config(offset, size))
+    pub(crate) fn get_config(&mut self, offset: u32, size: u32) -> Vec<u8> {
+        self.backend.get_config(offset, size)
     }
 
-    fn set_config(
-        &mut self,
-        _offset: u32,
-        _buf: &[u8],
-        _flags: VhostUserConfigFlags,
-    ) -> Result<()> {
-        // The virtio-net config space is read-only for the driver (§5.1.4).
-        unsupported("virtio-net config space is read-only")
-    }
-
-    fn set_backend_req_fd(&mut self, backend: Backend) {
+    pub(crate) fn set_backend_req_fd(&mut self, backend: Backend) {
         self.backend.set_backend_req_fd(backend);
     }
 
-    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
-        unsupported("gpu socket")
-    }
-
-    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> Result<File> {
-        unsupported("shared objects")
-    }
-
-    fn get_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-    ) -> Result<(VhostUserInflight, File)> {
-        unsupported("inflight tracking")
-    }
-
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
-        unsupported("inflight tracking")
-    }
-
-    fn get_max_mem_slots(&mut self) -> Result<u64> {
-        Ok(MAX_MEM_SLOTS)
-    }
-
-    fn add_mem_region(
-        &mut self,
-        region: &VhostUserSingleMemoryRegion,
-        fd: File,
-        postcopy_listening: Option<bool>,
-    ) -> Result<Option<VhostUserMemoryRegionBase>> {
-        if postcopy_listening.is_some() {
-            return unsupported("postcopy");
-        }
+    pub(crate) fn add_mem_region(&mut self, region: &MemRegion, file: File) -> Result<()> {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
-            return Err(Error::InvalidParam);
+            return Err(Error::InvalidParam("no free memory slot"));
         }
-        let r = Arc::new(
-            GuestRegionMmap::new(
-                region.mmap_region(fd)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(Error::InvalidParam)?,
-        );
+        let r = Arc::new(region.map(file)?);
         let mem = self
             .mem
             .memory()
             .insert_region(r)
-            .map_err(|e| Error::ReqHandlerError(io::Error::other(e)))?;
+            .map_err(|e| Error::Io(io::Error::other(e)))?;
         self.mem.lock().unwrap().replace(mem);
         self.mappings.push(Mapping {
             vmm_addr: region.user_addr,
-            size: region.memory_size,
-            gpa: region.guest_phys_addr,
+            size: region.size,
+            gpa: region.gpa,
         });
-        Ok(None)
-    }
-
-    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> Result<()> {
-        let (mem, _) = self
-            .mem
-            .memory()
-            .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
-            .map_err(|e| Error::ReqHandlerError(io::Error::other(e)))?;
-        self.mem.lock().unwrap().replace(mem);
-        self.mappings.retain(|m| m.gpa != region.guest_phys_addr);
         Ok(())
     }
 
-    fn set_device_state_fd(
-        &mut self,
-        _direction: VhostTransferStateDirection,
-        _phase: VhostTransferStatePhase,
-        _fd: File,
-    ) -> Result<Option<File>> {
-        unsupported("device state transfer")
-    }
-
-    fn check_device_state(&mut self) -> Result<()> {
-        unsupported("device state transfer")
-    }
-
-    fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig> {
-        unsupported("shared memory regions")
-    }
-
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        unsupported("dirty page logging")
+    pub(crate) fn remove_mem_region(&mut self, region: &MemRegion) -> Result<()> {
+        let (mem, _) = self
+            .mem
+            .memory()
+            .remove_region(GuestAddress(region.gpa), region.size)
+            .map_err(|e| Error::Io(io::Error::other(e)))?;
+        self.mem.lock().unwrap().replace(mem);
+        self.mappings.retain(|m| m.gpa != region.gpa);
+        Ok(())
     }
 }
 

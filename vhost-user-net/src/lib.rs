@@ -6,6 +6,7 @@ mod backend;
 mod device;
 mod handler;
 pub mod hdr;
+mod protocol;
 mod queue;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;

@@ -202,8 +202,9 @@ impl NetQueues {
         pending
     }
 
-    /// Moves up to `out.capacity() - out.len()` packets (at most `max`) from the guest's TX
-    /// queue of pair `qp` into buffers from `pool`, appended to `out` (§5.1.6.2).
+    /// Moves up to `max` packets from the guest's TX queue of pair `qp` into buffers from
+    /// `pool`, appended to `out` (§5.1.6.2). `max` bounds the chains consumed, dropped ones
+    /// included; give `out` room for `max` more so that the burst does not allocate.
     pub fn from_guest<P: BufPool>(
         &mut self,
         qp: u16,

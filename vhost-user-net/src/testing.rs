@@ -347,6 +347,16 @@ pub struct TestDevice {
     pub queues: NetQueues,
     pub driver: Driver,
     vrings: Vec<VringRwLock<GuestMem>>,
+    shared: Arc<DeviceShared>,
+}
+
+impl Drop for TestDevice {
+    /// Retires the connection as the control thread does on disconnect; this also breaks the
+    /// reference cycle device → connection → backend → device.
+    fn drop(&mut self) {
+        self.queues.detach();
+        self.shared.publish(None);
+    }
 }
 
 impl TestDevice {
@@ -421,10 +431,11 @@ impl TestDevice {
             data: (DATA_BASE, DATA_BASE + cfg.data_size),
         };
         TestDevice {
-            device: VhostUserNetDevice::detached(shared),
+            device: VhostUserNetDevice::detached(shared.clone()),
             queues,
             driver,
             vrings,
+            shared,
         }
     }
 
