@@ -8,6 +8,7 @@ mod handler;
 pub mod hdr;
 mod protocol;
 mod queue;
+mod ring;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 

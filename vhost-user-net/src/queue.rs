@@ -13,11 +13,12 @@ use std::sync::Arc;
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net as vn;
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+use virtio_queue::QueueT;
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::device::{Connection, DeviceShared};
 use crate::hdr::{Offloads, VirtioNetHdr, HDR_LEN_LEGACY, HDR_LEN_MRG};
+use crate::ring::{Seg, SplitRing};
 
 /// A packet buffer the data path can fill or drain. The caller's packet type implements it.
 pub trait NetBuf {
@@ -59,10 +60,10 @@ pub struct ToGuest {
 }
 
 /// Why a ring is considered broken.
-#[derive(Debug, thiserror::Error)]
-enum RingError {
-    #[error("avail ring: {0}")]
-    Avail(virtio_queue::Error),
+#[derive(Clone, Debug, thiserror::Error)]
+pub(crate) enum RingError {
+    #[error("avail ring: {0} chains available but the queue holds {1}")]
+    AvailIdx(u16, u16),
     #[error(
         "descriptor chain starting at {0} is cut short (loop, bad index or bad indirect table)"
     )]
@@ -72,7 +73,7 @@ enum RingError {
     #[error("{0} descriptor in a {1} chain")]
     Direction(&'static str, &'static str),
     #[error("used ring: {0}")]
-    Used(virtio_queue::Error),
+    Used(&'static str),
     #[error("descriptor table, avail ring or used ring is not inside guest memory")]
     Layout,
 }
@@ -88,6 +89,10 @@ pub struct NetQueues {
     broken: Vec<bool>,
     /// Used-ring entries of the current burst: (head, written length). Preallocated.
     used: Vec<(u16, u32)>,
+    /// Buffers of the chains gathered for the current burst. Preallocated.
+    segs: Vec<Seg>,
+    /// The gathered chains: (head, first seg, end seg). Preallocated.
+    chains: Vec<(u16, usize, usize)>,
 }
 
 impl NetQueues {
@@ -99,6 +104,8 @@ impl NetQueues {
             conn: None,
             broken: vec![false; n],
             used: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
+            segs: Vec::with_capacity(4 * crate::backend::MAX_QUEUE_SIZE),
+            chains: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
         }
     }
 
@@ -226,70 +233,72 @@ impl NetQueues {
         if !(state.get_queue().ready() && state.is_enabled()) {
             return stats;
         }
-        // The three ring areas (§2.7: 16*size, 6+2*size and 6+8*size bytes) must lie in guest
-        // memory. Otherwise an unreadable avail entry looks like an empty ring (the queue would
-        // stall unreported) and an unwritable used ring is only found after the packets were
-        // handed on.
-        if !state.get_queue().is_valid(&*mem) {
-            drop(state);
-            self.mark_broken(qi, RingError::Layout);
-            return stats;
-        }
         self.used.clear();
+        self.segs.clear();
+        self.chains.clear();
         let mut err = None;
         {
             let queue = state.get_queue_mut();
-            let mut iter = match queue.iter(&*mem) {
-                Ok(it) => it,
+            // The three ring areas (§2.7: 16*size, 6+2*size and 6+8*size bytes) must lie in
+            // guest memory, or an unreadable avail entry would look like an empty ring.
+            let ring = match SplitRing::new(&mem, queue) {
+                Ok(r) => r,
                 Err(e) => {
                     drop(state);
-                    self.mark_broken(qi, RingError::Avail(e));
+                    self.mark_broken(qi, e);
                     return stats;
                 }
             };
-            while stats.packets + stats.dropped_invalid < max {
-                let Some(chain) = iter.next() else { break };
-                let head = chain.head_index();
-                let Some(mut buf) = pool.alloc() else {
-                    iter.go_to_previous_position();
-                    break;
-                };
+            let next = queue.next_avail();
+            let n = match ring.pending(next) {
+                Ok(n) => n.min(max.min(u16::MAX as usize) as u16),
+                Err(e) => {
+                    drop(state);
+                    self.mark_broken(qi, e);
+                    return stats;
+                }
+            };
+            // Gather: walk every chain of the burst first, prefetching its buffers.
+            for i in 0..n {
+                let start = self.segs.len();
+                let walked = ring
+                    .head(next.wrapping_add(i))
+                    .and_then(|head| ring.walk(head, false, &mut self.segs).map(|()| head));
+                match walked {
+                    Ok(head) => self.chains.push((head, start, self.segs.len())),
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+            }
+            // Copy: by now the buffers are (being) pulled into the cache.
+            let mut consumed = 0u16;
+            for &(head, first, end) in &self.chains {
+                let Some(mut buf) = pool.alloc() else { break };
                 let raw = buf.raw_mut();
                 let cap = raw.len().min(MAX_FRAME + hdr_len);
                 let mut off = 0usize;
-                let mut ndesc = 0usize;
-                let mut last_has_next = false;
                 let mut oversize = false;
-                for desc in chain {
-                    ndesc += 1;
-                    last_has_next = desc.has_next();
-                    if desc.is_write_only() {
-                        err = Some(RingError::Direction("device-writable", "transmit"));
-                        break;
-                    }
-                    let len = desc.len() as usize;
+                let mut bad = None;
+                for seg in &self.segs[first..end] {
+                    let len = seg.len as usize;
                     if oversize || off + len > cap {
-                        // Keep walking (bounded by the chain's TTL) so the chain is validated,
-                        // but stop copying.
                         oversize = true;
                         continue;
                     }
-                    if mem
-                        .read_slice(&mut raw[off..off + len], desc.addr())
-                        .is_err()
-                    {
-                        err = Some(RingError::Address(desc.addr().0, desc.len()));
+                    if !read_guest(&mem, GuestAddress(seg.addr), &mut raw[off..off + len]) {
+                        bad = Some(RingError::Address(seg.addr, seg.len));
                         break;
                     }
                     off += len;
                 }
-                if err.is_none() && (ndesc == 0 || last_has_next) {
-                    err = Some(RingError::Chain(head));
-                }
-                if err.is_some() {
+                if let Some(e) = bad {
                     pool.free(buf);
+                    err = Some(e);
                     break;
                 }
+                consumed += 1;
                 self.used.push((head, 0));
                 if oversize || off < hdr_len {
                     stats.dropped_invalid += 1;
@@ -310,6 +319,7 @@ impl NetQueues {
                 stats.bytes += frame_len;
                 out.push(buf);
             }
+            queue.set_next_avail(next.wrapping_add(consumed));
         }
         let used_err = self.complete(&mut state, &mem);
         drop(state);
@@ -330,10 +340,8 @@ impl NetQueues {
             return None;
         }
         let queue = state.get_queue_mut();
-        for &(head, len) in &self.used {
-            if let Err(e) = queue.add_used(mem, head, len) {
-                return Some(RingError::Used(e));
-            }
+        if let Err(e) = publish_used(queue, mem, &self.used) {
+            return Some(e);
         }
         self.used.clear();
         match queue.needs_notification(mem) {
@@ -342,7 +350,7 @@ impl NetQueues {
                 None
             }
             Ok(false) => None,
-            Err(e) => Some(RingError::Used(e)),
+            Err(_) => Some(RingError::Used("event index not inside guest memory")),
         }
     }
 
@@ -370,14 +378,8 @@ impl NetQueues {
         let accepts = Offloads::guest_rx_from_features(features);
         let mem = conn.mem.memory();
         let mut state = conn.vrings[qi].get_mut();
-        let usable = state.get_queue().ready() && state.is_enabled();
-        // As in `from_guest`: the ring areas must lie in guest memory.
-        let valid = usable && state.get_queue().is_valid(&*mem);
-        if !valid {
+        if !(state.get_queue().ready() && state.is_enabled()) {
             drop(state);
-            if usable {
-                self.mark_broken(qi, RingError::Layout);
-            }
             stats.dropped_no_buffer = pkts.len();
             pkts.drain(..).for_each(|p| pool.free(p));
             return stats;
@@ -386,15 +388,20 @@ impl NetQueues {
         let mut err = None;
         {
             let queue = state.get_queue_mut();
-            let mut iter = match queue.iter(&*mem) {
-                Ok(it) => Some(it),
-                Err(e) => {
-                    err = Some(RingError::Avail(e));
-                    None
-                }
+            // As in `from_guest`: the ring areas must lie in guest memory.
+            let ring = SplitRing::new(&mem, queue);
+            let mut cursor = match &ring {
+                Ok(r) => r.pending(queue.next_avail()).map(|n| Cursor {
+                    pos: queue.next_avail(),
+                    left: n,
+                }),
+                Err(_) => Err(RingError::Layout),
             };
+            if let Err(e) = &cursor {
+                err = Some(e.clone());
+            }
             for pkt in pkts.drain(..) {
-                let Some(it) = iter.as_mut() else {
+                let (Ok(ring), Ok(cur)) = (&ring, &mut cursor) else {
                     stats.dropped_no_buffer += 1;
                     pool.free(pkt);
                     continue;
@@ -413,29 +420,41 @@ impl NetQueues {
                 }
                 h.write(&mut hbytes[..hdr_len], 1);
                 match write_packet(
-                    it,
+                    ring,
+                    cur,
                     &mem,
                     &hbytes[..hdr_len],
                     pkt.frame(),
                     mergeable,
                     &mut self.used,
+                    &mut self.segs,
                 ) {
                     Ok(Written::Done) => {
                         stats.packets += 1;
                         stats.bytes += pkt.frame().len();
                     }
                     Ok(Written::NoBuffers) => {
+                        // The ring is full: the rest of the burst is dropped too, keeping the
+                        // chains for the next burst rather than filling them out of order.
                         stats.dropped_no_buffer += 1;
-                        iter = None;
+                        cur.left = 0;
                     }
                     Ok(Written::TooBig) => stats.dropped_unsupported += 1,
                     Err(e) => {
                         stats.dropped_no_buffer += 1;
                         err = Some(e);
-                        iter = None;
+                        cursor = Err(RingError::Layout);
                     }
                 }
                 pool.free(pkt);
+            }
+            if let Ok(cur) = &cursor {
+                queue.set_next_avail(cur.pos);
+            } else if err.is_some() {
+                // Chains written before the error stay consumed: they are in `self.used`.
+                let n = self.used.len() as u16;
+                let next = queue.next_avail().wrapping_add(n);
+                queue.set_next_avail(next);
             }
         }
         let used_err = self.complete(&mut state, &mem);
@@ -447,6 +466,64 @@ impl NetQueues {
     }
 }
 
+/// Writes a burst of used elements and then the used index once (§2.7.8): the driver sees the
+/// whole burst at one store-release instead of one per packet, which is what keeps the used
+/// index's cache line from bouncing between the guest and the PMD. Same checks as
+/// `Queue::add_used`.
+fn publish_used(
+    queue: &mut virtio_queue::Queue,
+    mem: &vm_memory::GuestMemoryMmap<()>,
+    used: &[(u16, u32)],
+) -> Result<(), RingError> {
+    let size = queue.size();
+    let ring = GuestAddress(queue.used_ring());
+    // struct virtq_used: flags u16, idx u16, ring[size] of { id u32, len u32 }, avail_event.
+    let bytes = 4 + 8 * size as usize;
+    let slice = mem
+        .get_slice(ring, bytes)
+        .map_err(|_| RingError::Used("not inside guest memory"))?;
+    let mut next = queue.next_used();
+    for &(head, len) in used {
+        if head >= size {
+            return Err(RingError::Used("head index past the queue size"));
+        }
+        let elem = u64::from(head) | (u64::from(len) << 32);
+        let off = 4 + 8 * (next % size) as usize;
+        slice
+            .write_obj(elem.to_le(), off)
+            .map_err(|_| RingError::Used("not inside guest memory"))?;
+        next = next.wrapping_add(1);
+    }
+    // Elements before the index (release): the driver must never see an index ahead of them.
+    slice
+        .store(next.to_le(), 2, std::sync::atomic::Ordering::Release)
+        .map_err(|_| RingError::Used("not inside guest memory"))?;
+    queue.set_next_used(next);
+    Ok(())
+}
+
+/// Copies guest memory at `addr` into `dst`: one bounds-checked slice when the range lies in
+/// one region (the common case), the general path otherwise.
+#[inline]
+fn read_guest(mem: &vm_memory::GuestMemoryMmap<()>, addr: GuestAddress, dst: &mut [u8]) -> bool {
+    match mem.get_slice(addr, dst.len()) {
+        Ok(s) => s.copy_to(dst) == dst.len(),
+        Err(_) => mem.read_slice(dst, addr).is_ok(),
+    }
+}
+
+/// Copies `src` into guest memory at `addr`; see [`read_guest`].
+#[inline]
+fn write_guest(mem: &vm_memory::GuestMemoryMmap<()>, addr: GuestAddress, src: &[u8]) -> bool {
+    match mem.get_slice(addr, src.len()) {
+        Ok(s) => {
+            s.copy_from(src);
+            true
+        }
+        Err(_) => mem.write_slice(src, addr).is_ok(),
+    }
+}
+
 enum Written {
     Done,
     /// The ring ran out of buffers; the chains taken for this packet were put back.
@@ -455,52 +532,61 @@ enum Written {
     TooBig,
 }
 
+/// Position in the avail ring while filling receive buffers.
+struct Cursor {
+    pos: u16,
+    left: u16,
+}
+
 /// Writes one packet (virtio header + frame) into as many chains as needed, recording used
-/// entries. On any failure the chains popped for this packet are returned to the avail ring.
-fn write_packet<M>(
-    iter: &mut virtio_queue::AvailIter<'_, M>,
+/// entries. On any failure the chains taken for this packet are returned to the avail ring.
+#[allow(clippy::too_many_arguments)]
+fn write_packet(
+    ring: &SplitRing<'_>,
+    cur: &mut Cursor,
     mem: &vm_memory::GuestMemoryMmap<()>,
     hdr: &[u8],
     frame: &[u8],
     mergeable: bool,
     used: &mut Vec<(u16, u32)>,
-) -> Result<Written, RingError>
-where
-    M: std::ops::Deref<Target = vm_memory::GuestMemoryMmap<()>> + Clone,
-{
+    segs: &mut Vec<Seg>,
+) -> Result<Written, RingError> {
     let total = hdr.len() + frame.len();
     let mut pos = 0usize;
     let first_used = used.len();
+    let start = (cur.pos, cur.left);
     let mut chains = 0u16;
     // Where bytes 10 and 11 (num_buffers) of the header landed in guest memory.
     let mut nb_addr: [Option<GuestAddress>; 2] = [None, None];
-    let rollback = |iter: &mut virtio_queue::AvailIter<'_, M>, used: &mut Vec<_>, n: u16| {
-        for _ in 0..n {
-            iter.go_to_previous_position();
-        }
+    let rollback = |cur: &mut Cursor, used: &mut Vec<(u16, u32)>| {
+        (cur.pos, cur.left) = start;
         used.truncate(first_used);
     };
     while pos < total {
-        let Some(chain) = iter.next() else {
-            rollback(iter, used, chains);
+        if cur.left == 0 {
+            rollback(cur, used);
             return Ok(Written::NoBuffers);
+        }
+        segs.clear();
+        let head = match ring
+            .head(cur.pos)
+            .and_then(|h| ring.walk(h, true, segs).map(|()| h))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                rollback(cur, used);
+                return Err(e);
+            }
         };
+        cur.pos = cur.pos.wrapping_add(1);
+        cur.left -= 1;
         chains += 1;
-        let head = chain.head_index();
         let mut written = 0u32;
-        let mut ndesc = 0usize;
-        let mut last_has_next = false;
-        for desc in chain {
-            ndesc += 1;
-            last_has_next = desc.has_next();
-            if !desc.is_write_only() {
-                rollback(iter, used, chains);
-                return Err(RingError::Direction("device-readable", "receive"));
-            }
+        for seg in segs.iter() {
             if pos >= total {
-                continue; // validate the rest of the chain, write nothing
+                break;
             }
-            let n = (desc.len() as usize).min(total - pos);
+            let n = (seg.len as usize).min(total - pos);
             let mut done = 0usize;
             while done < n {
                 let p = pos + done;
@@ -512,10 +598,10 @@ where
                     let l = n - done;
                     (&frame[fp..fp + l], l)
                 };
-                let addr = desc.addr().checked_add(done as u64);
-                let Some(addr) = addr.filter(|a| mem.write_slice(src, *a).is_ok()) else {
-                    rollback(iter, used, chains);
-                    return Err(RingError::Address(desc.addr().0, desc.len()));
+                let addr = GuestAddress(seg.addr).checked_add(done as u64);
+                let Some(addr) = addr.filter(|a| write_guest(mem, *a, src)) else {
+                    rollback(cur, used);
+                    return Err(RingError::Address(seg.addr, seg.len));
                 };
                 for (k, slot) in nb_addr.iter_mut().enumerate() {
                     let b = 10 + k;
@@ -528,13 +614,9 @@ where
             pos += n;
             written += n as u32;
         }
-        if ndesc == 0 || last_has_next {
-            rollback(iter, used, chains);
-            return Err(RingError::Chain(head));
-        }
         used.push((head, written));
         if pos < total && !mergeable {
-            rollback(iter, used, chains);
+            rollback(cur, used);
             return Ok(Written::TooBig);
         }
     }
