@@ -117,7 +117,7 @@ impl<'m> SplitRing<'m> {
                 let n = len as usize / DESC_LEN;
                 if indirect
                     || flags & F_NEXT != 0
-                    || len as usize % DESC_LEN != 0
+                    || !(len as usize).is_multiple_of(DESC_LEN)
                     || n == 0
                     || n > MAX_INDIRECT
                 {
