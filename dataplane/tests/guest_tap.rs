@@ -16,6 +16,8 @@ use torii_perf::{prereq, proc_util};
 
 const HOST_IP: &str = "10.251.0.1";
 const GUEST_IP: &str = "10.251.0.2";
+const HOST_IP6: &str = "fd00:251::1";
+const GUEST_IP6: &str = "fd00:251::2";
 const MAC: &str = "52:54:00:12:34:56";
 const T: Duration = Duration::from_secs(30);
 
@@ -148,8 +150,13 @@ fn guest_and_host_tap_ping_tcp_offloads_and_multiqueue() {
         (1, "GUEST_CSUM"),
         (7, "GUEST_TSO4"),
         (11, "HOST_TSO4"),
+        (8, "GUEST_TSO6"),
+        (12, "HOST_TSO6"),
         (15, "MRG_RXBUF"),
+        (16, "STATUS"),
         (22, "MQ"),
+        (29, "EVENT_IDX"),
+        (32, "VERSION_1"),
     ] {
         assert!(bit(b), "feature {name} (bit {b}) not negotiated: {feats}");
     }
@@ -231,6 +238,39 @@ fn guest_and_host_tap_ping_tcp_offloads_and_multiqueue() {
         "download corrupted"
     );
 
+    // IPv6 (TSO6 from the guest): 2 MiB guest → host, compared by SHA-256.
+    ns.exec(&format!("ip -6 addr add {HOST_IP6}/64 dev {tap} nodad"));
+    g.run_ok(
+        &format!("echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad && ip -6 addr add {GUEST_IP6}/64 dev eth0"),
+        T,
+    )
+        .or_fail("guest IPv6 address");
+    let upload6 = in_netns(&ns.name, || {
+        let l = TcpListener::bind((HOST_IP6, 5003)).or_fail("bind [::]:5003");
+        let (mut s, _) = l.accept().or_fail("accept v6");
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).or_fail("receive v6 upload");
+        v
+    });
+    let want6 = g
+        .run_ok(
+            "dd if=/dev/urandom of=/tmp/up6 bs=64k count=32 2>/dev/null && sha256sum /tmp/up6",
+            T,
+        )
+        .or_fail("make v6 upload file");
+    g.run_ok(
+        &format!("nc {HOST_IP6} 5003 < /tmp/up6"),
+        Duration::from_secs(120),
+    )
+    .or_fail("v6 upload");
+    let got6 = upload6.join().expect("v6 upload thread");
+    assert_eq!(got6.len(), 2 << 20, "v6 upload length");
+    assert_eq!(
+        want6.split_whitespace().next().unwrap(),
+        sha256_host(&got6),
+        "v6 upload corrupted"
+    );
+
     // TSO both ways: frames far larger than the MTU crossed the port.
     let vm = dp.wait_settled("vm");
     assert!(avg_frame(&vm, "rx") > 1514, "no TSO from the guest: {vm}");
@@ -258,6 +298,18 @@ fn guest_reconnects_after_daemon_restart_and_new_guest_after_crash() {
     ns.adopt(&tap, &format!("{HOST_IP}/24"));
     let mut g = boot(&sock, 1, 1);
     ping_from_guest(&mut g);
+
+    // Driver reset without a new connection (what a guest reboot does to the device): the
+    // frontend stops the rings (GET_VRING_BASE) and sets them up again.
+    g.run_ok(
+        &format!(
+            "rmmod virtio_net && insmod /mods/virtio_net.ko && sleep 1 && ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0"
+        ),
+        T,
+    )
+    .or_fail("reloading virtio_net");
+    ping_from_guest(&mut g);
+    assert_eq!(dp.counter("vm", "connections"), 1);
 
     // Daemon restart: QEMU (reconnect-ms) comes back by itself. The tap is the daemon's, so
     // it is made again and handed to the namespace again.

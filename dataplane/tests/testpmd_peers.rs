@@ -195,3 +195,52 @@ ports = ["v", "sink"]
     rx.stop(Duration::from_secs(20))
         .or_fail("stopping receiver");
 }
+
+/// CPU time (user + system, in clock ticks) the process has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).or_fail("reading stat");
+    // Fields after the ")" of the command name: utime is the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn adaptive_pmd_sleeps_when_idle_and_wakes_on_traffic() {
+    let _lock = torii_perf::heavy_test_lock();
+    prerequisites();
+    let dir = proc_util::unique_tmp_dir("torii-idle").or_fail("tmp dir");
+    let sock = dir.join("v.sock");
+    let dp = Daemon::start(
+        dir.path(),
+        "pmd_mode = \"adaptive\"",
+        &format!(
+            r#"
+[[port]]
+name = "v"
+type = "vhost-user"
+socket = "{}"
+[[port]]
+name = "sink"
+type = "sink"
+[[xconnect]]
+ports = ["v", "sink"]
+"#,
+            sock.display()
+        ),
+    );
+    // Idle: the PMD sleeps, so the whole daemon uses well under a tenth of a core.
+    let pid = dp.pid();
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = cpu_ticks(pid) - t0;
+    assert!(idle < 30, "idle daemon used {idle} ticks (of 300) in 3 s");
+    assert!(dp.report()["pmds"][0]["sleeps"].as_u64().unwrap() > 0);
+
+    // A frontend that only kicks when asked to: traffic must wake the PMD.
+    let mut tx = frontend(&sock, FwdMode::TxOnly, false, 0);
+    dp.wait_port("v", Duration::from_secs(30), "traffic after sleep", |p| {
+        p["rx_packets"].as_u64().unwrap_or(0) > 100_000
+    });
+    tx.stop(Duration::from_secs(20)).or_fail("stopping sender");
+}

@@ -340,17 +340,18 @@ impl NetQueues {
             return None;
         }
         let queue = state.get_queue_mut();
+        let old = queue.next_used();
         if let Err(e) = publish_used(queue, mem, &self.used) {
             return Some(e);
         }
         self.used.clear();
-        match queue.needs_notification(mem) {
+        match needs_interrupt(queue, mem, old) {
             Ok(true) => {
                 let _ = state.signal_used_queue();
                 None
             }
             Ok(false) => None,
-            Err(_) => Some(RingError::Used("event index not inside guest memory")),
+            Err(e) => Some(e),
         }
     }
 
@@ -500,6 +501,36 @@ fn publish_used(
         .map_err(|_| RingError::Used("not inside guest memory"))?;
     queue.set_next_used(next);
     Ok(())
+}
+
+/// Whether the driver wants an interrupt for the used entries from `old` to the queue's
+/// `next_used` (§2.7.10): with EVENT_IDX, when `used_event` lies in that range (§2.7.10.2,
+/// the inequality Linux uses for batches); without it, unless the driver set
+/// VRING_AVAIL_F_NO_INTERRUPT — a polling driver (DPDK) does, which saves an eventfd write per
+/// burst.
+fn needs_interrupt(
+    queue: &virtio_queue::Queue,
+    mem: &vm_memory::GuestMemoryMmap<()>,
+    old: u16,
+) -> Result<bool, RingError> {
+    let new = queue.next_used();
+    if new == old {
+        return Ok(false);
+    }
+    // The used index store must be visible before the driver's event field is read.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let avail = GuestAddress(queue.avail_ring());
+    let bad = |_| RingError::Used("event index not inside guest memory");
+    if queue.event_idx_enabled() {
+        let at = avail
+            .checked_add(4 + 2 * u64::from(queue.size()))
+            .ok_or(RingError::Layout)?;
+        let used_event = u16::from_le(mem.read_obj::<u16>(at).map_err(bad)?);
+        Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
+    } else {
+        let flags = u16::from_le(mem.read_obj::<u16>(avail).map_err(bad)?);
+        Ok(flags & 1 == 0)
+    }
 }
 
 /// Copies guest memory at `addr` into `dst`: one bounds-checked slice when the range lies in

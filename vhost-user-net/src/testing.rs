@@ -463,6 +463,11 @@ impl TestDevice {
         v.set_queue_next_used(next_used);
     }
 
+    /// What SET_VRING_CALL does: the eventfd the device writes to interrupt the driver.
+    pub fn set_call(&self, q: u16, call: Option<std::fs::File>) {
+        self.vrings[q as usize].set_call(call);
+    }
+
     /// What SET_VRING_ADDR does (the frontend has translated the addresses already).
     pub fn set_ring_addresses(&self, q: u16, desc: u64, avail: u64, used: u64) {
         self.vrings[q as usize]

@@ -160,6 +160,10 @@ impl Daemon {
         self.spawn();
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").pid()
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

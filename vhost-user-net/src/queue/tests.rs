@@ -796,3 +796,65 @@ fn fuzz_body_on_pseudo_random_inputs() {
     assert!(total.dropped > 0, "{total:?}");
     assert!(broken > 50, "{broken}");
 }
+
+// ---- interrupts (§2.7.10) ----
+
+/// An eventfd as SET_VRING_CALL hands it over, and a way to read (and reset) its counter.
+fn call_fd() -> (std::fs::File, impl Fn() -> u64) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: eventfd has no pointer arguments; the fd is owned by the File below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is a fresh eventfd nothing else owns.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let reader = f.try_clone().unwrap();
+    (f, move || {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into `v` from a non-blocking eventfd.
+        let n = unsafe { libc::read(reader.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        if n == 8 {
+            v
+        } else {
+            0
+        }
+    })
+}
+
+#[test]
+fn interrupts_follow_used_event_and_no_interrupt_flag() {
+    // EVENT_IDX (§2.7.10.2): interrupt when used_event is crossed, not otherwise.
+    let mut d = device(V1 | F_EVENT_IDX);
+    let (call, calls) = call_fd();
+    d.set_call(tx(0), Some(call));
+    let l = d.driver.layout(tx(0));
+    let used_event_at = l.avail + 4 + 2 * u64::from(l.size);
+    let mut pool = VecPool::new(8, 2048);
+    let a = d.driver.alloc(112);
+    d.driver.write(used_event_at, &0u16.to_le_bytes());
+    d.driver.add_chain(tx(0), &[(a, 112, false)]);
+    assert_eq!(receive(&mut d, &mut pool).0.packets, 1);
+    assert_eq!(
+        calls(),
+        1,
+        "used_event 0 crossed by used idx 1: interrupt expected"
+    );
+    d.driver.write(used_event_at, &100u16.to_le_bytes());
+    d.driver.add_chain(tx(0), &[(a, 112, false)]);
+    assert_eq!(receive(&mut d, &mut pool).0.packets, 1);
+    assert_eq!(calls(), 0, "used_event 100 not reached: no interrupt");
+
+    // Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT in the avail flags suppresses it.
+    let mut d = device(V1);
+    let (call, calls) = call_fd();
+    d.set_call(tx(0), Some(call));
+    let l = d.driver.layout(tx(0));
+    let a = d.driver.alloc(112);
+    d.driver.add_chain(tx(0), &[(a, 112, false)]);
+    assert_eq!(receive(&mut d, &mut pool).0.packets, 1);
+    assert_eq!(calls(), 1);
+    d.driver.write(l.avail, &1u16.to_le_bytes());
+    d.driver.add_chain(tx(0), &[(a, 112, false)]);
+    assert_eq!(receive(&mut d, &mut pool).0.packets, 1);
+    assert_eq!(calls(), 0, "NO_INTERRUPT set: no interrupt");
+    assert!(d.broken_queues().is_empty());
+}
