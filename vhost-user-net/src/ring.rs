@@ -23,6 +23,26 @@ const MAX_INDIRECT: usize = crate::backend::MAX_QUEUE_SIZE;
 pub(crate) struct Seg {
     pub addr: u64,
     pub len: u32,
+    /// Where the buffer is mapped in this process, when it lies in one memory region (0
+    /// otherwise). Valid only while the burst's guest memory guard is held.
+    host: usize,
+}
+
+impl Seg {
+    /// The buffer as a slice of guest memory, if it lies in one region.
+    ///
+    /// # Safety
+    /// The guest memory guard under which the chain was walked must still be held, so that the
+    /// mapping `host` points into is alive.
+    #[inline]
+    pub(crate) unsafe fn slice<'a>(&self) -> Option<VolatileSlice<'a, ()>> {
+        if self.host == 0 {
+            return None;
+        }
+        // SAFETY: `host..host+len` was a VolatileSlice of a live mapping when walked, and the
+        // caller guarantees the mapping is still alive.
+        Some(unsafe { VolatileSlice::new(self.host as *mut u8, self.len as usize) })
+    }
 }
 
 /// The descriptor table and avail ring of one queue, valid for one burst.
@@ -140,13 +160,16 @@ impl<'m> SplitRing<'m> {
                     RingError::Direction("device-writable", "transmit")
                 });
             }
-            match self.mem.get_slice(GuestAddress(addr), len as usize) {
-                Ok(s) => prefetch(&s),
+            let host = match self.mem.get_slice(GuestAddress(addr), len as usize) {
+                Ok(s) => {
+                    prefetch(&s);
+                    s.ptr_guard().as_ptr() as usize
+                }
                 // A buffer across two regions is still fine; the copy takes the slow path.
-                Err(_) if GuestAddress(addr).0.checked_add(len as u64).is_some() => {}
+                Err(_) if GuestAddress(addr).0.checked_add(len as u64).is_some() => 0,
                 Err(_) => return Err(RingError::Address(addr, len)),
-            }
-            segs.push(Seg { addr, len });
+            };
+            segs.push(Seg { addr, len, host });
             if flags & F_NEXT == 0 {
                 return Ok(());
             }
