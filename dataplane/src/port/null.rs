@@ -22,8 +22,8 @@ pub struct SinkPort {
 }
 
 impl SourcePort {
-    /// `size` is the Ethernet frame length without FCS (60..=9000; 64 B on the wire = 60 here
-    /// plus FCS, so a "64 B" benchmark passes 60, as testpmd's --txpkts=64 counts FCS-less 64).
+    /// `size` is the Ethernet frame length without FCS (60..=9000), the length testpmd's
+    /// `--txpkts` gives its frames: a "64 B" benchmark passes 64 to both.
     pub fn new(name: &str, size: usize) -> Self {
         SourcePort {
             name: name.to_string(),
