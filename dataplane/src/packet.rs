@@ -96,6 +96,12 @@ impl NetBuf for Packet {
     fn hdr(&self) -> VirtioNetHdr {
         self.hdr
     }
+
+    fn with_header(&mut self, hdr: &[u8]) -> Option<&[u8]> {
+        let area = self.with_prefix(hdr.len())?;
+        area[..hdr.len()].copy_from_slice(hdr);
+        Some(area)
+    }
 }
 
 /// A PMD's free list. Single-threaded; never grows after creation.

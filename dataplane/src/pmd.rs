@@ -218,7 +218,13 @@ fn forward(
     let mut total = 0;
     let dq = dst.num_queues().max(1);
     for q in 0..src.num_queues() {
-        src.rx_burst(q, pool, batch, BURST);
+        // Pull only what the destination can take: under overload the packets then wait (or
+        // are dropped) where they are, instead of being copied here only to be dropped.
+        let room = dst.tx_room(q % dq).min(BURST);
+        if room == 0 {
+            continue;
+        }
+        src.rx_burst(q, pool, batch, room);
         if batch.is_empty() {
             continue;
         }

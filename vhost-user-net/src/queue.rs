@@ -30,6 +30,11 @@ pub trait NetBuf {
     fn frame(&self) -> &[u8];
     /// Its offload metadata.
     fn hdr(&self) -> VirtioNetHdr;
+    /// Puts `hdr` in the headroom right in front of the frame and returns both as one slice,
+    /// so the packet goes into guest memory with one copy per buffer. `None` without headroom.
+    fn with_header(&mut self, _hdr: &[u8]) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// Where buffers come from and go back to; a per-PMD free list, never the heap per packet.
@@ -93,6 +98,8 @@ pub struct NetQueues {
     segs: Vec<Seg>,
     /// The gathered chains: (head, first seg, end seg). Preallocated.
     chains: Vec<(u16, usize, usize)>,
+    /// Buffers of a chain walked on demand (past the gathered ones). Preallocated.
+    scratch: Vec<Seg>,
 }
 
 impl NetQueues {
@@ -106,6 +113,7 @@ impl NetQueues {
             used: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
             segs: Vec::with_capacity(4 * crate::backend::MAX_QUEUE_SIZE),
             chains: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
+            scratch: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
         }
     }
 
@@ -362,6 +370,30 @@ impl NetQueues {
         }
     }
 
+    /// How many receive chains the guest has posted on pair `qp` that are not used yet: an
+    /// upper bound on what `to_guest` can deliver (each packet takes at least one). Lets the
+    /// PMD pull no more from the other port than this one can take, instead of copying packets
+    /// only to drop them.
+    pub fn to_guest_room(&mut self, qp: u16) -> usize {
+        let qi = 2 * qp as usize;
+        let Some(conn) = &self.conn else {
+            return 0;
+        };
+        if self.broken.get(qi).copied().unwrap_or(true) {
+            return 0;
+        }
+        let mem = conn.mem.memory();
+        let state = conn.vrings[qi].get_ref();
+        let q = state.get_queue();
+        if !(q.ready() && state.is_enabled()) {
+            return 0;
+        }
+        // Errors are left for `to_guest` to find and report; here they just mean no room.
+        SplitRing::new(&mem, q)
+            .and_then(|r| r.pending(q.next_avail()))
+            .map_or(0, usize::from)
+    }
+
     /// Delivers `pkts` (all of them are consumed: sent or dropped, and returned to `pool`) to the
     /// guest's RX queue of pair `qp` (§5.1.6.3, §5.1.6.4 with MRG_RXBUF).
     pub fn to_guest<P: BufPool>(
@@ -408,12 +440,42 @@ impl NetQueues {
             if let Err(e) = &cursor {
                 err = Some(e.clone());
             }
-            for pkt in pkts.drain(..) {
+            // Gather the chains the burst will most likely use, prefetching their buffers, so
+            // the writes below do not wait on one descriptor miss after another. A chain that
+            // fails to walk here is walked again (and reported) when a packet reaches it.
+            self.segs.clear();
+            self.chains.clear();
+            let base = cursor.as_ref().map_or(0, |c| c.pos);
+            if let (Ok(ring), Ok(cur)) = (&ring, &cursor) {
+                let want = cur.left.min(pkts.len().min(u16::MAX as usize) as u16);
+                for i in 0..want {
+                    let start = self.segs.len();
+                    match ring
+                        .head(base.wrapping_add(i))
+                        .and_then(|h| ring.walk(h, true, &mut self.segs).map(|()| h))
+                    {
+                        Ok(h) => self.chains.push((h, start, self.segs.len())),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let pre = Prewalked {
+                base,
+                chains: &self.chains,
+                segs: &self.segs,
+            };
+            for mut pkt in pkts.drain(..) {
                 let (Ok(ring), Ok(cur)) = (&ring, &mut cursor) else {
                     stats.dropped_no_buffer += 1;
                     pool.free(pkt);
                     continue;
                 };
+                if cur.left == 0 {
+                    // Ring full: drop without looking at the packet.
+                    stats.dropped_no_buffer += 1;
+                    pool.free(pkt);
+                    continue;
+                }
                 let hdr = pkt.hdr();
                 if !accepts.contains(hdr.required_offloads()) {
                     stats.dropped_unsupported += 1;
@@ -427,19 +489,48 @@ impl NetQueues {
                     h.flags = 0;
                 }
                 h.write(&mut hbytes[..hdr_len], 1);
-                match write_packet(
-                    ring,
-                    cur,
-                    &mem,
-                    &hbytes[..hdr_len],
-                    pkt.frame(),
-                    mergeable,
-                    &mut self.used,
-                    &mut self.segs,
-                ) {
+                let frame_len = pkt.frame().len();
+                let has_nb = hdr_len == HDR_LEN_MRG;
+                let written = match pkt.with_header(&hbytes[..hdr_len]) {
+                    Some(all) => {
+                        let parts = Stream {
+                            a: all,
+                            b: &[],
+                            has_nb,
+                        };
+                        write_packet(
+                            ring,
+                            &pre,
+                            cur,
+                            &mem,
+                            parts,
+                            mergeable,
+                            &mut self.used,
+                            &mut self.scratch,
+                        )
+                    }
+                    None => {
+                        let parts = Stream {
+                            a: &hbytes[..hdr_len],
+                            b: pkt.frame(),
+                            has_nb,
+                        };
+                        write_packet(
+                            ring,
+                            &pre,
+                            cur,
+                            &mem,
+                            parts,
+                            mergeable,
+                            &mut self.used,
+                            &mut self.scratch,
+                        )
+                    }
+                };
+                match written {
                     Ok(Written::Done) => {
                         stats.packets += 1;
-                        stats.bytes += pkt.frame().len();
+                        stats.bytes += frame_len;
                     }
                     Ok(Written::NoBuffers) => {
                         // The ring is full: the rest of the burst is dropped too, keeping the
@@ -576,19 +667,35 @@ struct Cursor {
     left: u16,
 }
 
+/// The bytes of one packet as they go into guest memory: `a` then `b` (the virtio-net header
+/// and the frame, or both in `a`). `has_nb`: the header has `num_buffers` at bytes 10..12.
+struct Stream<'p> {
+    a: &'p [u8],
+    b: &'p [u8],
+    has_nb: bool,
+}
+
+/// Receive chains walked ahead of the writes: chain `i` is at avail position `base + i`.
+struct Prewalked<'a> {
+    base: u16,
+    chains: &'a [(u16, usize, usize)],
+    segs: &'a [Seg],
+}
+
 /// Writes one packet (virtio header + frame) into as many chains as needed, recording used
 /// entries. On any failure the chains taken for this packet are returned to the avail ring.
 #[allow(clippy::too_many_arguments)]
 fn write_packet(
     ring: &SplitRing<'_>,
+    pre: &Prewalked<'_>,
     cur: &mut Cursor,
     mem: &vm_memory::GuestMemoryMmap<()>,
-    hdr: &[u8],
-    frame: &[u8],
+    data: Stream<'_>,
     mergeable: bool,
     used: &mut Vec<(u16, u32)>,
     segs: &mut Vec<Seg>,
 ) -> Result<Written, RingError> {
+    let (hdr, frame) = (data.a, data.b);
     let total = hdr.len() + frame.len();
     let mut pos = 0usize;
     let first_used = used.len();
@@ -605,22 +712,28 @@ fn write_packet(
             rollback(cur, used);
             return Ok(Written::NoBuffers);
         }
-        segs.clear();
-        let head = match ring
-            .head(cur.pos)
-            .and_then(|h| ring.walk(h, true, segs).map(|()| h))
-        {
-            Ok(h) => h,
-            Err(e) => {
-                rollback(cur, used);
-                return Err(e);
+        let k = cur.pos.wrapping_sub(pre.base) as usize;
+        let (head, chain) = match pre.chains.get(k) {
+            Some(&(h, a, b)) => (h, &pre.segs[a..b]),
+            None => {
+                segs.clear();
+                match ring
+                    .head(cur.pos)
+                    .and_then(|h| ring.walk(h, true, segs).map(|()| h))
+                {
+                    Ok(h) => (h, &segs[..]),
+                    Err(e) => {
+                        rollback(cur, used);
+                        return Err(e);
+                    }
+                }
             }
         };
         cur.pos = cur.pos.wrapping_add(1);
         cur.left -= 1;
         chains += 1;
         let mut written = 0u32;
-        for seg in segs.iter() {
+        for seg in chain {
             if pos >= total {
                 break;
             }
@@ -651,7 +764,7 @@ fn write_packet(
                 };
                 for (k, slot) in nb_addr.iter_mut().enumerate() {
                     let b = 10 + k;
-                    if hdr.len() > b && p <= b && b < p + len {
+                    if data.has_nb && p <= b && b < p + len {
                         *slot = addr.checked_add((b - p) as u64);
                     }
                 }

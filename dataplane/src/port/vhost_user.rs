@@ -66,6 +66,10 @@ impl Port for VhostUserPort {
         PortStats::add(&self.stats.tx_dropped_offload, r.dropped_unsupported);
     }
 
+    fn tx_room(&mut self, q: u16) -> usize {
+        self.queues.to_guest_room(q)
+    }
+
     fn tx_offloads(&self) -> Offloads {
         self.queues.guest_rx_offloads()
     }
