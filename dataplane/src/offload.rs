@@ -2,6 +2,7 @@
 //! a partial checksum is completed over `csum_start..` and stored at `csum_start+csum_offset`).
 
 use torii_vhost_user_net::hdr::F_NEEDS_CSUM;
+use torii_vhost_user_net::NetBuf;
 
 use crate::packet::Packet;
 use crate::port::Offloads;
@@ -42,7 +43,7 @@ pub enum Fixup {
 
 /// Makes `p` acceptable to a port that accepts `accepts`, in software where possible.
 pub fn fixup(p: &mut Packet, accepts: Offloads) -> Fixup {
-    let hdr = NetBufHdr::get(p);
+    let hdr = p.hdr();
     let need = hdr.required_offloads();
     if accepts.contains(need) {
         return Fixup::AsIs;
@@ -64,13 +65,6 @@ pub fn fixup(p: &mut Packet, accepts: Offloads) -> Fixup {
     data[at..at + 2].copy_from_slice(&c.to_be_bytes());
     p.hdr_mut().flags &= !F_NEEDS_CSUM;
     Fixup::SwCsum
-}
-
-struct NetBufHdr;
-impl NetBufHdr {
-    fn get(p: &Packet) -> torii_vhost_user_net::VirtioNetHdr {
-        torii_vhost_user_net::NetBuf::hdr(p)
-    }
 }
 
 #[cfg(test)]
