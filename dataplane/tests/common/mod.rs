@@ -207,11 +207,13 @@ impl Netns {
         Netns { name }
     }
 
-    /// Moves `ifname` (made by the daemon in the root namespace) here and gives it `cidr`.
+    /// Moves `ifname` (made by the daemon in the root namespace) here and gives it `cidr` and
+    /// a fixed MAC, so that a tap made again after a daemon restart looks the same to the
+    /// guest's ARP cache.
     pub fn adopt(&self, ifname: &str, cidr: &str) {
         let n = &self.name;
         sh(&format!(
-            "ip link set {ifname} netns {n} && ip -n {n} addr add {cidr} dev {ifname} && ip -n {n} link set {ifname} up"
+            "ip link set {ifname} netns {n} && ip -n {n} link set {ifname} address 02:00:00:00:fe:01 && ip -n {n} addr add {cidr} dev {ifname} && ip -n {n} link set {ifname} up"
         ));
     }
 
