@@ -1,0 +1,95 @@
+//! A bad configuration gets a clear error and leaves nothing behind: no socket, no tap.
+
+mod common;
+
+use std::process::Command;
+
+use common::OrFail;
+use torii_perf::{prereq, proc_util};
+
+fn run(config: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_torii-dataplane"))
+        .args(["run", "-c"])
+        .arg(config)
+        .output()
+        .or_fail("running torii-dataplane");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn link_exists(ifname: &str) -> bool {
+    std::path::Path::new(&format!("/sys/class/net/{ifname}")).exists()
+}
+
+#[test]
+fn failing_port_tears_down_the_ports_made_before_it() {
+    prereq::require_root().or_fail("prerequisite");
+    let dir = proc_util::unique_tmp_dir("torii-cfg").or_fail("tmp dir");
+    let sock = dir.join("a.sock");
+    let tap = common::ifname("c");
+    let cfg = dir.join("bad.toml");
+    // Valid on paper; the third port fails when created: "lo" is not a tap.
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[[port]]
+name = "a"
+type = "vhost-user"
+socket = "{}"
+[[port]]
+name = "t"
+type = "tap"
+ifname = "{tap}"
+[[port]]
+name = "bad"
+type = "tap"
+ifname = "lo"
+"#,
+            sock.display()
+        ),
+    )
+    .or_fail("writing config");
+    let (ok, err) = run(&cfg);
+    assert!(!ok, "daemon accepted a config whose port cannot be made");
+    assert!(err.contains("port \"bad\"") && err.contains("lo"), "unclear error: {err}");
+    assert!(!sock.exists(), "socket of port a left behind");
+    assert!(!link_exists(&tap), "tap {tap} left behind");
+}
+
+#[test]
+fn invalid_configs_are_refused_before_anything_is_made() {
+    let dir = proc_util::unique_tmp_dir("torii-cfg2").or_fail("tmp dir");
+    let sock = dir.join("s.sock");
+    let cases = [
+        (
+            format!("[[port]]\nname = \"a\"\ntype = \"vhost-user\"\nsocket = \"{}\"\nqueus = 2\n", sock.display()),
+            "unknown field `queus`",
+        ),
+        (
+            format!(
+                "[[port]]\nname = \"a\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n[[xconnect]]\nports = [\"a\", \"b\"]\n",
+                sock.display()
+            ),
+            "unknown port \"b\"",
+        ),
+        ("[dataplane]\npmd_cpus = [4096]\n".to_string(), "CPU 4096 does not exist"),
+        ("this is not toml".to_string(), "TOML parse error"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let cfg = dir.join(format!("c{i}.toml"));
+        std::fs::write(&cfg, text).or_fail("writing config");
+        let (ok, err) = run(&cfg);
+        assert!(!ok, "case {i} accepted");
+        assert!(err.contains(want), "case {i}: {err:?} does not say {want:?}");
+        assert!(!sock.exists(), "case {i} created the socket");
+        let check = Command::new(env!("CARGO_BIN_EXE_torii-dataplane"))
+            .args(["check", "-c"])
+            .arg(&cfg)
+            .output()
+            .or_fail("check");
+        assert!(!check.status.success(), "check accepted case {i}");
+    }
+}
