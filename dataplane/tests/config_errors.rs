@@ -54,7 +54,10 @@ ifname = "lo"
     .or_fail("writing config");
     let (ok, err) = run(&cfg);
     assert!(!ok, "daemon accepted a config whose port cannot be made");
-    assert!(err.contains("port \"bad\"") && err.contains("lo"), "unclear error: {err}");
+    assert!(
+        err.contains("port \"bad\"") && err.contains("lo"),
+        "unclear error: {err}"
+    );
     assert!(!sock.exists(), "socket of port a left behind");
     assert!(!link_exists(&tap), "tap {tap} left behind");
 }
@@ -83,7 +86,10 @@ fn invalid_configs_are_refused_before_anything_is_made() {
         std::fs::write(&cfg, text).or_fail("writing config");
         let (ok, err) = run(&cfg);
         assert!(!ok, "case {i} accepted");
-        assert!(err.contains(want), "case {i}: {err:?} does not say {want:?}");
+        assert!(
+            err.contains(want),
+            "case {i}: {err:?} does not say {want:?}"
+        );
         assert!(!sock.exists(), "case {i} created the socket");
         let check = Command::new(env!("CARGO_BIN_EXE_torii-dataplane"))
             .args(["check", "-c"])

@@ -267,6 +267,7 @@ impl NetQueues {
                 }
             };
             // Gather: walk every chain of the burst first, prefetching its buffers.
+            ring.prefetch_heads(next, n);
             for i in 0..n {
                 let start = self.segs.len();
                 let walked = ring
@@ -448,6 +449,7 @@ impl NetQueues {
             let base = cursor.as_ref().map_or(0, |c| c.pos);
             if let (Ok(ring), Ok(cur)) = (&ring, &cursor) {
                 let want = cur.left.min(pkts.len().min(u16::MAX as usize) as u16);
+                ring.prefetch_heads(base, want);
                 for i in 0..want {
                     let start = self.segs.len();
                     match ring
