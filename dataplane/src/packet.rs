@@ -97,10 +97,14 @@ impl NetBuf for Packet {
         self.hdr
     }
 
-    fn with_header(&mut self, hdr: &[u8]) -> Option<&[u8]> {
-        let area = self.with_prefix(hdr.len())?;
+    fn with_header(&mut self, hdr: &[u8]) -> &[u8] {
+        // `off` never goes below HEADROOM - 12 (virtio header of a received chain), and the
+        // header is at most 12 bytes.
+        let area = self
+            .with_prefix(hdr.len())
+            .expect("packet headroom holds a virtio-net header");
         area[..hdr.len()].copy_from_slice(hdr);
-        Some(area)
+        area
     }
 }
 

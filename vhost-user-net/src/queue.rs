@@ -30,11 +30,10 @@ pub trait NetBuf {
     fn frame(&self) -> &[u8];
     /// Its offload metadata.
     fn hdr(&self) -> VirtioNetHdr;
-    /// Puts `hdr` in the headroom right in front of the frame and returns both as one slice,
-    /// so the packet goes into guest memory with one copy per buffer. `None` without headroom.
-    fn with_header(&mut self, _hdr: &[u8]) -> Option<&[u8]> {
-        None
-    }
+    /// Puts `hdr` (at most 12 bytes) in the headroom right in front of the frame and returns
+    /// both as one slice, so the packet goes into guest memory with one copy per buffer.
+    /// Buffers must keep at least 12 bytes of headroom in front of their frame for this.
+    fn with_header(&mut self, hdr: &[u8]) -> &[u8];
 }
 
 /// Where buffers come from and go back to; a per-PMD free list, never the heap per packet.
@@ -492,43 +491,20 @@ impl NetQueues {
                 }
                 h.write(&mut hbytes[..hdr_len], 1);
                 let frame_len = pkt.frame().len();
-                let has_nb = hdr_len == HDR_LEN_MRG;
-                let written = match pkt.with_header(&hbytes[..hdr_len]) {
-                    Some(all) => {
-                        let parts = Stream {
-                            a: all,
-                            b: &[],
-                            has_nb,
-                        };
-                        write_packet(
-                            ring,
-                            &pre,
-                            cur,
-                            &mem,
-                            parts,
-                            mergeable,
-                            &mut self.used,
-                            &mut self.scratch,
-                        )
-                    }
-                    None => {
-                        let parts = Stream {
-                            a: &hbytes[..hdr_len],
-                            b: pkt.frame(),
-                            has_nb,
-                        };
-                        write_packet(
-                            ring,
-                            &pre,
-                            cur,
-                            &mem,
-                            parts,
-                            mergeable,
-                            &mut self.used,
-                            &mut self.scratch,
-                        )
-                    }
+                let parts = Stream {
+                    bytes: pkt.with_header(&hbytes[..hdr_len]),
+                    has_nb: hdr_len == HDR_LEN_MRG,
                 };
+                let written = write_packet(
+                    ring,
+                    &pre,
+                    cur,
+                    &mem,
+                    parts,
+                    mergeable,
+                    &mut self.used,
+                    &mut self.scratch,
+                );
                 match written {
                     Ok(Written::Done) => {
                         stats.packets += 1;
@@ -669,11 +645,10 @@ struct Cursor {
     left: u16,
 }
 
-/// The bytes of one packet as they go into guest memory: `a` then `b` (the virtio-net header
-/// and the frame, or both in `a`). `has_nb`: the header has `num_buffers` at bytes 10..12.
+/// The bytes of one packet as they go into guest memory: virtio-net header then frame.
+/// `has_nb`: the header has `num_buffers` at bytes 10..12.
 struct Stream<'p> {
-    a: &'p [u8],
-    b: &'p [u8],
+    bytes: &'p [u8],
     has_nb: bool,
 }
 
@@ -697,8 +672,8 @@ fn write_packet(
     used: &mut Vec<(u16, u32)>,
     segs: &mut Vec<Seg>,
 ) -> Result<Written, RingError> {
-    let (hdr, frame) = (data.a, data.b);
-    let total = hdr.len() + frame.len();
+    let bytes = data.bytes;
+    let total = bytes.len();
     let mut pos = 0usize;
     let first_used = used.len();
     let start = (cur.pos, cur.left);
@@ -740,37 +715,27 @@ fn write_packet(
                 break;
             }
             let n = (seg.len as usize).min(total - pos);
-            let mut done = 0usize;
-            while done < n {
-                let p = pos + done;
-                let (src, len) = if p < hdr.len() {
-                    let l = (hdr.len() - p).min(n - done);
-                    (&hdr[p..p + l], l)
-                } else {
-                    let fp = p - hdr.len();
-                    let l = n - done;
-                    (&frame[fp..fp + l], l)
-                };
-                let addr = GuestAddress(seg.addr).checked_add(done as u64);
-                // SAFETY: `mem` is the guard the chain was walked under, held by our caller for
-                // the whole burst.
-                let fast = unsafe { seg.slice() }
-                    .and_then(|s| s.offset(done).ok())
-                    .map(|s| {
-                        s.copy_from(src);
-                    });
-                let Some(addr) = addr.filter(|a| fast.is_some() || write_guest(mem, *a, src))
-                else {
-                    rollback(cur, used);
-                    return Err(RingError::Address(seg.addr, seg.len));
-                };
-                for (k, slot) in nb_addr.iter_mut().enumerate() {
-                    let b = 10 + k;
-                    if data.has_nb && p <= b && b < p + len {
-                        *slot = addr.checked_add((b - p) as u64);
-                    }
+            let src = &bytes[pos..pos + n];
+            // SAFETY: `mem` is the guard the chain was walked under, held by our caller for the
+            // whole burst.
+            let copied = match unsafe { seg.slice() } {
+                Some(s) => {
+                    s.copy_from(src);
+                    true
                 }
-                done += len;
+                None => write_guest(mem, GuestAddress(seg.addr), src),
+            };
+            if !copied {
+                rollback(cur, used);
+                return Err(RingError::Address(seg.addr, seg.len));
+            }
+            // Remember where num_buffers (header bytes 10 and 11) went, to patch it once the
+            // number of chains is known.
+            for (k, slot) in nb_addr.iter_mut().enumerate() {
+                let b = 10 + k;
+                if data.has_nb && pos <= b && b < pos + n {
+                    *slot = GuestAddress(seg.addr).checked_add((b - pos) as u64);
+                }
             }
             pos += n;
             written += n as u32;

@@ -517,6 +517,12 @@ impl NetBuf for VecBuf {
     fn hdr(&self) -> VirtioNetHdr {
         self.hdr
     }
+
+    fn with_header(&mut self, hdr: &[u8]) -> &[u8] {
+        let start = self.off - hdr.len();
+        self.data[start..self.off].copy_from_slice(hdr);
+        &self.data[start..self.off + self.len]
+    }
 }
 
 /// A fixed set of [`VecBuf`]s whose frames hold up to `frame_room` bytes.
