@@ -189,6 +189,30 @@ impl Offloads {
         o
     }
 
+    /// What a driver that acked `features` may ask of the device on transmit (§5.1.3: CSUM,
+    /// HOST_TSO4/6, HOST_UFO, HOST_ECN). A header asking for more is refused (§5.1.6.2.1: the
+    /// driver must not set NEEDS_CSUM or a gso_type it did not negotiate).
+    pub fn guest_tx_from_features(features: u64) -> Offloads {
+        let has = |bit: u32| features & (1u64 << bit) != 0;
+        let mut o = Offloads::empty();
+        if has(vn::VIRTIO_NET_F_CSUM) {
+            o |= Offloads::CSUM;
+            if has(vn::VIRTIO_NET_F_HOST_TSO4) {
+                o |= Offloads::TSO4;
+            }
+            if has(vn::VIRTIO_NET_F_HOST_TSO6) {
+                o |= Offloads::TSO6;
+            }
+            if has(vn::VIRTIO_NET_F_HOST_UFO) {
+                o |= Offloads::UFO;
+            }
+            if has(vn::VIRTIO_NET_F_HOST_ECN) {
+                o |= Offloads::ECN;
+            }
+        }
+        o
+    }
+
     /// Tap `TUNSETOFFLOAD` flags that make the kernel hand us only what `self` accepts.
     pub fn to_tun_flags(self) -> u32 {
         const TUN_F_CSUM: u32 = 0x01;
@@ -267,6 +291,12 @@ mod tests {
             Offloads::guest_rx_from_features(f),
             Offloads::CSUM | Offloads::TSO6
         );
+        let f = (1u64 << vn::VIRTIO_NET_F_CSUM) | (1u64 << vn::VIRTIO_NET_F_HOST_TSO4);
+        assert_eq!(
+            Offloads::guest_tx_from_features(f),
+            Offloads::CSUM | Offloads::TSO4
+        );
+        assert!(Offloads::guest_tx_from_features(1u64 << vn::VIRTIO_NET_F_HOST_TSO4).is_empty());
         // TSO without CSUM is not a valid driver choice; nothing is accepted then.
         let f = 1u64 << vn::VIRTIO_NET_F_GUEST_TSO4;
         assert!(Offloads::guest_rx_from_features(f).is_empty());

@@ -234,7 +234,9 @@ impl NetQueues {
         if self.broken.get(qi).copied().unwrap_or(true) {
             return stats;
         }
-        let hdr_len = Self::hdr_len(self.features());
+        let features = self.features();
+        let hdr_len = Self::hdr_len(features);
+        let allowed = Offloads::guest_tx_from_features(features);
         let mem = conn.mem.memory();
         let mut state = conn.vrings[qi].get_mut();
         if !(state.get_queue().ready() && state.is_enabled()) {
@@ -324,7 +326,7 @@ impl NetQueues {
                 h.copy_from_slice(&raw[..HDR_LEN_LEGACY]);
                 let hdr = VirtioNetHdr::parse(&h);
                 let frame_len = off - hdr_len;
-                if hdr.validate(frame_len).is_err() {
+                if !allowed.contains(hdr.required_offloads()) || hdr.validate(frame_len).is_err() {
                     stats.dropped_invalid += 1;
                     pool.free(buf);
                     continue;

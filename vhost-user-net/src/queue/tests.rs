@@ -55,7 +55,7 @@ fn one(n: usize) -> FromGuest {
 
 #[test]
 fn from_guest_header_in_its_own_descriptor() {
-    let mut d = device(V1);
+    let mut d = device(V1 | F_CSUM);
     let mut pool = VecPool::new(8, 2048);
     let f = frame(100);
     let head = d.driver.add_tx(0, &[&hdr_bytes(csum_hdr(), 12), &f]);
@@ -69,7 +69,7 @@ fn from_guest_header_in_its_own_descriptor() {
 
 #[test]
 fn from_guest_header_split_across_descriptors() {
-    let mut d = device(V1 | F_MRG_RXBUF);
+    let mut d = device(V1 | F_MRG_RXBUF | F_CSUM);
     let mut pool = VecPool::new(8, 2048);
     let f = frame(300);
     let mut pkt = hdr_bytes(csum_hdr(), 12);
@@ -86,7 +86,7 @@ fn from_guest_header_split_across_descriptors() {
 
 #[test]
 fn from_guest_indirect_table() {
-    let mut d = device(V1 | F_INDIRECT_DESC);
+    let mut d = device(V1 | F_INDIRECT_DESC | F_CSUM | F_HOST_TSO4);
     let mut pool = VecPool::new(8, 2048);
     let f = frame(1514);
     let gso = VirtioNetHdr {
@@ -109,13 +109,38 @@ fn from_guest_indirect_table() {
 #[test]
 fn from_guest_legacy_header_is_10_bytes() {
     // Neither VERSION_1 nor MRG_RXBUF: no num_buffers field (§5.1.6, legacy interface).
-    let mut d = device(0);
+    let mut d = device(F_CSUM);
     let mut pool = VecPool::new(8, 2048);
     let f = frame(64);
     d.driver.add_tx(0, &[&hdr_bytes(csum_hdr(), 10), &f]);
     let (st, out) = receive(&mut d, &mut pool);
     assert_eq!(st, one(64));
     assert_eq!(out[0].frame(), &f[..]);
+}
+
+#[test]
+fn from_guest_offloads_the_driver_did_not_negotiate_are_dropped() {
+    // §5.1.6.2.1: NEEDS_CSUM needs CSUM, a gso_type needs its HOST_* feature.
+    let gso = VirtioNetHdr {
+        gso_type: GSO_TCPV4,
+        gso_size: 1448,
+        hdr_len: 54,
+        ..csum_hdr()
+    };
+    for (features, hdr) in [(V1, csum_hdr()), (V1 | F_CSUM, gso)] {
+        let mut d = device(features);
+        let mut pool = VecPool::new(8, 2048);
+        let f = frame(200);
+        d.driver.add_tx(0, &[&hdr_bytes(hdr, 12), &f]);
+        let (st, out) = receive(&mut d, &mut pool);
+        assert_eq!(
+            (st.packets, st.dropped_invalid),
+            (0, 1),
+            "{hdr:?} with {features:#x}"
+        );
+        assert!(out.is_empty());
+        assert!(d.broken_queues().is_empty());
+    }
 }
 
 #[test]
