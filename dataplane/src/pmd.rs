@@ -220,7 +220,7 @@ fn forward(
     for q in 0..src.num_queues() {
         // Pull only what the destination can take: under overload the packets then wait (or
         // are dropped) where they are, instead of being copied here only to be dropped.
-        let room = dst.tx_room(q % dq).min(BURST);
+        let room = dst.tx_room(q % dq, BURST).min(BURST);
         if room == 0 {
             continue;
         }

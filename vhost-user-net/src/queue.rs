@@ -99,6 +99,9 @@ pub struct NetQueues {
     chains: Vec<(u16, usize, usize)>,
     /// Buffers of a chain walked on demand (past the gathered ones). Preallocated.
     scratch: Vec<Seg>,
+    /// Per queue pair: receive chains known to be posted and unused after the last burst (a
+    /// lower bound: the driver only adds more).
+    rx_room: Vec<u16>,
 }
 
 impl NetQueues {
@@ -113,6 +116,7 @@ impl NetQueues {
             segs: Vec::with_capacity(4 * crate::backend::MAX_QUEUE_SIZE),
             chains: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
             scratch: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
+            rx_room: vec![0; n / 2],
         }
     }
 
@@ -140,6 +144,7 @@ impl NetQueues {
         self.shared.pmd_attached.store(true, Ordering::Release);
         self.conn = self.shared.conn.lock().unwrap().clone();
         self.broken.iter_mut().for_each(|b| *b = false);
+        self.rx_room.iter_mut().for_each(|r| *r = 0);
         self.seen_generation = g;
         self.shared.pmd_generation.store(g, Ordering::Release);
     }
@@ -376,13 +381,18 @@ impl NetQueues {
     /// upper bound on what `to_guest` can deliver (each packet takes at least one). Lets the
     /// PMD pull no more from the other port than this one can take, instead of copying packets
     /// only to drop them.
-    pub fn to_guest_room(&mut self, qp: u16) -> usize {
+    pub fn to_guest_room(&mut self, qp: u16, want: usize) -> usize {
         let qi = 2 * qp as usize;
         let Some(conn) = &self.conn else {
             return 0;
         };
         if self.broken.get(qi).copied().unwrap_or(true) {
             return 0;
+        }
+        let known = self.rx_room.get(qp as usize).copied().unwrap_or(0) as usize;
+        if known >= want {
+            // Enough chains were left over by the last burst: no need to look at the ring.
+            return known;
         }
         let mem = conn.mem.memory();
         let state = conn.vrings[qi].get_ref();
@@ -391,9 +401,14 @@ impl NetQueues {
             return 0;
         }
         // Errors are left for `to_guest` to find and report; here they just mean no room.
-        SplitRing::new(&mem, q)
+        let room = SplitRing::new(&mem, q)
             .and_then(|r| r.pending(q.next_avail()))
-            .map_or(0, usize::from)
+            .unwrap_or(0);
+        drop(state);
+        if let Some(r) = self.rx_room.get_mut(qp as usize) {
+            *r = room;
+        }
+        usize::from(room)
     }
 
     /// Delivers `pkts` (all of them are consumed: sent or dropped, and returned to `pool`) to the
@@ -529,6 +544,9 @@ impl NetQueues {
             }
             if let Ok(cur) = &cursor {
                 queue.set_next_avail(cur.pos);
+                if let Some(r) = self.rx_room.get_mut(qp as usize) {
+                    *r = cur.left;
+                }
             } else if err.is_some() {
                 // Chains written before the error stay consumed: they are in `self.used`.
                 let n = self.used.len() as u16;

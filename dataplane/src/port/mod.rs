@@ -34,9 +34,9 @@ pub trait Port: Send {
     /// afterwards and all buffers are back in `pool` or owned by the port until completion.
     fn tx_burst(&mut self, q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>);
 
-    /// An upper bound on the packets `tx_burst` on queue `q` can take now (backpressure for
-    /// the PMD, which then pulls no more than that from the other port).
-    fn tx_room(&mut self, _q: u16) -> usize {
+    /// How many packets `tx_burst` on queue `q` can take now, at least `want` if it can
+    /// (backpressure: the PMD then pulls no more than that from the other port).
+    fn tx_room(&mut self, _q: u16, _want: usize) -> usize {
         usize::MAX
     }
 

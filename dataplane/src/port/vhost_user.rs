@@ -66,8 +66,8 @@ impl Port for VhostUserPort {
         PortStats::add(&self.stats.tx_dropped_offload, r.dropped_unsupported);
     }
 
-    fn tx_room(&mut self, q: u16) -> usize {
-        self.queues.to_guest_room(q)
+    fn tx_room(&mut self, q: u16, want: usize) -> usize {
+        self.queues.to_guest_room(q, want)
     }
 
     fn tx_offloads(&self) -> Offloads {
