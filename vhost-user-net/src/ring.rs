@@ -6,8 +6,13 @@
 
 use std::sync::atomic::Ordering;
 
+use std::cell::Cell;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress, VolatileSlice,
+};
 
 use crate::queue::RingError;
 
@@ -51,6 +56,10 @@ pub(crate) struct SplitRing<'m> {
     desc: VolatileSlice<'m, ()>,
     avail: VolatileSlice<'m, ()>,
     size: u16,
+    /// The guest memory region the last buffer was found in: (guest start, length, host
+    /// address). Buffers of a burst nearly always share a region, so this spares a region
+    /// search per buffer.
+    last_region: Cell<(u64, u64, usize)>,
 }
 
 impl<'m> SplitRing<'m> {
@@ -79,6 +88,7 @@ impl<'m> SplitRing<'m> {
             desc,
             avail,
             size,
+            last_region: Cell::new((0, 0, 0)),
         })
     }
 
@@ -172,14 +182,14 @@ impl<'m> SplitRing<'m> {
                     RingError::Direction("device-writable", "transmit")
                 });
             }
-            let host = match self.mem.get_slice(GuestAddress(addr), len as usize) {
-                Ok(s) => {
-                    prefetch(&s);
-                    s.ptr_guard().as_ptr() as usize
+            let host = match self.host_addr(addr, len) {
+                Some(h) => {
+                    prefetch_ptr(h);
+                    h
                 }
                 // A buffer across two regions is still fine; the copy takes the slow path.
-                Err(_) if GuestAddress(addr).0.checked_add(len as u64).is_some() => 0,
-                Err(_) => return Err(RingError::Address(addr, len)),
+                None if addr.checked_add(len as u64).is_some() => 0,
+                None => return Err(RingError::Address(addr, len)),
             };
             segs.push(Seg { addr, len, host });
             if flags & F_NEXT == 0 {
@@ -188,6 +198,40 @@ impl<'m> SplitRing<'m> {
             idx = next as usize;
         }
     }
+}
+
+impl SplitRing<'_> {
+    /// Where guest range `addr..addr+len` is mapped here, if it lies inside one region.
+    #[inline]
+    fn host_addr(&self, addr: u64, len: u32) -> Option<usize> {
+        let inside = |(start, size, host): (u64, u64, usize)| {
+            let off = addr.checked_sub(start)?;
+            (off <= size && u64::from(len) <= size - off).then(|| host + off as usize)
+        };
+        if let Some(h) = inside(self.last_region.get()) {
+            return Some(h);
+        }
+        let r = self.mem.find_region(GuestAddress(addr))?;
+        let whole = r.get_slice(MemoryRegionAddress(0), r.len() as usize).ok()?;
+        let entry = (
+            r.start_addr().0,
+            r.len(),
+            whole.ptr_guard().as_ptr() as usize,
+        );
+        self.last_region.set(entry);
+        inside(entry)
+    }
+}
+
+#[inline]
+fn prefetch_ptr(p: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint; it never faults or changes memory.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[inline]
