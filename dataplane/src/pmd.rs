@@ -218,12 +218,14 @@ fn forward(
     let mut total = 0;
     let dq = dst.num_queues().max(1);
     for q in 0..src.num_queues() {
-        // Pull only what the destination can take: under overload the packets then wait (or
-        // are dropped) where they are, instead of being copied here only to be dropped.
-        let room = dst.tx_room(q % dq, BURST).min(BURST);
-        if room == 0 {
-            continue;
-        }
+        // Pull only what the destination can take: under overload packets then wait (or are
+        // dropped) where they are, instead of being copied here only to be dropped. A peer
+        // with no room at all still gets a burst, dropped and counted there, so that a guest
+        // that stopped reading cannot keep the source's queue — and an adaptive PMD — busy.
+        let room = match dst.tx_room(q % dq, BURST) {
+            0 => BURST,
+            r => r.min(BURST),
+        };
         src.rx_burst(q, pool, batch, room);
         if batch.is_empty() {
             continue;

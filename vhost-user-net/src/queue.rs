@@ -381,13 +381,15 @@ impl NetQueues {
     /// upper bound on what `to_guest` can deliver (each packet takes at least one). Lets the
     /// PMD pull no more from the other port than this one can take, instead of copying packets
     /// only to drop them.
+    /// A queue that cannot take anything at all (no frontend, stopped, broken) reports `want`:
+    /// those packets are dropped and counted, like on a link that is down.
     pub fn to_guest_room(&mut self, qp: u16, want: usize) -> usize {
         let qi = 2 * qp as usize;
         let Some(conn) = &self.conn else {
-            return 0;
+            return want;
         };
         if self.broken.get(qi).copied().unwrap_or(true) {
-            return 0;
+            return want;
         }
         let known = self.rx_room.get(qp as usize).copied().unwrap_or(0) as usize;
         if known >= want {
@@ -398,12 +400,12 @@ impl NetQueues {
         let state = conn.vrings[qi].get_ref();
         let q = state.get_queue();
         if !(q.ready() && state.is_enabled()) {
-            return 0;
+            return want;
         }
-        // Errors are left for `to_guest` to find and report; here they just mean no room.
-        let room = SplitRing::new(&mem, q)
-            .and_then(|r| r.pending(q.next_avail()))
-            .unwrap_or(0);
+        // Errors are left for `to_guest` to find and report.
+        let Ok(room) = SplitRing::new(&mem, q).and_then(|r| r.pending(q.next_avail())) else {
+            return want;
+        };
         drop(state);
         if let Some(r) = self.rx_room.get_mut(qp as usize) {
             *r = room;
