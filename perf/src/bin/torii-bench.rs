@@ -109,13 +109,15 @@ fn check_prereqs(opts: &BenchOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+/// Writes `value`, with paths inside the workspace `root` made relative to it: results are
+/// committed, and where a checkout lives says nothing about the measurement.
+fn write_json(path: &Path, root: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)? + "\n")
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    let text = serde_json::to_string_pretty(value)?.replace(&format!("{}/", root.display()), "");
+    std::fs::write(&tmp, text + "\n").with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
@@ -271,13 +273,17 @@ fn run() -> anyhow::Result<ExitCode> {
                         println!("        warning: {w}");
                     }
                     runs.push(r);
-                    write_json(&out, &results_json(&meta, &opts, &runs, false))?;
+                    write_json(&out, &root, &results_json(&meta, &opts, &runs, false))?;
                 }
             }
         }
     }
     let interrupted = bench::interrupted();
-    write_json(&out, &results_json(&meta, &opts, &runs, !interrupted))?;
+    write_json(
+        &out,
+        &root,
+        &results_json(&meta, &opts, &runs, !interrupted),
+    )?;
     println!();
     println!("median Mpps per backend (ok/total runs), Gbps of the median, min-max Mpps:");
     print!("{}", bench::summary_table(&bench::summarize(&opts, &runs)));
