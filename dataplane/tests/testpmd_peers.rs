@@ -29,6 +29,13 @@ fn frontend(sock: &std::path::Path, mode: FwdMode, server: bool, main_lcore: u32
         .or_fail("starting testpmd")
 }
 
+/// An rxonly testpmd listening on `sock` (virtio-user `server=1`): Torii connects as client.
+fn listening_receiver(sock: &std::path::Path) -> Testpmd {
+    let rx = frontend(sock, FwdMode::RxOnly, true, 1);
+    proc_util::wait_for_path(sock, Duration::from_secs(20)).or_fail("receiver socket");
+    rx
+}
+
 #[test]
 fn xconnect_counts_match_between_two_testpmds() {
     let _lock = torii_perf::heavy_test_lock();
@@ -37,8 +44,7 @@ fn xconnect_counts_match_between_two_testpmds() {
     let (a_sock, b_sock) = (dir.join("a.sock"), dir.join("b.sock"));
 
     // Receiver listens (virtio-user server=1): Torii's port b is a vhost-user *client*.
-    let mut rx = frontend(&b_sock, FwdMode::RxOnly, true, 1);
-    proc_util::wait_for_path(&b_sock, Duration::from_secs(20)).or_fail("receiver socket");
+    let mut rx = listening_receiver(&b_sock);
     let mut dp = Daemon::start(
         dir.path(),
         "",
@@ -112,8 +118,7 @@ fn frontend_restart_and_daemon_restart_resume_traffic() {
     let (v_sock, p_sock) = (dir.join("v.sock"), dir.join("p.sock"));
 
     // p: Torii is the client of a waiting testpmd (server=1) and feeds it from a source.
-    let mut rx = frontend(&p_sock, FwdMode::RxOnly, true, 1);
-    proc_util::wait_for_path(&p_sock, Duration::from_secs(20)).or_fail("receiver socket");
+    let mut rx = listening_receiver(&p_sock);
     let mut dp = Daemon::start(
         dir.path(),
         "",

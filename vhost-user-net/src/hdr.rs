@@ -169,45 +169,49 @@ bitflags_lite! {
 impl Offloads {
     /// What a driver that acked `features` accepts on its receive queues (§5.1.3 GUEST_*).
     pub fn guest_rx_from_features(features: u64) -> Offloads {
-        let has = |bit: u32| features & (1u64 << bit) != 0;
-        let mut o = Offloads::empty();
-        if has(vn::VIRTIO_NET_F_GUEST_CSUM) {
-            o |= Offloads::CSUM;
-            if has(vn::VIRTIO_NET_F_GUEST_TSO4) {
-                o |= Offloads::TSO4;
-            }
-            if has(vn::VIRTIO_NET_F_GUEST_TSO6) {
-                o |= Offloads::TSO6;
-            }
-            if has(vn::VIRTIO_NET_F_GUEST_UFO) {
-                o |= Offloads::UFO;
-            }
-            if has(vn::VIRTIO_NET_F_GUEST_ECN) {
-                o |= Offloads::ECN;
-            }
-        }
-        o
+        Self::from_feature_bits(
+            features,
+            [
+                vn::VIRTIO_NET_F_GUEST_CSUM,
+                vn::VIRTIO_NET_F_GUEST_TSO4,
+                vn::VIRTIO_NET_F_GUEST_TSO6,
+                vn::VIRTIO_NET_F_GUEST_UFO,
+                vn::VIRTIO_NET_F_GUEST_ECN,
+            ],
+        )
     }
 
     /// What a driver that acked `features` may ask of the device on transmit (§5.1.3: CSUM,
     /// HOST_TSO4/6, HOST_UFO, HOST_ECN). A header asking for more is refused (§5.1.6.2.1: the
     /// driver must not set NEEDS_CSUM or a gso_type it did not negotiate).
     pub fn guest_tx_from_features(features: u64) -> Offloads {
+        Self::from_feature_bits(
+            features,
+            [
+                vn::VIRTIO_NET_F_CSUM,
+                vn::VIRTIO_NET_F_HOST_TSO4,
+                vn::VIRTIO_NET_F_HOST_TSO6,
+                vn::VIRTIO_NET_F_HOST_UFO,
+                vn::VIRTIO_NET_F_HOST_ECN,
+            ],
+        )
+    }
+
+    /// `bits` are the feature bits for CSUM, TSO4, TSO6, UFO and ECN of one direction; the
+    /// segmentation offloads count only with checksum offload (§5.1.3.1).
+    fn from_feature_bits(features: u64, bits: [u32; 5]) -> Offloads {
         let has = |bit: u32| features & (1u64 << bit) != 0;
-        let mut o = Offloads::empty();
-        if has(vn::VIRTIO_NET_F_CSUM) {
-            o |= Offloads::CSUM;
-            if has(vn::VIRTIO_NET_F_HOST_TSO4) {
-                o |= Offloads::TSO4;
-            }
-            if has(vn::VIRTIO_NET_F_HOST_TSO6) {
-                o |= Offloads::TSO6;
-            }
-            if has(vn::VIRTIO_NET_F_HOST_UFO) {
-                o |= Offloads::UFO;
-            }
-            if has(vn::VIRTIO_NET_F_HOST_ECN) {
-                o |= Offloads::ECN;
+        if !has(bits[0]) {
+            return Offloads::empty();
+        }
+        let mut o = Offloads::CSUM;
+        for (bit, flag) in
+            bits[1..]
+                .iter()
+                .zip([Offloads::TSO4, Offloads::TSO6, Offloads::UFO, Offloads::ECN])
+        {
+            if has(*bit) {
+                o |= flag;
             }
         }
         o
