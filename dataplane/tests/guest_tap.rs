@@ -124,11 +124,6 @@ fn in_netns<R: Send + 'static>(
     })
 }
 
-fn avg_frame(port: &serde_json::Value, dir: &str) -> u64 {
-    let pk = port[format!("{dir}_packets")].as_u64().unwrap().max(1);
-    port[format!("{dir}_bytes")].as_u64().unwrap() / pk
-}
-
 #[test]
 fn guest_and_host_tap_ping_tcp_offloads_and_multiqueue() {
     let _lock = torii_perf::heavy_test_lock();
@@ -274,10 +269,16 @@ fn guest_and_host_tap_ping_tcp_offloads_and_multiqueue() {
         "v6 upload corrupted"
     );
 
-    // TSO both ways: frames far larger than the MTU crossed the port.
+    // TSO both ways: unsegmented super-frames crossed the port in each direction.
     let vm = dp.wait_settled("vm");
-    assert!(avg_frame(&vm, "rx") > 1514, "no TSO from the guest: {vm}");
-    assert!(avg_frame(&vm, "tx") > 1514, "no TSO to the guest: {vm}");
+    assert!(
+        vm["rx_gso_packets"].as_u64().unwrap() > 0,
+        "no TSO from the guest: {vm}"
+    );
+    assert!(
+        vm["tx_gso_packets"].as_u64().unwrap() > 0,
+        "no TSO to the guest: {vm}"
+    );
     // Both guest TX queues were used.
     let rxq = vm["rxq_packets"].as_array().unwrap();
     assert!(

@@ -50,6 +50,8 @@ pub struct FromGuest {
     pub bytes: usize,
     /// Chains longer than the buffers, shorter than a header, or with a bad header.
     pub dropped_invalid: usize,
+    /// Of `packets`, those the guest handed over unsegmented (TSO/UFO, §5.1.6.2).
+    pub gso: usize,
 }
 
 /// Counters of one burst to the guest (guest RX).
@@ -61,6 +63,8 @@ pub struct ToGuest {
     pub dropped_no_buffer: usize,
     /// The packet needs an offload the driver did not negotiate, or is larger than its buffers.
     pub dropped_unsupported: usize,
+    /// Of `packets`, those delivered unsegmented (GUEST_TSO/UFO, §5.1.6.4).
+    pub gso: usize,
 }
 
 /// Why a ring is considered broken.
@@ -339,6 +343,7 @@ impl NetQueues {
                 buf.set_frame(hdr, hdr_len, frame_len);
                 stats.packets += 1;
                 stats.bytes += frame_len;
+                stats.gso += usize::from(hdr.is_gso());
                 out.push(buf);
             }
             queue.set_next_avail(next.wrapping_add(consumed));
@@ -528,6 +533,7 @@ impl NetQueues {
                     Ok(Written::Done) => {
                         stats.packets += 1;
                         stats.bytes += frame_len;
+                        stats.gso += usize::from(hdr.is_gso());
                     }
                     Ok(Written::NoBuffers) => {
                         // The ring is full: the rest of the burst is dropped too, keeping the

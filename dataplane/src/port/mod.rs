@@ -83,6 +83,9 @@ pub struct PortStats {
     pub tx_errors: AtomicU64,
     /// Checksums completed in software because the peer lacks checksum offload.
     pub sw_csum: AtomicU64,
+    /// Received / transmitted packets that were unsegmented (TSO/UFO) super-frames.
+    pub rx_gso_packets: AtomicU64,
+    pub tx_gso_packets: AtomicU64,
     /// Packets received per queue.
     pub rxq_packets: Vec<AtomicU64>,
     /// Packets transmitted per queue.
@@ -101,6 +104,8 @@ pub struct PortStatsSnapshot {
     pub tx_dropped_offload: u64,
     pub tx_errors: u64,
     pub sw_csum: u64,
+    pub rx_gso_packets: u64,
+    pub tx_gso_packets: u64,
     pub rxq_packets: Vec<u64>,
     pub txq_packets: Vec<u64>,
 }
@@ -158,6 +163,8 @@ impl PortStats {
             tx_dropped_offload: l(&self.tx_dropped_offload),
             tx_errors: l(&self.tx_errors),
             sw_csum: l(&self.sw_csum),
+            rx_gso_packets: l(&self.rx_gso_packets),
+            tx_gso_packets: l(&self.tx_gso_packets),
             rxq_packets: self.rxq_packets.iter().map(l).collect(),
             txq_packets: self.txq_packets.iter().map(l).collect(),
         }

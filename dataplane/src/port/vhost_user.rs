@@ -57,6 +57,7 @@ impl Port for VhostUserPort {
         let r = self.queues.from_guest(q, max, pool, out);
         self.stats.rx(q, r.packets, r.bytes);
         PortStats::add(&self.stats.rx_dropped_invalid, r.dropped_invalid);
+        PortStats::add(&self.stats.rx_gso_packets, r.gso);
     }
 
     fn tx_burst(&mut self, q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
@@ -64,6 +65,7 @@ impl Port for VhostUserPort {
         self.stats.tx(q, r.packets, r.bytes);
         PortStats::add(&self.stats.tx_dropped_no_room, r.dropped_no_buffer);
         PortStats::add(&self.stats.tx_dropped_offload, r.dropped_unsupported);
+        PortStats::add(&self.stats.tx_gso_packets, r.gso);
     }
 
     fn tx_room(&mut self, q: u16, want: usize) -> usize {
