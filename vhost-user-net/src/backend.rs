@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net as vn;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -169,6 +169,3 @@ impl VhostUserBackend for NetBackend {
         Ok(())
     }
 }
-
-/// Type of the vring state guard the data path holds for one burst.
-pub type VringStateW<'a> = std::sync::RwLockWriteGuard<'a, VringState<GuestMem>>;

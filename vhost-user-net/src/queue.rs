@@ -7,6 +7,7 @@
 //! dropped and counted. Nothing here panics on guest input, and every loop is bounded by the
 //! burst size or the queue size.
 
+use std::ptr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBack
 
 use crate::device::{Connection, DeviceShared};
 use crate::hdr::{Offloads, VirtioNetHdr, HDR_LEN_LEGACY, HDR_LEN_MRG};
-use crate::ring::{Seg, SplitRing};
+use crate::ring::{RingMaps, Seg, SplitRing, MAX_CHAIN};
 
 /// A packet buffer the data path can fill or drain. The caller's packet type implements it.
 pub trait NetBuf {
@@ -80,8 +81,6 @@ pub(crate) enum RingError {
     Address(u64, u32),
     #[error("{0} descriptor in a {1} chain")]
     Direction(&'static str, &'static str),
-    #[error("used ring: {0}")]
-    Used(&'static str),
     #[error("descriptor table, avail ring or used ring is not inside guest memory")]
     Layout,
 }
@@ -106,6 +105,8 @@ pub struct NetQueues {
     /// Per queue pair: receive chains known to be posted and unused after the last burst (a
     /// lower bound: the driver only adds more).
     rx_room: Vec<u16>,
+    /// Host addresses of the rings, kept across bursts.
+    maps: RingMaps,
 }
 
 impl NetQueues {
@@ -117,10 +118,13 @@ impl NetQueues {
             conn: None,
             broken: vec![false; n],
             used: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
-            segs: Vec::with_capacity(4 * crate::backend::MAX_QUEUE_SIZE),
+            // Never grown: a burst gathers no more chains than fit (`SplitRing::walk`), and
+            // any single chain fits.
+            segs: Vec::with_capacity(2 * MAX_CHAIN),
             chains: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
-            scratch: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
+            scratch: Vec::with_capacity(MAX_CHAIN),
             rx_room: vec![0; n / 2],
+            maps: RingMaps::new(n),
         }
     }
 
@@ -149,6 +153,7 @@ impl NetQueues {
         self.conn = self.shared.conn.lock().unwrap().clone();
         self.broken.iter_mut().for_each(|b| *b = false);
         self.rx_room.iter_mut().for_each(|r| *r = 0);
+        self.maps.clear();
         self.seen_generation = g;
         self.shared.pmd_generation.store(g, Ordering::Release);
     }
@@ -174,11 +179,8 @@ impl NetQueues {
     /// Detaches from the PMD (the port moves or goes away).
     pub fn detach(&mut self) {
         self.conn = None;
+        self.maps.clear();
         self.shared.pmd_attached.store(false, Ordering::Release);
-    }
-
-    fn features(&self) -> u64 {
-        self.conn.as_ref().map_or(0, |c| c.backend.acked_features())
     }
 
     fn hdr_len(features: u64) -> usize {
@@ -237,13 +239,13 @@ impl NetQueues {
     ) -> FromGuest {
         let mut stats = FromGuest::default();
         let qi = 2 * qp as usize + 1;
-        let Some(conn) = self.conn.clone() else {
+        let Some(conn) = self.conn.as_ref() else {
             return stats;
         };
         if self.broken.get(qi).copied().unwrap_or(true) {
             return stats;
         }
-        let features = self.features();
+        let features = conn.backend.acked_features();
         let hdr_len = Self::hdr_len(features);
         let allowed = Offloads::guest_tx_from_features(features);
         let mem = conn.mem.memory();
@@ -251,135 +253,121 @@ impl NetQueues {
         if !(state.get_queue().ready() && state.is_enabled()) {
             return stats;
         }
+        let queue = state.get_queue_mut();
+        // The three ring areas (§2.7: 16*size, 6+2*size and 6+8*size bytes) must lie in guest
+        // memory, or an unreadable avail entry would look like an empty ring.
+        let ring = match self.maps.get(&mem, qi, queue) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(state);
+                self.mark_broken(qi, e);
+                return stats;
+            }
+        };
+        ring.suppress_notifications(queue.event_idx_enabled());
+        let next = queue.next_avail();
+        let n = match ring.pending(next) {
+            Ok(0) => return stats,
+            Ok(n) => n.min(max.min(u16::MAX as usize) as u16),
+            Err(e) => {
+                drop(state);
+                self.mark_broken(qi, e);
+                return stats;
+            }
+        };
         self.used.clear();
         self.segs.clear();
         self.chains.clear();
         let mut err = None;
-        {
-            let queue = state.get_queue_mut();
-            // The three ring areas (§2.7: 16*size, 6+2*size and 6+8*size bytes) must lie in
-            // guest memory, or an unreadable avail entry would look like an empty ring.
-            let ring = match SplitRing::new(&mem, queue) {
-                Ok(r) => r,
+        // Gather: walk every chain of the burst first, prefetching its buffers.
+        ring.prefetch_heads(next, n);
+        for i in 0..n {
+            let start = self.segs.len();
+            let walked = ring.head(next.wrapping_add(i)).and_then(|head| {
+                ring.walk(head, false, &mut self.segs)
+                    .map(|fits| fits.then_some(head))
+            });
+            match walked {
+                Ok(Some(head)) => self.chains.push((head, start, self.segs.len())),
+                // Out of room for buffers: the rest waits for the next burst.
+                Ok(None) => break,
                 Err(e) => {
-                    drop(state);
-                    self.mark_broken(qi, e);
-                    return stats;
-                }
-            };
-            let next = queue.next_avail();
-            let n = match ring.pending(next) {
-                Ok(n) => n.min(max.min(u16::MAX as usize) as u16),
-                Err(e) => {
-                    drop(state);
-                    self.mark_broken(qi, e);
-                    return stats;
-                }
-            };
-            // Gather: walk every chain of the burst first, prefetching its buffers.
-            ring.prefetch_heads(next, n);
-            for i in 0..n {
-                let start = self.segs.len();
-                let walked = ring
-                    .head(next.wrapping_add(i))
-                    .and_then(|head| ring.walk(head, false, &mut self.segs).map(|()| head));
-                match walked {
-                    Ok(head) => self.chains.push((head, start, self.segs.len())),
-                    Err(e) => {
-                        err = Some(e);
-                        break;
-                    }
-                }
-            }
-            // Copy: by now the buffers are (being) pulled into the cache.
-            let mut consumed = 0u16;
-            for &(head, first, end) in &self.chains {
-                let Some(mut buf) = pool.alloc() else { break };
-                let raw = buf.raw_mut();
-                let cap = raw.len().min(MAX_FRAME + hdr_len);
-                let mut off = 0usize;
-                let mut oversize = false;
-                let mut bad = None;
-                for seg in &self.segs[first..end] {
-                    let len = seg.len as usize;
-                    if oversize || off + len > cap {
-                        oversize = true;
-                        continue;
-                    }
-                    let dst = &mut raw[off..off + len];
-                    // SAFETY: `mem` is the guard the chain was walked under; it is held until
-                    // the end of this function.
-                    let copied = match unsafe { seg.slice() } {
-                        Some(s) => s.copy_to(dst) == len,
-                        None => read_guest(&mem, GuestAddress(seg.addr), dst),
-                    };
-                    if !copied {
-                        bad = Some(RingError::Address(seg.addr, seg.len));
-                        break;
-                    }
-                    off += len;
-                }
-                if let Some(e) = bad {
-                    pool.free(buf);
                     err = Some(e);
                     break;
                 }
-                consumed += 1;
-                self.used.push((head, 0));
-                if oversize || off < hdr_len {
-                    stats.dropped_invalid += 1;
-                    pool.free(buf);
-                    continue;
-                }
-                let mut h = [0u8; HDR_LEN_LEGACY];
-                h.copy_from_slice(&raw[..HDR_LEN_LEGACY]);
-                let hdr = VirtioNetHdr::parse(&h);
-                let frame_len = off - hdr_len;
-                if !allowed.contains(hdr.required_offloads()) || hdr.validate(frame_len).is_err() {
-                    stats.dropped_invalid += 1;
-                    pool.free(buf);
-                    continue;
-                }
-                buf.set_frame(hdr, hdr_len, frame_len);
-                stats.packets += 1;
-                stats.bytes += frame_len;
-                stats.gso += usize::from(hdr.is_gso());
-                out.push(buf);
             }
-            queue.set_next_avail(next.wrapping_add(consumed));
         }
-        let used_err = self.complete(&mut state, &mem);
+        // Copy: by now the buffers are (being) pulled into the cache.
+        let mut consumed = 0u16;
+        for &(head, first, end) in &self.chains {
+            let Some(mut buf) = pool.alloc() else { break };
+            let raw = buf.raw_mut();
+            let cap = raw.len().min(MAX_FRAME + hdr_len);
+            let mut off = 0usize;
+            let mut oversize = false;
+            let mut bad = None;
+            for seg in &self.segs[first..end] {
+                let len = seg.len as usize;
+                if oversize || off + len > cap {
+                    oversize = true;
+                    continue;
+                }
+                let dst = &mut raw[off..off + len];
+                let copied = if seg.host != 0 {
+                    // SAFETY: `seg.host..+len` was checked to be a mapping of guest memory
+                    // when the chain was walked, under `mem`, which is held until the end of
+                    // this function; `dst` is our own buffer of `len` bytes. The guest may
+                    // write the source meanwhile: the bytes are parsed from our copy only.
+                    unsafe {
+                        ptr::copy_nonoverlapping(seg.host as *const u8, dst.as_mut_ptr(), len)
+                    };
+                    true
+                } else {
+                    read_guest(&mem, GuestAddress(seg.addr), dst)
+                };
+                if !copied {
+                    bad = Some(RingError::Address(seg.addr, seg.len));
+                    break;
+                }
+                off += len;
+            }
+            if let Some(e) = bad {
+                pool.free(buf);
+                err = Some(e);
+                break;
+            }
+            consumed += 1;
+            self.used.push((head, 0));
+            if oversize || off < hdr_len {
+                stats.dropped_invalid += 1;
+                pool.free(buf);
+                continue;
+            }
+            let mut h = [0u8; HDR_LEN_LEGACY];
+            h.copy_from_slice(&raw[..HDR_LEN_LEGACY]);
+            let hdr = VirtioNetHdr::parse(&h);
+            let frame_len = off - hdr_len;
+            if !allowed.contains(hdr.required_offloads()) || hdr.validate(frame_len).is_err() {
+                stats.dropped_invalid += 1;
+                pool.free(buf);
+                continue;
+            }
+            buf.set_frame(hdr, hdr_len, frame_len);
+            stats.packets += 1;
+            stats.bytes += frame_len;
+            stats.gso += usize::from(hdr.is_gso());
+            out.push(buf);
+        }
+        queue.set_next_avail(next.wrapping_add(consumed));
+        let notify = publish_used(&ring, queue, &self.used);
+        if notify {
+            let _ = state.signal_used_queue();
+        }
         drop(state);
-        if let Some(e) = err.or(used_err) {
+        if let Some(e) = err {
             self.mark_broken(qi, e);
         }
         stats
-    }
-
-    /// Puts the used entries of this burst in the used ring and notifies the driver if it
-    /// asked for it (§2.7.10, with EVENT_IDX §2.7.10.2).
-    fn complete(
-        &mut self,
-        state: &mut crate::backend::VringStateW<'_>,
-        mem: &vm_memory::GuestMemoryMmap<()>,
-    ) -> Option<RingError> {
-        if self.used.is_empty() {
-            return None;
-        }
-        let queue = state.get_queue_mut();
-        let old = queue.next_used();
-        if let Err(e) = publish_used(queue, mem, &self.used) {
-            return Some(e);
-        }
-        self.used.clear();
-        match needs_interrupt(queue, mem, old) {
-            Ok(true) => {
-                let _ = state.signal_used_queue();
-                None
-            }
-            Ok(false) => None,
-            Err(e) => Some(e),
-        }
     }
 
     /// How many receive chains the guest has posted on pair `qp` that are not used yet: an
@@ -408,7 +396,11 @@ impl NetQueues {
             return want;
         }
         // Errors are left for `to_guest` to find and report.
-        let Ok(room) = SplitRing::new(&mem, q).and_then(|r| r.pending(q.next_avail())) else {
+        let Ok(room) = self
+            .maps
+            .get(&mem, qi, q)
+            .and_then(|r| r.pending(q.next_avail()))
+        else {
             return want;
         };
         drop(state);
@@ -428,7 +420,7 @@ impl NetQueues {
     ) -> ToGuest {
         let mut stats = ToGuest::default();
         let qi = 2 * qp as usize;
-        let conn = match self.conn.clone() {
+        let conn = match self.conn.as_ref() {
             Some(c) if !self.broken.get(qi).copied().unwrap_or(true) => c,
             _ => {
                 stats.dropped_no_buffer = pkts.len();
@@ -448,123 +440,120 @@ impl NetQueues {
             pkts.drain(..).for_each(|p| pool.free(p));
             return stats;
         }
+        let queue = state.get_queue_mut();
+        // As in `from_guest`: the ring areas must lie in guest memory.
+        let next = queue.next_avail();
+        let ring = self
+            .maps
+            .get(&mem, qi, queue)
+            .and_then(|r| r.pending(next).map(|n| (r, n)));
+        let (ring, avail) = match ring {
+            Ok(r) => r,
+            Err(e) => {
+                drop(state);
+                stats.dropped_no_buffer = pkts.len();
+                pkts.drain(..).for_each(|p| pool.free(p));
+                self.mark_broken(qi, e);
+                return stats;
+            }
+        };
+        // Receive buffers are only looked at when there is a packet for them: no kicks.
+        ring.suppress_notifications(queue.event_idx_enabled());
+        let mut cur = Cursor {
+            pos: next,
+            left: avail,
+        };
+        // Gather the chains the burst will most likely use, prefetching their buffers, so the
+        // writes below do not wait on one descriptor miss after another. A chain that fails to
+        // walk here (or does not fit) is walked again (and reported) when a packet reaches it.
         self.used.clear();
-        let mut err = None;
-        {
-            let queue = state.get_queue_mut();
-            // As in `from_guest`: the ring areas must lie in guest memory.
-            let ring = SplitRing::new(&mem, queue);
-            let mut cursor = match &ring {
-                Ok(r) => r.pending(queue.next_avail()).map(|n| Cursor {
-                    pos: queue.next_avail(),
-                    left: n,
-                }),
-                Err(_) => Err(RingError::Layout),
-            };
-            if let Err(e) = &cursor {
-                err = Some(e.clone());
-            }
-            // Gather the chains the burst will most likely use, prefetching their buffers, so
-            // the writes below do not wait on one descriptor miss after another. A chain that
-            // fails to walk here is walked again (and reported) when a packet reaches it.
-            self.segs.clear();
-            self.chains.clear();
-            let base = cursor.as_ref().map_or(0, |c| c.pos);
-            if let (Ok(ring), Ok(cur)) = (&ring, &cursor) {
-                let want = cur.left.min(pkts.len().min(u16::MAX as usize) as u16);
-                ring.prefetch_heads(base, want);
-                for i in 0..want {
-                    let start = self.segs.len();
-                    match ring
-                        .head(base.wrapping_add(i))
-                        .and_then(|h| ring.walk(h, true, &mut self.segs).map(|()| h))
-                    {
-                        Ok(h) => self.chains.push((h, start, self.segs.len())),
-                        Err(_) => break,
-                    }
-                }
-            }
-            let pre = Prewalked {
-                base,
-                chains: &self.chains,
-                segs: &self.segs,
-            };
-            for mut pkt in pkts.drain(..) {
-                let (Ok(ring), Ok(cur)) = (&ring, &mut cursor) else {
-                    stats.dropped_no_buffer += 1;
-                    pool.free(pkt);
-                    continue;
-                };
-                if cur.left == 0 {
-                    // Ring full: drop without looking at the packet.
-                    stats.dropped_no_buffer += 1;
-                    pool.free(pkt);
-                    continue;
-                }
-                let hdr = pkt.hdr();
-                if !accepts.contains(hdr.required_offloads()) {
-                    stats.dropped_unsupported += 1;
-                    pool.free(pkt);
-                    continue;
-                }
-                let mut hbytes = [0u8; HDR_LEN_MRG];
-                let mut h = hdr;
-                if !accepts.contains(Offloads::CSUM) {
-                    // DATA_VALID is only meaningful with GUEST_CSUM (§5.1.6.4.1).
-                    h.flags = 0;
-                }
-                h.write(&mut hbytes[..hdr_len], 1);
-                let frame_len = pkt.frame().len();
-                let parts = Stream {
-                    bytes: pkt.with_header(&hbytes[..hdr_len]),
-                    has_nb: hdr_len == HDR_LEN_MRG,
-                };
-                let written = write_packet(
-                    ring,
-                    &pre,
-                    cur,
-                    &mem,
-                    parts,
-                    mergeable,
-                    &mut self.used,
-                    &mut self.scratch,
-                );
-                match written {
-                    Ok(Written::Done) => {
-                        stats.packets += 1;
-                        stats.bytes += frame_len;
-                        stats.gso += usize::from(hdr.is_gso());
-                    }
-                    Ok(Written::NoBuffers) => {
-                        // The ring is full: the rest of the burst is dropped too, keeping the
-                        // chains for the next burst rather than filling them out of order.
-                        stats.dropped_no_buffer += 1;
-                        cur.left = 0;
-                    }
-                    Ok(Written::TooBig) => stats.dropped_unsupported += 1,
-                    Err(e) => {
-                        stats.dropped_no_buffer += 1;
-                        err = Some(e);
-                        cursor = Err(RingError::Layout);
-                    }
-                }
-                pool.free(pkt);
-            }
-            if let Ok(cur) = &cursor {
-                queue.set_next_avail(cur.pos);
-                if let Some(r) = self.rx_room.get_mut(qp as usize) {
-                    *r = cur.left;
-                }
-            } else if err.is_some() {
-                // Chains written before the error stay consumed: they are in `self.used`.
-                let n = self.used.len() as u16;
-                let next = queue.next_avail().wrapping_add(n);
-                queue.set_next_avail(next);
+        self.segs.clear();
+        self.chains.clear();
+        let want = avail.min(pkts.len().min(u16::MAX as usize) as u16);
+        ring.prefetch_heads(next, want);
+        for i in 0..want {
+            let start = self.segs.len();
+            match ring
+                .head(next.wrapping_add(i))
+                .and_then(|h| ring.walk(h, true, &mut self.segs).map(|fits| (h, fits)))
+            {
+                Ok((h, true)) => self.chains.push((h, start, self.segs.len())),
+                _ => break,
             }
         }
-        let used_err = self.complete(&mut state, &mem);
+        let pre = Prewalked {
+            base: next,
+            chains: &self.chains,
+            segs: &self.segs,
+        };
+        let mut err = None;
+        for mut pkt in pkts.drain(..) {
+            if cur.left == 0 || err.is_some() {
+                // Ring full (or broken): drop without looking at the packet.
+                stats.dropped_no_buffer += 1;
+                pool.free(pkt);
+                continue;
+            }
+            let hdr = pkt.hdr();
+            if !accepts.contains(hdr.required_offloads()) {
+                stats.dropped_unsupported += 1;
+                pool.free(pkt);
+                continue;
+            }
+            let mut hbytes = [0u8; HDR_LEN_MRG];
+            let mut h = hdr;
+            if !accepts.contains(Offloads::CSUM) {
+                // DATA_VALID is only meaningful with GUEST_CSUM (§5.1.6.4.1).
+                h.flags = 0;
+            }
+            h.write(&mut hbytes[..hdr_len], 1);
+            let frame_len = pkt.frame().len();
+            let parts = Stream {
+                bytes: pkt.with_header(&hbytes[..hdr_len]),
+                has_nb: hdr_len == HDR_LEN_MRG,
+            };
+            let written = write_packet(
+                &ring,
+                &pre,
+                &mut cur,
+                &mem,
+                parts,
+                mergeable,
+                &mut self.used,
+                &mut self.scratch,
+            );
+            match written {
+                Ok(Written::Done) => {
+                    stats.packets += 1;
+                    stats.bytes += frame_len;
+                    stats.gso += usize::from(hdr.is_gso());
+                }
+                Ok(Written::NoBuffers) => {
+                    // The ring is full: the rest of the burst is dropped too, keeping the
+                    // chains for the next burst rather than filling them out of order.
+                    stats.dropped_no_buffer += 1;
+                    cur.left = 0;
+                }
+                Ok(Written::TooBig) => stats.dropped_unsupported += 1,
+                Err(e) => {
+                    stats.dropped_no_buffer += 1;
+                    err = Some(e);
+                }
+            }
+            pool.free(pkt);
+        }
+        // `write_packet` puts back the chains of a packet it could not write, so `cur.pos` is
+        // just past the chains in `self.used`, error or not.
+        queue.set_next_avail(cur.pos);
+        if let Some(r) = self.rx_room.get_mut(qp as usize) {
+            *r = if err.is_some() { 0 } else { cur.left };
+        }
+        let notify = publish_used(&ring, queue, &self.used);
+        if notify {
+            let _ = state.signal_used_queue();
+        }
         drop(state);
-        if let Some(e) = err.or(used_err) {
+        if let Some(e) = err {
             self.mark_broken(qi, e);
         }
         stats
@@ -573,38 +562,26 @@ impl NetQueues {
 
 /// Writes a burst of used elements and then the used index once (§2.7.8): the driver sees the
 /// whole burst at one store-release instead of one per packet, which is what keeps the used
-/// index's cache line from bouncing between the guest and the PMD. Same checks as
-/// `Queue::add_used`.
+/// index's cache line from bouncing between the guest and the PMD. Returns whether the driver
+/// wants to be notified.
 fn publish_used(
+    ring: &SplitRing<'_>,
     queue: &mut virtio_queue::Queue,
-    mem: &vm_memory::GuestMemoryMmap<()>,
     used: &[(u16, u32)],
-) -> Result<(), RingError> {
-    let size = queue.size();
-    let ring = GuestAddress(queue.used_ring());
-    // struct virtq_used: flags u16, idx u16, ring[size] of { id u32, len u32 }, avail_event.
-    let bytes = 4 + 8 * size as usize;
-    let slice = mem
-        .get_slice(ring, bytes)
-        .map_err(|_| RingError::Used("not inside guest memory"))?;
-    let mut next = queue.next_used();
+) -> bool {
+    if used.is_empty() {
+        return false;
+    }
+    let old = queue.next_used();
+    let mut next = old;
     for &(head, len) in used {
-        if head >= size {
-            return Err(RingError::Used("head index past the queue size"));
-        }
-        let elem = u64::from(head) | (u64::from(len) << 32);
-        let off = 4 + 8 * (next % size) as usize;
-        slice
-            .write_obj(elem.to_le(), off)
-            .map_err(|_| RingError::Used("not inside guest memory"))?;
+        // Heads come from `SplitRing::head`, which checked them against the size.
+        ring.put_used(next, head, len);
         next = next.wrapping_add(1);
     }
-    // Elements before the index (release): the driver must never see an index ahead of them.
-    slice
-        .store(next.to_le(), 2, std::sync::atomic::Ordering::Release)
-        .map_err(|_| RingError::Used("not inside guest memory"))?;
+    ring.publish_used(next);
     queue.set_next_used(next);
-    Ok(())
+    needs_interrupt(ring, queue, old)
 }
 
 /// Whether the driver wants an interrupt for the used entries from `old` to the queue's
@@ -612,28 +589,18 @@ fn publish_used(
 /// the inequality Linux uses for batches); without it, unless the driver set
 /// VRING_AVAIL_F_NO_INTERRUPT — a polling driver (DPDK) does, which saves an eventfd write per
 /// burst.
-fn needs_interrupt(
-    queue: &virtio_queue::Queue,
-    mem: &vm_memory::GuestMemoryMmap<()>,
-    old: u16,
-) -> Result<bool, RingError> {
+fn needs_interrupt(ring: &SplitRing<'_>, queue: &virtio_queue::Queue, old: u16) -> bool {
     let new = queue.next_used();
     if new == old {
-        return Ok(false);
+        return false;
     }
     // The used index store must be visible before the driver's event field is read.
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    let avail = GuestAddress(queue.avail_ring());
-    let bad = |_| RingError::Used("event index not inside guest memory");
     if queue.event_idx_enabled() {
-        let at = avail
-            .checked_add(4 + 2 * u64::from(queue.size()))
-            .ok_or(RingError::Layout)?;
-        let used_event = u16::from_le(mem.read_obj::<u16>(at).map_err(bad)?);
-        Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
+        let used_event = ring.used_event();
+        new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
     } else {
-        let flags = u16::from_le(mem.read_obj::<u16>(avail).map_err(bad)?);
-        Ok(flags & 1 == 0)
+        ring.avail_flags() & 1 == 0
     }
 }
 
@@ -702,6 +669,20 @@ fn write_packet(
 ) -> Result<Written, RingError> {
     let bytes = data.bytes;
     let total = bytes.len();
+    // The common case: the packet fits the first buffer of the next gathered chain.
+    let k = cur.pos.wrapping_sub(pre.base) as usize;
+    if let Some(&(head, first, _)) = pre.chains.get(k) {
+        let seg = pre.segs[first];
+        if seg.host != 0 && total <= seg.len as usize && cur.left > 0 {
+            // SAFETY: `seg.host..+seg.len` was checked to be a mapping of guest memory when the
+            // chain was walked, under the guard our caller holds for the whole burst.
+            unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), seg.host as *mut u8, total) };
+            used.push((head, total as u32));
+            cur.pos = cur.pos.wrapping_add(1);
+            cur.left -= 1;
+            return Ok(Written::Done);
+        }
+    }
     let mut pos = 0usize;
     let first_used = used.len();
     let start = (cur.pos, cur.left);
@@ -722,9 +703,10 @@ fn write_packet(
             Some(&(h, a, b)) => (h, &pre.segs[a..b]),
             None => {
                 segs.clear();
+                // `segs` is empty, so any chain fits (`walk` returns true).
                 match ring
                     .head(cur.pos)
-                    .and_then(|h| ring.walk(h, true, segs).map(|()| h))
+                    .and_then(|h| ring.walk(h, true, segs).map(|_| h))
                 {
                     Ok(h) => (h, &segs[..]),
                     Err(e) => {
@@ -744,14 +726,12 @@ fn write_packet(
             }
             let n = (seg.len as usize).min(total - pos);
             let src = &bytes[pos..pos + n];
-            // SAFETY: `mem` is the guard the chain was walked under, held by our caller for the
-            // whole burst.
-            let copied = match unsafe { seg.slice() } {
-                Some(s) => {
-                    s.copy_from(src);
-                    true
-                }
-                None => write_guest(mem, GuestAddress(seg.addr), src),
+            let copied = if seg.host != 0 {
+                // SAFETY: as for the fast path above; `n <= seg.len`.
+                unsafe { ptr::copy_nonoverlapping(src.as_ptr(), seg.host as *mut u8, n) };
+                true
+            } else {
+                write_guest(mem, GuestAddress(seg.addr), src)
             };
             if !copied {
                 rollback(cur, used);

@@ -1,17 +1,25 @@
-//! Split virtqueue access for the data path (virtio 1.2 §2.7): the descriptor table and avail
-//! ring are translated once per burst into bounds-checked slices of guest memory, chains are
-//! walked with every guest-controlled field checked, and buffer addresses are prefetched while
-//! the chains of a burst are gathered, so the copies that follow do not stall on one cache
-//! miss after another.
-
-use std::sync::atomic::Ordering;
+//! Split virtqueue access for the data path (virtio 1.2 §2.7).
+//!
+//! The three ring areas of a queue are translated to host addresses once per memory table and
+//! ring layout ([`RingMap`]), not once per burst. Avail entries and descriptors are then read,
+//! and used entries written, through raw pointers into that mapping: every index is reduced
+//! modulo the (power-of-two) queue size and every guest-controlled field is checked before it
+//! is used, so no access can leave the translated areas. Buffer addresses go through a
+//! one-entry region cache. This module holds all raw-pointer access to rings; the data copies
+//! in `queue.rs` use the host addresses of [`Seg`]s checked here.
+//!
+//! Chains are walked with every guest-controlled field checked, bounded by the queue size (or
+//! the indirect table's length), and buffer addresses are prefetched while the chains of a
+//! burst are gathered, so the copies that follow do not stall on one cache miss after another.
 
 use std::cell::Cell;
-use virtio_queue::QueueT;
+use std::ptr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 
+use virtio_queue::QueueT;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress, VolatileSlice,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
 
 use crate::queue::RingError;
@@ -20,8 +28,12 @@ const DESC_LEN: usize = 16;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
+/// Used ring flag: the device does not want to be notified of new buffers (§2.7.10).
+const USED_F_NO_NOTIFY: u16 = 1;
 /// Most descriptors an indirect table may hold (a queue never needs more than its size).
 const MAX_INDIRECT: usize = crate::backend::MAX_QUEUE_SIZE;
+/// Most buffers one chain can have: a full direct chain ending in a full indirect table.
+pub(crate) const MAX_CHAIN: usize = crate::backend::MAX_QUEUE_SIZE + MAX_INDIRECT;
 
 /// One buffer of a chain.
 #[derive(Clone, Copy, Debug)]
@@ -30,75 +42,147 @@ pub(crate) struct Seg {
     pub len: u32,
     /// Where the buffer is mapped in this process, when it lies in one memory region (0
     /// otherwise). Valid only while the burst's guest memory guard is held.
-    host: usize,
+    pub host: usize,
 }
 
-impl Seg {
-    /// The buffer as a slice of guest memory, if it lies in one region.
-    ///
-    /// # Safety
-    /// The guest memory guard under which the chain was walked must still be held, so that the
-    /// mapping `host` points into is alive.
-    #[inline]
-    pub(crate) unsafe fn slice<'a>(&self) -> Option<VolatileSlice<'a, ()>> {
-        if self.host == 0 {
-            return None;
+/// Host addresses of one queue's descriptor table, avail ring and used ring, and the guest
+/// layout they were translated from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RingMap {
+    layout: (u64, u64, u64, u16),
+    desc: usize,
+    avail: usize,
+    used: usize,
+}
+
+impl RingMap {
+    fn layout_of(queue: &virtio_queue::Queue) -> (u64, u64, u64, u16) {
+        (
+            queue.desc_table(),
+            queue.avail_ring(),
+            queue.used_ring(),
+            queue.size(),
+        )
+    }
+
+    /// Translates the ring areas of `queue`. Fails if any lies outside guest memory (or across
+    /// two regions), or is not aligned as §2.7 requires (16, 2 and 4 bytes).
+    fn new(mem: &GuestMemoryMmap<()>, queue: &virtio_queue::Queue) -> Result<Self, RingError> {
+        let layout = Self::layout_of(queue);
+        let (desc, avail, used, size) = layout;
+        if size == 0 || !size.is_power_of_two() || size as usize > crate::backend::MAX_QUEUE_SIZE {
+            return Err(RingError::Layout);
         }
-        // SAFETY: `host..host+len` was a VolatileSlice of a live mapping when walked, and the
-        // caller guarantees the mapping is still alive.
-        Some(unsafe { VolatileSlice::new(self.host as *mut u8, self.len as usize) })
+        let size = size as usize;
+        let area = |addr: u64, len: usize, align: usize| {
+            let s = mem
+                .get_slice(GuestAddress(addr), len)
+                .map_err(|_| RingError::Layout)?;
+            let p = s.ptr_guard().as_ptr() as usize;
+            if !p.is_multiple_of(align) {
+                return Err(RingError::Layout);
+            }
+            Ok(p)
+        };
+        Ok(RingMap {
+            layout,
+            desc: area(desc, DESC_LEN * size, 16)?,
+            // struct virtq_avail: flags, idx, ring[size], used_event.
+            avail: area(avail, 6 + 2 * size, 2)?,
+            // struct virtq_used: flags, idx, ring[size] of {id u32, len u32}, avail_event.
+            used: area(used, 6 + 8 * size, 4)?,
+        })
     }
 }
 
-/// The descriptor table and avail ring of one queue, valid for one burst.
+/// Ring translations of a device's queues, tied to the memory table they were made under.
+pub(crate) struct RingMaps {
+    /// The memory table the maps point into. Holding it keeps those mappings alive and makes the
+    /// identity check in [`RingMaps::get`] sound (its address cannot be reused while held).
+    mem: Option<Arc<GuestMemoryMmap<()>>>,
+    maps: Vec<Option<RingMap>>,
+}
+
+impl RingMaps {
+    pub(crate) fn new(queues: usize) -> Self {
+        RingMaps {
+            mem: None,
+            maps: vec![None; queues],
+        }
+    }
+
+    /// Forgets every translation (new connection).
+    pub(crate) fn clear(&mut self) {
+        self.mem = None;
+        self.maps.iter_mut().for_each(|m| *m = None);
+    }
+
+    /// The ring view of queue `qi` under `mem` (the guard held for the whole burst): translated
+    /// again only if the memory table or the queue's ring addresses changed since last time.
+    pub(crate) fn get<'m>(
+        &mut self,
+        mem: &'m vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
+        qi: usize,
+        queue: &virtio_queue::Queue,
+    ) -> Result<SplitRing<'m>, RingError> {
+        let table: &'m GuestMemoryMmap<()> = mem;
+        if !self
+            .mem
+            .as_ref()
+            .is_some_and(|a| ptr::eq(Arc::as_ptr(a), table))
+        {
+            self.mem = Some(mem.clone().into_inner());
+            self.maps.iter_mut().for_each(|m| *m = None);
+        }
+        let slot = self.maps.get_mut(qi).ok_or(RingError::Layout)?;
+        let map = match slot {
+            Some(m) if m.layout == RingMap::layout_of(queue) => *m,
+            _ => {
+                let m = RingMap::new(table, queue)?;
+                *slot = Some(m);
+                m
+            }
+        };
+        Ok(SplitRing {
+            mem: table,
+            map,
+            mask: map.layout.3 - 1,
+            size: map.layout.3,
+            last_region: Cell::new((0, 0, 0)),
+        })
+    }
+}
+
+/// One queue's rings, valid for one burst (while the memory guard `'m` is held).
 pub(crate) struct SplitRing<'m> {
     mem: &'m GuestMemoryMmap<()>,
-    desc: VolatileSlice<'m, ()>,
-    avail: VolatileSlice<'m, ()>,
+    map: RingMap,
     size: u16,
+    mask: u16,
     /// The guest memory region the last buffer was found in: (guest start, length, host
     /// address). Buffers of a burst nearly always share a region, so this spares a region
     /// search per buffer.
     last_region: Cell<(u64, u64, usize)>,
 }
 
+// All raw accesses below stay inside the areas `RingMap::new` translated: the avail ring is
+// 6 + 2 * size bytes and 2-aligned, the descriptor table 16 * size bytes and 16-aligned, the
+// used ring 6 + 8 * size bytes and 4-aligned, and `size` is a power of two, so every offset
+// computed from an index masked with `size - 1` is in bounds and aligned. The mapping is alive
+// because `'m` borrows the memory guard it was translated under (see `RingMaps::get`).
 impl<'m> SplitRing<'m> {
-    /// Translates the ring areas of `queue`; fails if any lies outside guest memory.
-    pub(crate) fn new(
-        mem: &'m GuestMemoryMmap<()>,
-        queue: &virtio_queue::Queue,
-    ) -> Result<Self, RingError> {
-        let size = queue.size();
-        if size == 0 || !size.is_power_of_two() {
-            return Err(RingError::Layout);
-        }
-        let desc = mem
-            .get_slice(GuestAddress(queue.desc_table()), DESC_LEN * size as usize)
-            .map_err(|_| RingError::Layout)?;
-        // struct virtq_avail: flags, idx, ring[size], used_event.
-        let avail = mem
-            .get_slice(GuestAddress(queue.avail_ring()), 6 + 2 * size as usize)
-            .map_err(|_| RingError::Layout)?;
-        // The used ring is written through its own slice (see `publish_used`); check it here
-        // so that a bad one is found before anything is consumed.
-        mem.get_slice(GuestAddress(queue.used_ring()), 6 + 8 * size as usize)
-            .map_err(|_| RingError::Layout)?;
-        Ok(SplitRing {
-            mem,
-            desc,
-            avail,
-            size,
-            last_region: Cell::new((0, 0, 0)),
-        })
+    #[inline]
+    fn avail_u16(&self, off: usize) -> u16 {
+        // SAFETY: see the comment on this impl; callers pass offsets inside the avail ring.
+        u16::from_le(unsafe { ptr::read_volatile((self.map.avail + off) as *const u16) })
     }
 
     /// Chains the driver made available since `next_avail` (§2.7.6), checked against the size.
+    #[inline]
     pub(crate) fn pending(&self, next_avail: u16) -> Result<u16, RingError> {
-        let idx: u16 = self
-            .avail
-            .load(2, Ordering::Acquire)
-            .map_err(|_| RingError::Layout)?;
-        let n = u16::from_le(idx).wrapping_sub(next_avail);
+        // SAFETY: `idx` is at offset 2 of the 2-aligned avail ring (see this impl's comment).
+        let idx = unsafe { AtomicU16::from_ptr((self.map.avail + 2) as *mut u16) };
+        let n = u16::from_le(idx.load(Ordering::Acquire)).wrapping_sub(next_avail);
         if n > self.size {
             return Err(RingError::AvailIdx(n, self.size));
         }
@@ -106,10 +190,9 @@ impl<'m> SplitRing<'m> {
     }
 
     /// The head index at avail position `pos`.
+    #[inline]
     pub(crate) fn head(&self, pos: u16) -> Result<u16, RingError> {
-        let off = 4 + 2 * (pos % self.size) as usize;
-        let h: u16 = self.avail.read_obj(off).map_err(|_| RingError::Layout)?;
-        let h = u16::from_le(h);
+        let h = self.avail_u16(4 + 2 * (pos & self.mask) as usize);
         if h >= self.size {
             return Err(RingError::Chain(h));
         }
@@ -118,89 +201,191 @@ impl<'m> SplitRing<'m> {
 
     /// Prefetches the head descriptors of the `n` chains from avail position `pos`, so the
     /// walks that follow find them in cache instead of missing on each in turn.
+    #[inline]
     pub(crate) fn prefetch_heads(&self, pos: u16, n: u16) {
         for i in 0..n {
-            if let Ok(h) = self.head(pos.wrapping_add(i)) {
-                if let Ok(d) = self.desc.subslice(h as usize * DESC_LEN, DESC_LEN) {
-                    prefetch(&d);
-                }
+            let h = self.avail_u16(4 + 2 * (pos.wrapping_add(i) & self.mask) as usize);
+            prefetch(self.map.desc + DESC_LEN * (h & self.mask) as usize);
+        }
+    }
+
+    /// The avail ring's flags (VRING_AVAIL_F_NO_INTERRUPT) and, with EVENT_IDX, `used_event`.
+    #[inline]
+    pub(crate) fn avail_flags(&self) -> u16 {
+        self.avail_u16(0)
+    }
+
+    #[inline]
+    pub(crate) fn used_event(&self) -> u16 {
+        self.avail_u16(4 + 2 * self.size as usize)
+    }
+
+    /// Writes used element `(head, len)` at used position `pos` (not yet visible: see
+    /// [`SplitRing::publish_used`]).
+    #[inline]
+    pub(crate) fn put_used(&self, pos: u16, head: u16, len: u32) {
+        let at = self.map.used + 4 + 8 * (pos & self.mask) as usize;
+        // SAFETY: the element is inside the 4-aligned used ring (see this impl's comment).
+        unsafe {
+            ptr::write_volatile(at as *mut u32, u32::from(head).to_le());
+            ptr::write_volatile((at + 4) as *mut u32, len.to_le());
+        }
+    }
+
+    /// Makes the used elements before `idx` visible to the driver (store-release of the used
+    /// index: the driver must never see an index ahead of its elements).
+    #[inline]
+    pub(crate) fn publish_used(&self, idx: u16) {
+        // SAFETY: `idx` is at offset 2 of the 4-aligned used ring.
+        let at = unsafe { AtomicU16::from_ptr((self.map.used + 2) as *mut u16) };
+        at.store(idx.to_le(), Ordering::Release);
+    }
+
+    /// Asks the driver not to notify (kick) us after adding buffers (§2.7.10: the used ring's
+    /// VRING_USED_F_NO_NOTIFY): a polling PMD needs no kicks, and each costs the driver a
+    /// syscall and us a wakeup of the kick thread. With EVENT_IDX the flag means nothing;
+    /// there the driver stops kicking once it passes the `avail_event` we last wrote (only
+    /// moved by [`NetQueues::set_tx_notifications`](crate::NetQueues::set_tx_notifications)).
+    /// Checked every burst, as a driver that resets its rings clears the flag.
+    #[inline]
+    pub(crate) fn suppress_notifications(&self, event_idx: bool) {
+        if event_idx {
+            return;
+        }
+        let at = self.map.used as *mut u16;
+        // SAFETY: `flags` is at offset 0 of the 4-aligned used ring (see this impl's comment).
+        unsafe {
+            if u16::from_le(ptr::read_volatile(at)) & USED_F_NO_NOTIFY == 0 {
+                ptr::write_volatile(at, USED_F_NO_NOTIFY.to_le());
             }
         }
     }
 
     /// Walks the chain at `head`, appending its buffers to `segs` and prefetching each one.
     /// `writable`: the device writes (RX) or reads (TX) every buffer. Bounded by the queue size
-    /// (or the indirect table's length), so a loop ends as an error, not a hang.
+    /// (or the indirect table's length), so a loop ends as an error, not a hang. Never grows
+    /// `segs`: if the chain does not fit in its spare capacity, `Ok(false)` (and `segs` is as
+    /// before); a chain always fits in an empty `segs` of capacity [`MAX_CHAIN`].
+    #[inline]
     pub(crate) fn walk(
         &self,
         head: u16,
         writable: bool,
         segs: &mut Vec<Seg>,
-    ) -> Result<(), RingError> {
-        let mut table = self.desc;
-        let mut table_len = self.size as usize;
+    ) -> Result<bool, RingError> {
+        let d = self.desc(head as usize);
+        let want = if writable { F_WRITE } else { 0 };
+        if d.flags == want {
+            // The common case: one buffer of the right direction.
+            return match self.host_addr(d.addr, d.len) {
+                Some(host) if segs.len() < segs.capacity() => {
+                    prefetch(host);
+                    segs.push(Seg {
+                        addr: d.addr,
+                        len: d.len,
+                        host,
+                    });
+                    Ok(true)
+                }
+                Some(_) => Ok(false),
+                None => self.walk_general(head, writable, segs),
+            };
+        }
+        self.walk_general(head, writable, segs)
+    }
+
+    /// Descriptor `idx` (< size) of the ring's own table.
+    #[inline]
+    fn desc(&self, idx: usize) -> Desc {
+        // SAFETY: callers pass idx < size; the table is 16-aligned and 16 * size bytes long.
+        unsafe { Desc::load(self.map.desc + DESC_LEN * (idx & self.mask as usize)) }
+    }
+
+    #[cold]
+    fn walk_general(
+        &self,
+        head: u16,
+        writable: bool,
+        segs: &mut Vec<Seg>,
+    ) -> Result<bool, RingError> {
+        let start = segs.len();
+        let r = self.walk_chain(head, writable, segs);
+        if !matches!(r, Ok(true)) {
+            segs.truncate(start);
+        }
+        r
+    }
+
+    fn walk_chain(
+        &self,
+        head: u16,
+        writable: bool,
+        segs: &mut Vec<Seg>,
+    ) -> Result<bool, RingError> {
+        // The table being walked: (host address, entries). Starts as the ring's own.
+        let mut table = (self.map.desc, self.size as usize);
         let mut idx = head as usize;
-        let mut ttl = table_len;
+        let mut ttl = table.1;
         let mut indirect = false;
         loop {
-            if idx >= table_len || ttl == 0 {
+            if idx >= table.1 || ttl == 0 {
                 return Err(RingError::Chain(head));
             }
             ttl -= 1;
-            let raw: [u8; DESC_LEN] = table
-                .read_obj(idx * DESC_LEN)
-                .map_err(|_| RingError::Chain(head))?;
-            let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap());
-            let len = u32::from_le_bytes(raw[8..12].try_into().unwrap());
-            let flags = u16::from_le_bytes(raw[12..14].try_into().unwrap());
-            let next = u16::from_le_bytes(raw[14..16].try_into().unwrap());
-            if flags & F_INDIRECT != 0 {
+            // SAFETY: idx < table.1, and table.0 maps table.1 descriptors: the ring's own
+            // table (see this impl's comment) or an indirect table checked below.
+            let d = unsafe { Desc::load(table.0 + DESC_LEN * idx) };
+            if d.flags & F_INDIRECT != 0 {
                 // §2.7.5.3.1: no nested tables, no NEXT with INDIRECT, whole descriptors only.
-                let n = len as usize / DESC_LEN;
+                let n = d.len as usize / DESC_LEN;
                 if indirect
-                    || flags & F_NEXT != 0
-                    || !(len as usize).is_multiple_of(DESC_LEN)
+                    || d.flags & F_NEXT != 0
+                    || !(d.len as usize).is_multiple_of(DESC_LEN)
                     || n == 0
                     || n > MAX_INDIRECT
                 {
                     return Err(RingError::Chain(head));
                 }
-                table = self
-                    .mem
-                    .get_slice(GuestAddress(addr), len as usize)
-                    .map_err(|_| RingError::Chain(head))?;
-                table_len = n;
+                let host = self
+                    .host_addr(d.addr, d.len)
+                    .ok_or(RingError::Chain(head))?;
+                table = (host, n);
                 ttl = n;
                 idx = 0;
                 indirect = true;
                 continue;
             }
-            if (flags & F_WRITE != 0) != writable {
+            if (d.flags & F_WRITE != 0) != writable {
                 return Err(if writable {
                     RingError::Direction("device-readable", "receive")
                 } else {
                     RingError::Direction("device-writable", "transmit")
                 });
             }
-            let host = match self.host_addr(addr, len) {
+            let host = match self.host_addr(d.addr, d.len) {
                 Some(h) => {
-                    prefetch_ptr(h);
+                    prefetch(h);
                     h
                 }
                 // A buffer across two regions is still fine; the copy takes the slow path.
-                None if addr.checked_add(len as u64).is_some() => 0,
-                None => return Err(RingError::Address(addr, len)),
+                None if d.addr.checked_add(u64::from(d.len)).is_some() => 0,
+                None => return Err(RingError::Address(d.addr, d.len)),
             };
-            segs.push(Seg { addr, len, host });
-            if flags & F_NEXT == 0 {
-                return Ok(());
+            if segs.len() == segs.capacity() {
+                return Ok(false);
             }
-            idx = next as usize;
+            segs.push(Seg {
+                addr: d.addr,
+                len: d.len,
+                host,
+            });
+            if d.flags & F_NEXT == 0 {
+                return Ok(true);
+            }
+            idx = d.next as usize;
         }
     }
-}
 
-impl SplitRing<'_> {
     /// Where guest range `addr..addr+len` is mapped here, if it lies inside one region.
     #[inline]
     fn host_addr(&self, addr: u64, len: u32) -> Option<usize> {
@@ -211,6 +396,11 @@ impl SplitRing<'_> {
         if let Some(h) = inside(self.last_region.get()) {
             return Some(h);
         }
+        self.host_addr_slow(addr, len)
+    }
+
+    #[cold]
+    fn host_addr_slow(&self, addr: u64, len: u32) -> Option<usize> {
         let r = self.mem.find_region(GuestAddress(addr))?;
         let whole = r.get_slice(MemoryRegionAddress(0), r.len() as usize).ok()?;
         let entry = (
@@ -219,32 +409,64 @@ impl SplitRing<'_> {
             whole.ptr_guard().as_ptr() as usize,
         );
         self.last_region.set(entry);
-        inside(entry)
+        let off = addr - entry.0;
+        (u64::from(len) <= entry.1 - off).then(|| entry.2 + off as usize)
+    }
+}
+
+/// A descriptor as read from guest memory (§2.7.5), fields in host order.
+#[derive(Clone, Copy)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+impl Desc {
+    /// Reads the descriptor at host address `at` once (the guest may change it meanwhile; every
+    /// field is checked after this copy, never read again).
+    ///
+    /// # Safety
+    /// `at..at+16` must be inside a live mapping of guest memory.
+    #[inline]
+    unsafe fn load(at: usize) -> Desc {
+        let (lo, hi) = if at.is_multiple_of(8) {
+            // SAFETY: in bounds by the caller's contract, 8-aligned as checked.
+            unsafe {
+                (
+                    ptr::read_volatile(at as *const u64),
+                    ptr::read_volatile((at + 8) as *const u64),
+                )
+            }
+        } else {
+            // An indirect table at an odd address: byte by byte.
+            let mut b = [0u8; DESC_LEN];
+            for (i, v) in b.iter_mut().enumerate() {
+                // SAFETY: in bounds by the caller's contract; bytes need no alignment.
+                *v = unsafe { ptr::read_volatile((at + i) as *const u8) };
+            }
+            (
+                u64::from_ne_bytes(b[..8].try_into().unwrap_or_default()),
+                u64::from_ne_bytes(b[8..].try_into().unwrap_or_default()),
+            )
+        };
+        let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
+        Desc {
+            addr: lo,
+            len: hi as u32,
+            flags: (hi >> 32) as u16,
+            next: (hi >> 48) as u16,
+        }
     }
 }
 
 #[inline]
-fn prefetch_ptr(p: usize) {
+fn prefetch(p: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is only a hint; it never faults or changes memory.
     unsafe {
         std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
-#[inline]
-fn prefetch(s: &VolatileSlice<'_, ()>) {
-    if s.is_empty() {
-        return;
-    }
-    let p = s.ptr_guard();
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is only a hint; it never faults or changes memory, and the address is
-    // inside a live mapping of guest memory anyway.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch(p.as_ptr() as *const i8, std::arch::x86_64::_MM_HINT_T0);
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
