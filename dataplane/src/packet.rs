@@ -7,22 +7,32 @@ use torii_vhost_user_net::{BufPool, NetBuf, VirtioNetHdr};
 pub const HEADROOM: usize = 64;
 /// Largest frame: a 64 KiB GSO packet with its Ethernet and VLAN headers.
 pub const MAX_FRAME: usize = torii_vhost_user_net::MAX_FRAME;
-/// Size of each buffer.
-pub const BUF_SIZE: usize = HEADROOM + MAX_FRAME;
+/// Buffers differ in where their headroom starts, in steps of a cache line over one page
+/// ("colouring"): every buffer is larger than a page, so without it the first bytes of all
+/// buffers — the ones every packet touches — would fall in the same few L1 cache sets and
+/// evict each other within a burst.
+const COLOURS: usize = 64;
+const COLOUR_STEP: usize = 64;
 
 /// One frame and its offload metadata (the virtio-net header, which is also a tap's).
 pub struct Packet {
     buf: Box<[u8]>,
+    /// Where this buffer's frames start when there is no header in front: HEADROOM plus its
+    /// colour.
+    home: usize,
     off: usize,
     len: usize,
     hdr: VirtioNetHdr,
 }
 
 impl Packet {
-    fn new() -> Self {
+    /// Buffer `i` of a pool.
+    fn new(i: usize) -> Self {
+        let home = HEADROOM + (i % COLOURS) * COLOUR_STEP;
         Packet {
-            buf: vec![0u8; BUF_SIZE].into_boxed_slice(),
-            off: HEADROOM,
+            buf: vec![0u8; home + MAX_FRAME].into_boxed_slice(),
+            home,
+            off: home,
             len: 0,
             hdr: VirtioNetHdr::default(),
         }
@@ -51,10 +61,10 @@ impl Packet {
     /// Copies `frame` in with no offload metadata.
     pub fn fill(&mut self, frame: &[u8]) {
         let len = frame.len().min(MAX_FRAME);
-        self.off = HEADROOM;
+        self.off = self.home;
         self.len = len;
         self.hdr = VirtioNetHdr::default();
-        self.buf[HEADROOM..HEADROOM + len].copy_from_slice(&frame[..len]);
+        self.buf[self.home..self.home + len].copy_from_slice(&frame[..len]);
     }
 
     /// The frame preceded by `prefix` bytes of headroom, which the caller fills (a tap's vnet
@@ -66,12 +76,12 @@ impl Packet {
 
     /// The buffer for a read that will place a `prefix`-byte header then the frame.
     pub fn read_area(&mut self, prefix: usize) -> &mut [u8] {
-        &mut self.buf[HEADROOM - prefix..]
+        &mut self.buf[self.home - prefix..]
     }
 
     /// After a read into `read_area(prefix)` of `n` bytes, the header was the first `prefix`.
     pub fn set_read(&mut self, prefix: usize, n: usize, hdr: VirtioNetHdr) {
-        self.off = HEADROOM;
+        self.off = self.home;
         self.len = n.saturating_sub(prefix);
         self.hdr = hdr;
     }
@@ -79,12 +89,12 @@ impl Packet {
 
 impl NetBuf for Packet {
     fn raw_mut(&mut self) -> &mut [u8] {
-        // The virtio header lands in the headroom's tail so the frame starts at HEADROOM.
-        &mut self.buf[HEADROOM - torii_vhost_user_net::hdr::HDR_LEN_MRG..]
+        // The virtio header lands in the headroom's tail so the frame starts at `home`.
+        &mut self.buf[self.home - torii_vhost_user_net::hdr::HDR_LEN_MRG..]
     }
 
     fn set_frame(&mut self, hdr: VirtioNetHdr, offset: usize, len: usize) {
-        self.off = HEADROOM - torii_vhost_user_net::hdr::HDR_LEN_MRG + offset;
+        self.off = self.home - torii_vhost_user_net::hdr::HDR_LEN_MRG + offset;
         self.len = len;
         self.hdr = hdr;
     }
@@ -98,7 +108,7 @@ impl NetBuf for Packet {
     }
 
     fn with_header(&mut self, hdr: &[u8]) -> &[u8] {
-        // `off` never goes below HEADROOM - 12 (virtio header of a received chain), and the
+        // `off` never goes below home - 12 (virtio header of a received chain), and the
         // header is at most 12 bytes.
         let area = self
             .with_prefix(hdr.len())
@@ -117,7 +127,7 @@ pub struct PacketPool {
 impl PacketPool {
     pub fn new(size: usize) -> Self {
         PacketPool {
-            free: (0..size).map(|_| Packet::new()).collect(),
+            free: (0..size).map(Packet::new).collect(),
             size,
         }
     }
@@ -142,7 +152,7 @@ impl BufPool for PacketPool {
     #[inline]
     fn free(&mut self, mut p: Packet) {
         p.len = 0;
-        p.off = HEADROOM;
+        p.off = p.home;
         p.hdr = VirtioNetHdr::default();
         if self.free.len() < self.size {
             self.free.push(p);

@@ -264,7 +264,6 @@ impl NetQueues {
                 return stats;
             }
         };
-        ring.suppress_notifications(queue.event_idx_enabled());
         let next = queue.next_avail();
         let n = match ring.pending(next) {
             Ok(0) => return stats,
@@ -457,8 +456,6 @@ impl NetQueues {
                 return stats;
             }
         };
-        // Receive buffers are only looked at when there is a packet for them: no kicks.
-        ring.suppress_notifications(queue.event_idx_enabled());
         let mut cur = Cursor {
             pos: next,
             left: avail,
@@ -581,6 +578,10 @@ fn publish_used(
     }
     ring.publish_used(next);
     queue.set_next_used(next);
+    // Here rather than before the burst: the used ring's first line is now ours anyway. (Receive
+    // buffers are only looked at when there is a packet for them, and transmit queues are
+    // polled, so neither wants kicks; `set_tx_notifications` asks for them before a sleep.)
+    ring.suppress_notifications(queue.event_idx_enabled());
     needs_interrupt(ring, queue, old)
 }
 
