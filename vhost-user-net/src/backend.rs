@@ -33,7 +33,10 @@ fn bit(b: u32) -> u64 {
 /// vhost-user the control queue is emulated by the frontend (QEMU, DPDK virtio-user), which
 /// enables queue pairs with SET_VRING_ENABLE.
 pub fn offered_features(queue_pairs: u16) -> u64 {
+    // IN_ORDER (§2.7.9): the data path always uses chains in the order they were made
+    // available, dropped packets and multi-chain (MRG_RXBUF) packets included.
     let mut f = bit(VIRTIO_F_VERSION_1)
+        | bit(virtio_bindings::virtio_config::VIRTIO_F_IN_ORDER)
         | bit(VIRTIO_RING_F_INDIRECT_DESC)
         | bit(VIRTIO_RING_F_EVENT_IDX)
         | bit(vn::VIRTIO_NET_F_MAC)

@@ -67,6 +67,8 @@ pub const MAX_QUEUE_PAIRS: u16 = 16;
 pub(crate) struct Connection {
     pub(crate) vrings: Vec<VringRwLock<GuestMem>>,
     pub(crate) mem: GuestMem,
+    /// Bumped by the handler after every change of `mem`.
+    pub(crate) mem_generation: Arc<AtomicU64>,
     pub(crate) backend: Arc<NetBackend>,
 }
 
@@ -321,16 +323,12 @@ fn serve_one(
     }
     .map_err(|e| format!("cannot connect on {}: {e}", cfg.socket.display()))?;
     let handler = ConnHandler::new(shared.clone()).map_err(|e| e.to_string())?;
-    let (vrings, mem, backend) = handler.parts();
+    let parts = handler.parts();
     let conn = stream.try_clone().map_err(|e| e.to_string())?;
     let mut session = Session::new(stream, handler);
 
     shared.broken.lock().unwrap().clear();
-    shared.publish(Some(Arc::new(Connection {
-        vrings,
-        mem,
-        backend,
-    })));
+    shared.publish(Some(Arc::new(parts)));
     shared.connections.fetch_add(1, Ordering::AcqRel);
     shared.connected.store(true, Ordering::Release);
     tracing::info!(port = %cfg.name, socket = %cfg.socket.display(), "frontend connected");

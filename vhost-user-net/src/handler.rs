@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -75,6 +76,9 @@ struct Mapping {
 pub(crate) struct ConnHandler {
     backend: Arc<NetBackend>,
     mem: GuestMem,
+    /// Bumped after every change of `mem`: the PMD keeps its own reference to the table (and
+    /// ring translations made under it) until this moves.
+    mem_generation: Arc<AtomicU64>,
     vrings: Vec<VringRwLock<GuestMem>>,
     mappings: Vec<Mapping>,
     acked_features: u64,
@@ -93,6 +97,7 @@ impl ConnHandler {
         Ok(ConnHandler {
             backend,
             mem,
+            mem_generation: Arc::new(AtomicU64::new(0)),
             vrings,
             mappings: Vec::new(),
             acked_features: 0,
@@ -101,8 +106,20 @@ impl ConnHandler {
         })
     }
 
-    pub(crate) fn parts(&self) -> (Vec<VringRwLock<GuestMem>>, GuestMem, Arc<NetBackend>) {
-        (self.vrings.clone(), self.mem.clone(), self.backend.clone())
+    /// What the PMD needs of this connection.
+    pub(crate) fn parts(&self) -> crate::device::Connection {
+        crate::device::Connection {
+            vrings: self.vrings.clone(),
+            mem: self.mem.clone(),
+            mem_generation: self.mem_generation.clone(),
+            backend: self.backend.clone(),
+        }
+    }
+
+    /// Installs a new memory table; the PMD picks it up at its next burst.
+    fn set_mem(&self, mem: GuestMemoryMmap) {
+        self.mem.lock().unwrap().replace(mem);
+        self.mem_generation.fetch_add(1, Ordering::Release);
     }
 
     fn vring(&self, index: u32) -> Result<&VringRwLock<GuestMem>> {
@@ -188,8 +205,7 @@ impl ConnHandler {
         }
         let mem =
             GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Io(io::Error::other(e)))?;
-        // The PMD loads the memory per burst, so it sees the new table on its next one.
-        self.mem.lock().unwrap().replace(mem);
+        self.set_mem(mem);
         self.mappings = regions
             .iter()
             .map(|r| Mapping {
@@ -320,7 +336,7 @@ impl ConnHandler {
             .memory()
             .insert_region(r)
             .map_err(|e| Error::Io(io::Error::other(e)))?;
-        self.mem.lock().unwrap().replace(mem);
+        self.set_mem(mem);
         self.mappings.push(Mapping {
             vmm_addr: region.user_addr,
             size: region.size,
@@ -335,7 +351,7 @@ impl ConnHandler {
             .memory()
             .remove_region(GuestAddress(region.gpa), region.size)
             .map_err(|e| Error::Io(io::Error::other(e)))?;
-        self.mem.lock().unwrap().replace(mem);
+        self.set_mem(mem);
         self.mappings.retain(|m| m.gpa != region.gpa);
         Ok(())
     }

@@ -15,7 +15,7 @@ use vhost_user_backend::VringT;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::QueueT;
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::device::{Connection, DeviceShared};
 use crate::hdr::{Offloads, VirtioNetHdr, HDR_LEN_LEGACY, HDR_LEN_MRG};
@@ -248,7 +248,7 @@ impl NetQueues {
         let features = conn.backend.acked_features();
         let hdr_len = Self::hdr_len(features);
         let allowed = Offloads::guest_tx_from_features(features);
-        let mem = conn.mem.memory();
+        let in_order = features & (1 << virtio_bindings::virtio_config::VIRTIO_F_IN_ORDER) != 0;
         let mut state = conn.vrings[qi].get_mut();
         if !(state.get_queue().ready() && state.is_enabled()) {
             return stats;
@@ -256,7 +256,7 @@ impl NetQueues {
         let queue = state.get_queue_mut();
         // The three ring areas (§2.7: 16*size, 6+2*size and 6+8*size bytes) must lie in guest
         // memory, or an unreadable avail entry would look like an empty ring.
-        let ring = match self.maps.get(&mem, qi, queue) {
+        let ring = match self.maps.get(conn, qi, queue) {
             Ok(r) => r,
             Err(e) => {
                 drop(state);
@@ -314,7 +314,7 @@ impl NetQueues {
                 let dst = &mut raw[off..off + len];
                 let copied = if seg.host != 0 {
                     // SAFETY: `seg.host..+len` was checked to be a mapping of guest memory
-                    // when the chain was walked, under `mem`, which is held until the end of
+                    // when the chain was walked, in the table `ring` borrows until the end of
                     // this function; `dst` is our own buffer of `len` bytes. The guest may
                     // write the source meanwhile: the bytes are parsed from our copy only.
                     unsafe {
@@ -322,7 +322,7 @@ impl NetQueues {
                     };
                     true
                 } else {
-                    read_guest(&mem, GuestAddress(seg.addr), dst)
+                    read_guest(ring.mem(), GuestAddress(seg.addr), dst)
                 };
                 if !copied {
                     bad = Some(RingError::Address(seg.addr, seg.len));
@@ -358,7 +358,7 @@ impl NetQueues {
             out.push(buf);
         }
         queue.set_next_avail(next.wrapping_add(consumed));
-        let notify = publish_used(&ring, queue, &self.used);
+        let notify = publish_used(&ring, queue, &self.used, in_order);
         if notify {
             let _ = state.signal_used_queue();
         }
@@ -388,7 +388,6 @@ impl NetQueues {
             // Enough chains were left over by the last burst: no need to look at the ring.
             return known;
         }
-        let mem = conn.mem.memory();
         let state = conn.vrings[qi].get_ref();
         let q = state.get_queue();
         if !(q.ready() && state.is_enabled()) {
@@ -397,7 +396,7 @@ impl NetQueues {
         // Errors are left for `to_guest` to find and report.
         let Ok(room) = self
             .maps
-            .get(&mem, qi, q)
+            .get(conn, qi, q)
             .and_then(|r| r.pending(q.next_avail()))
         else {
             return want;
@@ -431,7 +430,6 @@ impl NetQueues {
         let hdr_len = Self::hdr_len(features);
         let mergeable = features & (1 << vn::VIRTIO_NET_F_MRG_RXBUF) != 0;
         let accepts = Offloads::guest_rx_from_features(features);
-        let mem = conn.mem.memory();
         let mut state = conn.vrings[qi].get_mut();
         if !(state.get_queue().ready() && state.is_enabled()) {
             drop(state);
@@ -444,7 +442,7 @@ impl NetQueues {
         let next = queue.next_avail();
         let ring = self
             .maps
-            .get(&mem, qi, queue)
+            .get(conn, qi, queue)
             .and_then(|r| r.pending(next).map(|n| (r, n)));
         let (ring, avail) = match ring {
             Ok(r) => r,
@@ -513,7 +511,6 @@ impl NetQueues {
                 &ring,
                 &pre,
                 &mut cur,
-                &mem,
                 parts,
                 mergeable,
                 &mut self.used,
@@ -545,7 +542,7 @@ impl NetQueues {
         if let Some(r) = self.rx_room.get_mut(qp as usize) {
             *r = if err.is_some() { 0 } else { cur.left };
         }
-        let notify = publish_used(&ring, queue, &self.used);
+        let notify = publish_used(&ring, queue, &self.used, false);
         if notify {
             let _ = state.signal_used_queue();
         }
@@ -559,22 +556,30 @@ impl NetQueues {
 
 /// Writes a burst of used elements and then the used index once (§2.7.8): the driver sees the
 /// whole burst at one store-release instead of one per packet, which is what keeps the used
-/// index's cache line from bouncing between the guest and the PMD. Returns whether the driver
-/// wants to be notified.
+/// index's cache line from bouncing between the guest and the PMD. `last_only`: write only
+/// the burst's last element, which §2.7.9 allows with IN_ORDER (the driver then takes every
+/// chain up to it as used; only for transmit queues, where all written lengths are 0). Returns
+/// whether the driver wants to be notified.
 fn publish_used(
     ring: &SplitRing<'_>,
     queue: &mut virtio_queue::Queue,
     used: &[(u16, u32)],
+    last_only: bool,
 ) -> bool {
-    if used.is_empty() {
+    let Some(&(last_head, last_len)) = used.last() else {
         return false;
-    }
+    };
     let old = queue.next_used();
-    let mut next = old;
-    for &(head, len) in used {
-        // Heads come from `SplitRing::head`, which checked them against the size.
-        ring.put_used(next, head, len);
-        next = next.wrapping_add(1);
+    let next = old.wrapping_add(used.len() as u16);
+    // Heads come from `SplitRing::head`, which checked them against the size.
+    if last_only {
+        ring.put_used(next.wrapping_sub(1), last_head, last_len);
+    } else {
+        let mut pos = old;
+        for &(head, len) in used {
+            ring.put_used(pos, head, len);
+            pos = pos.wrapping_add(1);
+        }
     }
     ring.publish_used(next);
     queue.set_next_used(next);
@@ -662,12 +667,12 @@ fn write_packet(
     ring: &SplitRing<'_>,
     pre: &Prewalked<'_>,
     cur: &mut Cursor,
-    mem: &vm_memory::GuestMemoryMmap<()>,
     data: Stream<'_>,
     mergeable: bool,
     used: &mut Vec<(u16, u32)>,
     segs: &mut Vec<Seg>,
 ) -> Result<Written, RingError> {
+    let mem = ring.mem();
     let bytes = data.bytes;
     let total = bytes.len();
     // The common case: the packet fits the first buffer of the next gathered chain.
@@ -676,7 +681,7 @@ fn write_packet(
         let seg = pre.segs[first];
         if seg.host != 0 && total <= seg.len as usize && cur.left > 0 {
             // SAFETY: `seg.host..+seg.len` was checked to be a mapping of guest memory when the
-            // chain was walked, under the guard our caller holds for the whole burst.
+            // chain was walked, in the table `ring` borrows for the whole burst.
             unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), seg.host as *mut u8, total) };
             used.push((head, total as u32));
             cur.pos = cur.pos.wrapping_add(1);

@@ -17,11 +17,14 @@ use std::ptr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
+use vm_memory::GuestAddressSpace;
+
 use virtio_queue::QueueT;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
 
+use crate::device::Connection;
 use crate::queue::RingError;
 
 const DESC_LEN: usize = 16;
@@ -41,7 +44,7 @@ pub(crate) struct Seg {
     pub addr: u64,
     pub len: u32,
     /// Where the buffer is mapped in this process, when it lies in one memory region (0
-    /// otherwise). Valid only while the burst's guest memory guard is held.
+    /// otherwise). Valid only while the burst's memory table is borrowed.
     pub host: usize,
 }
 
@@ -97,9 +100,10 @@ impl RingMap {
 
 /// Ring translations of a device's queues, tied to the memory table they were made under.
 pub(crate) struct RingMaps {
-    /// The memory table the maps point into. Holding it keeps those mappings alive and makes the
-    /// identity check in [`RingMaps::get`] sound (its address cannot be reused while held).
+    /// The connection's memory table as of `generation`; the maps point into it, and holding
+    /// it keeps those mappings alive.
     mem: Option<Arc<GuestMemoryMmap<()>>>,
+    generation: u64,
     maps: Vec<Option<RingMap>>,
 }
 
@@ -107,53 +111,59 @@ impl RingMaps {
     pub(crate) fn new(queues: usize) -> Self {
         RingMaps {
             mem: None,
+            generation: 0,
             maps: vec![None; queues],
         }
     }
 
-    /// Forgets every translation (new connection).
+    /// Forgets every translation and the memory table (new connection, or none).
     pub(crate) fn clear(&mut self) {
         self.mem = None;
         self.maps.iter_mut().for_each(|m| *m = None);
     }
 
-    /// The ring view of queue `qi` under `mem` (the guard held for the whole burst): translated
-    /// again only if the memory table or the queue's ring addresses changed since last time.
-    pub(crate) fn get<'m>(
+    /// The ring view of queue `qi` of `conn` for one burst. The memory table is reloaded only
+    /// when the handler changed it (its generation moved), and the rings are translated again
+    /// only then or when the queue's ring addresses changed.
+    #[inline]
+    pub(crate) fn get(
         &mut self,
-        mem: &'m vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
+        conn: &Connection,
         qi: usize,
         queue: &virtio_queue::Queue,
-    ) -> Result<SplitRing<'m>, RingError> {
-        let table: &'m GuestMemoryMmap<()> = mem;
-        if !self
-            .mem
-            .as_ref()
-            .is_some_and(|a| ptr::eq(Arc::as_ptr(a), table))
-        {
-            self.mem = Some(mem.clone().into_inner());
-            self.maps.iter_mut().for_each(|m| *m = None);
+    ) -> Result<SplitRing<'_>, RingError> {
+        let generation = conn.mem_generation.load(Ordering::Acquire);
+        if self.mem.is_none() || generation != self.generation {
+            self.reload(conn, generation);
         }
         let slot = self.maps.get_mut(qi).ok_or(RingError::Layout)?;
+        let mem: &GuestMemoryMmap<()> = self.mem.as_deref().ok_or(RingError::Layout)?;
         let map = match slot {
             Some(m) if m.layout == RingMap::layout_of(queue) => *m,
             _ => {
-                let m = RingMap::new(table, queue)?;
+                let m = RingMap::new(mem, queue)?;
                 *slot = Some(m);
                 m
             }
         };
         Ok(SplitRing {
-            mem: table,
+            mem,
             map,
             mask: map.layout.3 - 1,
             size: map.layout.3,
             last_region: Cell::new((0, 0, 0)),
         })
     }
+
+    #[cold]
+    fn reload(&mut self, conn: &Connection, generation: u64) {
+        self.mem = Some(conn.mem.memory().into_inner());
+        self.generation = generation;
+        self.maps.iter_mut().for_each(|m| *m = None);
+    }
 }
 
-/// One queue's rings, valid for one burst (while the memory guard `'m` is held).
+/// One queue's rings, valid for one burst (while the memory table `'m` is borrowed).
 pub(crate) struct SplitRing<'m> {
     mem: &'m GuestMemoryMmap<()>,
     map: RingMap,
@@ -169,8 +179,14 @@ pub(crate) struct SplitRing<'m> {
 // 6 + 2 * size bytes and 2-aligned, the descriptor table 16 * size bytes and 16-aligned, the
 // used ring 6 + 8 * size bytes and 4-aligned, and `size` is a power of two, so every offset
 // computed from an index masked with `size - 1` is in bounds and aligned. The mapping is alive
-// because `'m` borrows the memory guard it was translated under (see `RingMaps::get`).
+// because `'m` borrows the memory table it was translated under (see `RingMaps::get`).
 impl<'m> SplitRing<'m> {
+    /// The memory table the rings are in.
+    #[inline]
+    pub(crate) fn mem(&self) -> &'m GuestMemoryMmap<()> {
+        self.mem
+    }
+
     #[inline]
     fn avail_u16(&self, off: usize) -> u16 {
         // SAFETY: see the comment on this impl; callers pass offsets inside the avail ring.

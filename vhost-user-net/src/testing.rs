@@ -5,6 +5,7 @@
 //! Compiled for this crate's unit tests and, with the `test-support` feature, for other crates'
 //! tests and for the fuzz target (`fuzz/`), whose body is [`fuzz_descriptor_chains`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -33,6 +34,7 @@ pub const F_MRG_RXBUF: u64 = 1 << vn::VIRTIO_NET_F_MRG_RXBUF;
 pub const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 pub const F_INDIRECT_DESC: u64 = 1 << VIRTIO_RING_F_INDIRECT_DESC;
 pub const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+pub const F_IN_ORDER: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_IN_ORDER;
 
 /// Descriptor flags (§2.7.5).
 pub const DESC_F_NEXT: u16 = 1;
@@ -348,6 +350,7 @@ pub struct TestDevice {
     pub driver: Driver,
     vrings: Vec<VringRwLock<GuestMem>>,
     shared: Arc<DeviceShared>,
+    mem_generation: Arc<AtomicU64>,
 }
 
 impl Drop for TestDevice {
@@ -416,9 +419,11 @@ impl TestDevice {
             })
             .collect();
         let mut queues = NetQueues::new(shared.clone());
+        let mem_generation = Arc::new(AtomicU64::new(0));
         shared.publish(Some(Arc::new(Connection {
             vrings: vrings.clone(),
             mem: mem.clone(),
+            mem_generation: mem_generation.clone(),
             backend,
         })));
         queues.refresh();
@@ -436,7 +441,22 @@ impl TestDevice {
             driver,
             vrings,
             shared,
+            mem_generation,
         }
+    }
+
+    /// Takes the data region (region 1) out of the memory table, as the handler does on
+    /// VHOST_USER_REM_MEM_REG: a new table is installed and its generation bumped.
+    pub fn remove_data_region(&mut self) {
+        let size = self.driver.data.1 - DATA_BASE;
+        let (table, _) = self
+            .driver
+            .mem
+            .memory()
+            .remove_region(GuestAddress(DATA_BASE), size)
+            .expect("data region");
+        self.driver.mem.lock().unwrap().replace(table);
+        self.mem_generation.fetch_add(1, Ordering::Release);
     }
 
     pub fn broken_queues(&self) -> Vec<BrokenQueue> {

@@ -231,6 +231,46 @@ fn from_guest_respects_burst_and_pool() {
     assert_eq!(out[1].frame(), &frame(63)[..]);
 }
 
+#[test]
+fn from_guest_in_order_writes_only_the_last_used_element() {
+    // §2.7.9: with IN_ORDER the device may write one used element for a batch; the driver
+    // takes every chain up to it as used.
+    let mut d = device(V1 | F_IN_ORDER);
+    let mut pool = VecPool::new(8, 2048);
+    let h = hdr_bytes(VirtioNetHdr::default(), 12);
+    let heads: Vec<u16> = (0..3)
+        .map(|i| d.driver.add_tx(0, &[&h, &frame(60 + i)]))
+        .collect();
+    let used = d.driver.layout(tx(0)).used;
+    for i in 0..3 {
+        d.driver.write(used + 4 + 8 * i, &[0xff; 8]);
+    }
+    let (st, _) = receive(&mut d, &mut pool);
+    assert_eq!(st.packets, 3);
+    assert_eq!(d.driver.used_idx(tx(0)), 3);
+    assert_eq!(d.driver.used_elem(tx(0), 2), (heads[2] as u32, 0));
+    // The first two slots were left as they were.
+    assert_eq!(d.driver.used_elem(tx(0), 0), (u32::MAX, u32::MAX));
+    assert_eq!(d.driver.used_elem(tx(0), 1), (u32::MAX, u32::MAX));
+}
+
+#[test]
+fn memory_table_change_takes_effect_at_the_next_burst() {
+    // The PMD keeps the memory table and ring translations between bursts; a new table from
+    // the frontend must not leave it reading through the old one.
+    let mut d = device(V1);
+    let mut pool = VecPool::new(8, 2048);
+    let h = hdr_bytes(VirtioNetHdr::default(), 12);
+    d.driver.add_tx(0, &[&h, &frame(60)]);
+    assert_eq!(receive(&mut d, &mut pool).0.packets, 1);
+    // The next packet's buffers are in the data region, which then leaves the table.
+    d.driver.add_tx(0, &[&h, &frame(60)]);
+    d.remove_data_region();
+    assert_eq!(receive(&mut d, &mut pool).0.packets, 0);
+    let why = d.broken_reason(tx(0)).expect("queue reported broken");
+    assert!(why.contains("outside guest memory"), "{why}");
+}
+
 // ---- guest RX (§5.1.6.3, §5.1.6.4) ----
 
 #[test]
