@@ -239,12 +239,13 @@ impl Report {
             }
         }
         for p in &self.pmds {
-            let total = (p.busy_rounds + p.idle_rounds).max(1);
+            let total = (p.busy_cycles + p.idle_cycles).max(1);
             s += &format!(
-                "pmd{} cpu={} busy={:.1}% sleeps={}\n",
+                "pmd{} cpu={} busy={:.1}% cycles/pkt={:.0} sleeps={}\n",
                 p.id,
                 p.cpu.map_or("-".into(), |c| c.to_string()),
-                100.0 * p.busy_rounds as f64 / total as f64,
+                100.0 * p.busy_cycles as f64 / total as f64,
+                p.cycles_per_packet,
                 p.sleeps
             );
         }

@@ -150,12 +150,17 @@ impl BufPool for PacketPool {
     }
 
     #[inline]
-    fn free(&mut self, mut p: Packet) {
-        p.len = 0;
-        p.off = p.home;
-        p.hdr = VirtioNetHdr::default();
+    fn free(&mut self, p: Packet) {
         if self.free.len() < self.size {
+            // Reset in place, after the move: a packet moved right after its fields were written
+            // one by one is read back with wider loads that cannot be forwarded from those
+            // stores, a stall per packet.
             self.free.push(p);
+            if let Some(p) = self.free.last_mut() {
+                p.len = 0;
+                p.off = p.home;
+                p.hdr = VirtioNetHdr::default();
+            }
         }
     }
 }

@@ -79,6 +79,17 @@ ports = ["a", "b"]
     let got = rx
         .stop(Duration::from_secs(20))
         .or_fail("stopping receiver");
+    // The PMD's own counters (published every few thousand rounds) catch up with the ports':
+    // it received exactly what a did, and spent busy cycles on it.
+    let a_rx = a["rx_packets"].as_u64().unwrap();
+    let pmd_caught_up =
+        proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+            dp.report()["pmds"][0]["packets"].as_u64() == Some(a_rx)
+        });
+    let pmd = dp.report()["pmds"][0].clone();
+    assert!(pmd_caught_up, "PMD counters {pmd} vs a {a}");
+    assert!(pmd["busy_cycles"].as_u64().unwrap() > 0, "{pmd}");
+    assert!(pmd["cycles_per_packet"].as_f64().unwrap() > 0.0, "{pmd}");
     dp.stop();
 
     let n = |v: &serde_json::Value, f: &str| v[f].as_u64().unwrap();

@@ -750,9 +750,16 @@ pub fn run_line(r: &RunResult) -> String {
         r.size,
         r.pair + 1
     );
+    // Torii's own cost per packet, from its PMD's cycle counters (independent of the offered
+    // load, unlike the rate).
+    let cost = r
+        .torii_report
+        .as_ref()
+        .and_then(|t| t["pmds"][0]["cycles_per_packet"].as_f64())
+        .map_or(String::new(), |c| format!("  {c:.0} cyc/pkt"));
     match (r.mpps, &r.error) {
         (Some(m), _) => format!(
-            "{head}  {m:7.3} Mpps {:7.3} Gbps  [{}]",
+            "{head}  {m:7.3} Mpps {:7.3} Gbps  [{}]{cost}",
             gbps(m, r.size),
             series.join(" ")
         ),

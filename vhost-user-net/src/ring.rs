@@ -125,7 +125,7 @@ impl RingMaps {
     /// The ring view of queue `qi` of `conn` for one burst. The memory table is reloaded only
     /// when the handler changed it (its generation moved), and the rings are translated again
     /// only then or when the queue's ring addresses changed.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn get(
         &mut self,
         conn: &Connection,
@@ -136,23 +136,31 @@ impl RingMaps {
         if self.mem.is_none() || generation != self.generation {
             self.reload(conn, generation);
         }
-        let slot = self.maps.get_mut(qi).ok_or(RingError::Layout)?;
         let mem: &GuestMemoryMmap<()> = self.mem.as_deref().ok_or(RingError::Layout)?;
+        let slot = self.maps.get_mut(qi).ok_or(RingError::Layout)?;
         let map = match slot {
-            Some(m) if m.layout == RingMap::layout_of(queue) => *m,
-            _ => {
-                let m = RingMap::new(mem, queue)?;
-                *slot = Some(m);
-                m
-            }
+            Some(m) if m.layout == RingMap::layout_of(queue) => m,
+            _ => Self::translate(slot, mem, queue)?,
         };
+        let size = map.layout.3;
         Ok(SplitRing {
             mem,
-            map,
-            mask: map.layout.3 - 1,
-            size: map.layout.3,
+            desc: map.desc,
+            avail: map.avail,
+            used: map.used,
+            size,
+            mask: size - 1,
             last_region: Cell::new((0, 0, 0)),
         })
+    }
+
+    #[cold]
+    fn translate<'s>(
+        slot: &'s mut Option<RingMap>,
+        mem: &GuestMemoryMmap<()>,
+        queue: &virtio_queue::Queue,
+    ) -> Result<&'s RingMap, RingError> {
+        Ok(slot.insert(RingMap::new(mem, queue)?))
     }
 
     #[cold]
@@ -166,7 +174,10 @@ impl RingMaps {
 /// One queue's rings, valid for one burst (while the memory table `'m` is borrowed).
 pub(crate) struct SplitRing<'m> {
     mem: &'m GuestMemoryMmap<()>,
-    map: RingMap,
+    /// Host addresses of the descriptor table, avail ring and used ring.
+    desc: usize,
+    avail: usize,
+    used: usize,
     size: u16,
     mask: u16,
     /// The guest memory region the last buffer was found in: (guest start, length, host
@@ -190,14 +201,14 @@ impl<'m> SplitRing<'m> {
     #[inline]
     fn avail_u16(&self, off: usize) -> u16 {
         // SAFETY: see the comment on this impl; callers pass offsets inside the avail ring.
-        u16::from_le(unsafe { ptr::read_volatile((self.map.avail + off) as *const u16) })
+        u16::from_le(unsafe { ptr::read_volatile((self.avail + off) as *const u16) })
     }
 
     /// Chains the driver made available since `next_avail` (§2.7.6), checked against the size.
     #[inline]
     pub(crate) fn pending(&self, next_avail: u16) -> Result<u16, RingError> {
         // SAFETY: `idx` is at offset 2 of the 2-aligned avail ring (see this impl's comment).
-        let idx = unsafe { AtomicU16::from_ptr((self.map.avail + 2) as *mut u16) };
+        let idx = unsafe { AtomicU16::from_ptr((self.avail + 2) as *mut u16) };
         let n = u16::from_le(idx.load(Ordering::Acquire)).wrapping_sub(next_avail);
         if n > self.size {
             return Err(RingError::AvailIdx(n, self.size));
@@ -221,7 +232,7 @@ impl<'m> SplitRing<'m> {
     pub(crate) fn prefetch_heads(&self, pos: u16, n: u16) {
         for i in 0..n {
             let h = self.avail_u16(4 + 2 * (pos.wrapping_add(i) & self.mask) as usize);
-            prefetch(self.map.desc + DESC_LEN * (h & self.mask) as usize);
+            prefetch(self.desc + DESC_LEN * (h & self.mask) as usize);
         }
     }
 
@@ -240,7 +251,7 @@ impl<'m> SplitRing<'m> {
     /// [`SplitRing::publish_used`]).
     #[inline]
     pub(crate) fn put_used(&self, pos: u16, head: u16, len: u32) {
-        let at = self.map.used + 4 + 8 * (pos & self.mask) as usize;
+        let at = self.used + 4 + 8 * (pos & self.mask) as usize;
         // SAFETY: the element is inside the 4-aligned used ring (see this impl's comment).
         unsafe {
             ptr::write_volatile(at as *mut u32, u32::from(head).to_le());
@@ -253,7 +264,7 @@ impl<'m> SplitRing<'m> {
     #[inline]
     pub(crate) fn publish_used(&self, idx: u16) {
         // SAFETY: `idx` is at offset 2 of the 4-aligned used ring.
-        let at = unsafe { AtomicU16::from_ptr((self.map.used + 2) as *mut u16) };
+        let at = unsafe { AtomicU16::from_ptr((self.used + 2) as *mut u16) };
         at.store(idx.to_le(), Ordering::Release);
     }
 
@@ -268,7 +279,7 @@ impl<'m> SplitRing<'m> {
         if event_idx {
             return;
         }
-        let at = self.map.used as *mut u16;
+        let at = self.used as *mut u16;
         // SAFETY: `flags` is at offset 0 of the 4-aligned used ring (see this impl's comment).
         unsafe {
             if u16::from_le(ptr::read_volatile(at)) & USED_F_NO_NOTIFY == 0 {
@@ -295,7 +306,7 @@ impl<'m> SplitRing<'m> {
             // The common case: one buffer of the right direction.
             return match self.host_addr(d.addr, d.len) {
                 Some(host) if segs.len() < segs.capacity() => {
-                    prefetch(host);
+                    prefetch_buf(host, d.len, writable);
                     segs.push(Seg {
                         addr: d.addr,
                         len: d.len,
@@ -314,7 +325,7 @@ impl<'m> SplitRing<'m> {
     #[inline]
     fn desc(&self, idx: usize) -> Desc {
         // SAFETY: callers pass idx < size; the table is 16-aligned and 16 * size bytes long.
-        unsafe { Desc::load(self.map.desc + DESC_LEN * (idx & self.mask as usize)) }
+        unsafe { Desc::load(self.desc + DESC_LEN * (idx & self.mask as usize)) }
     }
 
     #[cold]
@@ -339,7 +350,7 @@ impl<'m> SplitRing<'m> {
         segs: &mut Vec<Seg>,
     ) -> Result<bool, RingError> {
         // The table being walked: (host address, entries). Starts as the ring's own.
-        let mut table = (self.map.desc, self.size as usize);
+        let mut table = (self.desc, self.size as usize);
         let mut idx = head as usize;
         let mut ttl = table.1;
         let mut indirect = false;
@@ -380,7 +391,7 @@ impl<'m> SplitRing<'m> {
             }
             let host = match self.host_addr(d.addr, d.len) {
                 Some(h) => {
-                    prefetch(h);
+                    prefetch_buf(h, d.len, writable);
                     h
                 }
                 // A buffer across two regions is still fine; the copy takes the slow path.
@@ -476,6 +487,35 @@ impl Desc {
         }
     }
 }
+
+/// Prefetches the start of a buffer: every line of its first [`PREFETCH_BYTES`] (a small
+/// packet with its virtio header usually spans two lines), for writing if `write` (so the copy
+/// into guest memory does not first fetch the line shared and then upgrade it).
+#[inline]
+fn prefetch_buf(host: usize, len: u32, write: bool) {
+    const LINE: usize = 64;
+    let end = host + (len as usize).min(PREFETCH_BYTES);
+    let mut line = host & !(LINE - 1);
+    while line < end {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is only a hint; it never faults or changes memory.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
+            if write {
+                _mm_prefetch(line as *const i8, _MM_HINT_ET0);
+            } else {
+                _mm_prefetch(line as *const i8, _MM_HINT_T0);
+            }
+        }
+        line += LINE;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (line, end, write);
+}
+
+/// How much of each buffer [`prefetch_buf`] pulls in ahead of the copy; the hardware
+/// prefetcher follows the copy of anything longer.
+const PREFETCH_BYTES: usize = 128;
 
 #[inline]
 fn prefetch(p: usize) {

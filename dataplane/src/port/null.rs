@@ -80,9 +80,12 @@ impl Port for SourcePort {
     fn rx_burst(&mut self, _q: u16, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
         let mut n = 0;
         while n < max {
-            let Some(mut p) = pool.alloc() else { break };
-            p.fill(&self.frame);
+            let Some(p) = pool.alloc() else { break };
+            // Filled where it stays (see `PacketPool::free`).
             out.push(p);
+            if let Some(p) = out.last_mut() {
+                p.fill(&self.frame);
+            }
             n += 1;
         }
         self.stats.rx(0, n, n * self.frame.len());
