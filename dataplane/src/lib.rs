@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod gso;
 pub mod offload;
 pub mod packet;
 pub mod pmd;

@@ -37,7 +37,9 @@ pub enum Fixup {
     AsIs,
     /// Its checksum was completed in software.
     SwCsum,
-    /// It needs segmentation the port cannot do: drop it.
+    /// It is a GSO super-frame the port cannot take: segment it in software ([`crate::gso`]).
+    Segment,
+    /// It cannot be made acceptable: drop it.
     Unsupported,
 }
 
@@ -49,7 +51,8 @@ pub fn fixup(p: &mut Packet, accepts: Offloads) -> Fixup {
         return Fixup::AsIs;
     }
     if hdr.is_gso() {
-        return Fixup::Unsupported;
+        // Segmentation completes every checksum too.
+        return Fixup::Segment;
     }
     // Only CSUM is missing: complete it. The header was validated on receive, but the frame
     // may have been edited since, so check bounds again.
@@ -104,7 +107,7 @@ mod tests {
     }
 
     #[test]
-    fn gso_to_a_port_without_tso_is_unsupported() {
+    fn gso_to_a_port_without_tso_is_segmented() {
         let mut pool = PacketPool::new(1);
         let mut p = pool.alloc().unwrap();
         p.fill(&crate::port::null::udp_frame(1514));
@@ -116,7 +119,7 @@ mod tests {
             csum_offset: 16,
             hdr_len: 54,
         };
-        assert_eq!(fixup(&mut p, Offloads::CSUM), Fixup::Unsupported);
+        assert_eq!(fixup(&mut p, Offloads::CSUM), Fixup::Segment);
         assert_eq!(fixup(&mut p, Offloads::CSUM | Offloads::TSO4), Fixup::AsIs);
     }
 }

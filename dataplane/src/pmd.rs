@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
-use torii_vhost_user_net::{new_event_consumer_and_notifier, EventFlag, EventNotifier, NetBuf};
+use torii_vhost_user_net::{
+    new_event_consumer_and_notifier, BufPool, EventFlag, EventNotifier, NetBuf,
+};
 
 use crate::offload::{fixup, Fixup};
 use crate::packet::{Packet, PacketPool};
@@ -147,7 +149,7 @@ pub fn spawn(
             let mut w = Worker {
                 xconnects,
                 pool: PacketPool::new(pool_size),
-                batch: Vec::with_capacity(BURST),
+                batches: Batches::new(),
                 stats: st,
                 wake: consumer,
             };
@@ -167,7 +169,7 @@ pub fn spawn(
 struct Worker {
     xconnects: Vec<XConnect>,
     pool: PacketPool,
-    batch: Vec<Packet>,
+    batches: Batches,
     stats: Arc<PmdStats>,
     wake: torii_vhost_user_net::EventConsumer,
 }
@@ -191,8 +193,8 @@ impl Worker {
                 xc.b.poll_start();
                 xc.a.set_rx_offloads(xc.b.tx_offloads());
                 xc.b.set_rx_offloads(xc.a.tx_offloads());
-                work += forward(&mut *xc.a, &mut *xc.b, &mut self.pool, &mut self.batch);
-                work += forward(&mut *xc.b, &mut *xc.a, &mut self.pool, &mut self.batch);
+                work += forward(&mut *xc.a, &mut *xc.b, &mut self.pool, &mut self.batches);
+                work += forward(&mut *xc.b, &mut *xc.a, &mut self.pool, &mut self.batches);
             }
             let t1 = cycles();
             if work > 0 {
@@ -275,12 +277,32 @@ pub fn cycles() -> u64 {
     }
 }
 
+/// Buffers a PMD reuses every round, allocated once.
+struct Batches {
+    /// One burst as received.
+    rx: Vec<Packet>,
+    /// Packets after software fixups, sent a burst at a time.
+    tx: Vec<Packet>,
+    /// The segments of one GSO super-frame.
+    segs: Vec<Packet>,
+}
+
+impl Batches {
+    fn new() -> Self {
+        Batches {
+            rx: Vec::with_capacity(BURST),
+            tx: Vec::with_capacity(BURST),
+            segs: Vec::with_capacity(crate::gso::MAX_SEGS),
+        }
+    }
+}
+
 /// Moves one burst per queue from `src` to `dst`. Returns the packets received.
 fn forward(
     src: &mut dyn Port,
     dst: &mut dyn Port,
     pool: &mut PacketPool,
-    batch: &mut Vec<Packet>,
+    b: &mut Batches,
 ) -> usize {
     let mut total = 0;
     let dq = dst.num_queues().max(1);
@@ -293,50 +315,78 @@ fn forward(
             0 => BURST,
             r => r.min(BURST),
         };
-        src.rx_burst(q, pool, batch, room);
-        if batch.is_empty() {
+        src.rx_burst(q, pool, &mut b.rx, room);
+        if b.rx.is_empty() {
             continue;
         }
-        total += batch.len();
+        total += b.rx.len();
         let accepts = dst.tx_offloads();
-        if batch
+        if b.rx
             .iter()
             .any(|p| !accepts.contains(p.hdr().required_offloads()))
         {
-            apply_fixups(batch, accepts, pool, dst.stats());
+            send_with_fixups(b, dst, q % dq, accepts, pool);
+        } else {
+            dst.tx_burst(q % dq, pool, &mut b.rx);
         }
-        dst.tx_burst(q % dq, pool, batch);
-        batch.clear();
+        b.rx.clear();
     }
     total
 }
 
-/// Completes checksums in software for a destination without checksum offload and drops what
-/// cannot be fixed (GSO to a port without segmentation offload), keeping packet order.
+/// Sends `b.rx` to a destination that lacks an offload some of its packets need: checksums
+/// are completed and GSO super-frames segmented in software (in order, a burst at a time);
+/// what cannot be fixed is dropped and counted.
 #[cold]
-fn apply_fixups(
-    batch: &mut Vec<Packet>,
+fn send_with_fixups(
+    b: &mut Batches,
+    dst: &mut dyn Port,
+    q: u16,
     accepts: crate::port::Offloads,
     pool: &mut PacketPool,
-    stats: &PortStats,
 ) {
-    let mut i = 0;
-    let (mut sw, mut dropped) = (0, 0);
-    while i < batch.len() {
-        match fixup(&mut batch[i], accepts) {
-            Fixup::AsIs => i += 1,
+    let (mut sw, mut gso, mut dropped) = (0, 0, 0);
+    let emit = |p: Packet, tx: &mut Vec<Packet>, dst: &mut dyn Port, pool: &mut PacketPool| {
+        tx.push(p);
+        if tx.len() == BURST {
+            dst.tx_burst(q, pool, tx);
+        }
+    };
+    for mut p in b.rx.drain(..) {
+        match fixup(&mut p, accepts) {
+            Fixup::AsIs => emit(p, &mut b.tx, dst, pool),
             Fixup::SwCsum => {
                 sw += 1;
-                i += 1;
+                emit(p, &mut b.tx, dst, pool);
+            }
+            Fixup::Segment => {
+                let r = crate::gso::segment(&p, pool, &mut b.segs);
+                BufPool::free(pool, p);
+                match r {
+                    Ok(()) => {
+                        gso += 1;
+                        for s in b.segs.drain(..) {
+                            emit(s, &mut b.tx, dst, pool);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(port = dst.name(), "software GSO: {e}");
+                        dropped += 1;
+                    }
+                }
             }
             Fixup::Unsupported => {
-                let p = batch.remove(i);
-                torii_vhost_user_net::BufPool::free(pool, p);
+                BufPool::free(pool, p);
                 dropped += 1;
             }
         }
     }
+    if !b.tx.is_empty() {
+        dst.tx_burst(q, pool, &mut b.tx);
+    }
+    let stats = dst.stats();
     PortStats::add(&stats.sw_csum, sw);
+    PortStats::add(&stats.sw_gso, gso);
     PortStats::add(&stats.tx_dropped_offload, dropped);
 }
 

@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Netns, OrFail};
-use torii_perf::guest::{ChardevMode, Guest, GuestBuilder};
+use torii_perf::guest::Guest;
 use torii_perf::{prereq, proc_util};
 
 const HOST_IP: &str = "10.251.0.1";
@@ -49,26 +49,7 @@ ports = ["vm", "tap"]
 }
 
 fn boot(sock: &std::path::Path, queues: u16, smp: u32) -> Guest {
-    let mut g = GuestBuilder::new()
-        .memory_mib(512)
-        .smp(smp)
-        .net_vhost_user(
-            sock,
-            MAC,
-            queues,
-            ChardevMode::Client {
-                reconnect_ms: Some(1000),
-            },
-        )
-        .spawn()
-        .or_fail("starting QEMU");
-    g.wait_ready(Duration::from_secs(90)).or_fail("guest boot");
-    g.run_ok(
-        &format!("ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0"),
-        T,
-    )
-    .or_fail("guest network setup");
-    g
+    common::boot_guest(sock, MAC, &format!("{GUEST_IP}/24"), queues, smp, &[])
 }
 
 /// Pings the host from the guest: first until one reply comes back (bounded: ARP after a link

@@ -151,6 +151,8 @@ struct NetDev {
     mac: String,
     queues: u16,
     mode: ChardevMode,
+    /// Extra virtio-net-pci properties, e.g. `guest_tso4=off`.
+    props: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -260,7 +262,17 @@ impl GuestBuilder {
             mac: mac.into(),
             queues: queues.max(1),
             mode,
+            props: Vec::new(),
         });
+        self
+    }
+
+    /// Adds `prop` (`name=value`) to the last virtio-net device added, e.g. `guest_tso4=off`
+    /// to keep a feature from being offered to the guest.
+    pub fn net_device_prop(mut self, prop: impl Into<String>) -> Self {
+        if let Some(n) = self.nets.last_mut() {
+            n.props.push(prop.into());
+        }
         self
     }
 
@@ -363,6 +375,10 @@ impl GuestBuilder {
             let mut dev = format!("virtio-net-pci,netdev=n{i},mac={}", n.mac);
             if n.queues > 1 {
                 dev.push_str(&format!(",mq=on,vectors={}", 2 * u32::from(n.queues) + 2));
+            }
+            for p in &n.props {
+                dev.push(',');
+                dev.push_str(p);
             }
             push(&["-chardev", &chr, "-netdev", &netdev, "-device", &dev]);
         }
@@ -899,6 +915,7 @@ mod tests {
                     reconnect_ms: Some(1000),
                 },
             )
+            .net_device_prop("guest_tso4=off")
             .blk_vhost_user("/tmp/blk.sock", 2)
             .host_root_share(true)
             .qemu_args()
@@ -909,7 +926,7 @@ mod tests {
         assert!(a.contains("socket,id=c0,path=/tmp/a,,b.sock,server=on,wait=off"));
         assert!(a.contains("virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,mq=on,vectors=6"));
         assert!(a.contains("socket,id=c1,path=/tmp/c.sock,reconnect-ms=1000"));
-        assert!(a.contains("virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02 "));
+        assert!(a.contains("virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,guest_tso4=off "));
         assert!(a.contains("vhost-user-blk-pci,chardev=b0,num-queues=2"));
         assert!(a.contains("mount_tag=hostroot"));
     }

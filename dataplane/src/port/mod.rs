@@ -83,6 +83,8 @@ pub struct PortStats {
     pub tx_errors: AtomicU64,
     /// Checksums completed in software because the peer lacks checksum offload.
     pub sw_csum: AtomicU64,
+    /// GSO super-frames segmented in software because this port cannot take them.
+    pub sw_gso: AtomicU64,
     /// Received / transmitted packets that were unsegmented (TSO/UFO) super-frames.
     pub rx_gso_packets: AtomicU64,
     pub tx_gso_packets: AtomicU64,
@@ -104,6 +106,7 @@ pub struct PortStatsSnapshot {
     pub tx_dropped_offload: u64,
     pub tx_errors: u64,
     pub sw_csum: u64,
+    pub sw_gso: u64,
     pub rx_gso_packets: u64,
     pub tx_gso_packets: u64,
     pub rxq_packets: Vec<u64>,
@@ -163,6 +166,7 @@ impl PortStats {
             tx_dropped_offload: l(&self.tx_dropped_offload),
             tx_errors: l(&self.tx_errors),
             sw_csum: l(&self.sw_csum),
+            sw_gso: l(&self.sw_gso),
             rx_gso_packets: l(&self.rx_gso_packets),
             tx_gso_packets: l(&self.tx_gso_packets),
             rxq_packets: self.rxq_packets.iter().map(l).collect(),

@@ -241,3 +241,36 @@ impl Drop for Netns {
 pub fn ifname(tag: &str) -> String {
     format!("t{tag}{}", std::process::id() % 100000)
 }
+
+/// Boots a QEMU (TCG) guest whose virtio-net (`props`: extra device properties such as
+/// `guest_tso4=off`) connects to the Torii vhost-user socket `sock`, reconnecting every
+/// second, and gives its eth0 `ip_cidr`.
+pub fn boot_guest(
+    sock: &Path,
+    mac: &str,
+    ip_cidr: &str,
+    queues: u16,
+    smp: u32,
+    props: &[&str],
+) -> torii_perf::guest::Guest {
+    use torii_perf::guest::{ChardevMode, GuestBuilder};
+    let mut b = GuestBuilder::new().memory_mib(512).smp(smp).net_vhost_user(
+        sock,
+        mac,
+        queues,
+        ChardevMode::Client {
+            reconnect_ms: Some(1000),
+        },
+    );
+    for p in props {
+        b = b.net_device_prop(*p);
+    }
+    let mut g = b.spawn().or_fail("starting QEMU");
+    g.wait_ready(Duration::from_secs(90)).or_fail("guest boot");
+    g.run_ok(
+        &format!("ip link set eth0 up && ip addr add {ip_cidr} dev eth0"),
+        Duration::from_secs(30),
+    )
+    .or_fail("guest network setup");
+    g
+}
