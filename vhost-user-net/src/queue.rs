@@ -506,19 +506,29 @@ impl NetQueues {
             }
             h.write(&mut hbytes[..hdr_len], 1);
             let frame_len = pkt.frame().len();
-            let parts = Stream {
-                bytes: pkt.with_header(&hbytes[..hdr_len]),
-                has_nb: hdr_len == HDR_LEN_MRG,
-            };
-            let written = write_packet(
-                &ring,
+            let written = if write_simple(
                 &pre,
                 &mut cur,
-                parts,
-                mergeable,
+                &hbytes[..hdr_len],
+                pkt.frame(),
                 &mut self.used,
-                &mut self.scratch,
-            );
+            ) {
+                Ok(Written::Done)
+            } else {
+                let parts = Stream {
+                    bytes: pkt.with_header(&hbytes[..hdr_len]),
+                    has_nb: hdr_len == HDR_LEN_MRG,
+                };
+                write_packet(
+                    &ring,
+                    &pre,
+                    &mut cur,
+                    parts,
+                    mergeable,
+                    &mut self.used,
+                    &mut self.scratch,
+                )
+            };
             match written {
                 Ok(Written::Done) => {
                     stats.packets += 1;
@@ -671,6 +681,42 @@ struct Prewalked<'a> {
     segs: &'a [Seg],
 }
 
+/// The common case of guest receive: header and frame fit the first buffer of the next
+/// gathered chain, and go in as two copies straight from where they are (the header from the
+/// caller's stack, not first into the packet's headroom: reading back freshly written bytes
+/// with the copy's wide loads stalls on store forwarding). `num_buffers`, if present, is
+/// already 1. Returns false (nothing written) if the packet needs [`write_packet`].
+#[inline]
+fn write_simple(
+    pre: &Prewalked<'_>,
+    cur: &mut Cursor,
+    hdr: &[u8],
+    frame: &[u8],
+    used: &mut Vec<(u16, u32)>,
+) -> bool {
+    let k = cur.pos.wrapping_sub(pre.base) as usize;
+    let Some(&(head, first, _)) = pre.chains.get(k) else {
+        return false;
+    };
+    let seg = pre.segs[first];
+    let total = hdr.len() + frame.len();
+    if seg.host == 0 || total > seg.len as usize || cur.left == 0 {
+        return false;
+    }
+    // SAFETY: `seg.host..+seg.len` was checked to be a mapping of guest memory when the chain
+    // was walked, in the memory table the burst's ring view borrows until the burst ends; both
+    // copies stay within `total <= seg.len` bytes of it.
+    unsafe {
+        let dst = seg.host as *mut u8;
+        ptr::copy_nonoverlapping(hdr.as_ptr(), dst, hdr.len());
+        ptr::copy_nonoverlapping(frame.as_ptr(), dst.add(hdr.len()), frame.len());
+    }
+    used.push((head, total as u32));
+    cur.pos = cur.pos.wrapping_add(1);
+    cur.left -= 1;
+    true
+}
+
 /// Writes one packet (virtio header + frame) into as many chains as needed, recording used
 /// entries. On any failure the chains taken for this packet are returned to the avail ring.
 #[allow(clippy::too_many_arguments)]
@@ -686,20 +732,6 @@ fn write_packet(
     let mem = ring.mem();
     let bytes = data.bytes;
     let total = bytes.len();
-    // The common case: the packet fits the first buffer of the next gathered chain.
-    let k = cur.pos.wrapping_sub(pre.base) as usize;
-    if let Some(&(head, first, _)) = pre.chains.get(k) {
-        let seg = pre.segs[first];
-        if seg.host != 0 && total <= seg.len as usize && cur.left > 0 {
-            // SAFETY: `seg.host..+seg.len` was checked to be a mapping of guest memory when the
-            // chain was walked, in the table `ring` borrows for the whole burst.
-            unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), seg.host as *mut u8, total) };
-            used.push((head, total as u32));
-            cur.pos = cur.pos.wrapping_add(1);
-            cur.left -= 1;
-            return Ok(Written::Done);
-        }
-    }
     let mut pos = 0usize;
     let first_used = used.len();
     let start = (cur.pos, cur.left);
