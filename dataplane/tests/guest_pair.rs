@@ -127,17 +127,7 @@ ports = ["a", "b"]
     assert!(has(&fa, 11) && has(&fa, 12), "A lacks HOST_TSO4/6: {fa}");
     assert!(!has(&fb, 7) && !has(&fb, 8), "B has GUEST_TSO4/6: {fb}");
 
-    let out = a
-        .run(
-            &format!("i=0; until ping -c 1 -W 2 {B_IP} >/dev/null; do i=$((i+1)); [ $i -ge 15 ] && break; done; ping -c 3 -W 2 {B_IP}"),
-            Duration::from_secs(60),
-        )
-        .or_fail("ping");
-    assert!(
-        out.stdout.contains(" 0% packet loss"),
-        "A → B ping failed:\n{}",
-        out.stdout
-    );
+    common::ping_from(&mut a, B_IP);
 
     transfer(&dp, &mut a, &mut b, B_IP, 5001, 4);
     // And back: B sends plain frames, A takes them as they are.

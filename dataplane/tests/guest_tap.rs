@@ -52,22 +52,8 @@ fn boot(sock: &std::path::Path, queues: u16, smp: u32) -> Guest {
     common::boot_guest(sock, MAC, &format!("{GUEST_IP}/24"), queues, smp, &[])
 }
 
-/// Pings the host from the guest: first until one reply comes back (bounded: ARP after a link
-/// change, a reconnect), then three in a row that must all be answered.
 fn ping_from_guest(g: &mut Guest) {
-    let out = g
-        .run(
-            &format!(
-                "i=0; until ping -c 1 -W 2 {HOST_IP} >/dev/null; do i=$((i+1)); [ $i -ge 15 ] && break; done; ping -c 3 -W 2 {HOST_IP}"
-            ),
-            Duration::from_secs(60),
-        )
-        .or_fail("ping from guest");
-    assert!(
-        out.stdout.contains(" 0% packet loss"),
-        "guest → host ping failed:\n{}",
-        out.stdout
-    );
+    common::ping_from(g, HOST_IP);
 }
 
 fn sha256_host(data: &[u8]) -> String {

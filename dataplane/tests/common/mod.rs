@@ -274,3 +274,21 @@ pub fn boot_guest(
     .or_fail("guest network setup");
     g
 }
+
+/// Pings `ip` from guest `g`: first until one reply comes back (bounded: ARP after a link
+/// change, a reconnect), then three in a row that must all be answered.
+pub fn ping_from(g: &mut torii_perf::guest::Guest, ip: &str) {
+    let out = g
+        .run(
+            &format!(
+                "i=0; until ping -c 1 -W 2 {ip} >/dev/null; do i=$((i+1)); [ $i -ge 15 ] && break; done; ping -c 3 -W 2 {ip}"
+            ),
+            Duration::from_secs(60),
+        )
+        .or_fail("ping from guest");
+    assert!(
+        out.stdout.contains(" 0% packet loss"),
+        "ping from guest to {ip} failed:\n{}",
+        out.stdout
+    );
+}
