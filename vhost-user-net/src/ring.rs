@@ -17,11 +17,10 @@ use std::ptr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
-use vm_memory::GuestAddressSpace;
-
 use virtio_queue::QueueT;
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 
 use crate::device::Connection;
