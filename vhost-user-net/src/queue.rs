@@ -107,6 +107,8 @@ pub struct NetQueues {
     rx_room: Vec<u16>,
     /// Host addresses of the rings, kept across bursts.
     maps: RingMaps,
+    /// Guest-receive copies queued during a burst. Preallocated.
+    copies: Vec<RxCopy>,
 }
 
 impl NetQueues {
@@ -125,6 +127,7 @@ impl NetQueues {
             scratch: Vec::with_capacity(MAX_CHAIN),
             rx_room: vec![0; n / 2],
             maps: RingMaps::new(n),
+            copies: Vec::with_capacity(64),
         }
     }
 
@@ -485,17 +488,18 @@ impl NetQueues {
             segs: &self.segs,
         };
         let mut err = None;
-        for mut pkt in pkts.drain(..) {
+        // Copies of the common case are queued and run after the loop (see `RxCopy`); every
+        // packet stays in `pkts` until then.
+        self.copies.clear();
+        for pkt in pkts.iter_mut() {
             if cur.left == 0 || err.is_some() {
                 // Ring full (or broken): drop without looking at the packet.
                 stats.dropped_no_buffer += 1;
-                pool.free(pkt);
                 continue;
             }
             let hdr = pkt.hdr();
             if !accepts.contains(hdr.required_offloads()) {
                 stats.dropped_unsupported += 1;
-                pool.free(pkt);
                 continue;
             }
             let mut h = hdr;
@@ -504,7 +508,13 @@ impl NetQueues {
                 h.flags = 0;
             }
             let frame_len = pkt.frame().len();
-            let written = if write_simple(&pre, &mut cur, h, hdr_len, pkt.frame(), &mut self.used) {
+            if self.copies.len() == self.copies.capacity() {
+                run_copies(&mut self.copies);
+            }
+            let written = if let Some(c) =
+                plan_simple(&pre, &mut cur, h, hdr_len, pkt.frame(), &mut self.used)
+            {
+                self.copies.push(c);
                 Ok(Written::Done)
             } else {
                 let mut hbytes = [0u8; HDR_LEN_MRG];
@@ -541,8 +551,9 @@ impl NetQueues {
                     err = Some(e);
                 }
             }
-            pool.free(pkt);
         }
+        run_copies(&mut self.copies);
+        pkts.drain(..).for_each(|p| pool.free(p));
         // `write_packet` puts back the chains of a packet it could not write, so `cur.pos` is
         // just past the chains in `self.used`, error or not.
         queue.set_next_avail(cur.pos);
@@ -675,48 +686,74 @@ struct Prewalked<'a> {
     segs: &'a [Seg],
 }
 
-/// The common case of guest receive: header and frame fit the first buffer of the next
-/// gathered chain. The header (`hdr_len` bytes, `num_buffers` 1) is stored straight from
-/// registers and the frame copied after it. Neither goes through a buffer first: reading
-/// freshly written bytes back with a copy's wider loads stalls on store forwarding, which was
-/// half the guest-RX time. Returns false (nothing written) if the packet needs
+/// A queued write of one packet into one guest buffer: the virtio-net header (two words,
+/// `hdr_len` bytes) and then `len` frame bytes from `src`. Like DPDK's vhost library, `to_guest`
+/// decides where every packet of a burst goes first and copies afterwards in a tight loop, so
+/// the stores that miss (the guest's buffers were last touched on the other CPU) are not
+/// interleaved with the bookkeeping.
+#[derive(Clone, Copy)]
+pub(crate) struct RxCopy {
+    dst: usize,
+    hdr: (u64, u32),
+    hdr_len: usize,
+    src: usize,
+    len: usize,
+}
+
+/// Runs and forgets the queued copies.
+///
+/// Every `RxCopy` was made by [`plan_simple`]: `dst..dst+hdr_len+len` lies in a guest buffer of
+/// the current burst's memory table, and `src..src+len` in a packet still owned by the caller.
+#[inline]
+fn run_copies(copies: &mut Vec<RxCopy>) {
+    for c in copies.drain(..) {
+        // SAFETY: see above; the memory table and the packets outlive this call (`to_guest`
+        // runs it before it publishes the used ring, frees the packets or drops the ring view).
+        // The header is stored from registers, not copied from a buffer: reading freshly written
+        // bytes back with a copy's wider loads stalls on store forwarding.
+        unsafe {
+            let dst = c.dst as *mut u8;
+            ptr::write_unaligned(dst as *mut u64, c.hdr.0.to_le());
+            if c.hdr_len == HDR_LEN_MRG {
+                ptr::write_unaligned(dst.add(8) as *mut u32, c.hdr.1.to_le());
+            } else {
+                ptr::write_unaligned(dst.add(8) as *mut u16, (c.hdr.1 as u16).to_le());
+            }
+            ptr::copy_nonoverlapping(c.src as *const u8, dst.add(c.hdr_len), c.len);
+        }
+    }
+}
+
+/// The common case of guest receive: header (`hdr_len` bytes, `num_buffers` 1) and frame fit
+/// the first buffer of the next gathered chain. Takes the chain and returns the copy to run
+/// (before the used ring is published), or None (nothing taken) if the packet needs
 /// [`write_packet`].
 #[inline]
-fn write_simple(
+fn plan_simple(
     pre: &Prewalked<'_>,
     cur: &mut Cursor,
     hdr: VirtioNetHdr,
     hdr_len: usize,
     frame: &[u8],
     used: &mut Vec<(u16, u32)>,
-) -> bool {
+) -> Option<RxCopy> {
     let k = cur.pos.wrapping_sub(pre.base) as usize;
-    let Some(&(head, first, _)) = pre.chains.get(k) else {
-        return false;
-    };
+    let &(head, first, _) = pre.chains.get(k)?;
     let seg = pre.segs[first];
     let total = hdr_len + frame.len();
     if seg.host == 0 || total > seg.len as usize || cur.left == 0 {
-        return false;
-    }
-    let (lo, hi) = hdr.le_words(1);
-    // SAFETY: `seg.host..+seg.len` was checked to be a mapping of guest memory when the chain
-    // was walked, in the memory table the burst's ring view borrows until the burst ends; all
-    // writes stay within `total <= seg.len` bytes of it (`hdr_len` is 10 or 12).
-    unsafe {
-        let dst = seg.host as *mut u8;
-        ptr::write_unaligned(dst as *mut u64, lo.to_le());
-        if hdr_len == HDR_LEN_MRG {
-            ptr::write_unaligned(dst.add(8) as *mut u32, hi.to_le());
-        } else {
-            ptr::write_unaligned(dst.add(8) as *mut u16, (hi as u16).to_le());
-        }
-        ptr::copy_nonoverlapping(frame.as_ptr(), dst.add(hdr_len), frame.len());
+        return None;
     }
     used.push((head, total as u32));
     cur.pos = cur.pos.wrapping_add(1);
     cur.left -= 1;
-    true
+    Some(RxCopy {
+        dst: seg.host,
+        hdr: hdr.le_words(1),
+        hdr_len,
+        src: frame.as_ptr() as usize,
+        len: frame.len(),
+    })
 }
 
 /// Writes one packet (virtio header + frame) into as many chains as needed, recording used
