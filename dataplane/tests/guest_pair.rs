@@ -87,26 +87,7 @@ fn tso_guest_to_guest_without_tso_is_segmented_in_software() {
     prereq::guest_image().or_fail("prerequisite");
     let dir = proc_util::unique_tmp_dir("torii-pair").or_fail("tmp dir");
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let dp = Daemon::start(
-        dir.path(),
-        "",
-        &format!(
-            r#"
-[[port]]
-name = "a"
-type = "vhost-user"
-socket = "{}"
-[[port]]
-name = "b"
-type = "vhost-user"
-socket = "{}"
-[[xconnect]]
-ports = ["a", "b"]
-"#,
-            sa.display(),
-            sb.display()
-        ),
-    );
+    let dp = Daemon::start(dir.path(), "", &common::vhost_pair_config(&sa, &sb, false));
     let mut a = common::boot_guest(&sa, "52:54:00:00:52:01", &format!("{A_IP}/24"), 1, 1, &[]);
     let mut b = common::boot_guest(
         &sb,

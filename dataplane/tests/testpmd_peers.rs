@@ -48,23 +48,7 @@ fn xconnect_counts_match_between_two_testpmds() {
     let mut dp = Daemon::start(
         dir.path(),
         "",
-        &format!(
-            r#"
-[[port]]
-name = "a"
-type = "vhost-user"
-socket = "{}"
-[[port]]
-name = "b"
-type = "vhost-user"
-socket = "{}"
-mode = "client"
-[[xconnect]]
-ports = ["a", "b"]
-"#,
-            a_sock.display(),
-            b_sock.display()
-        ),
+        &common::vhost_pair_config(&a_sock, &b_sock, true),
     );
     dp.wait_port("b", Duration::from_secs(20), "b connected", |p| {
         p["connected"] == true

@@ -292,3 +292,26 @@ pub fn ping_from(g: &mut torii_perf::guest::Guest, ip: &str) {
         out.stdout
     );
 }
+
+/// Ports `a` and `b`, vhost-user on sockets `a` and `b`, cross-connected; `b_client`: Torii
+/// connects to a frontend listening on `b` instead of listening itself.
+pub fn vhost_pair_config(a: &Path, b: &Path, b_client: bool) -> String {
+    format!(
+        r#"
+[[port]]
+name = "a"
+type = "vhost-user"
+socket = "{}"
+[[port]]
+name = "b"
+type = "vhost-user"
+socket = "{}"
+mode = "{}"
+[[xconnect]]
+ports = ["a", "b"]
+"#,
+        a.display(),
+        b.display(),
+        if b_client { "client" } else { "server" }
+    )
+}
