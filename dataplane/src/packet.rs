@@ -64,7 +64,10 @@ impl Packet {
         self.off = self.home;
         self.len = len;
         self.hdr = VirtioNetHdr::default();
-        self.buf[self.home..self.home + len].copy_from_slice(&frame[..len]);
+        torii_vhost_user_net::copy::copy_bytes(
+            &mut self.buf[self.home..self.home + len],
+            &frame[..len],
+        );
     }
 
     /// The frame preceded by `prefix` bytes of headroom, which the caller fills (a tap's vnet

@@ -3,6 +3,7 @@
 //! lifecycle, `queue` is the data path a PMD thread polls.
 
 mod backend;
+pub mod copy;
 mod device;
 mod handler;
 pub mod hdr;

@@ -324,9 +324,7 @@ impl NetQueues {
                     // when the chain was walked, in the table `ring` borrows until the end of
                     // this function; `dst` is our own buffer of `len` bytes. The guest may
                     // write the source meanwhile: the bytes are parsed from our copy only.
-                    unsafe {
-                        ptr::copy_nonoverlapping(seg.host as *const u8, dst.as_mut_ptr(), len)
-                    };
+                    unsafe { crate::copy::copy_raw(dst.as_mut_ptr(), seg.host as *const u8, len) };
                     true
                 } else {
                     read_guest(ring.mem(), GuestAddress(seg.addr), dst)
@@ -719,7 +717,7 @@ fn run_copies(copies: &mut Vec<RxCopy>) {
             } else {
                 ptr::write_unaligned(dst.add(8) as *mut u16, (c.hdr.1 as u16).to_le());
             }
-            ptr::copy_nonoverlapping(c.src as *const u8, dst.add(c.hdr_len), c.len);
+            crate::copy::copy_raw(dst.add(c.hdr_len), c.src as *const u8, c.len);
         }
     }
 }
@@ -816,7 +814,7 @@ fn write_packet(
             let src = &bytes[pos..pos + n];
             let copied = if seg.host != 0 {
                 // SAFETY: as for the fast path above; `n <= seg.len`.
-                unsafe { ptr::copy_nonoverlapping(src.as_ptr(), seg.host as *mut u8, n) };
+                unsafe { crate::copy::copy_raw(seg.host as *mut u8, src.as_ptr(), n) };
                 true
             } else {
                 write_guest(mem, GuestAddress(seg.addr), src)
