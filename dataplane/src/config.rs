@@ -17,6 +17,112 @@ pub struct Config {
     pub ports: Vec<PortConfig>,
     #[serde(default, rename = "xconnect")]
     pub xconnects: Vec<XConnectConfig>,
+    #[serde(default)]
+    pub switch: SwitchConfig,
+}
+
+/// The L2 switch that every port outside a cross-connect is on.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchConfig {
+    /// Most MAC addresses learned at once (all VLANs); beyond it, unknown MACs are flooded.
+    #[serde(default = "default_mac_table")]
+    pub mac_table_size: usize,
+    /// A learned MAC not seen for this long is forgotten.
+    #[serde(default = "default_ageing")]
+    pub mac_ageing_secs: u32,
+    /// Index into `pmd_cpus` of the PMD that runs the switch.
+    #[serde(default)]
+    pub pmd: usize,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        SwitchConfig {
+            mac_table_size: default_mac_table(),
+            mac_ageing_secs: default_ageing(),
+            pmd: 0,
+        }
+    }
+}
+
+fn default_mac_table() -> usize {
+    8192
+}
+fn default_ageing() -> u32 {
+    300
+}
+
+/// A port's switch settings (only for ports on the switch).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchPortConfig {
+    /// Access port of this VLAN (1..=4094). Without `vlan` or `trunk`: the untagged segment.
+    pub vlan: Option<u16>,
+    /// Trunk port carrying these VLANs tagged.
+    pub trunk: Option<Vec<u16>>,
+    /// A trunk's untagged VLAN (0 = the untagged segment).
+    pub native_vlan: Option<u16>,
+    /// Most source MACs learned on the port; frames from further MACs are dropped. 0 = none.
+    #[serde(default)]
+    pub mac_limit: u32,
+}
+
+impl SwitchPortConfig {
+    /// Keys of a `[[port]]` entry that are switch settings rather than port-type settings.
+    const KEYS: [&'static str; 4] = ["vlan", "trunk", "native_vlan", "mac_limit"];
+
+    pub fn is_set(&self) -> bool {
+        self.vlan.is_some()
+            || self.trunk.is_some()
+            || self.native_vlan.is_some()
+            || self.mac_limit != 0
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let vid = |v: u16, what: &str| {
+            if (1..=crate::switch::vlan::MAX_VID).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{what} {v} is outside 1..=4094"))
+            }
+        };
+        match (&self.vlan, &self.trunk) {
+            (Some(_), Some(_)) => return Err("vlan and trunk exclude each other".into()),
+            (Some(v), None) => vid(*v, "vlan")?,
+            (None, Some(t)) => {
+                if t.is_empty() {
+                    return Err("trunk lists no VLAN".into());
+                }
+                for &v in t {
+                    vid(v, "trunk VLAN")?;
+                }
+            }
+            (None, None) => {}
+        }
+        if let Some(n) = self.native_vlan {
+            if self.trunk.is_none() {
+                return Err("native_vlan needs trunk".into());
+            }
+            if n > crate::switch::vlan::MAX_VID {
+                return Err(format!("native_vlan {n} is outside 0..=4094"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn vlan_mode(&self) -> crate::switch::vlan::VlanMode {
+        use crate::switch::vlan::{VlanMode, VlanSet};
+        match &self.trunk {
+            Some(t) => VlanMode::Trunk {
+                allowed: VlanSet::new(t),
+                native: self.native_vlan,
+            },
+            None => VlanMode::Access {
+                vlan: self.vlan.unwrap_or(0),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,12 +160,25 @@ fn default_pool() -> usize {
 pub struct PortConfig {
     pub name: String,
     pub kind: PortKind,
+    pub switch: SwitchPortConfig,
 }
 
 impl<'de> Deserialize<'de> for PortConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // Each variant carries `name` itself so unknown keys are refused per port type.
-        let raw = RawPort::deserialize(d)?;
+        use serde::de::Error;
+        // The switch settings are common to all types; the rest is refused per port type
+        // (each variant carries `name` itself so unknown keys are named in the error).
+        let mut table = toml::Table::deserialize(d)?;
+        let mut common = toml::Table::new();
+        for k in SwitchPortConfig::KEYS {
+            if let Some(v) = table.remove(k) {
+                common.insert(k.to_string(), v);
+            }
+        }
+        let switch = SwitchPortConfig::deserialize(toml::Value::Table(common))
+            .map_err(|e| D::Error::custom(e.message()))?;
+        let raw = RawPort::deserialize(toml::Value::Table(table))
+            .map_err(|e| D::Error::custom(e.message()))?;
         let (name, kind) = match raw {
             RawPort::VhostUser {
                 name,
@@ -86,7 +205,7 @@ impl<'de> Deserialize<'de> for PortConfig {
             RawPort::Source { name, frame_size } => (name, PortKind::Source { frame_size }),
             RawPort::Sink { name } => (name, PortKind::Sink),
         };
-        Ok(PortConfig { name, kind })
+        Ok(PortConfig { name, kind, switch })
     }
 }
 
@@ -177,6 +296,8 @@ pub enum ConfigError {
     Port(String, String),
     #[error("xconnect {0}: {1}")]
     XConnect(usize, String),
+    #[error("switch: {0}")]
+    Switch(String),
     #[error("dataplane: {0}")]
     Dataplane(String),
 }
@@ -281,6 +402,25 @@ impl Config {
                 }
                 PortKind::Sink => {}
             }
+            p.switch.validate().map_err(err)?;
+        }
+        let sw = &self.switch;
+        if !(1..=1 << 20).contains(&sw.mac_table_size) {
+            return Err(ConfigError::Switch(format!(
+                "mac_table_size {} is outside 1..=1048576",
+                sw.mac_table_size
+            )));
+        }
+        if sw.mac_ageing_secs == 0 {
+            return Err(ConfigError::Switch(
+                "mac_ageing_secs must be at least 1".into(),
+            ));
+        }
+        if sw.pmd >= d.pmd_cpus.len().max(1) {
+            return Err(ConfigError::Switch(format!(
+                "pmd {} does not exist",
+                sw.pmd
+            )));
         }
         let mut used = HashSet::new();
         for (i, x) in self.xconnects.iter().enumerate() {
@@ -298,6 +438,14 @@ impl Config {
                     return Err(ConfigError::XConnect(
                         i,
                         format!("port {p:?} is already in another cross-connect"),
+                    ));
+                }
+            }
+            for p in &x.ports {
+                if self.ports.iter().any(|c| &c.name == p && c.switch.is_set()) {
+                    return Err(ConfigError::XConnect(
+                        i,
+                        format!("port {p:?} has switch settings (vlan, trunk, mac_limit) but is cross-connected"),
                     ));
                 }
             }
@@ -351,6 +499,41 @@ mod tests {
         ports = ["vm1", "tap0"]
     "#;
 
+    const SWITCHED: &str = r#"
+        [dataplane]
+        [[port]]
+        name = "vm1"
+        type = "vhost-user"
+        socket = "/tmp/vm1.sock"
+        vlan = 100
+        mac_limit = 8
+        [[port]]
+        name = "up"
+        type = "tap"
+        ifname = "torii0"
+        trunk = [100, 200]
+        native_vlan = 0
+    "#;
+
+    #[test]
+    fn switch_ports_take_vlan_settings() {
+        use crate::switch::vlan::{VlanMode, VlanSet};
+        let c = Config::parse(SWITCHED).unwrap();
+        assert_eq!(
+            c.ports[0].switch.vlan_mode(),
+            VlanMode::Access { vlan: 100 }
+        );
+        assert_eq!(c.ports[0].switch.mac_limit, 8);
+        assert_eq!(
+            c.ports[1].switch.vlan_mode(),
+            VlanMode::Trunk {
+                allowed: VlanSet::new(&[100, 200]),
+                native: Some(0)
+            }
+        );
+        assert_eq!(c.switch.mac_table_size, 8192);
+    }
+
     #[test]
     fn accepts_a_good_config() {
         let c = Config::parse(GOOD).unwrap();
@@ -384,6 +567,42 @@ mod tests {
             (
                 GOOD.replace("[\"vm1\", \"tap0\"]", "[\"vm1\", \"vm1\"]"),
                 "itself",
+            ),
+            (
+                GOOD.replace("queues = 2", "queues = 2\nvlan = 10"),
+                "has switch settings",
+            ),
+            (
+                SWITCHED.replace("vlan = 100", "vlan = 4095"),
+                "vlan 4095 is outside",
+            ),
+            (
+                SWITCHED.replace("vlan = 100", "vlan = 100\ntrunk = [1]"),
+                "exclude each other",
+            ),
+            (
+                SWITCHED.replace("trunk = [100, 200]", "trunk = []"),
+                "lists no VLAN",
+            ),
+            (
+                SWITCHED.replace("vlan = 100", "vlan = 100\nnative_vlan = 5"),
+                "native_vlan needs trunk",
+            ),
+            (
+                SWITCHED.replace("vlan = 100", "vlan = \"x\""),
+                "invalid type",
+            ),
+            (
+                SWITCHED.replace("vlan = 100", "vlna = 100"),
+                "unknown field `vlna`",
+            ),
+            (
+                SWITCHED.replace("[dataplane]", "[switch]\npmd = 3\n[dataplane]"),
+                "pmd 3",
+            ),
+            (
+                SWITCHED.replace("[dataplane]", "[switch]\nmac_table_size = 0\n[dataplane]"),
+                "mac_table_size 0",
             ),
         ];
         for (text, want) in cases {

@@ -1,8 +1,9 @@
 //! Builds a running data plane from a [`Config`]: creates every port, then starts the PMDs.
 //! If any port fails, everything made so far is torn down (sockets removed, taps closed).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use torii_vhost_user_net::{NetDeviceConfig, SocketMode, VhostUserNetDevice};
@@ -13,12 +14,17 @@ use crate::port::null::{SinkPort, SourcePort};
 use crate::port::tap::TapPort;
 use crate::port::vhost_user::VhostUserPort;
 use crate::port::{Port, PortStats, PortStatsSnapshot};
+use crate::switch::mactable::PortId;
+use crate::switch::vlan::VlanReport;
+use crate::switch::{Switch, SwitchPort, SwitchShared, SwitchStatsSnapshot};
 
 struct PortInfo {
     name: String,
     kind: &'static str,
     stats: Arc<PortStats>,
     device: Option<usize>,
+    /// On the switch: its VLAN settings.
+    vlan: Option<VlanReport>,
 }
 
 /// A running data plane.
@@ -26,6 +32,48 @@ pub struct Dataplane {
     pmds: Vec<PmdHandle>,
     devices: Vec<VhostUserNetDevice>,
     ports: Vec<PortInfo>,
+    switch: Arc<SwitchShared>,
+    ager: Option<Ager>,
+}
+
+/// The control thread that ticks the switch's clock and forgets MACs not seen for a while.
+struct Ager {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ager {
+    fn start(sw: Arc<SwitchShared>, max_age: u32) -> std::io::Result<Ager> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("mac-ager".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                while !s.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let now = t0.elapsed().as_secs() as u32;
+                    sw.clock.store(now, Ordering::Relaxed);
+                    let n = sw.table.age(now, max_age);
+                    if n > 0 {
+                        tracing::debug!("aged out {n} MAC entries");
+                    }
+                }
+            })?;
+        Ok(Ager {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Ager {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// One port in a stats report.
@@ -39,6 +87,9 @@ pub struct PortReport {
     pub connections: Option<u64>,
     /// vhost-user only: queues stopped because the guest broke them.
     pub broken_queues: Vec<String>,
+    /// Switch ports: VLAN membership and MACs learned on the port.
+    pub vlan: Option<VlanReport>,
+    pub macs: Option<u32>,
     #[serde(flatten)]
     pub stats: PortStatsSnapshot,
 }
@@ -48,6 +99,16 @@ pub struct PortReport {
 pub struct Report {
     pub ports: Vec<PortReport>,
     pub pmds: Vec<PmdStatsSnapshot>,
+    pub switch: SwitchReport,
+}
+
+/// The switch in a report.
+#[derive(Clone, Debug, Serialize)]
+pub struct SwitchReport {
+    pub mac_entries: usize,
+    pub mac_capacity: usize,
+    #[serde(flatten)]
+    pub stats: SwitchStatsSnapshot,
 }
 
 /// A locally generated MAC for a port without one: 52:54:00 (QEMU's OUI is what guests
@@ -110,6 +171,7 @@ impl Dataplane {
                 kind: port.kind(),
                 stats: port.stats().clone(),
                 device: device.as_ref().map(|_| devices.len()),
+                vlan: None,
             });
             if let Some(d) = device {
                 devices.push(d);
@@ -134,9 +196,27 @@ impl Dataplane {
                 .expect("validated: used once");
             per_pmd[x.pmd.unwrap_or(i % npmd)].push(XConnect { a, b });
         }
+        // Every port outside a cross-connect is on the switch, its id its place in the config.
+        let switch = Arc::new(SwitchShared::new(cfg.switch.mac_table_size));
+        let mut sw_ports = Vec::new();
+        for (i, (slot, pc)) in made.iter_mut().zip(&cfg.ports).enumerate() {
+            if let Some(port) = slot.take() {
+                let id = i as PortId;
+                switch.table.set_port_limit(id, pc.switch.mac_limit);
+                let vlan = pc.switch.vlan_mode();
+                infos[i].vlan = Some(vlan.report());
+                sw_ports.push(SwitchPort { id, port, vlan });
+            }
+        }
+        let mut sw = (!sw_ports.is_empty()).then(|| Switch::new(switch.clone(), sw_ports));
         let mut pmds = Vec::new();
         for (id, xcs) in per_pmd.into_iter().enumerate() {
-            if xcs.is_empty() {
+            let sw = if id == cfg.switch.pmd {
+                sw.take()
+            } else {
+                None
+            };
+            if xcs.is_empty() && sw.is_none() {
                 continue;
             }
             let cpu = cfg.dataplane.pmd_cpus.get(id).copied();
@@ -146,17 +226,16 @@ impl Dataplane {
                 cfg.dataplane.pmd_mode,
                 cfg.dataplane.pool_size,
                 xcs,
+                sw,
             )?);
         }
-        for (p, info) in made.iter().zip(&infos) {
-            if p.is_some() {
-                tracing::warn!(port = %info.name, "port is in no cross-connect: not polled");
-            }
-        }
+        let ager = Some(Ager::start(switch.clone(), cfg.switch.mac_ageing_secs)?);
         Ok(Dataplane {
             pmds,
             devices,
             ports: infos,
+            switch,
+            ager,
         })
     }
 
@@ -165,7 +244,8 @@ impl Dataplane {
             ports: self
                 .ports
                 .iter()
-                .map(|p| {
+                .enumerate()
+                .map(|(i, p)| {
                     let dev = p.device.map(|i| &self.devices[i]);
                     PortReport {
                         name: p.name.clone(),
@@ -180,16 +260,27 @@ impl Dataplane {
                                     .collect()
                             })
                             .unwrap_or_default(),
+                        vlan: p.vlan.clone(),
+                        macs: p
+                            .vlan
+                            .as_ref()
+                            .map(|_| self.switch.table.port_count(i as PortId)),
                         stats: p.stats.snapshot(),
                     }
                 })
                 .collect(),
             pmds: self.pmds.iter().map(|p| p.snapshot()).collect(),
+            switch: SwitchReport {
+                mac_entries: self.switch.table.len(),
+                mac_capacity: self.switch.table.capacity(),
+                stats: self.switch.stats.snapshot(),
+            },
         }
     }
 
     /// Stops the PMDs (dropping the ports' data halves), then the devices.
     pub fn stop(mut self) {
+        self.ager = None;
         for p in &mut self.pmds {
             p.stop();
         }

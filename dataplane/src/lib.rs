@@ -1,6 +1,7 @@
 //! Torii's poll-mode data plane. The data path reads top to bottom:
-//! `port` (rx_burst) → `pmd` (forward, offload fixups) → `port` (tx_burst); `packet` holds the
-//! preallocated buffers they pass around. `config` and `daemon` are the control path.
+//! `port` (rx_burst) → `pmd` (cross-connect, or `switch`: VLAN, MAC learning, flooding;
+//! offload fixups) → `port` (tx_burst); `packet` holds the preallocated buffers they pass
+//! around. `config` and `daemon` are the control path.
 
 pub mod config;
 pub mod daemon;
@@ -9,3 +10,4 @@ pub mod offload;
 pub mod packet;
 pub mod pmd;
 pub mod port;
+pub mod switch;

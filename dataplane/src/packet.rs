@@ -12,6 +12,9 @@ pub const MAX_FRAME: usize = torii_vhost_user_net::MAX_FRAME;
 /// buffers — the ones every packet touches — would fall in the same few L1 cache sets and
 /// evict each other within a burst.
 const COLOURS: usize = 64;
+/// 802.1Q: the TPID and the length of a tag.
+const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
+pub const VLAN_TAG_LEN: usize = 4;
 const COLOUR_STEP: usize = 64;
 
 /// One frame and its offload metadata (the virtio-net header, which is also a tap's).
@@ -80,6 +83,58 @@ impl Packet {
             &mut self.0.buf[self.0.home..self.0.home + len],
             &frame[..len],
         );
+    }
+
+    /// The 802.1Q tag control information, if the frame carries a tag.
+    #[inline]
+    pub fn vlan_tci(&self) -> Option<u16> {
+        let d = self.data();
+        (d.len() >= 18 && d[12..14] == ETH_P_8021Q).then(|| u16::from_be_bytes([d[14], d[15]]))
+    }
+
+    /// Inserts an 802.1Q tag after the MAC addresses (into the headroom). Offload offsets move
+    /// with the frame. False (nothing changed) if the frame is too short or there is no room.
+    pub fn push_vlan(&mut self, tci: u16) -> bool {
+        let m = &mut *self.0;
+        if m.len < 12 || m.off < VLAN_TAG_LEN || m.off + m.len + VLAN_TAG_LEN > m.buf.len() {
+            return false;
+        }
+        let start = m.off - VLAN_TAG_LEN;
+        m.buf.copy_within(m.off..m.off + 12, start);
+        m.buf[start + 12..start + 14].copy_from_slice(&ETH_P_8021Q);
+        m.buf[start + 14..start + 16].copy_from_slice(&tci.to_be_bytes());
+        m.off = start;
+        m.len += VLAN_TAG_LEN;
+        m.hdr.shift_offsets(VLAN_TAG_LEN as i32);
+        true
+    }
+
+    /// Removes the outer 802.1Q tag. False (nothing changed) if there is none.
+    pub fn pop_vlan(&mut self) -> bool {
+        if self.vlan_tci().is_none() {
+            return false;
+        }
+        let m = &mut *self.0;
+        m.buf.copy_within(m.off..m.off + 12, m.off + VLAN_TAG_LEN);
+        m.off += VLAN_TAG_LEN;
+        m.len -= VLAN_TAG_LEN;
+        m.hdr.shift_offsets(-(VLAN_TAG_LEN as i32));
+        true
+    }
+
+    /// Rewrites the outer tag's control information (the frame must carry a tag).
+    pub fn set_vlan_tci(&mut self, tci: u16) {
+        if self.vlan_tci().is_some() {
+            self.data_mut()[14..16].copy_from_slice(&tci.to_be_bytes());
+        }
+    }
+
+    /// A copy of this packet (frame and offload metadata) in a buffer from `pool`.
+    pub fn duplicate(&self, pool: &mut PacketPool) -> Option<Packet> {
+        let mut c = pool.alloc()?;
+        c.fill(self.data());
+        c.0.hdr = self.0.hdr;
+        Some(c)
     }
 
     /// The frame preceded by `prefix` bytes of headroom, which the caller fills (a tap's vnet

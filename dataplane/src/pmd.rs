@@ -16,6 +16,7 @@ use torii_vhost_user_net::{
 use crate::offload::{fixup, Fixup};
 use crate::packet::{Packet, PacketPool};
 use crate::port::{Port, PortStats, BURST};
+use crate::switch::Switch;
 
 /// How a PMD waits when it has nothing to do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,23 +122,29 @@ impl Drop for PmdHandle {
     }
 }
 
-/// Starts PMD `id` on `cpu` with the given cross-connects.
+/// Starts PMD `id` on `cpu` with the given cross-connects and, on one PMD, the switch.
 pub fn spawn(
     id: usize,
     cpu: Option<usize>,
     mode: PmdMode,
     pool_size: usize,
-    mut xconnects: Vec<XConnect>,
+    xconnects: Vec<XConnect>,
+    switch: Option<Switch>,
 ) -> io::Result<PmdHandle> {
     let (consumer, notifier) =
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-    for xc in &mut xconnects {
-        xc.a.set_waker(&notifier);
-        xc.b.set_waker(&notifier);
-    }
+    let mut w = Worker {
+        xconnects,
+        switch,
+        pool: PacketPool::new(0),
+        batches: Batches::new(),
+        stats: Arc::new(PmdStats::default()),
+        wake: consumer,
+    };
+    w.for_each_port(|p| p.set_waker(&notifier));
     let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(PmdStats::default());
-    let (s, st) = (stop.clone(), stats.clone());
+    let stats = w.stats.clone();
+    let s = stop.clone();
     let thread = std::thread::Builder::new()
         .name(format!("pmd{id}"))
         .spawn(move || {
@@ -146,13 +153,9 @@ pub fn spawn(
                     tracing::warn!(pmd = id, cpu = c, "cannot pin PMD: {e}");
                 }
             }
-            let mut w = Worker {
-                xconnects,
-                pool: PacketPool::new(pool_size),
-                batches: Batches::new(),
-                stats: st,
-                wake: consumer,
-            };
+            // The buffers are allocated on the PMD's thread (and so, first touched, on its
+            // NUMA node).
+            w.pool = PacketPool::new(pool_size);
             w.run(mode, &s);
         })?;
     Ok(PmdHandle {
@@ -168,6 +171,7 @@ pub fn spawn(
 
 struct Worker {
     xconnects: Vec<XConnect>,
+    switch: Option<Switch>,
     pool: PacketPool,
     batches: Batches,
     stats: Arc<PmdStats>,
@@ -176,7 +180,9 @@ struct Worker {
 
 impl Worker {
     fn run(&mut self, mode: PmdMode, stop: &AtomicBool) {
-        let epoll = match Epoll::new(self.wake.as_raw_fd(), &self.xconnects) {
+        let mut fds = vec![self.wake.as_raw_fd()];
+        self.for_each_port(|p| fds.extend(p.wakeup_fds()));
+        let epoll = match Epoll::new(&fds) {
             Ok(e) => Some(e),
             Err(e) => {
                 tracing::warn!("epoll setup failed, PMD will busy-poll: {e}");
@@ -195,6 +201,9 @@ impl Worker {
                 xc.b.set_rx_offloads(xc.a.tx_offloads());
                 work += forward(&mut *xc.a, &mut *xc.b, &mut self.pool, &mut self.batches);
                 work += forward(&mut *xc.b, &mut *xc.a, &mut self.pool, &mut self.batches);
+            }
+            if let Some(sw) = &mut self.switch {
+                work += sw.poll(&mut self.pool, &mut self.batches);
             }
             let t1 = cycles();
             if work > 0 {
@@ -235,17 +244,22 @@ impl Worker {
 
     fn sleep(&mut self, ep: &Epoll, stop: &AtomicBool) {
         let mut pending = false;
-        for xc in &mut self.xconnects {
-            pending |= xc.a.arm_wakeup();
-            pending |= xc.b.arm_wakeup();
-        }
+        self.for_each_port(|p| pending |= p.arm_wakeup());
         if !pending && !stop.load(Ordering::Acquire) {
             self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
             ep.wait(MAX_SLEEP_MS);
         }
+        self.for_each_port(|p| p.disarm_wakeup());
+    }
+
+    /// Calls `f` on every port this PMD polls.
+    fn for_each_port(&mut self, mut f: impl FnMut(&mut dyn Port)) {
         for xc in &mut self.xconnects {
-            xc.a.disarm_wakeup();
-            xc.b.disarm_wakeup();
+            f(&mut *xc.a);
+            f(&mut *xc.b);
+        }
+        if let Some(sw) = &mut self.switch {
+            sw.ports_mut().for_each(|p| f(&mut **p));
         }
     }
 }
@@ -278,9 +292,14 @@ pub fn cycles() -> u64 {
 }
 
 /// Buffers a PMD reuses every round, allocated once.
-struct Batches {
+pub(crate) struct Batches {
     /// One burst as received.
-    rx: Vec<Packet>,
+    pub rx: Vec<Packet>,
+    pub fx: Fixups,
+}
+
+/// Scratch space of the software offload fallbacks.
+pub(crate) struct Fixups {
     /// Packets after software fixups, sent a burst at a time.
     tx: Vec<Packet>,
     /// The segments of one GSO super-frame.
@@ -288,13 +307,37 @@ struct Batches {
 }
 
 impl Batches {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Batches {
             rx: Vec::with_capacity(BURST),
-            tx: Vec::with_capacity(BURST),
-            segs: Vec::with_capacity(crate::gso::MAX_SEGS),
+            fx: Fixups {
+                tx: Vec::with_capacity(BURST),
+                segs: Vec::with_capacity(crate::gso::MAX_SEGS),
+            },
         }
     }
+}
+
+/// Sends all of `pkts` (at most a burst) on queue `q` of `dst`, completing in software the
+/// offloads `dst` cannot take.
+#[inline]
+pub(crate) fn transmit(
+    dst: &mut dyn Port,
+    q: u16,
+    pkts: &mut Vec<Packet>,
+    pool: &mut PacketPool,
+    fx: &mut Fixups,
+) {
+    let accepts = dst.tx_offloads();
+    if pkts
+        .iter()
+        .any(|p| !accepts.contains(p.hdr().required_offloads()))
+    {
+        send_with_fixups(pkts, fx, dst, q, accepts, pool);
+    } else {
+        dst.tx_burst(q, pool, pkts);
+    }
+    pkts.clear();
 }
 
 /// Moves one burst per queue from `src` to `dst`. Returns the packets received.
@@ -320,26 +363,18 @@ fn forward(
             continue;
         }
         total += b.rx.len();
-        let accepts = dst.tx_offloads();
-        if b.rx
-            .iter()
-            .any(|p| !accepts.contains(p.hdr().required_offloads()))
-        {
-            send_with_fixups(b, dst, q % dq, accepts, pool);
-        } else {
-            dst.tx_burst(q % dq, pool, &mut b.rx);
-        }
-        b.rx.clear();
+        transmit(dst, q % dq, &mut b.rx, pool, &mut b.fx);
     }
     total
 }
 
-/// Sends `b.rx` to a destination that lacks an offload some of its packets need: checksums
+/// Sends `pkts` to a destination that lacks an offload some of its packets need: checksums
 /// are completed and GSO super-frames segmented in software (in order, a burst at a time);
 /// what cannot be fixed is dropped and counted.
 #[cold]
 fn send_with_fixups(
-    b: &mut Batches,
+    pkts: &mut Vec<Packet>,
+    b: &mut Fixups,
     dst: &mut dyn Port,
     q: u16,
     accepts: crate::port::Offloads,
@@ -352,7 +387,7 @@ fn send_with_fixups(
             dst.tx_burst(q, pool, tx);
         }
     };
-    for mut p in b.rx.drain(..) {
+    for mut p in pkts.drain(..) {
         match fixup(&mut p, accepts) {
             Fixup::AsIs => emit(p, &mut b.tx, dst, pool),
             Fixup::SwCsum => {
@@ -396,7 +431,7 @@ struct Epoll {
 }
 
 impl Epoll {
-    fn new(wake: RawFd, xcs: &[XConnect]) -> io::Result<Self> {
+    fn new(fds: &[RawFd]) -> io::Result<Self> {
         // SAFETY: epoll_create1 has no pointer arguments.
         let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if raw < 0 {
@@ -404,12 +439,7 @@ impl Epoll {
         }
         // SAFETY: `raw` is a fresh fd we own.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-        let mut fds = vec![wake];
-        for xc in xcs {
-            fds.extend(xc.a.wakeup_fds());
-            fds.extend(xc.b.wakeup_fds());
-        }
-        for &f in &fds {
+        for &f in fds {
             let mut ev = libc::epoll_event {
                 events: libc::EPOLLIN as u32,
                 u64: f as u64,

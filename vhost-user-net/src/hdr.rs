@@ -97,6 +97,18 @@ impl VirtioNetHdr {
         (lo, hi)
     }
 
+    /// Moves the frame offsets (`csum_start`, and `hdr_len` of a GSO frame) by `delta` bytes:
+    /// a VLAN tag was inserted (+4) or removed (-4) in front of them.
+    pub fn shift_offsets(&mut self, delta: i32) {
+        let shift = |v: u16| (i32::from(v) + delta).clamp(0, i32::from(u16::MAX)) as u16;
+        if self.needs_csum() {
+            self.csum_start = shift(self.csum_start);
+        }
+        if self.is_gso() && self.hdr_len != 0 {
+            self.hdr_len = shift(self.hdr_len);
+        }
+    }
+
     /// The segmentation kind without the ECN bit.
     pub fn gso_kind(&self) -> u8 {
         self.gso_type & !GSO_ECN

@@ -75,6 +75,10 @@ pub struct PortStats {
     pub tx_bytes: AtomicU64,
     /// Received frames dropped: malformed (bad header, runt, oversize) or read errors.
     pub rx_dropped_invalid: AtomicU64,
+    /// Received frames dropped by the switch: VLAN not allowed on the port.
+    pub rx_dropped_vlan: AtomicU64,
+    /// Received frames dropped by the switch: source MAC over the port's MAC limit.
+    pub rx_dropped_mac_limit: AtomicU64,
     /// Transmit dropped: peer not connected or no room (guest ring full, tap backlog).
     pub tx_dropped_no_room: AtomicU64,
     /// Transmit dropped: the packet needs an offload the port cannot take.
@@ -102,6 +106,8 @@ pub struct PortStatsSnapshot {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub rx_dropped_invalid: u64,
+    pub rx_dropped_vlan: u64,
+    pub rx_dropped_mac_limit: u64,
     pub tx_dropped_no_room: u64,
     pub tx_dropped_offload: u64,
     pub tx_errors: u64,
@@ -162,6 +168,8 @@ impl PortStats {
             tx_packets: l(&self.tx_packets),
             tx_bytes: l(&self.tx_bytes),
             rx_dropped_invalid: l(&self.rx_dropped_invalid),
+            rx_dropped_vlan: l(&self.rx_dropped_vlan),
+            rx_dropped_mac_limit: l(&self.rx_dropped_mac_limit),
             tx_dropped_no_room: l(&self.tx_dropped_no_room),
             tx_dropped_offload: l(&self.tx_dropped_offload),
             tx_errors: l(&self.tx_errors),

@@ -1,0 +1,541 @@
+//! The L2 learning switch: every port not in a cross-connect is a switch port. Frames are
+//! classified into a VLAN by their ingress port ([`vlan`]), their source MAC is learned
+//! ([`mactable`]), and they go to the port their destination was learned on, or are flooded
+//! to every other member of the VLAN (broadcast, multicast, unknown unicast). Tags are pushed,
+//! popped or rewritten on the way out as the egress port's VLAN mode asks.
+//!
+//! Per received burst the packets are sorted into one output batch per port, and each batch is
+//! sent once the burst is done (or when it fills): one `tx_burst` per destination and burst.
+
+pub mod mactable;
+pub mod vlan;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use torii_vhost_user_net::BufPool;
+
+use crate::packet::{Packet, PacketPool};
+use crate::pmd::{transmit, Batches};
+use crate::port::{Offloads, Port, PortStats, BURST};
+use mactable::{Learned, MacTable, PortId};
+use vlan::{Egress, VlanMode};
+
+/// Switch-wide counters.
+#[derive(Default)]
+pub struct SwitchStats {
+    /// Frames sent to more than one port (broadcast, multicast, unknown unicast).
+    pub flooded: AtomicU64,
+    /// Source MACs that could not be learned because the table was full.
+    pub table_full: AtomicU64,
+    /// Source MACs learned, and moved from one port to another.
+    pub learned: AtomicU64,
+    pub moved: AtomicU64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct SwitchStatsSnapshot {
+    pub flooded: u64,
+    pub table_full: u64,
+    pub learned: u64,
+    pub moved: u64,
+}
+
+impl SwitchStats {
+    pub fn snapshot(&self) -> SwitchStatsSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SwitchStatsSnapshot {
+            flooded: l(&self.flooded),
+            table_full: l(&self.table_full),
+            learned: l(&self.learned),
+            moved: l(&self.moved),
+        }
+    }
+}
+
+/// What the switch's ports and the control thread share.
+pub struct SwitchShared {
+    pub table: MacTable,
+    /// Seconds since the switch started, ticked by the control thread: the learning time.
+    pub clock: AtomicU32,
+    pub stats: SwitchStats,
+}
+
+impl SwitchShared {
+    pub fn new(capacity: usize) -> Self {
+        SwitchShared {
+            table: MacTable::new(capacity),
+            clock: AtomicU32::new(0),
+            stats: SwitchStats::default(),
+        }
+    }
+}
+
+/// One switch port as a PMD holds it.
+pub struct SwitchPort {
+    pub id: PortId,
+    pub port: Box<dyn Port>,
+    pub vlan: VlanMode,
+}
+
+/// Counts not yet added to the shared counters (added once per burst).
+#[derive(Default)]
+struct Pending {
+    flooded: u64,
+    table_full: u64,
+    learned: u64,
+    moved: u64,
+}
+
+/// The switch's data path on one PMD.
+pub struct Switch {
+    shared: Arc<SwitchShared>,
+    ports: Vec<SwitchPort>,
+    /// Port id → index in `ports`.
+    index: Vec<Option<u16>>,
+    /// Output batch per port (same index as `ports`), and the ports that have one pending.
+    out: Vec<Vec<Packet>>,
+    dirty: Vec<usize>,
+}
+
+/// The switch's decision for one frame.
+enum Dest {
+    Drop,
+    One(usize),
+    Flood,
+}
+
+impl Switch {
+    pub fn new(shared: Arc<SwitchShared>, ports: Vec<SwitchPort>) -> Self {
+        let mut index = vec![None; mactable::MAX_PORTS];
+        for (i, p) in ports.iter().enumerate() {
+            index[p.id as usize] = Some(i as u16);
+        }
+        Switch {
+            shared,
+            out: (0..ports.len())
+                .map(|_| Vec::with_capacity(BURST))
+                .collect(),
+            dirty: Vec::with_capacity(ports.len()),
+            ports,
+            index,
+        }
+    }
+
+    pub fn ports_mut(&mut self) -> impl Iterator<Item = &mut Box<dyn Port>> {
+        self.ports.iter_mut().map(|p| &mut p.port)
+    }
+
+    pub fn ports(&self) -> impl Iterator<Item = &dyn Port> {
+        self.ports.iter().map(|p| &*p.port)
+    }
+
+    /// One poll round: a burst from every queue of every port. Returns the packets received.
+    pub(crate) fn poll(&mut self, pool: &mut PacketPool, b: &mut Batches) -> usize {
+        // What every port may hand out: what all connected ports accept (the rest is fixed
+        // in software on the way out).
+        let common = self
+            .ports
+            .iter()
+            .map(|p| p.port.tx_offloads())
+            .filter(|o| !o.is_empty())
+            .fold(Offloads::all(), |a, o| {
+                Offloads::from_bits_truncate(a.bits() & o.bits())
+            });
+        for p in &mut self.ports {
+            p.port.poll_start();
+            p.port.set_rx_offloads(common);
+        }
+        let now = self.shared.clock.load(Ordering::Relaxed);
+        let mut total = 0;
+        for i in 0..self.ports.len() {
+            for q in 0..self.ports[i].port.num_queues() {
+                self.ports[i].port.rx_burst(q, pool, &mut b.rx, BURST);
+                if b.rx.is_empty() {
+                    continue;
+                }
+                total += b.rx.len();
+                let mut pending = Pending::default();
+                let mut rx = std::mem::take(&mut b.rx);
+                for p in rx.drain(..) {
+                    self.switch_one(i, q, p, now, pool, b, &mut pending);
+                }
+                b.rx = rx;
+                self.flush(q, pool, b);
+                self.publish(&pending);
+            }
+        }
+        total
+    }
+
+    fn publish(&self, p: &Pending) {
+        let s = &self.shared.stats;
+        for (c, n) in [
+            (&s.flooded, p.flooded),
+            (&s.table_full, p.table_full),
+            (&s.learned, p.learned),
+            (&s.moved, p.moved),
+        ] {
+            if n != 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn switch_one(
+        &mut self,
+        from: usize,
+        q: u16,
+        p: Packet,
+        now: u32,
+        pool: &mut PacketPool,
+        b: &mut Batches,
+        pending: &mut Pending,
+    ) {
+        let src = &self.ports[from];
+        let d = p.data();
+        let (dst_mac, src_mac) = match (d.get(0..6), d.get(6..12)) {
+            (Some(a), Some(s)) if d.len() >= 14 => (
+                <[u8; 6]>::try_from(a).unwrap_or_default(),
+                <[u8; 6]>::try_from(s).unwrap_or_default(),
+            ),
+            _ => {
+                PortStats::add(&src.port.stats().rx_dropped_invalid, 1);
+                pool.free(p);
+                return;
+            }
+        };
+        let tci = p.vlan_tci();
+        let Some(vlan) = src.vlan.ingress(tci.map(|t| t & 0xfff)) else {
+            PortStats::add(&src.port.stats().rx_dropped_vlan, 1);
+            pool.free(p);
+            return;
+        };
+        if src_mac[0] & 1 == 0 {
+            match self.shared.table.learn(vlan, &src_mac, src.id, now) {
+                Learned::Known => {}
+                Learned::New => pending.learned += 1,
+                Learned::Moved => pending.moved += 1,
+                Learned::TableFull => pending.table_full += 1,
+                Learned::PortLimit => {
+                    // Port security: frames from MACs over the port's limit are not switched.
+                    PortStats::add(&src.port.stats().rx_dropped_mac_limit, 1);
+                    pool.free(p);
+                    return;
+                }
+            }
+        }
+        let dest = if dst_mac[0] & 1 != 0 {
+            Dest::Flood
+        } else {
+            match self.shared.table.lookup(vlan, &dst_mac) {
+                None => Dest::Flood,
+                Some(id) => match self.index.get(id as usize).copied().flatten() {
+                    // Learned on the port it came from: the frame is already on that segment.
+                    Some(i) if i as usize == from => Dest::Drop,
+                    Some(i) => Dest::One(i as usize),
+                    // Learned on a port that has gone: as unknown.
+                    None => Dest::Flood,
+                },
+            }
+        };
+        match dest {
+            Dest::Drop => pool.free(p),
+            Dest::One(to) => self.output(to, q, p, vlan, tci, pool, b),
+            Dest::Flood => {
+                pending.flooded += 1;
+                self.flood(from, q, p, vlan, tci, pool, b)
+            }
+        }
+    }
+
+    /// Sends `p` to every member of `vlan` but `from`: copies for all but the last.
+    #[allow(clippy::too_many_arguments)]
+    fn flood(
+        &mut self,
+        from: usize,
+        q: u16,
+        p: Packet,
+        vlan: u16,
+        tci: Option<u16>,
+        pool: &mut PacketPool,
+        b: &mut Batches,
+    ) {
+        let mut last = None;
+        for to in 0..self.ports.len() {
+            if to == from || self.ports[to].vlan.egress(vlan).is_none() {
+                continue;
+            }
+            if let Some(prev) = last.replace(to) {
+                match p.duplicate(pool) {
+                    Some(c) => self.output(prev, q, c, vlan, tci, pool, b),
+                    None => PortStats::add(&self.ports[prev].port.stats().tx_dropped_no_room, 1),
+                }
+            }
+        }
+        match last {
+            Some(to) => self.output(to, q, p, vlan, tci, pool, b),
+            None => pool.free(p),
+        }
+    }
+
+    /// Queues `p` (of `vlan`, received with outer tag `tci`) for port `to`, tagged as that
+    /// port wants it.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn output(
+        &mut self,
+        to: usize,
+        q: u16,
+        mut p: Packet,
+        vlan: u16,
+        tci: Option<u16>,
+        pool: &mut PacketPool,
+        b: &mut Batches,
+    ) {
+        let ok = match (self.ports[to].vlan.egress(vlan), tci) {
+            (None, _) => false,
+            (Some(Egress::Untagged), None) => true,
+            (Some(Egress::Untagged), Some(_)) => p.pop_vlan(),
+            (Some(Egress::Tagged), None) => p.push_vlan(vlan),
+            (Some(Egress::Tagged), Some(t)) => {
+                // Keep the priority bits; a priority tag (VID 0) gets the VLAN.
+                p.set_vlan_tci(t & 0xf000 | vlan);
+                true
+            }
+        };
+        if !ok {
+            PortStats::add(&self.ports[to].port.stats().tx_dropped_offload, 1);
+            pool.free(p);
+            return;
+        }
+        let out = &mut self.out[to];
+        if out.is_empty() {
+            self.dirty.push(to);
+        }
+        out.push(p);
+        if out.len() == BURST {
+            let port = &mut self.ports[to].port;
+            let dq = port.num_queues().max(1);
+            transmit(&mut **port, q % dq, out, pool, &mut b.fx);
+        }
+    }
+
+    /// Sends every pending output batch.
+    fn flush(&mut self, q: u16, pool: &mut PacketPool, b: &mut Batches) {
+        for to in self.dirty.drain(..) {
+            let out = &mut self.out[to];
+            if out.is_empty() {
+                continue;
+            }
+            let port = &mut self.ports[to].port;
+            let dq = port.num_queues().max(1);
+            transmit(&mut **port, q % dq, out, pool, &mut b.fx);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::vlan::VlanSet;
+    use super::*;
+
+    /// A port whose wire is two in-memory queues: frames to receive, frames sent.
+    #[derive(Clone, Default)]
+    struct Wire {
+        rx: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        tx: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    struct MemPort {
+        name: String,
+        wire: Wire,
+        stats: Arc<PortStats>,
+    }
+
+    impl Port for MemPort {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn kind(&self) -> &'static str {
+            "mem"
+        }
+        fn num_queues(&self) -> u16 {
+            1
+        }
+        fn rx_burst(&mut self, _q: u16, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
+            let mut rx = self.wire.rx.lock().unwrap();
+            while out.len() < max {
+                let Some(f) = rx.pop_front() else { break };
+                let mut p = pool.alloc().expect("pool");
+                p.fill(&f);
+                out.push(p);
+            }
+        }
+        fn tx_burst(&mut self, _q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
+            let mut tx = self.wire.tx.lock().unwrap();
+            for p in pkts.drain(..) {
+                tx.push(p.data().to_vec());
+                pool.free(p);
+            }
+        }
+        fn tx_offloads(&self) -> Offloads {
+            Offloads::all()
+        }
+        fn stats(&self) -> &Arc<PortStats> {
+            &self.stats
+        }
+    }
+
+    fn frame(dst: u8, src: u8, tag: Option<u16>) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, dst, 2, 0, 0, 0, 0, src];
+        if dst == 0xff {
+            f[..6].copy_from_slice(&[0xff; 6]);
+        }
+        if let Some(t) = tag {
+            f.extend([0x81, 0x00]);
+            f.extend(t.to_be_bytes());
+        }
+        f.extend([0x08, 0x00]);
+        f.extend([0x45; 46]);
+        f
+    }
+
+    struct Rig {
+        sw: Switch,
+        wires: Vec<Wire>,
+        pool: PacketPool,
+        b: Batches,
+        shared: Arc<SwitchShared>,
+    }
+
+    impl Rig {
+        fn new(modes: Vec<VlanMode>) -> Rig {
+            let shared = Arc::new(SwitchShared::new(64));
+            let wires: Vec<Wire> = modes.iter().map(|_| Wire::default()).collect();
+            let ports = modes
+                .into_iter()
+                .enumerate()
+                .map(|(i, vlan)| SwitchPort {
+                    id: i as PortId + 10,
+                    port: Box::new(MemPort {
+                        name: format!("p{i}"),
+                        wire: wires[i].clone(),
+                        stats: Arc::new(PortStats::with_queues(1)),
+                    }),
+                    vlan,
+                })
+                .collect();
+            Rig {
+                sw: Switch::new(shared.clone(), ports),
+                wires,
+                pool: PacketPool::new(256),
+                b: Batches::new(),
+                shared,
+            }
+        }
+
+        /// Sends `f` into port `i` and returns what every port transmitted.
+        fn send(&mut self, i: usize, f: Vec<u8>) -> Vec<Vec<Vec<u8>>> {
+            self.wires[i].rx.lock().unwrap().push_back(f);
+            self.sw.poll(&mut self.pool, &mut self.b);
+            assert_eq!(self.pool.available(), 256, "every buffer is back");
+            self.wires
+                .iter()
+                .map(|w| std::mem::take(&mut *w.tx.lock().unwrap()))
+                .collect()
+        }
+
+        fn stats(&self, i: usize) -> crate::port::PortStatsSnapshot {
+            self.sw.ports[i].port.stats().snapshot()
+        }
+    }
+
+    fn access(vlan: u16) -> VlanMode {
+        VlanMode::Access { vlan }
+    }
+
+    #[test]
+    fn floods_unknown_then_forwards_learned() {
+        let mut r = Rig::new(vec![access(0), access(0), access(0)]);
+        // Unknown destination: flooded to both other ports.
+        let out = r.send(0, frame(2, 1, None));
+        assert_eq!(out[0].len(), 0);
+        assert_eq!((out[1].len(), out[2].len()), (1, 1));
+        assert_eq!(out[1][0], frame(2, 1, None));
+        // The reply is unicast to where 1 was learned.
+        let out = r.send(2, frame(1, 2, None));
+        assert_eq!((out[0].len(), out[1].len(), out[2].len()), (1, 0, 0));
+        // And now 2 is known too.
+        let out = r.send(0, frame(2, 1, None));
+        assert_eq!((out[0].len(), out[1].len(), out[2].len()), (0, 0, 1));
+        // Broadcast always floods.
+        let out = r.send(1, frame(0xff, 3, None));
+        assert_eq!((out[0].len(), out[1].len(), out[2].len()), (1, 0, 1));
+        let s = r.shared.stats.snapshot();
+        assert_eq!((s.flooded, s.learned), (2, 3));
+        assert_eq!(r.shared.table.lookup(0, &[2, 0, 0, 0, 0, 2]), Some(12));
+    }
+
+    #[test]
+    fn vlans_are_isolated_and_trunks_tag() {
+        let trunk = VlanMode::Trunk {
+            allowed: VlanSet::new(&[100, 200]),
+            native: None,
+        };
+        let mut r = Rig::new(vec![access(100), access(100), access(200), trunk]);
+        let out = r.send(0, frame(0xff, 1, None));
+        // VLAN 100 members only; the trunk gets it tagged 100.
+        assert_eq!((out[1].len(), out[2].len(), out[3].len()), (1, 0, 1));
+        assert_eq!(out[1][0], frame(0xff, 1, None));
+        assert_eq!(out[3][0], frame(0xff, 1, Some(100)));
+        // VLAN 200 from the trunk: tag popped towards its access port.
+        let out = r.send(3, frame(0xff, 5, Some(200)));
+        assert_eq!((out[0].len(), out[1].len(), out[2].len()), (0, 0, 1));
+        assert_eq!(out[2][0], frame(0xff, 5, None));
+        // A unicast to a MAC learned on VLAN 100 does not cross into VLAN 200.
+        let out = r.send(2, frame(1, 6, None));
+        assert_eq!((out[0].len(), out[1].len(), out[3].len()), (0, 0, 1));
+        assert_eq!(out[3][0], frame(1, 6, Some(200)));
+        // Not allowed on the trunk, tagged on an access port, untagged on a trunk without a
+        // native VLAN: dropped and counted.
+        r.send(3, frame(0xff, 7, Some(300)));
+        r.send(0, frame(0xff, 7, Some(100)));
+        r.send(3, frame(0xff, 7, None));
+        assert_eq!(r.stats(3).rx_dropped_vlan, 2);
+        assert_eq!(r.stats(0).rx_dropped_vlan, 1);
+        // Priority bits of a tag survive a trunk-to-trunk hop... and a priority tag on an
+        // access port is taken as untagged.
+        let out = r.send(0, frame(0xff, 8, Some(0x6000)));
+        assert_eq!(out[3][0], frame(0xff, 8, Some(0x6000 | 100)));
+        assert_eq!(out[1][0], frame(0xff, 8, None));
+    }
+
+    #[test]
+    fn mac_limit_drops_frames_from_new_macs() {
+        let mut r = Rig::new(vec![access(0), access(0)]);
+        r.shared.table.set_port_limit(10, 2);
+        for src in 1..=2 {
+            assert_eq!(r.send(0, frame(0xff, src, None))[1].len(), 1);
+        }
+        assert_eq!(r.send(0, frame(0xff, 3, None))[1].len(), 0);
+        // Known MACs still pass.
+        assert_eq!(r.send(0, frame(0xff, 1, None))[1].len(), 1);
+        assert_eq!(r.stats(0).rx_dropped_mac_limit, 1);
+        assert_eq!(r.shared.table.port_count(10), 2);
+    }
+
+    #[test]
+    fn runts_are_dropped_and_counted() {
+        let mut r = Rig::new(vec![access(0), access(0)]);
+        let out = r.send(0, vec![0xff; 13]);
+        assert!(out[1].is_empty());
+        assert_eq!(r.stats(0).rx_dropped_invalid, 1);
+    }
+}
