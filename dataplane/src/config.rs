@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::pmd::PmdMode;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -125,7 +125,7 @@ impl SwitchPortConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataplaneConfig {
     /// One PMD thread per entry, pinned to that CPU. Empty: one unpinned PMD.
@@ -138,6 +138,15 @@ pub struct DataplaneConfig {
     pub pool_size: usize,
     /// Where to write port and PMD statistics (JSON) once a second.
     pub stats_file: Option<PathBuf>,
+    /// The control API's Unix socket (mode 0660: root and the socket's group).
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Also serve Prometheus metrics (`/metrics`) over TCP here, e.g. "127.0.0.1:9464".
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(crate::ctl::DEFAULT_SOCKET)
 }
 
 impl Default for DataplaneConfig {
@@ -147,6 +156,8 @@ impl Default for DataplaneConfig {
             pmd_mode: PmdMode::default(),
             pool_size: default_pool(),
             stats_file: None,
+            control_socket: default_control_socket(),
+            metrics_listen: None,
         }
     }
 }

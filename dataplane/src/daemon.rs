@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use torii_vhost_user_net::{NetDeviceConfig, SocketMode, VhostUserNetDevice};
 
-use crate::config::{parse_mac, Config, PortKind};
-use crate::pmd::{self, PmdHandle, PmdStatsSnapshot, XConnect};
+use crate::config::{parse_mac, Config, PortConfig, PortKind, SwitchPortConfig};
+use crate::pmd::{self, PmdCommand, PmdHandle, PmdStatsSnapshot, XConnect};
 use crate::port::null::{SinkPort, SourcePort};
 use crate::port::tap::TapPort;
 use crate::port::vhost_user::VhostUserPort;
@@ -19,21 +19,37 @@ use crate::switch::vlan::VlanReport;
 use crate::switch::{Switch, SwitchPort, SwitchShared, SwitchStatsSnapshot};
 
 struct PortInfo {
-    name: String,
+    id: PortId,
+    cfg: PortConfig,
     kind: &'static str,
     stats: Arc<PortStats>,
-    device: Option<usize>,
-    /// On the switch: its VLAN settings.
-    vlan: Option<VlanReport>,
+    device: Option<VhostUserNetDevice>,
+    /// On the switch (not in a cross-connect).
+    switched: bool,
 }
 
 /// A running data plane.
 pub struct Dataplane {
+    cfg: Config,
     pmds: Vec<PmdHandle>,
-    devices: Vec<VhostUserNetDevice>,
     ports: Vec<PortInfo>,
     switch: Arc<SwitchShared>,
+    /// Index in `pmds` of the PMD that runs the switch.
+    switch_pmd: usize,
     ager: Option<Ager>,
+}
+
+/// Why a control request failed; maps to an HTTP status in the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no port named {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// The control thread that ticks the switch's clock and forgets MACs not seen for a while.
@@ -111,6 +127,23 @@ pub struct SwitchReport {
     pub stats: SwitchStatsSnapshot,
 }
 
+/// One learned MAC in a report.
+#[derive(Clone, Debug, Serialize)]
+pub struct MacReport {
+    pub vlan: u16,
+    pub mac: String,
+    pub port: String,
+    /// Seconds since last seen.
+    pub age: u32,
+}
+
+pub fn format_mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// A locally generated MAC for a port without one: 52:54:00 (QEMU's OUI is what guests
 /// expect) plus a hash of the name.
 fn mac_for(name: &str) -> [u8; 6] {
@@ -121,61 +154,62 @@ fn mac_for(name: &str) -> [u8; 6] {
     [0x52, 0x54, 0x00, b[0], b[1], b[2]]
 }
 
+/// Creates the data-path half of port `p` (and the device, for vhost-user).
+fn make_port(p: &PortConfig) -> anyhow::Result<(Box<dyn Port>, Option<VhostUserNetDevice>)> {
+    Ok(match &p.kind {
+        PortKind::VhostUser {
+            socket,
+            mode,
+            queues,
+            mac,
+            mtu,
+        } => {
+            let mac = match mac {
+                Some(m) => parse_mac(m).map_err(anyhow::Error::msg)?,
+                None => mac_for(&p.name),
+            };
+            let (dev, port) = VhostUserPort::start(NetDeviceConfig {
+                name: p.name.clone(),
+                socket: socket.clone(),
+                mode: if mode == "client" {
+                    SocketMode::Client
+                } else {
+                    SocketMode::Server
+                },
+                mac,
+                mtu: *mtu,
+                queue_pairs: *queues,
+                reconnect_interval: Duration::from_millis(500),
+            })
+            .map_err(|e| anyhow::anyhow!("port {:?}: {e}", p.name))?;
+            (Box::new(port), Some(dev))
+        }
+        PortKind::Tap { ifname, queues } => {
+            let t = TapPort::open(&p.name, ifname, *queues)
+                .map_err(|e| anyhow::anyhow!("port {:?}: {e}", p.name))?;
+            (Box::new(t), None)
+        }
+        PortKind::Source { frame_size } => (Box::new(SourcePort::new(&p.name, *frame_size)), None),
+        PortKind::Sink => (Box::new(SinkPort::new(&p.name)), None),
+    })
+}
+
 impl Dataplane {
     pub fn start(cfg: &Config) -> anyhow::Result<Dataplane> {
         cfg.validate()?;
-        let mut devices = Vec::new();
         let mut infos = Vec::new();
         let mut made: Vec<Option<Box<dyn Port>>> = Vec::new();
-        for p in &cfg.ports {
-            let (port, device): (Box<dyn Port>, Option<VhostUserNetDevice>) = match &p.kind {
-                PortKind::VhostUser {
-                    socket,
-                    mode,
-                    queues,
-                    mac,
-                    mtu,
-                } => {
-                    let mac = match mac {
-                        Some(m) => parse_mac(m).map_err(anyhow::Error::msg)?,
-                        None => mac_for(&p.name),
-                    };
-                    let (dev, port) = VhostUserPort::start(NetDeviceConfig {
-                        name: p.name.clone(),
-                        socket: socket.clone(),
-                        mode: if mode == "client" {
-                            SocketMode::Client
-                        } else {
-                            SocketMode::Server
-                        },
-                        mac,
-                        mtu: *mtu,
-                        queue_pairs: *queues,
-                        reconnect_interval: Duration::from_millis(500),
-                    })
-                    .map_err(|e| anyhow::anyhow!("port {:?}: {e}", p.name))?;
-                    (Box::new(port), Some(dev))
-                }
-                PortKind::Tap { ifname, queues } => {
-                    let t = TapPort::open(&p.name, ifname, *queues)
-                        .map_err(|e| anyhow::anyhow!("port {:?}: {e}", p.name))?;
-                    (Box::new(t), None)
-                }
-                PortKind::Source { frame_size } => {
-                    (Box::new(SourcePort::new(&p.name, *frame_size)), None)
-                }
-                PortKind::Sink => (Box::new(SinkPort::new(&p.name)), None),
-            };
+        // A port that fails drops everything made so far (sockets removed, taps closed).
+        for (i, p) in cfg.ports.iter().enumerate() {
+            let (port, device) = make_port(p)?;
             infos.push(PortInfo {
-                name: p.name.clone(),
+                id: i as PortId,
+                cfg: p.clone(),
                 kind: port.kind(),
                 stats: port.stats().clone(),
-                device: device.as_ref().map(|_| devices.len()),
-                vlan: None,
+                device,
+                switched: false,
             });
-            if let Some(d) = device {
-                devices.push(d);
-            }
             made.push(Some(port));
         }
 
@@ -199,17 +233,23 @@ impl Dataplane {
         // Every port outside a cross-connect is on the switch, its id its place in the config.
         let switch = Arc::new(SwitchShared::new(cfg.switch.mac_table_size));
         let mut sw_ports = Vec::new();
-        for (i, (slot, pc)) in made.iter_mut().zip(&cfg.ports).enumerate() {
+        for (slot, info) in made.iter_mut().zip(infos.iter_mut()) {
             if let Some(port) = slot.take() {
-                let id = i as PortId;
-                switch.table.set_port_limit(id, pc.switch.mac_limit);
-                let vlan = pc.switch.vlan_mode();
-                infos[i].vlan = Some(vlan.report());
-                sw_ports.push(SwitchPort { id, port, vlan });
+                switch
+                    .table
+                    .set_port_limit(info.id, info.cfg.switch.mac_limit);
+                info.switched = true;
+                sw_ports.push(SwitchPort {
+                    id: info.id,
+                    port,
+                    vlan: info.cfg.switch.vlan_mode(),
+                });
             }
         }
-        let mut sw = (!sw_ports.is_empty()).then(|| Switch::new(switch.clone(), sw_ports));
+        // The switch's PMD runs even without ports: ports can be added at runtime.
+        let mut sw = Some(Switch::new(switch.clone(), sw_ports));
         let mut pmds = Vec::new();
+        let mut switch_pmd = 0;
         for (id, xcs) in per_pmd.into_iter().enumerate() {
             let sw = if id == cfg.switch.pmd {
                 sw.take()
@@ -218,6 +258,9 @@ impl Dataplane {
             };
             if xcs.is_empty() && sw.is_none() {
                 continue;
+            }
+            if sw.is_some() {
+                switch_pmd = pmds.len();
             }
             let cpu = cfg.dataplane.pmd_cpus.get(id).copied();
             pmds.push(pmd::spawn(
@@ -231,12 +274,152 @@ impl Dataplane {
         }
         let ager = Some(Ager::start(switch.clone(), cfg.switch.mac_ageing_secs)?);
         Ok(Dataplane {
+            cfg: cfg.clone(),
             pmds,
-            devices,
             ports: infos,
             switch,
+            switch_pmd,
             ager,
         })
+    }
+
+    fn find(&self, name: &str) -> Result<usize, ControlError> {
+        self.ports
+            .iter()
+            .position(|p| p.cfg.name == name)
+            .ok_or_else(|| ControlError::NotFound(name.to_string()))
+    }
+
+    /// Adds a switch port at runtime. Validated against the running configuration first;
+    /// nothing is left behind if it cannot be created.
+    pub fn add_port(&mut self, p: PortConfig) -> Result<(), ControlError> {
+        if self.ports.iter().any(|q| q.cfg.name == p.name) {
+            return Err(ControlError::Conflict(format!(
+                "port {:?} already exists",
+                p.name
+            )));
+        }
+        let mut check = self.cfg.clone();
+        check.ports.push(p.clone());
+        check
+            .validate()
+            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
+        let id = (0..crate::switch::mactable::MAX_PORTS as PortId)
+            .find(|id| self.ports.iter().all(|q| q.id != *id))
+            .ok_or_else(|| ControlError::Conflict("no free port id".into()))?;
+        let (port, device) = make_port(&p).map_err(|e| ControlError::Failed(format!("{e:#}")))?;
+        self.switch.table.flush_port(id);
+        self.switch.table.set_port_limit(id, p.switch.mac_limit);
+        let info = PortInfo {
+            id,
+            cfg: p.clone(),
+            kind: port.kind(),
+            stats: port.stats().clone(),
+            device,
+            switched: true,
+        };
+        let sent = self.pmds[self.switch_pmd].command(PmdCommand::AddSwitchPort(SwitchPort {
+            id,
+            port,
+            vlan: p.switch.vlan_mode(),
+        }));
+        if !sent {
+            return Err(ControlError::Failed("the switch's PMD has stopped".into()));
+        }
+        tracing::info!(port = %p.name, id, "port added");
+        self.ports.push(info);
+        self.cfg.ports.push(p);
+        Ok(())
+    }
+
+    /// Removes a switch port at runtime: the PMD lets go of it between two rounds, then its
+    /// device is stopped (socket removed) and its MACs forgotten.
+    pub fn remove_port(&mut self, name: &str) -> Result<(), ControlError> {
+        let i = self.find(name)?;
+        if !self.ports[i].switched {
+            return Err(ControlError::Conflict(format!(
+                "port {name:?} is cross-connected; only switch ports can be removed at runtime"
+            )));
+        }
+        let id = self.ports[i].id;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if !self.pmds[self.switch_pmd].command(PmdCommand::RemoveSwitchPort(id, tx)) {
+            return Err(ControlError::Failed("the switch's PMD has stopped".into()));
+        }
+        let port = rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| ControlError::Failed("the switch's PMD did not answer".into()))?;
+        drop(port);
+        let mut info = self.ports.remove(i);
+        self.cfg.ports.retain(|p| p.name != name);
+        if let Some(d) = &mut info.device {
+            d.stop();
+        }
+        self.switch.table.flush_port(id);
+        self.switch.table.set_port_limit(id, 0);
+        tracing::info!(port = %name, id, "port removed");
+        Ok(())
+    }
+
+    /// Replaces a switch port's VLAN settings and MAC limit. Its learned MACs are forgotten
+    /// (they may belong to VLANs it no longer carries).
+    pub fn set_switch_settings(
+        &mut self,
+        name: &str,
+        s: SwitchPortConfig,
+    ) -> Result<(), ControlError> {
+        let i = self.find(name)?;
+        if !self.ports[i].switched {
+            return Err(ControlError::Conflict(format!(
+                "port {name:?} is cross-connected, not on the switch"
+            )));
+        }
+        s.validate()
+            .map_err(|e| ControlError::BadRequest(format!("port {name:?}: {e}")))?;
+        let id = self.ports[i].id;
+        self.pmds[self.switch_pmd].command(PmdCommand::SetVlan(id, s.vlan_mode()));
+        self.switch.table.set_port_limit(id, s.mac_limit);
+        self.switch.table.flush_port(id);
+        self.ports[i].cfg.switch = s.clone();
+        if let Some(c) = self.cfg.ports.iter_mut().find(|p| p.name == name) {
+            c.switch = s;
+        }
+        Ok(())
+    }
+
+    /// Sets the link status a vhost-user port's driver sees.
+    pub fn set_link(&mut self, name: &str, up: bool) -> Result<(), ControlError> {
+        let i = self.find(name)?;
+        match &self.ports[i].device {
+            Some(d) => {
+                d.set_link(up);
+                Ok(())
+            }
+            None => Err(ControlError::BadRequest(format!(
+                "port {name:?} is a {} port; only vhost-user ports have a link to set",
+                self.ports[i].kind
+            ))),
+        }
+    }
+
+    /// The learned MACs, with port names.
+    pub fn mac_table(&self) -> Vec<MacReport> {
+        let now = self.switch.clock.load(Ordering::Relaxed);
+        self.switch
+            .table
+            .entries(now)
+            .into_iter()
+            .map(|e| MacReport {
+                port: self
+                    .ports
+                    .iter()
+                    .find(|p| p.id == e.port)
+                    .map_or_else(|| format!("#{}", e.port), |p| p.cfg.name.clone()),
+                vlan: e.vlan,
+                mac: format_mac(&e.mac),
+                age: e.age,
+            })
+            .collect()
     }
 
     pub fn report(&self) -> Report {
@@ -244,11 +427,11 @@ impl Dataplane {
             ports: self
                 .ports
                 .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let dev = p.device.map(|i| &self.devices[i]);
+                .map(|p| {
+                    let dev = p.device.as_ref();
+                    let vlan = p.switched.then(|| p.cfg.switch.vlan_mode().report());
                     PortReport {
-                        name: p.name.clone(),
+                        name: p.cfg.name.clone(),
                         kind: p.kind,
                         connected: dev.map(|d| d.is_connected()),
                         connections: dev.map(|d| d.connections()),
@@ -260,11 +443,8 @@ impl Dataplane {
                                     .collect()
                             })
                             .unwrap_or_default(),
-                        vlan: p.vlan.clone(),
-                        macs: p
-                            .vlan
-                            .as_ref()
-                            .map(|_| self.switch.table.port_count(i as PortId)),
+                        macs: vlan.as_ref().map(|_| self.switch.table.port_count(p.id)),
+                        vlan,
                         stats: p.stats.snapshot(),
                     }
                 })
@@ -284,8 +464,10 @@ impl Dataplane {
         for p in &mut self.pmds {
             p.stop();
         }
-        for d in &mut self.devices {
-            d.stop();
+        for p in &mut self.ports {
+            if let Some(d) = &mut p.device {
+                d.stop();
+            }
         }
     }
 }

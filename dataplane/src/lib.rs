@@ -3,7 +3,9 @@
 //! offload fixups) → `port` (tx_burst); `packet` holds the preallocated buffers they pass
 //! around. `config` and `daemon` are the control path.
 
+pub mod api;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod gso;
 pub mod offload;

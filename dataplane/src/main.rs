@@ -1,10 +1,15 @@
-//! `torii-dataplane`: runs the data plane described by a TOML file until SIGINT/SIGTERM.
+//! `torii-dataplane`: runs the data plane described by a TOML file until SIGINT/SIGTERM, serving
+//! the control API on a Unix socket; `ctl` is the API's command-line client.
 
-use std::path::PathBuf;
+use std::future::IntoFuture;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use torii_dataplane::api;
 use torii_dataplane::config::Config;
+use torii_dataplane::ctl::{self, CtlCmd};
 use torii_dataplane::daemon::Dataplane;
 
 #[derive(Parser)]
@@ -30,6 +35,17 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Talk to a running data plane through its control API.
+    Ctl {
+        /// The daemon's control socket.
+        #[arg(short, long, default_value = ctl::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the API's JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: CtlCmd,
+    },
 }
 
 fn main() {
@@ -48,6 +64,7 @@ fn main() {
             })
             .map_err(anyhow::Error::from),
         Cmd::Run { config } => run(config),
+        Cmd::Ctl { socket, json, cmd } => ctl::run(&socket, json, cmd),
     };
     if let Err(e) = result {
         eprintln!("torii-dataplane: {e:#}");
@@ -55,53 +72,95 @@ fn main() {
     }
 }
 
+/// Binds the control socket: refuses one a live daemon answers on, replaces a stale one, and
+/// leaves it readable and writable by owner and group only.
+fn bind_control(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "control socket {} is in use by another daemon",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let l = tokio::net::UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("control socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(l)
+}
+
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let cfg = Config::load(&path)?;
-    // Block the signals before any thread starts so only this thread takes them.
-    let set = signal_set(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1]);
-    // SAFETY: `set` is a valid, initialised sigset_t.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    let dp = Dataplane::start(&cfg)?;
-    tracing::info!(config = %path.display(), "data plane running");
-    loop {
-        let sig = wait_signal(&set, Duration::from_secs(1));
-        if let Some(f) = &cfg.dataplane.stats_file {
-            let json = serde_json::to_string_pretty(&dp.report())?;
-            let tmp = f.with_extension("tmp");
-            if std::fs::write(&tmp, json).is_ok() {
-                let _ = std::fs::rename(&tmp, f);
-            }
-        }
-        match sig {
-            Some(libc::SIGUSR1) => print!("{}", dp.report().table()),
-            Some(_) => break,
-            None => {}
-        }
-    }
-    let report = dp.report();
-    dp.stop();
-    print!("{}", report.table());
-    Ok(())
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(cfg, path))
 }
 
-fn signal_set(sigs: &[libc::c_int]) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data and sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t.
-    unsafe { libc::sigemptyset(&mut set) };
-    for &s in sigs {
-        // SAFETY: `set` is initialised and `s` a valid signal number.
-        unsafe { libc::sigaddset(&mut set, s) };
-    }
-    set
-}
-
-fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<libc::c_int> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+async fn serve(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut int, mut term, mut usr1) = (
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::user_defined1())?,
+    );
+    // The socket before the ports: a second daemon on the same socket fails without touching
+    // the first one's ports.
+    let control = bind_control(&cfg.dataplane.control_socket)?;
+    let metrics = match cfg.dataplane.metrics_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics_listen {a}: {e}"))?,
+        ),
+        None => None,
     };
-    // SAFETY: `set` and `ts` are valid for the call; no siginfo is requested.
-    let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
-    (r > 0).then_some(r)
+    let dp = match Dataplane::start(&cfg) {
+        Ok(d) => Arc::new(Mutex::new(d)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&cfg.dataplane.control_socket);
+            return Err(e);
+        }
+    };
+    tokio::spawn(axum::serve(control, api::router(dp.clone())).into_future());
+    if let Some(l) = metrics {
+        tokio::spawn(axum::serve(l, api::metrics_router(dp.clone())).into_future());
+    }
+    tracing::info!(
+        config = %path.display(),
+        control = %cfg.dataplane.control_socket.display(),
+        "data plane running"
+    );
+    let report = || dp.lock().unwrap_or_else(|e| e.into_inner()).report();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Some(f) = &cfg.dataplane.stats_file {
+                    let json = serde_json::to_string_pretty(&report())?;
+                    let tmp = f.with_extension("tmp");
+                    if std::fs::write(&tmp, json).is_ok() {
+                        let _ = std::fs::rename(&tmp, f);
+                    }
+                }
+            }
+            _ = usr1.recv() => print!("{}", report().table()),
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&cfg.dataplane.control_socket);
+    let final_report = report();
+    match Arc::try_unwrap(dp) {
+        Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()).stop(),
+        // An API request still holds it: the data plane stops when the process exits.
+        Err(dp) => {
+            let _ = dp;
+        }
+    }
+    print!("{}", final_report.table());
+    Ok(())
 }

@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +16,9 @@ use torii_vhost_user_net::{
 use crate::offload::{fixup, Fixup};
 use crate::packet::{Packet, PacketPool};
 use crate::port::{Port, PortStats, BURST};
-use crate::switch::Switch;
+use crate::switch::mactable::PortId;
+use crate::switch::vlan::VlanMode;
+use crate::switch::{Switch, SwitchPort};
 
 /// How a PMD waits when it has nothing to do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,12 +73,21 @@ pub struct PmdStatsSnapshot {
     pub cycles_per_sec: f64,
 }
 
+/// A change the control thread asks a PMD to make between two rounds.
+pub enum PmdCommand {
+    AddSwitchPort(SwitchPort),
+    /// Remove the switch port and hand it back (to be dropped off the data path).
+    RemoveSwitchPort(PortId, mpsc::SyncSender<Option<Box<dyn Port>>>),
+    SetVlan(PortId, VlanMode),
+}
+
 /// A running PMD thread.
 pub struct PmdHandle {
     pub id: usize,
     pub cpu: Option<usize>,
     stop: Arc<AtomicBool>,
     waker: EventNotifier,
+    commands: mpsc::Sender<PmdCommand>,
     thread: Option<JoinHandle<()>>,
     pub stats: Arc<PmdStats>,
     /// When the PMD started, in time and in cycles.
@@ -106,6 +117,13 @@ impl PmdHandle {
         }
     }
 
+    /// Queues `cmd` for the PMD and wakes it if it sleeps. False if the PMD has stopped.
+    pub fn command(&self, cmd: PmdCommand) -> bool {
+        let sent = self.commands.send(cmd).is_ok();
+        let _ = self.waker.notify();
+        sent
+    }
+
     /// Stops the thread; its ports are dropped with it.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
@@ -133,13 +151,16 @@ pub fn spawn(
 ) -> io::Result<PmdHandle> {
     let (consumer, notifier) =
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+    let (commands, cmd_rx) = mpsc::channel();
     let mut w = Worker {
         xconnects,
         switch,
+        commands: cmd_rx,
         pool: PacketPool::new(0),
         batches: Batches::new(),
         stats: Arc::new(PmdStats::default()),
         wake: consumer,
+        waker: notifier.try_clone()?,
     };
     w.for_each_port(|p| p.set_waker(&notifier));
     let stop = Arc::new(AtomicBool::new(false));
@@ -163,6 +184,7 @@ pub fn spawn(
         cpu,
         stop,
         waker: notifier,
+        commands,
         thread: Some(thread),
         stats,
         started: (std::time::Instant::now(), cycles()),
@@ -172,10 +194,13 @@ pub fn spawn(
 struct Worker {
     xconnects: Vec<XConnect>,
     switch: Option<Switch>,
+    commands: mpsc::Receiver<PmdCommand>,
     pool: PacketPool,
     batches: Batches,
     stats: Arc<PmdStats>,
     wake: torii_vhost_user_net::EventConsumer,
+    /// The notifier of `wake`, for ports added later.
+    waker: EventNotifier,
 }
 
 impl Worker {
@@ -192,7 +217,12 @@ impl Worker {
         let (mut busy, mut idle, mut idle_run) = (0u64, 0u64, 0u32);
         let mut c = Cycles::default();
         let mut t0 = cycles();
+        let mut epoll = epoll;
         while !stop.load(Ordering::Relaxed) {
+            // An empty channel is one atomic load.
+            while let Ok(cmd) = self.commands.try_recv() {
+                self.apply(cmd, &mut epoll);
+            }
             let mut work = 0;
             for xc in &mut self.xconnects {
                 xc.a.poll_start();
@@ -250,6 +280,37 @@ impl Worker {
             ep.wait(MAX_SLEEP_MS);
         }
         self.for_each_port(|p| p.disarm_wakeup());
+    }
+
+    #[cold]
+    fn apply(&mut self, cmd: PmdCommand, epoll: &mut Option<Epoll>) {
+        let Some(sw) = &mut self.switch else {
+            tracing::error!("switch command sent to a PMD without the switch");
+            return;
+        };
+        match cmd {
+            PmdCommand::AddSwitchPort(mut p) => {
+                p.port.set_waker(&self.waker);
+                if let Some(ep) = epoll {
+                    for fd in p.port.wakeup_fds() {
+                        if let Err(e) = ep.add(fd) {
+                            tracing::warn!(port = p.port.name(), "epoll: {e}");
+                        }
+                    }
+                }
+                sw.add_port(p);
+            }
+            PmdCommand::RemoveSwitchPort(id, reply) => {
+                let p = sw.remove_port(id);
+                if let (Some(ep), Some(p)) = (epoll.as_ref(), &p) {
+                    for fd in p.wakeup_fds() {
+                        ep.del(fd);
+                    }
+                }
+                let _ = reply.send(p);
+            }
+            PmdCommand::SetVlan(id, v) => sw.set_vlan(id, v),
+        }
     }
 
     /// Calls `f` on every port this PMD polls.
@@ -439,17 +500,36 @@ impl Epoll {
         }
         // SAFETY: `raw` is a fresh fd we own.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let ep = Epoll { fd };
         for &f in fds {
-            let mut ev = libc::epoll_event {
-                events: libc::EPOLLIN as u32,
-                u64: f as u64,
-            };
-            // SAFETY: `ev` is valid for the call; `f` is an fd owned by a port or the PMD.
-            if unsafe { libc::epoll_ctl(fd.as_raw_fd(), libc::EPOLL_CTL_ADD, f, &mut ev) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            ep.add(f)?;
         }
-        Ok(Epoll { fd })
+        Ok(ep)
+    }
+
+    fn add(&self, f: RawFd) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: f as u64,
+        };
+        // SAFETY: `ev` is valid for the call; `f` is an fd owned by a port or the PMD.
+        if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, f, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Forgets `f` (before its port closes it).
+    fn del(&self, f: RawFd) {
+        // SAFETY: no event pointer is needed for EPOLL_CTL_DEL.
+        unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                f,
+                std::ptr::null_mut(),
+            )
+        };
     }
 
     fn wait(&self, timeout_ms: i32) {

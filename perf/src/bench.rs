@@ -269,10 +269,14 @@ pub fn torii_config(dir: Direction, size: u16, socket: &Path, stats_file: &Path)
         Direction::GuestRx => "src0",
     };
     format!(
-        "[dataplane]\npmd_cpus = [{BACKEND_CPU}]\npmd_mode = \"poll\"\nstats_file = {:?}\n\n\
+        "[dataplane]\npmd_cpus = [{BACKEND_CPU}]\npmd_mode = \"poll\"\nstats_file = {:?}\ncontrol_socket = {:?}\n\n\
          [[port]]\nname = \"vhu0\"\ntype = \"vhost-user\"\nsocket = {:?}\nmode = \"server\"\n\n\
          {other}\n[[xconnect]]\nports = [\"vhu0\", \"{other_name}\"]\n",
         stats_file.display().to_string(),
+        stats_file
+            .with_file_name("control.sock")
+            .display()
+            .to_string(),
         socket.display().to_string(),
     )
 }

@@ -117,9 +117,36 @@ impl Switch {
             out: (0..ports.len())
                 .map(|_| Vec::with_capacity(BURST))
                 .collect(),
-            dirty: Vec::with_capacity(ports.len()),
+            dirty: Vec::with_capacity(2 * ports.len()),
             ports,
             index,
+        }
+    }
+
+    /// Adds a port (its id must be unused).
+    pub fn add_port(&mut self, p: SwitchPort) {
+        self.index[p.id as usize] = Some(self.ports.len() as u16);
+        self.ports.push(p);
+        self.out.push(Vec::with_capacity(BURST));
+        self.dirty.reserve(2 * self.ports.len());
+    }
+
+    /// Removes port `id` and returns it. Between rounds no packet is pending for it.
+    pub fn remove_port(&mut self, id: PortId) -> Option<Box<dyn Port>> {
+        let i = self.index.get_mut(id as usize)?.take()? as usize;
+        let p = self.ports.swap_remove(i);
+        let out = self.out.swap_remove(i);
+        debug_assert!(out.is_empty());
+        if let Some(moved) = self.ports.get(i) {
+            self.index[moved.id as usize] = Some(i as u16);
+        }
+        Some(p.port)
+    }
+
+    /// Changes the VLAN membership of port `id`.
+    pub fn set_vlan(&mut self, id: PortId, vlan: VlanMode) {
+        if let Some(Some(i)) = self.index.get(id as usize) {
+            self.ports[*i as usize].vlan = vlan;
         }
     }
 

@@ -39,8 +39,9 @@ impl Daemon {
         let stats = dir.join("stats.json");
         let config = dir.join("dataplane.toml");
         let text = format!(
-            "[dataplane]\nstats_file = \"{}\"\n{dataplane_extra}\n{body}",
-            stats.display()
+            "[dataplane]\nstats_file = \"{}\"\ncontrol_socket = \"{}\"\n{dataplane_extra}\n{body}",
+            stats.display(),
+            dir.join("control.sock").display()
         );
         std::fs::write(&config, text).or_fail("writing config");
         let mut d = Daemon {
@@ -81,6 +82,45 @@ impl Daemon {
             "torii-dataplane wrote no stats file; log:\n{}",
             self.log_text()
         );
+    }
+
+    /// The control API's socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    /// Runs `torii-dataplane ctl --socket <this daemon's> args…`.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_torii-dataplane"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(self.control_socket())
+            .args(args)
+            .output()
+            .or_fail("running torii-dataplane ctl")
+    }
+
+    /// `ctl` that must succeed; returns its stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "ctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `ctl` that must fail; returns its stderr.
+    pub fn ctl_err(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            !o.status.success(),
+            "ctl {args:?} should have failed: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
     }
 
     pub fn log_text(&self) -> String {

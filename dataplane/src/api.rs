@@ -1,0 +1,299 @@
+//! The control API: HTTP/1.1 with JSON bodies on a Unix socket (as Firecracker's and Cloud
+//! Hypervisor's), versioned by path prefix. Every error is `{"error": "..."}` with a 4xx/5xx
+//! status, and a request that fails changes nothing.
+//!
+//! | method | path | body | |
+//! | --- | --- | --- | --- |
+//! | GET | /v1/version | | `{"api": 1, "version": "0.1.0"}` |
+//! | GET | /v1/ports | | every port with counters, VLANs, MACs learned |
+//! | GET | /v1/ports/{name} | | one port |
+//! | PUT | /v1/ports/{name} | port settings as in the config file (`type`, `socket`, …, `vlan`) | add a switch port |
+//! | DELETE | /v1/ports/{name} | | remove a switch port |
+//! | PUT | /v1/ports/{name}/switch | `vlan` / `trunk` + `native_vlan`, `mac_limit` | replace its switch settings |
+//! | PUT | /v1/ports/{name}/link | `{"up": bool}` | vhost-user link status |
+//! | GET | /v1/mac-table | | learned MACs |
+//! | GET | /v1/pmds | | PMD counters |
+//! | GET | /v1/stats | | all of it (the stats file's content) |
+//! | GET | /metrics | | Prometheus text format |
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::{PortConfig, SwitchPortConfig};
+use crate::daemon::{ControlError, Dataplane, Report};
+
+/// The API version this daemon serves (the `/v1` prefix).
+pub const API_VERSION: u32 = 1;
+
+pub type Shared = Arc<Mutex<Dataplane>>;
+
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ControlError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
+            ControlError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ControlError>;
+
+fn lock(dp: &Shared) -> std::sync::MutexGuard<'_, Dataplane> {
+    // A panicked handler leaves the data plane as consistent as any request does (each
+    // request checks before it changes anything): keep serving.
+    dp.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ControlError> {
+    serde_json::from_slice(body).map_err(|e| ControlError::BadRequest(format!("request body: {e}")))
+}
+
+/// The API's routes (also serves `/metrics`).
+pub fn router(dp: Shared) -> Router {
+    Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/ports", get(list_ports))
+        .route(
+            "/v1/ports/{name}",
+            get(show_port).put(add_port).delete(remove_port),
+        )
+        .route("/v1/ports/{name}/switch", put(set_switch))
+        .route("/v1/ports/{name}/link", put(set_link))
+        .route("/v1/mac-table", get(mac_table))
+        .route("/v1/pmds", get(pmds))
+        .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ControlError::NotFound("no such API path (this daemon serves /v1/…)".into())
+        })
+        .with_state(dp)
+}
+
+/// Only `/metrics`, for a TCP listener that Prometheus scrapes.
+pub fn metrics_router(dp: Shared) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(dp)
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({ "api": API_VERSION, "version": env!("CARGO_PKG_VERSION") }))
+}
+
+async fn list_ports(State(dp): State<Shared>) -> Json<Value> {
+    Json(json!(lock(&dp).report().ports))
+}
+
+async fn show_port(State(dp): State<Shared>, Path(name): Path<String>) -> ApiResult {
+    let r = lock(&dp).report();
+    r.ports
+        .into_iter()
+        .find(|p| p.name == name)
+        .map(|p| Json(p).into_response())
+        .ok_or(ControlError::NotFound(name))
+}
+
+async fn add_port(State(dp): State<Shared>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let mut v: Value = parse(&body)?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err(ControlError::BadRequest(
+            "request body: expected a JSON object of port settings".into(),
+        ));
+    };
+    match obj.get("name") {
+        Some(n) if n != &Value::String(name.clone()) => {
+            return Err(ControlError::BadRequest(format!(
+                "request body names port {n} but the path names {name:?}"
+            )))
+        }
+        _ => {
+            obj.insert("name".into(), Value::String(name.clone()));
+        }
+    }
+    let cfg = PortConfig::deserialize(v)
+        .map_err(|e| ControlError::BadRequest(format!("port {name:?}: {e}")))?;
+    // Creating a port binds a socket or opens a tap: quick, but not for the async thread.
+    tokio::task::spawn_blocking(move || {
+        let mut d = lock(&dp);
+        d.add_port(cfg)?;
+        let r = d.report();
+        let p = r.ports.into_iter().find(|p| p.name == name);
+        Ok((StatusCode::CREATED, Json(p)).into_response())
+    })
+    .await
+    .map_err(|e| ControlError::Failed(e.to_string()))?
+}
+
+async fn remove_port(State(dp): State<Shared>, Path(name): Path<String>) -> ApiResult {
+    tokio::task::spawn_blocking(move || {
+        lock(&dp).remove_port(&name)?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+    .map_err(|e| ControlError::Failed(e.to_string()))?
+}
+
+async fn set_switch(State(dp): State<Shared>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let s: SwitchPortConfig = parse(&body)?;
+    lock(&dp).set_switch_settings(&name, s)?;
+    show_port(State(dp), Path(name)).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Link {
+    up: bool,
+}
+
+async fn set_link(State(dp): State<Shared>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let l: Link = parse(&body)?;
+    lock(&dp).set_link(&name, l.up)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn mac_table(State(dp): State<Shared>) -> Json<Value> {
+    Json(json!(lock(&dp).mac_table()))
+}
+
+async fn pmds(State(dp): State<Shared>) -> Json<Value> {
+    Json(json!(lock(&dp).report().pmds))
+}
+
+async fn stats(State(dp): State<Shared>) -> Json<Report> {
+    Json(lock(&dp).report())
+}
+
+async fn metrics(State(dp): State<Shared>) -> Response {
+    let text = prometheus(&lock(&dp).report());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Label value escaping of the Prometheus text format.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The report in the Prometheus text format: every numeric counter of a port as
+/// `torii_port_<name>_total{port=…,kind=…}`, per-queue counters with a `queue` label, PMD
+/// and switch counters.
+pub fn prometheus(r: &Report) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write;
+    // metric name → (type, samples)
+    let mut m: BTreeMap<String, (&str, Vec<String>)> = BTreeMap::new();
+    let mut add = |name: String, ty: &'static str, labels: String, v: &Value| {
+        if let Some(n) = v.as_f64() {
+            m.entry(name)
+                .or_insert((ty, Vec::new()))
+                .1
+                .push(format!("{{{labels}}} {n}"));
+        }
+    };
+    for p in &r.ports {
+        let labels = format!("port=\"{}\",kind=\"{}\"", esc(&p.name), p.kind);
+        let stats = serde_json::to_value(&p.stats).unwrap_or_default();
+        for (k, v) in stats.as_object().into_iter().flatten() {
+            match v {
+                Value::Array(qs) => {
+                    for (q, v) in qs.iter().enumerate() {
+                        add(
+                            format!("torii_port_{k}_total"),
+                            "counter",
+                            format!("{labels},queue=\"{q}\""),
+                            v,
+                        );
+                    }
+                }
+                v => add(
+                    format!("torii_port_{k}_total"),
+                    "counter",
+                    labels.clone(),
+                    v,
+                ),
+            }
+        }
+        if let Some(c) = p.connected {
+            add(
+                "torii_port_connected".into(),
+                "gauge",
+                labels.clone(),
+                &json!(u8::from(c)),
+            );
+        }
+        if let Some(n) = p.macs {
+            add("torii_port_macs".into(), "gauge", labels.clone(), &json!(n));
+        }
+        add(
+            "torii_port_broken_queues".into(),
+            "gauge",
+            labels.clone(),
+            &json!(p.broken_queues.len()),
+        );
+    }
+    for p in &r.pmds {
+        let labels = format!(
+            "pmd=\"{}\",cpu=\"{}\"",
+            p.id,
+            p.cpu.map_or("-".into(), |c| c.to_string())
+        );
+        for (k, v) in [
+            ("busy_cycles", p.busy_cycles),
+            ("idle_cycles", p.idle_cycles),
+            ("packets", p.packets),
+            ("sleeps", p.sleeps),
+        ] {
+            add(
+                format!("torii_pmd_{k}_total"),
+                "counter",
+                labels.clone(),
+                &json!(v),
+            );
+        }
+    }
+    let s = &r.switch;
+    add(
+        "torii_switch_mac_entries".into(),
+        "gauge",
+        String::new(),
+        &json!(s.mac_entries),
+    );
+    add(
+        "torii_switch_mac_capacity".into(),
+        "gauge",
+        String::new(),
+        &json!(s.mac_capacity),
+    );
+    for (k, v) in [
+        ("flooded", s.stats.flooded),
+        ("learned", s.stats.learned),
+        ("moved", s.stats.moved),
+        ("table_full", s.stats.table_full),
+    ] {
+        add(
+            format!("torii_switch_{k}_total"),
+            "counter",
+            String::new(),
+            &json!(v),
+        );
+    }
+    let mut out = String::new();
+    for (name, (ty, samples)) in m {
+        let _ = writeln!(out, "# TYPE {name} {ty}");
+        for smp in samples {
+            let smp = smp.replacen("{}", "", 1);
+            let _ = writeln!(out, "{name}{smp}");
+        }
+    }
+    out
+}
