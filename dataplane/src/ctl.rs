@@ -223,6 +223,9 @@ fn vlan_text(v: &Value) -> String {
 }
 
 fn link(p: &Value) -> &'static str {
+    if p["link_up"] == false {
+        return "off";
+    }
     match p["connected"].as_bool() {
         Some(true) => "up",
         Some(false) => "down",

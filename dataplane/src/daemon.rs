@@ -99,6 +99,8 @@ pub struct PortReport {
     pub kind: &'static str,
     /// vhost-user only: a frontend is connected.
     pub connected: Option<bool>,
+    /// vhost-user only: the administrative link status (`ctl link`).
+    pub link_up: Option<bool>,
     /// vhost-user only: connections served so far.
     pub connections: Option<u64>,
     /// vhost-user only: queues stopped because the guest broke them.
@@ -434,6 +436,7 @@ impl Dataplane {
                         name: p.cfg.name.clone(),
                         kind: p.kind,
                         connected: dev.map(|d| d.is_connected()),
+                        link_up: dev.map(|d| d.link_up()),
                         connections: dev.map(|d| d.connections()),
                         broken_queues: dev
                             .map(|d| {

@@ -90,6 +90,12 @@ ports = ["gen", "drain"]
     let v: Value = serde_json::from_str(&dp.ctl_ok(&["--json", "show", "vm3"])).or_fail("JSON");
     assert_eq!(v["vlan"]["allowed"], serde_json::json!([100, 300]));
     dp.ctl_ok(&["link", "vm3", "down"]);
+    let v: Value = serde_json::from_str(&dp.ctl_ok(&["--json", "show", "vm3"])).or_fail("JSON");
+    assert_eq!(v["link_up"], false, "{v}");
+    assert!(dp
+        .ctl_ok(&["ports"])
+        .lines()
+        .any(|l| l.starts_with("vm3") && l.contains(" off ")));
     dp.ctl_ok(&["link", "vm3", "up"]);
     let metrics = dp.ctl_ok(&["metrics"]);
     for want in [

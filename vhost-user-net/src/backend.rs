@@ -94,18 +94,7 @@ impl NetBackend {
     }
 
     fn config_space(&self) -> [u8; 12] {
-        // struct virtio_net_config (§5.1.4): mac[6], status, max_virtqueue_pairs, mtu.
-        let mut c = [0u8; 12];
-        c[..6].copy_from_slice(&self.shared.mac);
-        let status = if self.shared.link_up.load(Ordering::Acquire) {
-            vn::VIRTIO_NET_S_LINK_UP as u16
-        } else {
-            0
-        };
-        c[6..8].copy_from_slice(&status.to_le_bytes());
-        c[8..10].copy_from_slice(&self.shared.queue_pairs.to_le_bytes());
-        c[10..12].copy_from_slice(&self.shared.mtu.to_le_bytes());
-        c
+        self.shared.config_space()
     }
 }
 

@@ -100,6 +100,22 @@ pub struct DeviceShared {
 }
 
 impl DeviceShared {
+    /// The virtio-net config space (§5.1.4) as the driver reads it with GET_CONFIG.
+    pub(crate) fn config_space(&self) -> [u8; 12] {
+        // struct virtio_net_config (§5.1.4): mac[6], status, max_virtqueue_pairs, mtu.
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.mac);
+        let status = if self.link_up.load(Ordering::Acquire) {
+            virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP as u16
+        } else {
+            0
+        };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c[8..10].copy_from_slice(&self.queue_pairs.to_le_bytes());
+        c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        c
+    }
+
     /// State of a device with no connection yet.
     pub(crate) fn new(name: String, mac: [u8; 6], mtu: u16, queue_pairs: u16) -> Self {
         DeviceShared {
@@ -246,6 +262,16 @@ impl VhostUserNetDevice {
     /// Queues found broken since the current connection started.
     pub fn broken_queues(&self) -> Vec<BrokenQueue> {
         self.shared.broken.lock().unwrap().clone()
+    }
+
+    /// The virtio-net config space (mac, status, queue pairs, mtu) the driver reads.
+    pub fn config_space(&self) -> [u8; 12] {
+        self.shared.config_space()
+    }
+
+    /// The link status set by [`Self::set_link`] (up unless set down).
+    pub fn link_up(&self) -> bool {
+        self.shared.link_up.load(Ordering::Acquire)
     }
 
     /// Sets the link status the driver sees (config space `status`, §5.1.4) and notifies it.

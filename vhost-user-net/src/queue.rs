@@ -161,6 +161,13 @@ impl NetQueues {
         self.shared.pmd_generation.store(g, Ordering::Release);
     }
 
+    /// The operator set the link down ([`crate::VhostUserNetDevice::set_link`]): nothing is
+    /// taken from or delivered to the guest (deliveries are dropped and counted).
+    #[inline]
+    fn link_down(&self) -> bool {
+        !self.shared.link_up.load(Ordering::Relaxed)
+    }
+
     /// Whether a frontend is connected and has acked its features.
     pub fn is_up(&self) -> bool {
         self.conn.is_some()
@@ -245,7 +252,8 @@ impl NetQueues {
         let Some(conn) = self.conn.as_ref() else {
             return stats;
         };
-        if self.broken.get(qi).copied().unwrap_or(true) {
+        // Link down (set by the operator): what the guest sends stays in its ring.
+        if self.broken.get(qi).copied().unwrap_or(true) || self.link_down() {
             return stats;
         }
         let features = conn.backend.acked_features();
@@ -384,7 +392,7 @@ impl NetQueues {
         let Some(conn) = &self.conn else {
             return want;
         };
-        if self.broken.get(qi).copied().unwrap_or(true) {
+        if self.broken.get(qi).copied().unwrap_or(true) || self.link_down() {
             return want;
         }
         let known = self.rx_room.get(qp as usize).copied().unwrap_or(0) as usize;
@@ -422,8 +430,9 @@ impl NetQueues {
     ) -> ToGuest {
         let mut stats = ToGuest::default();
         let qi = 2 * qp as usize;
+        let down = self.link_down();
         let conn = match self.conn.as_ref() {
-            Some(c) if !self.broken.get(qi).copied().unwrap_or(true) => c,
+            Some(c) if !self.broken.get(qi).copied().unwrap_or(true) && !down => c,
             _ => {
                 stats.dropped_no_buffer = pkts.len();
                 pkts.drain(..).for_each(|p| pool.free(p));

@@ -930,3 +930,34 @@ fn interrupts_follow_used_event_and_no_interrupt_flag() {
     assert_eq!(calls(), 0, "NO_INTERRUPT set: no interrupt");
     assert!(d.broken_queues().is_empty());
 }
+
+#[test]
+fn link_down_stops_both_directions_and_shows_in_the_config_space() {
+    let mut d = device(F_VERSION_1);
+    let mut pool = VecPool::new(8, 2048);
+    let status = |d: &TestDevice| {
+        let c = d.device.config_space();
+        u16::from_le_bytes([c[6], c[7]])
+    };
+    assert_eq!(status(&d), 1, "VIRTIO_NET_S_LINK_UP");
+    d.device.set_link(false);
+    assert_eq!(status(&d), 0);
+    d.driver
+        .add_tx(0, &[&hdr_bytes(VirtioNetHdr::default(), 60)]);
+    d.driver.add_rx(0, &[2048]);
+    let (r, out) = receive(&mut d, &mut pool);
+    assert_eq!((r.packets, out.len()), (0, 0), "guest TX stays in the ring");
+    let s = send(&mut d, &mut pool, &[(VirtioNetHdr::default(), frame(60))]);
+    assert_eq!((s.packets, s.dropped_no_buffer), (0, 1));
+    assert_eq!(d.driver.used_idx(rx(0)), 0, "nothing delivered");
+    d.device.set_link(true);
+    let (r, out) = receive(&mut d, &mut pool);
+    assert_eq!(
+        (r.packets, out.len()),
+        (1, 1),
+        "the packet left waiting goes out"
+    );
+    let s = send(&mut d, &mut pool, &[(VirtioNetHdr::default(), frame(60))]);
+    assert_eq!(s.packets, 1);
+    assert!(d.broken_queues().is_empty());
+}
