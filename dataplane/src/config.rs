@@ -213,7 +213,19 @@ impl<'de> Deserialize<'de> for PortConfig {
                 ifname,
                 queues,
             } => (name, PortKind::Tap { ifname, queues }),
-            RawPort::Source { name, frame_size } => (name, PortKind::Source { frame_size }),
+            RawPort::Source {
+                name,
+                frame_size,
+                src_mac,
+                dst_mac,
+            } => (
+                name,
+                PortKind::Source {
+                    frame_size,
+                    src_mac,
+                    dst_mac,
+                },
+            ),
             RawPort::Sink { name } => (name, PortKind::Sink),
         };
         Ok(PortConfig { name, kind, switch })
@@ -244,6 +256,8 @@ enum RawPort {
         name: String,
         #[serde(default = "default_frame")]
         frame_size: usize,
+        src_mac: Option<String>,
+        dst_mac: Option<String>,
     },
     Sink {
         name: String,
@@ -265,6 +279,10 @@ pub enum PortKind {
     },
     Source {
         frame_size: usize,
+        /// The frames' source and destination MACs (unicast; defaults 02:00:00:00:00:01 and
+        /// …:02).
+        src_mac: Option<String>,
+        dst_mac: Option<String>,
     },
     Sink,
 }
@@ -406,9 +424,16 @@ impl Config {
                         return Err(err(format!("queues {queues} is outside 1..=16")));
                     }
                 }
-                PortKind::Source { frame_size } => {
+                PortKind::Source {
+                    frame_size,
+                    src_mac,
+                    dst_mac,
+                } => {
                     if !(60..=9000).contains(frame_size) {
                         return Err(err(format!("frame_size {frame_size} is outside 60..=9000")));
+                    }
+                    for m in [src_mac, dst_mac].into_iter().flatten() {
+                        parse_mac(m).map_err(err)?;
                     }
                 }
                 PortKind::Sink => {}

@@ -191,7 +191,21 @@ fn make_port(p: &PortConfig) -> anyhow::Result<(Box<dyn Port>, Option<VhostUserN
                 .map_err(|e| anyhow::anyhow!("port {:?}: {e}", p.name))?;
             (Box::new(t), None)
         }
-        PortKind::Source { frame_size } => (Box::new(SourcePort::new(&p.name, *frame_size)), None),
+        PortKind::Source {
+            frame_size,
+            src_mac,
+            dst_mac,
+        } => {
+            let mac = |m: &Option<String>| m.as_deref().map(parse_mac).transpose();
+            let (src, dst) = (
+                mac(src_mac).map_err(anyhow::Error::msg)?,
+                mac(dst_mac).map_err(anyhow::Error::msg)?,
+            );
+            (
+                Box::new(SourcePort::new(&p.name, *frame_size, src, dst)),
+                None,
+            )
+        }
         PortKind::Sink => (Box::new(SinkPort::new(&p.name)), None),
     })
 }

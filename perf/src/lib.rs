@@ -11,6 +11,8 @@
 //!   helpers shared by the above.
 //! * [`bench`] — the `torii-bench` comparison of Torii against DPDK's vhost
 //!   backend (run it with `perf/run-bench`).
+//! * [`switch_bench`] — `torii-switch-bench`: the L2 switch's rate with 2, 8,
+//!   32 ports against a cross-connect (`perf/run-switch-bench`).
 //!
 //! Everything here is meant for tests running as root on a machine prepared
 //! by `scripts/setup`. Set `TORII_KEEP_TMP=1` to keep temporary directories
@@ -20,6 +22,7 @@ pub mod bench;
 pub mod guest;
 pub mod prereq;
 pub mod proc_util;
+pub mod switch_bench;
 pub mod testpmd;
 
 pub use guest::{ChardevMode, CmdOutput, Guest, GuestBuilder, GuestError};

@@ -8,7 +8,9 @@ use torii_vhost_user_net::{BufPool, Offloads};
 use super::{Port, PortStats};
 use crate::packet::{Packet, PacketPool};
 
-/// Produces copies of one UDP/IPv4 frame of a configured size.
+/// Produces copies of one UDP/IPv4 frame of a configured size, and consumes (counts as
+/// transmitted, then drops) whatever is sent to it: a traffic generator and sink in one, so
+/// that two sources cross-connected, or any number on the switch, load each other.
 pub struct SourcePort {
     name: String,
     frame: Vec<u8>,
@@ -24,10 +26,18 @@ pub struct SinkPort {
 impl SourcePort {
     /// `size` is the Ethernet frame length without FCS (60..=9000), the length testpmd's
     /// `--txpkts` gives its frames: a "64 B" benchmark passes 64 to both.
-    pub fn new(name: &str, size: usize) -> Self {
+    /// Frames go from `src` to `dst` (defaults: 02:00:00:00:00:01 → 02:00:00:00:00:02).
+    pub fn new(name: &str, size: usize, src: Option<[u8; 6]>, dst: Option<[u8; 6]>) -> Self {
+        let mut frame = udp_frame(size);
+        if let Some(d) = dst {
+            frame[0..6].copy_from_slice(&d);
+        }
+        if let Some(s) = src {
+            frame[6..12].copy_from_slice(&s);
+        }
         SourcePort {
             name: name.to_string(),
-            frame: udp_frame(size),
+            frame,
             stats: Arc::new(PortStats::with_queues(1)),
         }
     }
@@ -91,11 +101,12 @@ impl Port for SourcePort {
         self.stats.rx(0, n, n * self.frame.len());
     }
     fn tx_burst(&mut self, _q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
-        PortStats::add(&self.stats.tx_dropped_no_room, pkts.len());
+        let bytes: usize = pkts.iter().map(|p| p.len()).sum();
+        self.stats.tx(0, pkts.len(), bytes);
         pkts.drain(..).for_each(|p| pool.free(p));
     }
     fn tx_offloads(&self) -> Offloads {
-        Offloads::empty()
+        Offloads::all()
     }
     fn stats(&self) -> &Arc<PortStats> {
         &self.stats

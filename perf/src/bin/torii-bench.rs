@@ -3,7 +3,7 @@
 //! interleaved and repeated. See [`torii_perf::bench`] for the method and
 //! `perf/run-bench` for the wrapper that builds everything first.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -46,43 +46,6 @@ struct Cli {
     out: Option<PathBuf>,
 }
 
-fn workspace_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    match manifest.parent() {
-        Some(p) if p.join("Cargo.toml").exists() => p.to_path_buf(),
-        _ => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
-    }
-}
-
-fn find_dataplane(root: &Path) -> anyhow::Result<PathBuf> {
-    let mut candidates = vec![root.join("target/release/torii-dataplane")];
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        candidates.push(dir.join("torii-dataplane"));
-    }
-    if let Ok(cwd) = std::env::current_dir() {
-        candidates.push(cwd.join("target/release/torii-dataplane"));
-    }
-    candidates
-        .iter()
-        .find(|p| prereq::find_binary(&p.display().to_string()).is_some())
-        .cloned()
-        .with_context(|| {
-            format!(
-                "torii-dataplane not found (looked at {}); build it with: \
-                 cargo build --release -p torii-dataplane (perf/run-bench does), \
-                 or pass --dataplane PATH",
-                candidates
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
-}
-
 fn check_prereqs(opts: &BenchOptions) -> anyhow::Result<()> {
     prereq::require_root()?;
     match &opts.testpmd {
@@ -106,19 +69,6 @@ fn check_prereqs(opts: &BenchOptions) -> anyhow::Result<()> {
         "the bench pins the backend to CPU 1 and the frontend to CPU 0, \
          but this host has {cpus} CPU(s)"
     );
-    Ok(())
-}
-
-/// Writes `value`, with paths inside the workspace `root` made relative to it: results are
-/// committed, and where a checkout lives says nothing about the measurement.
-fn write_json(path: &Path, root: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_string_pretty(value)?.replace(&format!("{}/", root.display()), "");
-    std::fs::write(&tmp, text + "\n").with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
 
@@ -195,10 +145,10 @@ fn run() -> anyhow::Result<ExitCode> {
             bench::SIZE_RANGE.end()
         );
     }
-    let root = workspace_root();
+    let root = bench::workspace_root();
     let dataplane = match cli.dataplane {
         Some(p) => p,
-        None => find_dataplane(&root)?,
+        None => bench::find_dataplane(&root)?,
     };
     anyhow::ensure!(
         prereq::find_binary(&dataplane.display().to_string()).is_some(),
@@ -273,13 +223,13 @@ fn run() -> anyhow::Result<ExitCode> {
                         println!("        warning: {w}");
                     }
                     runs.push(r);
-                    write_json(&out, &root, &results_json(&meta, &opts, &runs, false))?;
+                    bench::write_json(&out, &root, &results_json(&meta, &opts, &runs, false))?;
                 }
             }
         }
     }
     let interrupted = bench::interrupted();
-    write_json(
+    bench::write_json(
         &out,
         &root,
         &results_json(&meta, &opts, &runs, !interrupted),
