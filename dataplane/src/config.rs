@@ -31,9 +31,6 @@ pub struct SwitchConfig {
     /// A learned MAC not seen for this long is forgotten.
     #[serde(default = "default_ageing")]
     pub mac_ageing_secs: u32,
-    /// Index into `pmd_cpus` of the PMD that runs the switch.
-    #[serde(default)]
-    pub pmd: usize,
 }
 
 impl Default for SwitchConfig {
@@ -41,7 +38,6 @@ impl Default for SwitchConfig {
         SwitchConfig {
             mac_table_size: default_mac_table(),
             mac_ageing_secs: default_ageing(),
-            pmd: 0,
         }
     }
 }
@@ -66,17 +62,21 @@ pub struct SwitchPortConfig {
     /// Most source MACs learned on the port; frames from further MACs are dropped. 0 = none.
     #[serde(default)]
     pub mac_limit: u32,
+    /// Index into `pmd_cpus` of the PMD that polls the port (default: the one with the fewest
+    /// switch port queues).
+    pub pmd: Option<usize>,
 }
 
 impl SwitchPortConfig {
     /// Keys of a `[[port]]` entry that are switch settings rather than port-type settings.
-    const KEYS: [&'static str; 4] = ["vlan", "trunk", "native_vlan", "mac_limit"];
+    const KEYS: [&'static str; 5] = ["vlan", "trunk", "native_vlan", "mac_limit", "pmd"];
 
     pub fn is_set(&self) -> bool {
         self.vlan.is_some()
             || self.trunk.is_some()
             || self.native_vlan.is_some()
             || self.mac_limit != 0
+            || self.pmd.is_some()
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -452,11 +452,13 @@ impl Config {
                 "mac_ageing_secs must be at least 1".into(),
             ));
         }
-        if sw.pmd >= d.pmd_cpus.len().max(1) {
-            return Err(ConfigError::Switch(format!(
-                "pmd {} does not exist",
-                sw.pmd
-            )));
+        for p in &self.ports {
+            if let Some(n) = p.switch.pmd.filter(|&n| n >= d.pmd_cpus.len().max(1)) {
+                return Err(ConfigError::Port(
+                    p.name.clone(),
+                    format!("pmd {n} does not exist"),
+                ));
+            }
         }
         let mut used = HashSet::new();
         for (i, x) in self.xconnects.iter().enumerate() {
@@ -481,7 +483,7 @@ impl Config {
                 if self.ports.iter().any(|c| &c.name == p && c.switch.is_set()) {
                     return Err(ConfigError::XConnect(
                         i,
-                        format!("port {p:?} has switch settings (vlan, trunk, mac_limit) but is cross-connected"),
+                        format!("port {p:?} has switch settings (vlan, trunk, mac_limit, pmd) but is cross-connected"),
                     ));
                 }
             }
@@ -633,8 +635,8 @@ mod tests {
                 "unknown field `vlna`",
             ),
             (
-                SWITCHED.replace("[dataplane]", "[switch]\npmd = 3\n[dataplane]"),
-                "pmd 3",
+                SWITCHED.replace("mac_limit = 8", "mac_limit = 8\npmd = 3"),
+                "pmd 3 does not exist",
             ),
             (
                 SWITCHED.replace("[dataplane]", "[switch]\nmac_table_size = 0\n[dataplane]"),

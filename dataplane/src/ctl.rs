@@ -331,20 +331,25 @@ pub fn macs_table(macs: &[Value]) -> String {
 
 pub fn pmds_table(pmds: &[Value]) -> String {
     let mut s = format!(
-        "{:<4} {:<4} {:>7} {:>14} {:>10} {:>10}\n",
+        "{:<4} {:<4} {:>7} {:>14} {:>10} {:>10}  PORTS\n",
         "PMD", "CPU", "BUSY%", "PACKETS", "CYC/PKT", "SLEEPS"
     );
     for p in pmds {
         let busy = p["busy_cycles"].as_f64().unwrap_or(0.0);
         let idle = p["idle_cycles"].as_f64().unwrap_or(0.0);
+        let ports: Vec<String> = p["ports"]
+            .as_array()
+            .map(|a| a.iter().map(n).collect())
+            .unwrap_or_default();
         s += &format!(
-            "{:<4} {:<4} {:>7.1} {:>14} {:>10.0} {:>10}\n",
+            "{:<4} {:<4} {:>7.1} {:>14} {:>10.0} {:>10}  {}\n",
             n(&p["id"]),
             n(&p["cpu"]),
             100.0 * busy / (busy + idle).max(1.0),
             n(&p["packets"]),
             p["cycles_per_packet"].as_f64().unwrap_or(0.0),
-            n(&p["sleeps"])
+            n(&p["sleeps"]),
+            ports.join(",")
         );
     }
     s

@@ -2,21 +2,22 @@
 //! If any port fails, everything made so far is torn down (sockets removed, taps closed).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use torii_vhost_user_net::{NetDeviceConfig, SocketMode, VhostUserNetDevice};
 
 use crate::config::{parse_mac, Config, PortConfig, PortKind, SwitchPortConfig};
-use crate::pmd::{self, PmdCommand, PmdHandle, PmdStatsSnapshot, XConnect};
+use crate::packet::SharedPool;
+use crate::pmd::{self, PmdCommand, PmdHandle, PmdStatsSnapshot, PmdWake, XConnect};
 use crate::port::null::{SinkPort, SourcePort};
 use crate::port::tap::TapPort;
 use crate::port::vhost_user::VhostUserPort;
 use crate::port::{Port, PortStats, PortStatsSnapshot};
 use crate::switch::mactable::PortId;
 use crate::switch::vlan::VlanReport;
-use crate::switch::{Switch, SwitchPort, SwitchShared, SwitchStatsSnapshot};
+use crate::switch::{PortLink, Switch, SwitchPort, SwitchShared, SwitchStatsSnapshot};
 
 struct PortInfo {
     id: PortId,
@@ -26,6 +27,21 @@ struct PortInfo {
     device: Option<VhostUserNetDevice>,
     /// On the switch (not in a cross-connect).
     switched: bool,
+    /// Index in `Dataplane::pmds` of the PMD that polls it (`usize::MAX` until placed).
+    pmd: usize,
+    /// Switch ports: how the PMDs reach it.
+    link: Option<Arc<PortLink>>,
+}
+
+/// The PMD (of `n`) polling the fewest queues of `ports`.
+fn least_loaded(ports: &[PortInfo], n: usize) -> usize {
+    let mut load = vec![0usize; n.max(1)];
+    for p in ports {
+        if let Some(l) = load.get_mut(p.pmd) {
+            *l += p.stats.rxq_packets.len().max(1);
+        }
+    }
+    (0..load.len()).min_by_key(|&k| load[k]).unwrap_or(0)
 }
 
 /// A running data plane.
@@ -34,8 +50,6 @@ pub struct Dataplane {
     pmds: Vec<PmdHandle>,
     ports: Vec<PortInfo>,
     switch: Arc<SwitchShared>,
-    /// Index in `pmds` of the PMD that runs the switch.
-    switch_pmd: usize,
     ager: Option<Ager>,
 }
 
@@ -225,6 +239,8 @@ impl Dataplane {
                 stats: port.stats().clone(),
                 device,
                 switched: false,
+                pmd: usize::MAX,
+                link: None,
             });
             made.push(Some(port));
         }
@@ -238,52 +254,62 @@ impl Dataplane {
                 .expect("validated")
         };
         for (i, x) in cfg.xconnects.iter().enumerate() {
-            let a = made[index(&x.ports[0])]
-                .take()
-                .expect("validated: used once");
-            let b = made[index(&x.ports[1])]
-                .take()
-                .expect("validated: used once");
-            per_pmd[x.pmd.unwrap_or(i % npmd)].push(XConnect { a, b });
+            let k = x.pmd.unwrap_or(i % npmd);
+            let (ia, ib) = (index(&x.ports[0]), index(&x.ports[1]));
+            let a = made[ia].take().expect("validated: used once");
+            let b = made[ib].take().expect("validated: used once");
+            infos[ia].pmd = k;
+            infos[ib].pmd = k;
+            per_pmd[k].push(XConnect { a, b });
         }
-        // Every port outside a cross-connect is on the switch, its id its place in the config.
+        // Every port outside a cross-connect is on the switch, its id its place in the config,
+        // polled by the PMD it names or the one with the fewest queues so far; every other PMD
+        // reaches it through its inbox.
         let switch = Arc::new(SwitchShared::new(cfg.switch.mac_table_size));
-        let mut sw_ports = Vec::new();
-        for (slot, info) in made.iter_mut().zip(infos.iter_mut()) {
-            if let Some(port) = slot.take() {
-                switch
-                    .table
-                    .set_port_limit(info.id, info.cfg.switch.mac_limit);
-                info.switched = true;
-                sw_ports.push(SwitchPort {
-                    id: info.id,
-                    port,
-                    vlan: info.cfg.switch.vlan_mode(),
-                });
-            }
+        let mut wakes = Vec::new();
+        for _ in 0..npmd {
+            wakes.push(PmdWake::new()?);
         }
-        // The switch's PMD runs even without ports: ports can be added at runtime.
-        let mut sw = Some(Switch::new(switch.clone(), sw_ports));
-        let mut pmds = Vec::new();
-        let mut switch_pmd = 0;
-        for (id, xcs) in per_pmd.into_iter().enumerate() {
-            let sw = if id == cfg.switch.pmd {
-                sw.take()
-            } else {
-                None
-            };
-            if xcs.is_empty() && sw.is_none() {
+        let mut locals: Vec<Vec<SwitchPort>> = (0..npmd).map(|_| Vec::new()).collect();
+        for i in 0..infos.len() {
+            let Some(port) = made[i].take() else {
                 continue;
-            }
-            if sw.is_some() {
-                switch_pmd = pmds.len();
-            }
-            let cpu = cfg.dataplane.pmd_cpus.get(id).copied();
+            };
+            let k = infos[i]
+                .cfg
+                .switch
+                .pmd
+                .unwrap_or_else(|| least_loaded(&infos, npmd));
+            let info = &mut infos[i];
+            switch
+                .table
+                .set_port_limit(info.id, info.cfg.switch.mac_limit);
+            let link = PortLink::new(info.id, info.stats.clone(), wakes[k].0.clone());
+            info.switched = true;
+            info.pmd = k;
+            info.link = Some(link.clone());
+            locals[k].push(SwitchPort {
+                link,
+                port,
+                vlan: info.cfg.switch.vlan_mode(),
+            });
+        }
+        let shared_pool = SharedPool::new(cfg.dataplane.pool_size * npmd);
+        let mut pmds = Vec::new();
+        for (k, ((xcs, local), wake)) in per_pmd.into_iter().zip(locals).zip(wakes).enumerate() {
+            let remote = infos
+                .iter()
+                .filter(|i| i.switched && i.pmd != k)
+                .filter_map(|i| Some((i.link.clone()?, i.cfg.switch.vlan_mode())))
+                .collect();
+            let sw = Switch::new(switch.clone(), local, remote);
+            let cpu = cfg.dataplane.pmd_cpus.get(k).copied();
             pmds.push(pmd::spawn(
-                id,
+                k,
                 cpu,
                 cfg.dataplane.pmd_mode,
-                cfg.dataplane.pool_size,
+                (shared_pool.clone(), cfg.dataplane.pool_size),
+                wake,
                 xcs,
                 sw,
             )?);
@@ -294,9 +320,27 @@ impl Dataplane {
             pmds,
             ports: infos,
             switch,
-            switch_pmd,
             ager,
         })
+    }
+
+    /// Sends `cmd(k)` to every PMD but `except`, each answering on the channel it is given;
+    /// waits for all answers.
+    fn to_other_pmds(
+        &self,
+        except: usize,
+        cmd: impl Fn(mpsc::SyncSender<()>) -> PmdCommand,
+    ) -> Result<(), ControlError> {
+        for (k, p) in self.pmds.iter().enumerate() {
+            if k == except {
+                continue;
+            }
+            let (tx, rx) = mpsc::sync_channel(1);
+            if !p.command(cmd(tx)) || rx.recv_timeout(Duration::from_secs(5)).is_err() {
+                return Err(ControlError::Failed(format!("PMD {k} did not answer")));
+            }
+        }
+        Ok(())
     }
 
     fn find(&self, name: &str) -> Result<usize, ControlError> {
@@ -326,6 +370,12 @@ impl Dataplane {
         let (port, device) = make_port(&p).map_err(|e| ControlError::Failed(format!("{e:#}")))?;
         self.switch.table.flush_port(id);
         self.switch.table.set_port_limit(id, p.switch.mac_limit);
+        let k = p
+            .switch
+            .pmd
+            .unwrap_or_else(|| least_loaded(&self.ports, self.pmds.len()));
+        let link = PortLink::new(id, port.stats().clone(), self.pmds[k].wake());
+        let vlan = p.switch.vlan_mode();
         let info = PortInfo {
             id,
             cfg: p.clone(),
@@ -333,23 +383,28 @@ impl Dataplane {
             stats: port.stats().clone(),
             device,
             switched: true,
+            pmd: k,
+            link: Some(link.clone()),
         };
-        let sent = self.pmds[self.switch_pmd].command(PmdCommand::AddSwitchPort(SwitchPort {
-            id,
-            port,
-            vlan: p.switch.vlan_mode(),
-        }));
-        if !sent {
-            return Err(ControlError::Failed("the switch's PMD has stopped".into()));
+        // The other PMDs first: what they queue before the owner polls the port waits in its
+        // inbox.
+        for (j, pmd) in self.pmds.iter().enumerate() {
+            if j != k {
+                pmd.command(PmdCommand::AddRemote(link.clone(), vlan.clone()));
+            }
         }
-        tracing::info!(port = %p.name, id, "port added");
+        if !self.pmds[k].command(PmdCommand::AddSwitchPort(SwitchPort { link, port, vlan })) {
+            return Err(ControlError::Failed(format!("PMD {k} has stopped")));
+        }
+        tracing::info!(port = %p.name, id, pmd = k, "port added");
         self.ports.push(info);
         self.cfg.ports.push(p);
         Ok(())
     }
 
-    /// Removes a switch port at runtime: the PMD lets go of it between two rounds, then its
-    /// device is stopped (socket removed) and its MACs forgotten.
+    /// Removes a switch port at runtime: the other PMDs stop queueing for it, then its PMD
+    /// lets go of it between two rounds; its device is stopped (socket removed) and its MACs
+    /// forgotten.
     pub fn remove_port(&mut self, name: &str) -> Result<(), ControlError> {
         let i = self.find(name)?;
         if !self.ports[i].switched {
@@ -357,14 +412,15 @@ impl Dataplane {
                 "port {name:?} is cross-connected; only switch ports can be removed at runtime"
             )));
         }
-        let id = self.ports[i].id;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        if !self.pmds[self.switch_pmd].command(PmdCommand::RemoveSwitchPort(id, tx)) {
-            return Err(ControlError::Failed("the switch's PMD has stopped".into()));
+        let (id, k) = (self.ports[i].id, self.ports[i].pmd);
+        self.to_other_pmds(k, |ack| PmdCommand::RemoveRemote(id, ack))?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        if !self.pmds[k].command(PmdCommand::RemoveSwitchPort(id, tx)) {
+            return Err(ControlError::Failed(format!("PMD {k} has stopped")));
         }
         let port = rx
             .recv_timeout(Duration::from_secs(5))
-            .map_err(|_| ControlError::Failed("the switch's PMD did not answer".into()))?;
+            .map_err(|_| ControlError::Failed(format!("PMD {k} did not answer")))?;
         drop(port);
         let mut info = self.ports.remove(i);
         self.cfg.ports.retain(|p| p.name != name);
@@ -392,8 +448,20 @@ impl Dataplane {
         }
         s.validate()
             .map_err(|e| ControlError::BadRequest(format!("port {name:?}: {e}")))?;
+        if s.pmd.is_some_and(|n| n != self.ports[i].pmd) {
+            return Err(ControlError::BadRequest(format!(
+                "port {name:?}: moving a port to another PMD is not supported; remove and add it"
+            )));
+        }
+        if s.pmd.is_some_and(|n| n >= self.pmds.len()) {
+            return Err(ControlError::BadRequest(format!(
+                "port {name:?}: no such PMD"
+            )));
+        }
         let id = self.ports[i].id;
-        self.pmds[self.switch_pmd].command(PmdCommand::SetVlan(id, s.vlan_mode()));
+        for p in &self.pmds {
+            p.command(PmdCommand::SetVlan(id, s.vlan_mode()));
+        }
         self.switch.table.set_port_limit(id, s.mac_limit);
         self.switch.table.flush_port(id);
         self.ports[i].cfg.switch = s.clone();
@@ -466,7 +534,21 @@ impl Dataplane {
                     }
                 })
                 .collect(),
-            pmds: self.pmds.iter().map(|p| p.snapshot()).collect(),
+            pmds: self
+                .pmds
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    let mut s = p.snapshot();
+                    s.ports = self
+                        .ports
+                        .iter()
+                        .filter(|i| i.pmd == k)
+                        .map(|i| i.cfg.name.clone())
+                        .collect();
+                    s
+                })
+                .collect(),
             switch: SwitchReport {
                 mac_entries: self.switch.table.len(),
                 mac_capacity: self.switch.table.capacity(),

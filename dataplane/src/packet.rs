@@ -1,6 +1,10 @@
 //! Packet buffers. Every buffer is allocated once, when its PMD starts, and then circulates
 //! between the PMD's free list and the ports: nothing is allocated per packet.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_queue::ArrayQueue;
 use torii_vhost_user_net::{BufPool, NetBuf, VirtioNetHdr};
 
 /// Room in front of a frame: a tap's 12-byte vnet header, or an 802.1Q tag to push.
@@ -188,38 +192,109 @@ impl NetBuf for Packet {
     }
 }
 
-/// A PMD's free list. Single-threaded; never grows after creation.
+/// Packets shared by every PMD: a lock-free ring that each PMD's [`PacketPool`] cache refills
+/// from and spills to in batches (DPDK's mempool with its per-lcore caches). A packet received
+/// on one PMD can so be sent, and freed, by another. The ring never holds more than the
+/// packets made for it, so a spill always fits.
+pub struct SharedPool {
+    ring: ArrayQueue<Packet>,
+    made: AtomicUsize,
+}
+
+impl SharedPool {
+    /// A pool that will hold up to `capacity` packets (see [`Self::populate`]).
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(SharedPool {
+            ring: ArrayQueue::new(capacity.max(1)),
+            made: AtomicUsize::new(0),
+        })
+    }
+
+    /// Makes up to `n` more packets (on the calling thread, which first touches their memory:
+    /// a PMD populates its share on its own CPU). Returns how many were made.
+    pub fn populate(&self, n: usize) -> usize {
+        let room = self.ring.capacity() - self.made.load(Ordering::Acquire);
+        let n = n.min(room);
+        // All frame buffers before the metadata, so that the metadata of all packets lies
+        // together in a few pages, as DPDK's mbuf headers do.
+        let bufs: Vec<Box<[u8]>> = (0..n)
+            .map(|i| vec![0u8; Packet::buf_len(i)].into_boxed_slice())
+            .collect();
+        for (i, b) in bufs.into_iter().enumerate() {
+            if self.ring.push(Packet::new(i, b)).is_err() {
+                return i;
+            }
+            self.made.fetch_add(1, Ordering::AcqRel);
+        }
+        n
+    }
+
+    /// Packets made so far.
+    pub fn size(&self) -> usize {
+        self.made.load(Ordering::Acquire)
+    }
+}
+
+/// Packets a PMD keeps for itself before it returns some to the shared ring.
+const CACHE: usize = 256;
+
+/// A PMD's packet cache over the [`SharedPool`]. Allocation and free are a `Vec` pop and push;
+/// the shared ring is touched once per [`CACHE`]/2 packets.
 pub struct PacketPool {
-    free: Vec<Packet>,
-    size: usize,
+    cache: Vec<Packet>,
+    shared: Arc<SharedPool>,
 }
 
 impl PacketPool {
+    /// A pool of its own with `size` packets.
     pub fn new(size: usize) -> Self {
+        let shared = SharedPool::new(size);
+        shared.populate(size);
+        Self::attach(shared)
+    }
+
+    /// A cache over `shared`.
+    pub fn attach(shared: Arc<SharedPool>) -> Self {
         PacketPool {
-            free: Self::buffers(size),
-            size,
+            cache: Vec::with_capacity(2 * CACHE + 1),
+            shared,
         }
     }
 
-    /// The pool's packets. All frame buffers are allocated before the metadata, so that the
-    /// metadata of all packets lies together in a few pages, as DPDK's mbuf headers do.
-    fn buffers(size: usize) -> Vec<Packet> {
-        let bufs: Vec<Box<[u8]>> = (0..size)
-            .map(|i| vec![0u8; Packet::buf_len(i)].into_boxed_slice())
-            .collect();
-        bufs.into_iter()
-            .enumerate()
-            .map(|(i, b)| Packet::new(i, b))
-            .collect()
-    }
-
+    /// Packets free: in this cache and in the shared ring (not in other PMDs' caches).
     pub fn available(&self) -> usize {
-        self.free.len()
+        self.cache.len() + self.shared.ring.len()
     }
 
     pub fn size(&self) -> usize {
-        self.size
+        self.shared.size()
+    }
+
+    #[cold]
+    fn refill(&mut self) {
+        for _ in 0..CACHE / 2 {
+            match self.shared.ring.pop() {
+                Some(p) => self.cache.push(p),
+                None => break,
+            }
+        }
+    }
+
+    #[cold]
+    fn spill(&mut self) {
+        for p in self.cache.drain(CACHE..) {
+            // Cannot fail: the ring has room for every packet ever made.
+            let _ = self.shared.ring.push(p);
+        }
+    }
+}
+
+impl Drop for PacketPool {
+    /// The cached packets go back to the ring, for the other PMDs.
+    fn drop(&mut self) {
+        for p in self.cache.drain(..) {
+            let _ = self.shared.ring.push(p);
+        }
     }
 }
 
@@ -228,24 +303,61 @@ impl BufPool for PacketPool {
 
     #[inline]
     fn alloc(&mut self) -> Option<Packet> {
-        self.free.pop()
+        if self.cache.is_empty() {
+            self.refill();
+        }
+        self.cache.pop()
     }
 
     #[inline]
     fn free(&mut self, mut p: Packet) {
-        if self.free.len() < self.size {
-            let m = &mut *p.0;
-            m.len = 0;
-            m.off = m.home;
-            m.hdr = VirtioNetHdr::default();
-            self.free.push(p);
+        let m = &mut *p.0;
+        m.len = 0;
+        m.off = m.home;
+        m.hdr = VirtioNetHdr::default();
+        if self.cache.len() >= 2 * CACHE {
+            self.spill();
         }
+        self.cache.push(p);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packets_move_between_pmd_caches() {
+        let shared = SharedPool::new(1000);
+        assert_eq!(shared.populate(600), 600);
+        assert_eq!(shared.populate(600), 400, "never more than the capacity");
+        let (s1, s2) = (shared.clone(), shared.clone());
+        // One thread allocates and hands packets over, the other frees them: the second
+        // one's cache spills back to the ring the first one refills from.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Packet>(64);
+        let a = std::thread::spawn(move || {
+            let mut pool = PacketPool::attach(s1);
+            for _ in 0..20_000 {
+                let p = loop {
+                    if let Some(p) = pool.alloc() {
+                        break p;
+                    }
+                    std::thread::yield_now();
+                };
+                tx.send(p).unwrap();
+            }
+        });
+        let b = std::thread::spawn(move || {
+            let mut pool = PacketPool::attach(s2);
+            for p in rx {
+                pool.free(p);
+            }
+        });
+        a.join().unwrap();
+        b.join().unwrap();
+        // Both caches were dropped: every packet is back in the ring.
+        assert_eq!(PacketPool::attach(shared).available(), 1000);
+    }
 
     #[test]
     fn pool_recycles_without_growing() {

@@ -14,11 +14,11 @@ use torii_vhost_user_net::{
 };
 
 use crate::offload::{fixup, Fixup};
-use crate::packet::{Packet, PacketPool};
+use crate::packet::{Packet, PacketPool, SharedPool};
 use crate::port::{Port, PortStats, BURST};
 use crate::switch::mactable::PortId;
 use crate::switch::vlan::VlanMode;
-use crate::switch::{Switch, SwitchPort};
+use crate::switch::{PortLink, Switch, SwitchPort};
 
 /// How a PMD waits when it has nothing to do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,13 +71,53 @@ pub struct PmdStatsSnapshot {
     pub cycles_per_packet: f64,
     /// Measured rate of the cycle counter, to turn cycles into time.
     pub cycles_per_sec: f64,
+    /// The ports it polls (every queue of each).
+    pub ports: Vec<String>,
+}
+
+/// How others wake a PMD: its eventfd, and whether it is (about to be) asleep. A PMD that
+/// queues packets into another PMD's port inbox pokes it once per burst; the poke costs one
+/// load unless the owner sleeps (adaptive mode), and then one eventfd write.
+pub struct PmdWake {
+    asleep: AtomicBool,
+    notifier: EventNotifier,
+}
+
+impl PmdWake {
+    pub fn new() -> io::Result<(Arc<PmdWake>, torii_vhost_user_net::EventConsumer)> {
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        Ok((
+            Arc::new(PmdWake {
+                asleep: AtomicBool::new(false),
+                notifier,
+            }),
+            consumer,
+        ))
+    }
+
+    /// Wakes the PMD if it sleeps. Call after queueing work for it.
+    #[inline]
+    pub fn poke(&self) {
+        // Pairs with the fence in `Worker::sleep`: either the PMD sees the work when it checks
+        // before sleeping, or this sees `asleep`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.asleep.load(Ordering::Relaxed) {
+            let _ = self.notifier.notify();
+        }
+    }
 }
 
 /// A change the control thread asks a PMD to make between two rounds.
 pub enum PmdCommand {
+    /// Start polling a switch port.
     AddSwitchPort(SwitchPort),
-    /// Remove the switch port and hand it back (to be dropped off the data path).
+    /// Stop polling a switch port and hand it back (to be dropped off the data path).
     RemoveSwitchPort(PortId, mpsc::SyncSender<Option<Box<dyn Port>>>),
+    /// A switch port another PMD polls: send to it through its inbox.
+    AddRemote(Arc<PortLink>, VlanMode),
+    /// Forget a port another PMD polls; answer once nothing more will be queued for it.
+    RemoveRemote(PortId, mpsc::SyncSender<()>),
     SetVlan(PortId, VlanMode),
 }
 
@@ -87,6 +127,7 @@ pub struct PmdHandle {
     pub cpu: Option<usize>,
     stop: Arc<AtomicBool>,
     waker: EventNotifier,
+    wake: Arc<PmdWake>,
     commands: mpsc::Sender<PmdCommand>,
     thread: Option<JoinHandle<()>>,
     pub stats: Arc<PmdStats>,
@@ -114,7 +155,13 @@ impl PmdHandle {
             } else {
                 0.0
             },
+            ports: Vec::new(),
         }
+    }
+
+    /// How to wake this PMD.
+    pub fn wake(&self) -> Arc<PmdWake> {
+        self.wake.clone()
     }
 
     /// Queues `cmd` for the PMD and wakes it if it sleeps. False if the PMD has stopped.
@@ -140,27 +187,32 @@ impl Drop for PmdHandle {
     }
 }
 
-/// Starts PMD `id` on `cpu` with the given cross-connects and, on one PMD, the switch.
+/// Starts PMD `id` on `cpu` with the given cross-connects and its part of the switch. It adds
+/// `pool_size` packets to the shared pool (made on its own CPU).
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     id: usize,
     cpu: Option<usize>,
     mode: PmdMode,
-    pool_size: usize,
+    pool: (Arc<SharedPool>, usize),
+    wake: (Arc<PmdWake>, torii_vhost_user_net::EventConsumer),
     xconnects: Vec<XConnect>,
-    switch: Option<Switch>,
+    switch: Switch,
 ) -> io::Result<PmdHandle> {
-    let (consumer, notifier) =
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+    let (wake_state, consumer) = wake;
+    let notifier = wake_state.notifier.try_clone()?;
+    let handle_wake = wake_state.clone();
     let (commands, cmd_rx) = mpsc::channel();
     let mut w = Worker {
         xconnects,
         switch,
         commands: cmd_rx,
-        pool: PacketPool::new(0),
+        pool: PacketPool::attach(pool.0.clone()),
         batches: Batches::new(),
         stats: Arc::new(PmdStats::default()),
         wake: consumer,
         waker: notifier.try_clone()?,
+        wake_state,
     };
     w.for_each_port(|p| p.set_waker(&notifier));
     let stop = Arc::new(AtomicBool::new(false));
@@ -176,7 +228,7 @@ pub fn spawn(
             }
             // The buffers are allocated on the PMD's thread (and so, first touched, on its
             // NUMA node).
-            w.pool = PacketPool::new(pool_size);
+            pool.0.populate(pool.1);
             w.run(mode, &s);
         })?;
     Ok(PmdHandle {
@@ -184,6 +236,7 @@ pub fn spawn(
         cpu,
         stop,
         waker: notifier,
+        wake: handle_wake,
         commands,
         thread: Some(thread),
         stats,
@@ -193,7 +246,7 @@ pub fn spawn(
 
 struct Worker {
     xconnects: Vec<XConnect>,
-    switch: Option<Switch>,
+    switch: Switch,
     commands: mpsc::Receiver<PmdCommand>,
     pool: PacketPool,
     batches: Batches,
@@ -201,6 +254,7 @@ struct Worker {
     wake: torii_vhost_user_net::EventConsumer,
     /// The notifier of `wake`, for ports added later.
     waker: EventNotifier,
+    wake_state: Arc<PmdWake>,
 }
 
 impl Worker {
@@ -232,9 +286,7 @@ impl Worker {
                 work += forward(&mut *xc.a, &mut *xc.b, &mut self.pool, &mut self.batches);
                 work += forward(&mut *xc.b, &mut *xc.a, &mut self.pool, &mut self.batches);
             }
-            if let Some(sw) = &mut self.switch {
-                work += sw.poll(&mut self.pool, &mut self.batches);
-            }
+            work += self.switch.poll(&mut self.pool, &mut self.batches);
             let t1 = cycles();
             if work > 0 {
                 busy += 1;
@@ -275,19 +327,21 @@ impl Worker {
     fn sleep(&mut self, ep: &Epoll, stop: &AtomicBool) {
         let mut pending = false;
         self.for_each_port(|p| pending |= p.arm_wakeup());
+        self.wake_state.asleep.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `PmdWake::poke`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        pending |= self.switch.inbox_pending();
         if !pending && !stop.load(Ordering::Acquire) {
             self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
             ep.wait(MAX_SLEEP_MS);
         }
+        self.wake_state.asleep.store(false, Ordering::Relaxed);
         self.for_each_port(|p| p.disarm_wakeup());
     }
 
     #[cold]
     fn apply(&mut self, cmd: PmdCommand, epoll: &mut Option<Epoll>) {
-        let Some(sw) = &mut self.switch else {
-            tracing::error!("switch command sent to a PMD without the switch");
-            return;
-        };
+        let sw = &mut self.switch;
         match cmd {
             PmdCommand::AddSwitchPort(mut p) => {
                 p.port.set_waker(&self.waker);
@@ -301,13 +355,18 @@ impl Worker {
                 sw.add_port(p);
             }
             PmdCommand::RemoveSwitchPort(id, reply) => {
-                let p = sw.remove_port(id);
+                let p = sw.remove_port(id, &mut self.pool);
                 if let (Some(ep), Some(p)) = (epoll.as_ref(), &p) {
                     for fd in p.wakeup_fds() {
                         ep.del(fd);
                     }
                 }
                 let _ = reply.send(p);
+            }
+            PmdCommand::AddRemote(link, vlan) => sw.add_remote(link, vlan),
+            PmdCommand::RemoveRemote(id, ack) => {
+                sw.remove_remote(id);
+                let _ = ack.send(());
             }
             PmdCommand::SetVlan(id, v) => sw.set_vlan(id, v),
         }
@@ -319,9 +378,7 @@ impl Worker {
             f(&mut *xc.a);
             f(&mut *xc.b);
         }
-        if let Some(sw) = &mut self.switch {
-            sw.ports_mut().for_each(|p| f(&mut **p));
-        }
+        self.switch.ports_mut().for_each(|p| f(&mut **p));
     }
 }
 

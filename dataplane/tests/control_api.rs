@@ -268,9 +268,11 @@ fn sixty_four_ports_come_and_go_under_traffic() {
     prereq::require_hugepages(512).or_fail("prerequisite");
     let dir = proc_util::unique_tmp_dir("torii-churn").or_fail("tmp dir");
     let tp_sock = dir.join("tp.sock");
+    // Two PMDs: the new ports are spread over both, so every add and remove also goes through
+    // the PMD that does not poll the port.
     let dp = Daemon::start(
         dir.path(),
-        "",
+        "pmd_cpus = [0, 1]",
         &format!(
             "[[port]]\nname = \"tp\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n\
              [[port]]\nname = \"drain\"\ntype = \"sink\"\n\
@@ -309,6 +311,13 @@ fn sixty_four_ports_come_and_go_under_traffic() {
     }
     assert!(socks.iter().all(|s| s.exists()), "every new port listens");
     assert_eq!(names(&dp).len(), 66);
+    let pmds: Value = serde_json::from_str(&dp.ctl_ok(&["--json", "pmds"])).or_fail("JSON");
+    let polled = |k: usize| pmds[k]["ports"].as_array().map_or(0, |a| a.len());
+    assert_eq!(polled(0) + polled(1), 66, "{pmds}");
+    assert!(
+        polled(1) >= 32,
+        "new ports go to the less loaded PMD: {pmds}"
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let mid = sent(&dp);
     assert!(

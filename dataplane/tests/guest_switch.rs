@@ -55,13 +55,30 @@ vlan = 200
 
 #[test]
 fn guests_on_vlans_ping_and_stay_isolated() {
+    let _lock = torii_perf::heavy_test_lock();
+    vlans_ping_and_stay_isolated("", &[]);
+}
+
+/// The same with two PMDs: guest A's port and the tap on PMD 0, guest B's on PMD 1, so every
+/// packet between them crosses PMDs through the destination port's inbox (and wakes a PMD
+/// that sleeps: adaptive mode).
+#[test]
+fn guests_on_two_pmds_reach_each_other() {
+    let _lock = torii_perf::heavy_test_lock();
+    vlans_ping_and_stay_isolated(
+        "pmd_cpus = [0, 1]",
+        &[("vm-a", 0), ("vm-b", 1), ("v200", 0)],
+    );
+}
+
+fn vlans_ping_and_stay_isolated(dataplane: &str, placement: &[(&str, u64)]) {
     prereq::require_root().or_fail("prerequisite");
     prereq::require_qemu().or_fail("prerequisite");
     prereq::guest_image().or_fail("prerequisite");
     let dir = proc_util::unique_tmp_dir("torii-switch").or_fail("tmp dir");
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
     let tap = common::ifname("v2");
-    let dp = Daemon::start(dir.path(), "", &config(&sa, &sb, &tap));
+    let dp = Daemon::start(dir.path(), dataplane, &config(&sa, &sb, &tap));
 
     let ns = Netns::new("v200");
     ns.adopt(&tap, &format!("{TAP_IP}/24"));
@@ -143,4 +160,11 @@ fn guests_on_vlans_ping_and_stay_isolated() {
     assert!(r["switch"]["mac_entries"].as_u64().unwrap_or(0) >= 4, "{r}");
     assert!(r["switch"]["learned"].as_u64().unwrap_or(0) >= 4, "{r}");
     assert!(port("vm-b")["tx_packets"].as_u64().unwrap_or(0) > 0, "{r}");
+    for (name, pmd) in placement {
+        let on = r["pmds"][*pmd as usize]["ports"].clone();
+        assert!(
+            on.as_array().is_some_and(|a| a.iter().any(|p| p == name)),
+            "{name} should be polled by PMD {pmd}: {r}"
+        );
+    }
 }

@@ -854,6 +854,58 @@ pub fn git_info(dir: &Path) -> (Option<String>, Option<bool>) {
     (commit, dirty)
 }
 
+/// The workspace this crate was built in (or the current directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    match manifest.parent() {
+        Some(p) if p.join("Cargo.toml").exists() => p.to_path_buf(),
+        _ => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+    }
+}
+
+/// The release `torii-dataplane` next to the workspace or this binary.
+pub fn find_dataplane(root: &Path) -> anyhow::Result<PathBuf> {
+    let mut candidates = vec![root.join("target/release/torii-dataplane")];
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        candidates.push(dir.join("torii-dataplane"));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        candidates.push(cwd.join("target/release/torii-dataplane"));
+    }
+    candidates
+        .iter()
+        .find(|p| crate::prereq::find_binary(&p.display().to_string()).is_some())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "torii-dataplane not found (looked at {}); build it with: \
+                 cargo build --release -p torii-dataplane (perf/run-bench does), \
+                 or pass --dataplane PATH",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+/// Writes `value`, with paths inside the workspace `root` made relative to it: results are
+/// committed, and where a checkout lives says nothing about the measurement.
+pub fn write_json(path: &Path, root: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(value)?.replace(&format!("{}/", root.display()), "");
+    std::fs::write(&tmp, text + "\n").with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -967,56 +1019,4 @@ mod tests {
         assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_utc(1_764_302_461), "2025-11-28T04:01:01Z");
     }
-}
-
-/// The workspace this crate was built in (or the current directory).
-pub fn workspace_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    match manifest.parent() {
-        Some(p) if p.join("Cargo.toml").exists() => p.to_path_buf(),
-        _ => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
-    }
-}
-
-/// The release `torii-dataplane` next to the workspace or this binary.
-pub fn find_dataplane(root: &Path) -> anyhow::Result<PathBuf> {
-    let mut candidates = vec![root.join("target/release/torii-dataplane")];
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        candidates.push(dir.join("torii-dataplane"));
-    }
-    if let Ok(cwd) = std::env::current_dir() {
-        candidates.push(cwd.join("target/release/torii-dataplane"));
-    }
-    candidates
-        .iter()
-        .find(|p| crate::prereq::find_binary(&p.display().to_string()).is_some())
-        .cloned()
-        .with_context(|| {
-            format!(
-                "torii-dataplane not found (looked at {}); build it with: \
-                 cargo build --release -p torii-dataplane (perf/run-bench does), \
-                 or pass --dataplane PATH",
-                candidates
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
-}
-
-/// Writes `value`, with paths inside the workspace `root` made relative to it: results are
-/// committed, and where a checkout lives says nothing about the measurement.
-pub fn write_json(path: &Path, root: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_string_pretty(value)?.replace(&format!("{}/", root.display()), "");
-    std::fs::write(&tmp, text + "\n").with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
 }

@@ -13,11 +13,12 @@ pub mod vlan;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crossbeam_queue::ArrayQueue;
 use serde::Serialize;
 use torii_vhost_user_net::BufPool;
 
 use crate::packet::{Packet, PacketPool};
-use crate::pmd::{transmit, Batches};
+use crate::pmd::{transmit, Batches, PmdWake};
 use crate::port::{Offloads, Port, PortStats, BURST};
 use mactable::{Learned, MacTable, PortId};
 use vlan::{Egress, VlanMode};
@@ -72,11 +73,49 @@ impl SwitchShared {
     }
 }
 
-/// One switch port as a PMD holds it.
-pub struct SwitchPort {
+/// Packets one PMD may queue for a port another PMD polls.
+pub const INBOX: usize = 1024;
+
+/// A switch port as every PMD knows it, whichever polls it.
+pub struct PortLink {
     pub id: PortId,
+    pub stats: Arc<PortStats>,
+    /// Packets for the port from PMDs that do not poll it (lock-free, many producers); the
+    /// PMD that does sends them with its own.
+    pub inbox: ArrayQueue<Packet>,
+    /// The PMD that polls it, to wake after queueing.
+    pub owner: Arc<PmdWake>,
+}
+
+impl PortLink {
+    pub fn new(id: PortId, stats: Arc<PortStats>, owner: Arc<PmdWake>) -> Arc<Self> {
+        Arc::new(PortLink {
+            id,
+            stats,
+            inbox: ArrayQueue::new(INBOX),
+            owner,
+        })
+    }
+}
+
+/// A switch port on the PMD that polls it.
+pub struct SwitchPort {
+    pub link: Arc<PortLink>,
     pub port: Box<dyn Port>,
     pub vlan: VlanMode,
+}
+
+/// Where a PMD sends packets for a port.
+enum To {
+    /// This PMD polls it: index in `Switch::ports`.
+    Local(usize),
+    /// Another PMD does: through its inbox.
+    Remote(Arc<PortLink>),
+}
+
+struct Target {
+    vlan: VlanMode,
+    to: To,
 }
 
 /// Per-burst state: counts not yet added to the shared counters, and the last source learned
@@ -93,66 +132,140 @@ struct Pending {
     dst: Option<(u16, [u8; 6], Dest)>,
 }
 
-/// The switch's data path on one PMD.
+/// The switch's data path on one PMD: the ports it polls, and every switch port it may send
+/// to. Every PMD runs one; they share the MAC table.
 pub struct Switch {
     shared: Arc<SwitchShared>,
+    /// The ports this PMD polls.
     ports: Vec<SwitchPort>,
-    /// Port id → index in `ports`.
-    index: Vec<Option<u16>>,
-    /// Output batch per port (same index as `ports`), and the ports that have one pending.
+    /// Port id → where its packets go, for every switch port.
+    targets: Vec<Option<Target>>,
+    /// The ids in `targets`, for flooding.
+    members: Vec<PortId>,
+    /// Output batch per polled port (same index as `ports`), and the ports that have one
+    /// pending.
     out: Vec<Vec<Packet>>,
     dirty: Vec<usize>,
+    /// Remote ports queued to in this burst: their PMDs are poked once it is done.
+    poke: Vec<PortId>,
 }
 
 /// The switch's decision for one frame.
 #[derive(Clone, Copy)]
 enum Dest {
     Drop,
-    One(usize),
+    One(PortId),
     Flood,
 }
 
 impl Switch {
-    pub fn new(shared: Arc<SwitchShared>, ports: Vec<SwitchPort>) -> Self {
-        let mut index = vec![None; mactable::MAX_PORTS];
-        for (i, p) in ports.iter().enumerate() {
-            index[p.id as usize] = Some(i as u16);
-        }
-        Switch {
+    /// A switch polling `ports` and sending to `remote` ports through their inboxes.
+    pub fn new(
+        shared: Arc<SwitchShared>,
+        ports: Vec<SwitchPort>,
+        remote: Vec<(Arc<PortLink>, VlanMode)>,
+    ) -> Self {
+        let mut sw = Switch {
             shared,
-            out: (0..ports.len())
-                .map(|_| Vec::with_capacity(BURST))
-                .collect(),
-            dirty: Vec::with_capacity(2 * ports.len()),
-            ports,
-            index,
+            ports: Vec::new(),
+            targets: (0..mactable::MAX_PORTS).map(|_| None).collect(),
+            members: Vec::new(),
+            out: Vec::new(),
+            dirty: Vec::new(),
+            poke: Vec::new(),
+        };
+        for p in ports {
+            sw.add_port(p);
         }
+        for (link, vlan) in remote {
+            sw.add_remote(link, vlan);
+        }
+        sw
     }
 
-    /// Adds a port (its id must be unused).
+    fn set_target(&mut self, id: PortId, t: Option<Target>) {
+        let Some(slot) = self.targets.get_mut(id as usize) else {
+            return;
+        };
+        match (slot.is_some(), t.is_some()) {
+            (false, true) => self.members.push(id),
+            (true, false) => self.members.retain(|&m| m != id),
+            _ => {}
+        }
+        *slot = t;
+    }
+
+    /// Starts polling a port (its id must be unused or remote).
     pub fn add_port(&mut self, p: SwitchPort) {
-        self.index[p.id as usize] = Some(self.ports.len() as u16);
+        let (id, vlan) = (p.link.id, p.vlan.clone());
+        let i = self.ports.len();
         self.ports.push(p);
         self.out.push(Vec::with_capacity(BURST));
         self.dirty.reserve(2 * self.ports.len());
+        self.set_target(
+            id,
+            Some(Target {
+                vlan,
+                to: To::Local(i),
+            }),
+        );
     }
 
-    /// Removes port `id` and returns it. Between rounds no packet is pending for it.
-    pub fn remove_port(&mut self, id: PortId) -> Option<Box<dyn Port>> {
-        let i = self.index.get_mut(id as usize)?.take()? as usize;
+    /// Learns of a port another PMD polls.
+    pub fn add_remote(&mut self, link: Arc<PortLink>, vlan: VlanMode) {
+        let id = link.id;
+        self.poke.reserve(self.members.len() + 1);
+        self.set_target(
+            id,
+            Some(Target {
+                vlan,
+                to: To::Remote(link),
+            }),
+        );
+    }
+
+    /// Forgets a port another PMD polls (after which nothing more is queued for it here).
+    pub fn remove_remote(&mut self, id: PortId) {
+        if let Some(Some(Target {
+            to: To::Remote(_), ..
+        })) = self.targets.get(id as usize)
+        {
+            self.set_target(id, None);
+        }
+    }
+
+    /// Stops polling port `id` and returns it, with what other PMDs had queued for it freed
+    /// to `pool`. Between rounds no packet of this PMD is pending for it.
+    pub fn remove_port(&mut self, id: PortId, pool: &mut PacketPool) -> Option<Box<dyn Port>> {
+        let Some(Some(Target {
+            to: To::Local(i), ..
+        })) = self.targets.get(id as usize)
+        else {
+            return None;
+        };
+        let i = *i;
+        self.set_target(id, None);
         let p = self.ports.swap_remove(i);
         let out = self.out.swap_remove(i);
         debug_assert!(out.is_empty());
         if let Some(moved) = self.ports.get(i) {
-            self.index[moved.id as usize] = Some(i as u16);
+            if let Some(Some(t)) = self.targets.get_mut(moved.link.id as usize) {
+                t.to = To::Local(i);
+            }
+        }
+        while let Some(pkt) = p.link.inbox.pop() {
+            pool.free(pkt);
         }
         Some(p.port)
     }
 
     /// Changes the VLAN membership of port `id`.
     pub fn set_vlan(&mut self, id: PortId, vlan: VlanMode) {
-        if let Some(Some(i)) = self.index.get(id as usize) {
-            self.ports[*i as usize].vlan = vlan;
+        if let Some(Some(t)) = self.targets.get_mut(id as usize) {
+            if let To::Local(i) = t.to {
+                self.ports[i].vlan = vlan.clone();
+            }
+            t.vlan = vlan;
         }
     }
 
@@ -182,6 +295,19 @@ impl Switch {
         }
         let now = self.shared.clock.load(Ordering::Relaxed);
         let mut total = 0;
+        // What other PMDs queued for our ports, a burst per port and round.
+        for p in &mut self.ports {
+            while b.rx.len() < BURST {
+                match p.link.inbox.pop() {
+                    Some(pkt) => b.rx.push(pkt),
+                    None => break,
+                }
+            }
+            if !b.rx.is_empty() {
+                total += b.rx.len();
+                transmit(&mut *p.port, 0, &mut b.rx, pool, &mut b.fx);
+            }
+        }
         for i in 0..self.ports.len() {
             for q in 0..self.ports[i].port.num_queues() {
                 self.ports[i].port.rx_burst(q, pool, &mut b.rx, BURST);
@@ -247,9 +373,10 @@ impl Switch {
             pool.free(p);
             return;
         };
+        let src_id = src.link.id;
         if src_mac[0] & 1 == 0 && pending.src != Some((vlan, src_mac)) {
             pending.src = Some((vlan, src_mac));
-            match self.shared.table.learn(vlan, &src_mac, src.id, now) {
+            match self.shared.table.learn(vlan, &src_mac, src_id, now) {
                 Learned::Known => {}
                 Learned::New => pending.learned += 1,
                 Learned::Moved => pending.moved += 1,
@@ -270,13 +397,11 @@ impl Switch {
         } else {
             let d = match self.shared.table.lookup(vlan, &dst_mac) {
                 None => Dest::Flood,
-                Some(id) => match self.index.get(id as usize).copied().flatten() {
-                    // Learned on the port it came from: the frame is already on that segment.
-                    Some(i) if i as usize == from => Dest::Drop,
-                    Some(i) => Dest::One(i as usize),
-                    // Learned on a port that has gone: as unknown.
-                    None => Dest::Flood,
-                },
+                // Learned on the port it came from: the frame is already on that segment.
+                Some(id) if id == src_id => Dest::Drop,
+                Some(id) if matches!(self.targets.get(id as usize), Some(Some(_))) => Dest::One(id),
+                // Learned on a port that has gone: as unknown.
+                Some(_) => Dest::Flood,
             };
             pending.dst = Some((vlan, dst_mac, d));
             d
@@ -286,7 +411,7 @@ impl Switch {
             Dest::One(to) => self.output(to, q, p, vlan, tci, pool, b),
             Dest::Flood => {
                 pending.flooded += 1;
-                self.flood(from, q, p, vlan, tci, pool, b)
+                self.flood(src_id, q, p, vlan, tci, pool, b)
             }
         }
     }
@@ -295,7 +420,7 @@ impl Switch {
     #[allow(clippy::too_many_arguments)]
     fn flood(
         &mut self,
-        from: usize,
+        from: PortId,
         q: u16,
         p: Packet,
         vlan: u16,
@@ -304,14 +429,23 @@ impl Switch {
         b: &mut Batches,
     ) {
         let mut last = None;
-        for to in 0..self.ports.len() {
-            if to == from || self.ports[to].vlan.egress(vlan).is_none() {
+        for k in 0..self.members.len() {
+            let to = self.members[k];
+            let member = matches!(
+                self.targets.get(to as usize),
+                Some(Some(t)) if t.vlan.egress(vlan).is_some()
+            );
+            if to == from || !member {
                 continue;
             }
             if let Some(prev) = last.replace(to) {
                 match p.duplicate(pool) {
                     Some(c) => self.output(prev, q, c, vlan, tci, pool, b),
-                    None => PortStats::add(&self.ports[prev].port.stats().tx_dropped_no_room, 1),
+                    None => {
+                        if let Some(st) = self.stats_of(prev) {
+                            PortStats::add(&st.tx_dropped_no_room, 1);
+                        }
+                    }
                 }
             }
         }
@@ -321,13 +455,25 @@ impl Switch {
         }
     }
 
+    fn stats_of(&self, id: PortId) -> Option<&Arc<PortStats>> {
+        match self.targets.get(id as usize)? {
+            Some(Target {
+                to: To::Local(i), ..
+            }) => Some(self.ports[*i].port.stats()),
+            Some(Target {
+                to: To::Remote(l), ..
+            }) => Some(&l.stats),
+            None => None,
+        }
+    }
+
     /// Queues `p` (of `vlan`, received with outer tag `tci`) for port `to`, tagged as that
     /// port wants it.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     fn output(
         &mut self,
-        to: usize,
+        to: PortId,
         q: u16,
         mut p: Packet,
         vlan: u16,
@@ -335,7 +481,11 @@ impl Switch {
         pool: &mut PacketPool,
         b: &mut Batches,
     ) {
-        let ok = match (self.ports[to].vlan.egress(vlan), tci) {
+        let Some(Some(t)) = self.targets.get(to as usize) else {
+            pool.free(p);
+            return;
+        };
+        let ok = match (t.vlan.egress(vlan), tci) {
             (None, _) => false,
             (Some(Egress::Untagged), None) => true,
             (Some(Egress::Untagged), Some(_)) => p.pop_vlan(),
@@ -347,24 +497,57 @@ impl Switch {
             }
         };
         if !ok {
-            PortStats::add(&self.ports[to].port.stats().tx_dropped_offload, 1);
+            if let Some(st) = self.stats_of(to) {
+                PortStats::add(&st.tx_dropped_offload, 1);
+            }
             pool.free(p);
             return;
         }
-        let out = &mut self.out[to];
+        let i = match &t.to {
+            To::Local(i) => *i,
+            To::Remote(link) => {
+                match link.inbox.push(p) {
+                    Ok(()) => {
+                        if !self.poke.contains(&to) {
+                            self.poke.push(to);
+                        }
+                    }
+                    Err(p) => {
+                        // Its PMD is behind: drop here rather than wait.
+                        PortStats::add(&link.stats.tx_dropped_no_room, 1);
+                        pool.free(p);
+                    }
+                }
+                return;
+            }
+        };
+        let out = &mut self.out[i];
         if out.is_empty() {
-            self.dirty.push(to);
+            self.dirty.push(i);
         }
         out.push(p);
         if out.len() == BURST {
-            let port = &mut self.ports[to].port;
+            let port = &mut self.ports[i].port;
             let dq = port.num_queues().max(1);
             transmit(&mut **port, q % dq, out, pool, &mut b.fx);
         }
     }
 
-    /// Sends every pending output batch.
+    /// Whether another PMD queued packets for one of ours.
+    pub fn inbox_pending(&self) -> bool {
+        self.ports.iter().any(|p| !p.link.inbox.is_empty())
+    }
+
+    /// Sends every pending output batch, and wakes the PMDs of remote ports queued to.
     fn flush(&mut self, q: u16, pool: &mut PacketPool, b: &mut Batches) {
+        for id in self.poke.drain(..) {
+            if let Some(Some(Target {
+                to: To::Remote(l), ..
+            })) = self.targets.get(id as usize)
+            {
+                l.owner.poke();
+            }
+        }
         for to in self.dirty.drain(..) {
             let out = &mut self.out[to];
             if out.is_empty() {
@@ -461,18 +644,10 @@ mod tests {
             let ports = modes
                 .into_iter()
                 .enumerate()
-                .map(|(i, vlan)| SwitchPort {
-                    id: i as PortId + 10,
-                    port: Box::new(MemPort {
-                        name: format!("p{i}"),
-                        wire: wires[i].clone(),
-                        stats: Arc::new(PortStats::with_queues(1)),
-                    }),
-                    vlan,
-                })
+                .map(|(i, vlan)| mem_port(i as PortId + 10, &wires[i], vlan))
                 .collect();
             Rig {
-                sw: Switch::new(shared.clone(), ports),
+                sw: Switch::new(shared.clone(), ports, Vec::new()),
                 wires,
                 pool: PacketPool::new(256),
                 b: Batches::new(),
@@ -494,6 +669,72 @@ mod tests {
         fn stats(&self, i: usize) -> crate::port::PortStatsSnapshot {
             self.sw.ports[i].port.stats().snapshot()
         }
+    }
+
+    fn mem_port(id: PortId, wire: &Wire, vlan: VlanMode) -> SwitchPort {
+        let stats = Arc::new(PortStats::with_queues(1));
+        SwitchPort {
+            link: PortLink::new(id, stats.clone(), PmdWake::new().unwrap().0),
+            port: Box::new(MemPort {
+                name: format!("p{id}"),
+                wire: wire.clone(),
+                stats,
+            }),
+            vlan,
+        }
+    }
+
+    #[test]
+    fn ports_on_two_pmds_reach_each_other_through_inboxes() {
+        let shared = Arc::new(SwitchShared::new(64));
+        let wires: Vec<Wire> = (0..3).map(|_| Wire::default()).collect();
+        let ports: Vec<SwitchPort> = (0..3)
+            .map(|i| mem_port(i as PortId, &wires[i], access(0)))
+            .collect();
+        let links: Vec<_> = ports.iter().map(|p| p.link.clone()).collect();
+        let mut it = ports.into_iter();
+        let (p0, p1, p2) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+        // PMD A polls ports 0 and 1, PMD B port 2; one packet pool shared by both.
+        let mut a = Switch::new(
+            shared.clone(),
+            vec![p0, p1],
+            vec![(links[2].clone(), access(0))],
+        );
+        let mut b = Switch::new(
+            shared.clone(),
+            vec![p2],
+            vec![(links[0].clone(), access(0)), (links[1].clone(), access(0))],
+        );
+        let pool = crate::packet::SharedPool::new(256);
+        pool.populate(256);
+        let (mut pa, mut pb) = (
+            PacketPool::attach(pool.clone()),
+            PacketPool::attach(pool.clone()),
+        );
+        let (mut ba, mut bb) = (Batches::new(), Batches::new());
+        let sent = |w: &Wire| std::mem::take(&mut *w.tx.lock().unwrap());
+        // A broadcast on port 0 (PMD A): port 1 directly, port 2 once B has polled.
+        wires[0].rx.lock().unwrap().push_back(frame(0xff, 1, None));
+        a.poll(&mut pa, &mut ba);
+        assert_eq!(sent(&wires[1]).len(), 1);
+        assert!(sent(&wires[2]).is_empty());
+        assert_eq!(links[2].inbox.len(), 1);
+        b.poll(&mut pb, &mut bb);
+        assert_eq!(sent(&wires[2]), vec![frame(0xff, 1, None)]);
+        // The reply from port 2 (PMD B) is a learned unicast to port 0, on PMD A.
+        wires[2].rx.lock().unwrap().push_back(frame(1, 3, None));
+        b.poll(&mut pb, &mut bb);
+        a.poll(&mut pa, &mut ba);
+        assert_eq!(sent(&wires[0]), vec![frame(1, 3, None)]);
+        assert!(sent(&wires[1]).is_empty(), "unicast, not flooded");
+        // Port 2 leaves: B hands it back with nothing queued; A stops sending to it.
+        a.remove_remote(2);
+        wires[0].rx.lock().unwrap().push_back(frame(0xff, 1, None));
+        a.poll(&mut pa, &mut ba);
+        assert!(links[2].inbox.is_empty());
+        assert!(b.remove_port(2, &mut pb).is_some());
+        drop((a, b, pa, pb));
+        assert_eq!(PacketPool::attach(pool).available(), 256, "no packet lost");
     }
 
     fn access(vlan: u16) -> VlanMode {

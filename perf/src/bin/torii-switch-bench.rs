@@ -49,7 +49,9 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     anyhow::ensure!(cli.warmup < cli.secs, "--warmup must be below --secs");
     anyhow::ensure!(
-        cli.ports.iter().all(|&n| (2..=512).contains(&n) && n % 2 == 0),
+        cli.ports
+            .iter()
+            .all(|&n| (2..=512).contains(&n) && n % 2 == 0),
         "--ports: each count must be even and within 2..=512"
     );
     anyhow::ensure!(
