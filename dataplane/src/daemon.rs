@@ -27,21 +27,54 @@ struct PortInfo {
     device: Option<VhostUserNetDevice>,
     /// On the switch (not in a cross-connect).
     switched: bool,
-    /// Index in `Dataplane::pmds` of the PMD that polls it (`usize::MAX` until placed).
-    pmd: usize,
+    /// Which PMDs (index in `Dataplane::pmds`) poll which of its queues; the part with
+    /// queue 0 first. Empty until placed.
+    parts: Vec<(usize, Vec<u16>)>,
     /// Switch ports: how the PMDs reach it.
     link: Option<Arc<PortLink>>,
 }
 
-/// The PMD (of `n`) polling the fewest queues of `ports`.
-fn least_loaded(ports: &[PortInfo], n: usize) -> usize {
+/// Spreads the `nq` queues of a port over `n` PMDs, each to the one polling the fewest queues
+/// of `ports` so far (or all to `pin`): the part with queue 0 first.
+fn place(ports: &[PortInfo], n: usize, nq: u16, pin: Option<usize>) -> Vec<(usize, Vec<u16>)> {
     let mut load = vec![0usize; n.max(1)];
     for p in ports {
-        if let Some(l) = load.get_mut(p.pmd) {
-            *l += p.stats.rxq_packets.len().max(1);
+        for (k, qs) in &p.parts {
+            if let Some(l) = load.get_mut(*k) {
+                *l += qs.len();
+            }
         }
     }
-    (0..load.len()).min_by_key(|&k| load[k]).unwrap_or(0)
+    let mut groups: Vec<Vec<u16>> = vec![Vec::new(); load.len()];
+    for q in 0..nq.max(1) {
+        let k = pin.unwrap_or_else(|| (0..load.len()).min_by_key(|&k| load[k]).unwrap_or(0));
+        load[k] += 1;
+        groups[k].push(q);
+    }
+    let mut parts: Vec<(usize, Vec<u16>)> = groups
+        .into_iter()
+        .enumerate()
+        .filter(|(_, g)| !g.is_empty())
+        .collect();
+    parts.sort_by_key(|(_, g)| g[0]);
+    parts
+}
+
+/// Splits `port` as `parts` says (whole if one part, or if it cannot be split: then all its
+/// queues go to the first part's PMD). Returns (PMD, port part) pairs.
+fn split_port(
+    mut port: Box<dyn Port>,
+    parts: &mut Vec<(usize, Vec<u16>)>,
+) -> Vec<(usize, Box<dyn Port>)> {
+    if parts.len() > 1 {
+        let groups: Vec<Vec<u16>> = parts.iter().map(|(_, g)| g.clone()).collect();
+        if let Some(split) = port.split(&groups) {
+            return parts.iter().map(|(k, _)| *k).zip(split).collect();
+        }
+        let k = parts[0].0;
+        *parts = vec![(k, (0..port.num_queues()).collect())];
+    }
+    vec![(parts[0].0, port)]
 }
 
 /// A running data plane.
@@ -239,7 +272,7 @@ impl Dataplane {
                 stats: port.stats().clone(),
                 device,
                 switched: false,
-                pmd: usize::MAX,
+                parts: Vec::new(),
                 link: None,
             });
             made.push(Some(port));
@@ -258,8 +291,10 @@ impl Dataplane {
             let (ia, ib) = (index(&x.ports[0]), index(&x.ports[1]));
             let a = made[ia].take().expect("validated: used once");
             let b = made[ib].take().expect("validated: used once");
-            infos[ia].pmd = k;
-            infos[ib].pmd = k;
+            for i in [ia, ib] {
+                let nq = infos[i].stats.rxq_packets.len().max(1) as u16;
+                infos[i].parts = vec![(k, (0..nq).collect())];
+            }
             per_pmd[k].push(XConnect { a, b });
         }
         // Every port outside a cross-connect is on the switch, its id its place in the config,
@@ -275,31 +310,32 @@ impl Dataplane {
             let Some(port) = made[i].take() else {
                 continue;
             };
-            let k = infos[i]
-                .cfg
-                .switch
-                .pmd
-                .unwrap_or_else(|| least_loaded(&infos, npmd));
+            let nq = port.num_queues();
+            let mut parts = place(&infos, npmd, nq, infos[i].cfg.switch.pmd);
+            let split = split_port(port, &mut parts);
             let info = &mut infos[i];
             switch
                 .table
                 .set_port_limit(info.id, info.cfg.switch.mac_limit);
-            let link = PortLink::new(info.id, info.stats.clone(), wakes[k].0.clone());
+            let link = PortLink::new(info.id, info.stats.clone(), wakes[parts[0].0].0.clone());
             info.switched = true;
-            info.pmd = k;
+            info.parts = parts;
             info.link = Some(link.clone());
-            locals[k].push(SwitchPort {
-                link,
-                port,
-                vlan: info.cfg.switch.vlan_mode(),
-            });
+            for (n, (k, port)) in split.into_iter().enumerate() {
+                locals[k].push(SwitchPort {
+                    link: link.clone(),
+                    port,
+                    vlan: info.cfg.switch.vlan_mode(),
+                    drains_inbox: n == 0,
+                });
+            }
         }
         let shared_pool = SharedPool::new(cfg.dataplane.pool_size * npmd);
         let mut pmds = Vec::new();
         for (k, ((xcs, local), wake)) in per_pmd.into_iter().zip(locals).zip(wakes).enumerate() {
             let remote = infos
                 .iter()
-                .filter(|i| i.switched && i.pmd != k)
+                .filter(|i| i.switched && i.parts.iter().all(|(j, _)| *j != k))
                 .filter_map(|i| Some((i.link.clone()?, i.cfg.switch.vlan_mode())))
                 .collect();
             let sw = Switch::new(switch.clone(), local, remote);
@@ -324,15 +360,15 @@ impl Dataplane {
         })
     }
 
-    /// Sends `cmd(k)` to every PMD but `except`, each answering on the channel it is given;
-    /// waits for all answers.
+    /// Sends `cmd(k)` to every PMD not in `except`, each answering on the channel it is
+    /// given; waits for all answers.
     fn to_other_pmds(
         &self,
-        except: usize,
+        except: &[usize],
         cmd: impl Fn(mpsc::SyncSender<()>) -> PmdCommand,
     ) -> Result<(), ControlError> {
         for (k, p) in self.pmds.iter().enumerate() {
-            if k == except {
+            if except.contains(&k) {
                 continue;
             }
             let (tx, rx) = mpsc::sync_channel(1);
@@ -370,33 +406,47 @@ impl Dataplane {
         let (port, device) = make_port(&p).map_err(|e| ControlError::Failed(format!("{e:#}")))?;
         self.switch.table.flush_port(id);
         self.switch.table.set_port_limit(id, p.switch.mac_limit);
-        let k = p
-            .switch
-            .pmd
-            .unwrap_or_else(|| least_loaded(&self.ports, self.pmds.len()));
-        let link = PortLink::new(id, port.stats().clone(), self.pmds[k].wake());
+        let mut parts = place(
+            &self.ports,
+            self.pmds.len(),
+            port.num_queues(),
+            p.switch.pmd,
+        );
+        let stats = port.stats().clone();
+        let kind = port.kind();
+        let split = split_port(port, &mut parts);
+        let owners: Vec<usize> = parts.iter().map(|(k, _)| *k).collect();
+        let link = PortLink::new(id, stats.clone(), self.pmds[owners[0]].wake());
         let vlan = p.switch.vlan_mode();
         let info = PortInfo {
             id,
             cfg: p.clone(),
-            kind: port.kind(),
-            stats: port.stats().clone(),
+            kind,
+            stats,
             device,
             switched: true,
-            pmd: k,
+            parts,
             link: Some(link.clone()),
         };
         // The other PMDs first: what they queue before the owner polls the port waits in its
         // inbox.
         for (j, pmd) in self.pmds.iter().enumerate() {
-            if j != k {
+            if !owners.contains(&j) {
                 pmd.command(PmdCommand::AddRemote(link.clone(), vlan.clone()));
             }
         }
-        if !self.pmds[k].command(PmdCommand::AddSwitchPort(SwitchPort { link, port, vlan })) {
-            return Err(ControlError::Failed(format!("PMD {k} has stopped")));
+        for (n, (k, port)) in split.into_iter().enumerate() {
+            let part = SwitchPort {
+                link: link.clone(),
+                port,
+                vlan: vlan.clone(),
+                drains_inbox: n == 0,
+            };
+            if !self.pmds[k].command(PmdCommand::AddSwitchPort(part)) {
+                return Err(ControlError::Failed(format!("PMD {k} has stopped")));
+            }
         }
-        tracing::info!(port = %p.name, id, pmd = k, "port added");
+        tracing::info!(port = %p.name, id, pmds = ?owners, "port added");
         self.ports.push(info);
         self.cfg.ports.push(p);
         Ok(())
@@ -412,16 +462,20 @@ impl Dataplane {
                 "port {name:?} is cross-connected; only switch ports can be removed at runtime"
             )));
         }
-        let (id, k) = (self.ports[i].id, self.ports[i].pmd);
-        self.to_other_pmds(k, |ack| PmdCommand::RemoveRemote(id, ack))?;
-        let (tx, rx) = mpsc::sync_channel(1);
-        if !self.pmds[k].command(PmdCommand::RemoveSwitchPort(id, tx)) {
-            return Err(ControlError::Failed(format!("PMD {k} has stopped")));
+        let id = self.ports[i].id;
+        let owners: Vec<usize> = self.ports[i].parts.iter().map(|(k, _)| *k).collect();
+        self.to_other_pmds(&owners, |ack| PmdCommand::RemoveRemote(id, ack))?;
+        // The part that drains the inbox (queue 0's) last.
+        for &k in owners.iter().rev() {
+            let (tx, rx) = mpsc::sync_channel(1);
+            if !self.pmds[k].command(PmdCommand::RemoveSwitchPort(id, tx)) {
+                return Err(ControlError::Failed(format!("PMD {k} has stopped")));
+            }
+            let part = rx
+                .recv_timeout(Duration::from_secs(5))
+                .map_err(|_| ControlError::Failed(format!("PMD {k} did not answer")))?;
+            drop(part);
         }
-        let port = rx
-            .recv_timeout(Duration::from_secs(5))
-            .map_err(|_| ControlError::Failed(format!("PMD {k} did not answer")))?;
-        drop(port);
         let mut info = self.ports.remove(i);
         self.cfg.ports.retain(|p| p.name != name);
         if let Some(d) = &mut info.device {
@@ -448,7 +502,10 @@ impl Dataplane {
         }
         s.validate()
             .map_err(|e| ControlError::BadRequest(format!("port {name:?}: {e}")))?;
-        if s.pmd.is_some_and(|n| n != self.ports[i].pmd) {
+        // `pmd` may only restate where the whole port already is.
+        if s.pmd
+            .is_some_and(|n| self.ports[i].parts.iter().any(|(k, _)| *k != n))
+        {
             return Err(ControlError::BadRequest(format!(
                 "port {name:?}: moving a port to another PMD is not supported; remove and add it"
             )));
@@ -543,8 +600,21 @@ impl Dataplane {
                     s.ports = self
                         .ports
                         .iter()
-                        .filter(|i| i.pmd == k)
-                        .map(|i| i.cfg.name.clone())
+                        .flat_map(|i| {
+                            let whole = i.parts.len() == 1;
+                            i.parts
+                                .iter()
+                                .filter(move |(j, _)| *j == k)
+                                .map(move |(_, qs)| {
+                                    if whole {
+                                        i.cfg.name.clone()
+                                    } else {
+                                        let qs: Vec<String> =
+                                            qs.iter().map(u16::to_string).collect();
+                                        format!("{}[{}]", i.cfg.name, qs.join(","))
+                                    }
+                                })
+                        })
                         .collect();
                     s
                 })
@@ -622,5 +692,46 @@ impl Report {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(parts: Vec<(usize, Vec<u16>)>) -> PortInfo {
+        PortInfo {
+            id: 0,
+            cfg: PortConfig {
+                name: "p".into(),
+                kind: PortKind::Sink,
+                switch: SwitchPortConfig::default(),
+            },
+            kind: "sink",
+            stats: Arc::new(PortStats::with_queues(1)),
+            device: None,
+            switched: true,
+            parts,
+            link: None,
+        }
+    }
+
+    #[test]
+    fn queues_go_to_the_least_loaded_pmds() {
+        // Nothing placed yet: four queues over two PMDs alternate, queue 0's part first.
+        assert_eq!(
+            place(&[], 2, 4, None),
+            vec![(0, vec![0, 2]), (1, vec![1, 3])]
+        );
+        // PMD 0 already polls three queues: the next three all go to PMD 1.
+        let busy = [info(vec![(0, vec![0, 1, 2])])];
+        assert_eq!(place(&busy, 2, 3, None), vec![(1, vec![0, 1, 2])]);
+        // PMD 0 polls one: PMD 1 catches up, then they alternate.
+        let one = [info(vec![(0, vec![0])])];
+        assert_eq!(place(&one, 2, 3, None), vec![(1, vec![0, 2]), (0, vec![1])]);
+        // Pinned: all on that PMD.
+        assert_eq!(place(&busy, 2, 2, Some(0)), vec![(0, vec![0, 1])]);
+        // One PMD.
+        assert_eq!(place(&busy, 1, 2, None), vec![(0, vec![0, 1])]);
     }
 }

@@ -24,7 +24,7 @@ const TAP_IP: &str = "10.253.0.3";
 const TAP_NET200_IP: &str = "10.254.0.3";
 const B200_IP: &str = "10.254.0.2";
 
-fn config(a: &std::path::Path, b: &std::path::Path, tap: &str) -> String {
+fn config(a: &std::path::Path, b: &std::path::Path, tap: &str, a_queues: u16) -> String {
     format!(
         r#"
 [switch]
@@ -34,6 +34,7 @@ name = "vm-a"
 type = "vhost-user"
 socket = "{}"
 mac = "52:54:00:53:00:01"
+queues = {a_queues}
 vlan = 100
 mac_limit = 4
 [[port]]
@@ -59,32 +60,42 @@ fn guests_on_vlans_ping_and_stay_isolated() {
     vlans_ping_and_stay_isolated("", &[]);
 }
 
-/// The same with two PMDs: guest A's port and the tap on PMD 0, guest B's on PMD 1, so every
-/// packet between them crosses PMDs through the destination port's inbox (and wakes a PMD
-/// that sleeps: adaptive mode).
+/// The same with two PMDs. Guest A has two queue pairs (and two vCPUs, so that its driver
+/// enables both): its queues are spread over both PMDs; guest B's port goes to PMD 0 and the
+/// tap to PMD 1, the least loaded at the time. Packets between ports on different PMDs go
+/// through the destination's inbox (and wake a PMD that sleeps: adaptive mode).
 #[test]
 fn guests_on_two_pmds_reach_each_other() {
     let _lock = torii_perf::heavy_test_lock();
     vlans_ping_and_stay_isolated(
         "pmd_cpus = [0, 1]",
-        &[("vm-a", 0), ("vm-b", 1), ("v200", 0)],
+        &[("vm-a[0]", 0), ("vm-a[1]", 1), ("vm-b", 0), ("v200", 1)],
     );
 }
 
 fn vlans_ping_and_stay_isolated(dataplane: &str, placement: &[(&str, u64)]) {
+    // With two PMDs, guest A has two queue pairs.
+    let a_queues: u16 = if placement.is_empty() { 1 } else { 2 };
     prereq::require_root().or_fail("prerequisite");
     prereq::require_qemu().or_fail("prerequisite");
     prereq::guest_image().or_fail("prerequisite");
     let dir = proc_util::unique_tmp_dir("torii-switch").or_fail("tmp dir");
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
     let tap = common::ifname("v2");
-    let dp = Daemon::start(dir.path(), dataplane, &config(&sa, &sb, &tap));
+    let dp = Daemon::start(dir.path(), dataplane, &config(&sa, &sb, &tap, a_queues));
 
     let ns = Netns::new("v200");
     ns.adopt(&tap, &format!("{TAP_IP}/24"));
     ns.exec(&format!("ip addr add {TAP_NET200_IP}/24 dev {tap}"));
 
-    let mut a = common::boot_guest(&sa, "52:54:00:53:00:01", &format!("{A_IP}/24"), 1, 1, &[]);
+    let mut a = common::boot_guest(
+        &sa,
+        "52:54:00:53:00:01",
+        &format!("{A_IP}/24"),
+        a_queues,
+        u32::from(a_queues),
+        &[],
+    );
     let mut b = common::boot_guest(&sb, "52:54:00:53:00:02", "10.255.0.2/24", 1, 1, &[]);
     b.run_ok(
         &format!(

@@ -89,10 +89,12 @@ pub struct DeviceShared {
     /// Bumped on every connect and disconnect; the PMD compares it once per burst.
     pub(crate) generation: AtomicU64,
     pub(crate) conn: Mutex<Option<Arc<Connection>>>,
-    /// The generation the PMD has switched to (it no longer touches older connections).
-    pub(crate) pmd_generation: AtomicU64,
-    pub(crate) pmd_attached: AtomicBool,
-    pub(crate) waker: Mutex<Option<EventNotifier>>,
+    /// Per data-path handle (at most one per queue pair, see [`NetQueues`]): whether a PMD
+    /// polls it and the generation it has switched to (it no longer touches older
+    /// connections).
+    pub(crate) handles: Vec<HandleSlot>,
+    /// Per handle: the eventfd its PMD sleeps on.
+    pub(crate) wakers: Mutex<Vec<Option<EventNotifier>>>,
     stop: AtomicBool,
     pub(crate) broken: Mutex<Vec<BrokenQueue>>,
     connections: AtomicU64,
@@ -126,9 +128,10 @@ impl DeviceShared {
             link_up: AtomicBool::new(true),
             generation: AtomicU64::new(0),
             conn: Mutex::new(None),
-            pmd_generation: AtomicU64::new(0),
-            pmd_attached: AtomicBool::new(false),
-            waker: Mutex::new(None),
+            handles: (0..queue_pairs.max(1))
+                .map(|_| HandleSlot::default())
+                .collect(),
+            wakers: Mutex::new((0..queue_pairs.max(1)).map(|_| None).collect()),
             stop: AtomicBool::new(false),
             broken: Mutex::new(Vec::new()),
             connections: AtomicU64::new(0),
@@ -136,9 +139,9 @@ impl DeviceShared {
         }
     }
 
-    /// Wakes the PMD that polls this device, if it sleeps (adaptive mode).
+    /// Wakes the PMDs that poll this device, if they sleep (adaptive mode).
     pub(crate) fn wake(&self) {
-        if let Some(w) = self.waker.lock().unwrap().as_ref() {
+        for w in self.wakers.lock().unwrap().iter().flatten() {
             let _ = w.notify();
         }
     }
@@ -282,11 +285,6 @@ impl VhostUserNetDevice {
         }
     }
 
-    /// Registers the eventfd the PMD sleeps on; the kick thread writes it.
-    pub fn set_waker(&self, waker: Option<EventNotifier>) {
-        *self.shared.waker.lock().unwrap() = waker;
-    }
-
     /// Stops the control thread and drops the connection.
     pub fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
@@ -392,14 +390,21 @@ fn serve_one(
     result
 }
 
-/// Unpublishes the connection and waits (bounded) until the PMD has let go of its vrings.
+/// One data-path handle's progress, for [`retire`].
+#[derive(Default)]
+pub(crate) struct HandleSlot {
+    pub(crate) attached: AtomicBool,
+    pub(crate) generation: AtomicU64,
+}
+
+/// Unpublishes the connection and waits (bounded) until every PMD has let go of its vrings.
 fn retire(shared: &DeviceShared) {
     let gen = shared.publish(None);
     let deadline = Instant::now() + Duration::from_secs(2);
-    while shared.pmd_attached.load(Ordering::Acquire)
-        && shared.pmd_generation.load(Ordering::Acquire) < gen
-        && Instant::now() < deadline
-    {
+    let behind = |h: &HandleSlot| {
+        h.attached.load(Ordering::Acquire) && h.generation.load(Ordering::Acquire) < gen
+    };
+    while shared.handles.iter().any(behind) && Instant::now() < deadline {
         shared.wake();
         std::thread::sleep(Duration::from_millis(1));
     }

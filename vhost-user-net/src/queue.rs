@@ -91,6 +91,8 @@ pub const MAX_FRAME: usize = 65535 + 18;
 /// The PMD's handle on one device's virtqueues. Owned by exactly one thread.
 pub struct NetQueues {
     shared: Arc<DeviceShared>,
+    /// This handle's entry in `DeviceShared::handles` and `wakers`.
+    slot: usize,
     seen_generation: u64,
     conn: Option<Arc<Connection>>,
     broken: Vec<bool>,
@@ -113,9 +115,14 @@ pub struct NetQueues {
 
 impl NetQueues {
     pub(crate) fn new(shared: Arc<DeviceShared>) -> Self {
+        Self::with_slot(shared, 0)
+    }
+
+    pub(crate) fn with_slot(shared: Arc<DeviceShared>, slot: usize) -> Self {
         let n = 2 * shared.queue_pairs as usize;
         NetQueues {
             shared,
+            slot,
             seen_generation: 0,
             conn: None,
             broken: vec![false; n],
@@ -129,6 +136,17 @@ impl NetQueues {
             maps: RingMaps::new(n),
             copies: Vec::with_capacity(64),
         }
+    }
+
+    /// Another data-path handle on the same device, for the queue pairs `pairs` (the first
+    /// names its slot): the pairs of one device can so be polled by different PMDs, each pair
+    /// through exactly one handle. None if `pairs` is empty or out of range.
+    pub fn handle_for(&self, pairs: &[u16]) -> Option<NetQueues> {
+        let first = *pairs.first()?;
+        if pairs.iter().any(|&p| p >= self.shared.queue_pairs) {
+            return None;
+        }
+        Some(NetQueues::with_slot(self.shared.clone(), first as usize))
     }
 
     /// Number of queue pairs the device was configured with.
@@ -152,13 +170,17 @@ impl NetQueues {
 
     #[cold]
     fn switch(&mut self, g: u64) {
-        self.shared.pmd_attached.store(true, Ordering::Release);
+        if let Some(h) = self.shared.handles.get(self.slot) {
+            h.attached.store(true, Ordering::Release);
+        }
         self.conn = self.shared.conn.lock().unwrap().clone();
         self.broken.iter_mut().for_each(|b| *b = false);
         self.rx_room.iter_mut().for_each(|r| *r = 0);
         self.maps.clear();
         self.seen_generation = g;
-        self.shared.pmd_generation.store(g, Ordering::Release);
+        if let Some(h) = self.shared.handles.get(self.slot) {
+            h.generation.store(g, Ordering::Release);
+        }
     }
 
     /// The operator set the link down ([`crate::VhostUserNetDevice::set_link`]): nothing is
@@ -183,14 +205,19 @@ impl NetQueues {
 
     /// Registers the eventfd the owning PMD sleeps on; kicks from the guest write it.
     pub fn set_waker(&self, waker: Option<vmm_sys_util::event::EventNotifier>) {
-        *self.shared.waker.lock().unwrap() = waker;
+        if let Some(w) = self.shared.wakers.lock().unwrap().get_mut(self.slot) {
+            *w = waker;
+        }
     }
 
     /// Detaches from the PMD (the port moves or goes away).
     pub fn detach(&mut self) {
         self.conn = None;
         self.maps.clear();
-        self.shared.pmd_attached.store(false, Ordering::Release);
+        if let Some(h) = self.shared.handles.get(self.slot) {
+            h.attached.store(false, Ordering::Release);
+        }
+        self.set_waker(None);
     }
 
     fn hdr_len(features: u64) -> usize {

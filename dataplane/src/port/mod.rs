@@ -64,6 +64,14 @@ pub trait Port: Send {
 
     /// For ports woken by another thread (vhost-user kicks): the PMD's eventfd.
     fn set_waker(&mut self, _waker: &torii_vhost_user_net::EventNotifier) {}
+
+    /// Splits a multiqueue port into one port per group of its queues (every queue in exactly
+    /// one group), so that different PMDs can poll them; each part's queue `i` is queue
+    /// `group[i]` of the whole, and all parts share the counters. On success `self` is left
+    /// empty, to be dropped. None (nothing changed) for ports that cannot be split.
+    fn split(&mut self, _groups: &[Vec<u16>]) -> Option<Vec<Box<dyn Port>>> {
+        None
+    }
 }
 
 /// Port counters. Written by the owning PMD only (relaxed, once per burst), read by anyone.

@@ -74,6 +74,8 @@ pub struct TapPort {
     name: String,
     ifname: String,
     queues: Vec<TapQueue>,
+    /// The device's queue number of each of `queues` (for the per-queue counters).
+    qids: Vec<u16>,
     stats: Arc<PortStats>,
     rx_offloads: Offloads,
 }
@@ -112,6 +114,7 @@ impl TapPort {
             name: name.to_string(),
             ifname: ifname.to_string(),
             queues: qs,
+            qids: (0..queues).collect(),
             stats: Arc::new(PortStats::with_queues(queues)),
             rx_offloads: Offloads::empty(),
         })
@@ -287,7 +290,7 @@ impl Port for TapPort {
         let _ = tx_done;
         tq.post_reads(pool);
         tq.submit();
-        self.stats.rx(q, n, bytes);
+        self.stats.rx(self.qids[q as usize], n, bytes);
         PortStats::add(&self.stats.rx_dropped_invalid, bad);
         PortStats::add(&self.stats.tx_errors, tx_err);
     }
@@ -334,7 +337,7 @@ impl Port for TapPort {
             bytes += len;
         }
         tq.submit();
-        self.stats.tx(q, sent, bytes);
+        self.stats.tx(self.qids[q as usize], sent, bytes);
         PortStats::add(&self.stats.tx_dropped_no_room, no_room);
     }
 
@@ -361,6 +364,32 @@ impl Port for TapPort {
 
     fn wakeup_fds(&self) -> Vec<RawFd> {
         self.queues.iter().map(|q| q.eventfd.as_raw_fd()).collect()
+    }
+
+    fn split(&mut self, groups: &[Vec<u16>]) -> Option<Vec<Box<dyn Port>>> {
+        let mut all: Vec<u16> = groups.iter().flatten().copied().collect();
+        all.sort_unstable();
+        let whole = self.qids.iter().enumerate().all(|(i, &q)| q as usize == i);
+        if !whole || all != self.qids || groups.iter().any(|g| g.is_empty()) {
+            return None;
+        }
+        let mut slots: Vec<Option<TapQueue>> = self.queues.drain(..).map(Some).collect();
+        let parts = groups
+            .iter()
+            .map(|g| {
+                Box::new(TapPort {
+                    name: self.name.clone(),
+                    ifname: self.ifname.clone(),
+                    // Queue q of the device was at index q: `qids` was 0..n.
+                    queues: g.iter().filter_map(|&q| slots[q as usize].take()).collect(),
+                    qids: g.clone(),
+                    stats: self.stats.clone(),
+                    rx_offloads: self.rx_offloads,
+                }) as Box<dyn Port>
+            })
+            .collect();
+        self.qids.clear();
+        Some(parts)
     }
 }
 

@@ -13,6 +13,8 @@ use crate::packet::{Packet, PacketPool};
 pub struct VhostUserPort {
     name: String,
     queues: NetQueues,
+    /// The device's queue pairs this port serves: its queue `i` is pair `pairs[i]`.
+    pairs: Vec<u16>,
     stats: Arc<PortStats>,
 }
 
@@ -29,6 +31,7 @@ impl VhostUserPort {
             VhostUserPort {
                 name,
                 queues,
+                pairs: (0..nq).collect(),
                 stats: Arc::new(PortStats::with_queues(nq)),
             },
         ))
@@ -45,7 +48,7 @@ impl Port for VhostUserPort {
     }
 
     fn num_queues(&self) -> u16 {
-        self.queues.queue_pairs()
+        self.pairs.len() as u16
     }
 
     #[inline]
@@ -54,6 +57,9 @@ impl Port for VhostUserPort {
     }
 
     fn rx_burst(&mut self, q: u16, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
+        let Some(&q) = self.pairs.get(q as usize) else {
+            return;
+        };
         let r = self.queues.from_guest(q, max, pool, out);
         self.stats.rx(q, r.packets, r.bytes);
         PortStats::add(&self.stats.rx_dropped_invalid, r.dropped_invalid);
@@ -61,6 +67,7 @@ impl Port for VhostUserPort {
     }
 
     fn tx_burst(&mut self, q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
+        let q = self.pairs.get(q as usize).copied().unwrap_or(0);
         let r = self.queues.to_guest(q, pkts, pool);
         self.stats.tx(q, r.packets, r.bytes);
         PortStats::add(&self.stats.tx_dropped_no_room, r.dropped_no_buffer);
@@ -69,6 +76,7 @@ impl Port for VhostUserPort {
     }
 
     fn tx_room(&mut self, q: u16, want: usize) -> usize {
+        let q = self.pairs.get(q as usize).copied().unwrap_or(0);
         self.queues.to_guest_room(q, want)
     }
 
@@ -90,6 +98,26 @@ impl Port for VhostUserPort {
 
     fn set_waker(&mut self, waker: &EventNotifier) {
         self.queues.set_waker(waker.try_clone().ok());
+    }
+
+    fn split(&mut self, groups: &[Vec<u16>]) -> Option<Vec<Box<dyn Port>>> {
+        let mut all: Vec<u16> = groups.iter().flatten().copied().collect();
+        all.sort_unstable();
+        if all != self.pairs || groups.iter().any(|g| g.is_empty()) {
+            return None;
+        }
+        let mut parts: Vec<Box<dyn Port>> = Vec::with_capacity(groups.len());
+        for g in groups {
+            parts.push(Box::new(VhostUserPort {
+                name: self.name.clone(),
+                queues: self.queues.handle_for(g)?,
+                pairs: g.clone(),
+                stats: self.stats.clone(),
+            }));
+        }
+        // The caller drops `self` (the handle on every pair) before any part is polled.
+        self.pairs.clear();
+        Some(parts)
     }
 }
 

@@ -98,11 +98,14 @@ impl PortLink {
     }
 }
 
-/// A switch port on the PMD that polls it.
+/// A switch port, or the part of it (some of its queues) a PMD polls.
 pub struct SwitchPort {
     pub link: Arc<PortLink>,
     pub port: Box<dyn Port>,
     pub vlan: VlanMode,
+    /// This PMD sends what other PMDs queue for the port (the part with queue 0; the port's
+    /// `link.owner`).
+    pub drains_inbox: bool,
 }
 
 /// Where a PMD sends packets for a port.
@@ -296,7 +299,7 @@ impl Switch {
         let now = self.shared.clock.load(Ordering::Relaxed);
         let mut total = 0;
         // What other PMDs queued for our ports, a burst per port and round.
-        for p in &mut self.ports {
+        for p in self.ports.iter_mut().filter(|p| p.drains_inbox) {
             while b.rx.len() < BURST {
                 match p.link.inbox.pop() {
                     Some(pkt) => b.rx.push(pkt),
@@ -535,7 +538,9 @@ impl Switch {
 
     /// Whether another PMD queued packets for one of ours.
     pub fn inbox_pending(&self) -> bool {
-        self.ports.iter().any(|p| !p.link.inbox.is_empty())
+        self.ports
+            .iter()
+            .any(|p| p.drains_inbox && !p.link.inbox.is_empty())
     }
 
     /// Sends every pending output batch, and wakes the PMDs of remote ports queued to.
@@ -675,6 +680,7 @@ mod tests {
         let stats = Arc::new(PortStats::with_queues(1));
         SwitchPort {
             link: PortLink::new(id, stats.clone(), PmdWake::new().unwrap().0),
+            drains_inbox: true,
             port: Box::new(MemPort {
                 name: format!("p{id}"),
                 wire: wire.clone(),
