@@ -11,6 +11,7 @@
 //! | DELETE | /v1/ports/{name} | | remove a switch port |
 //! | PUT | /v1/ports/{name}/switch | `vlan` / `trunk` + `native_vlan`, `mac_limit` | replace its switch settings |
 //! | PUT | /v1/ports/{name}/link | `{"up": bool}` | vhost-user link status |
+//! | POST | /v1/rebalance | | move switch port queues between PMDs to even their load |
 //! | GET | /v1/mac-table | | learned MACs |
 //! | GET | /v1/pmds | | PMD counters |
 //! | GET | /v1/stats | | all of it (the stats file's content) |
@@ -70,6 +71,7 @@ pub fn router(dp: Shared) -> Router {
         )
         .route("/v1/ports/{name}/switch", put(set_switch))
         .route("/v1/ports/{name}/link", put(set_link))
+        .route("/v1/rebalance", axum::routing::post(rebalance))
         .route("/v1/mac-table", get(mac_table))
         .route("/v1/pmds", get(pmds))
         .route("/v1/stats", get(stats))
@@ -158,6 +160,15 @@ async fn set_link(State(dp): State<Shared>, Path(name): Path<String>, body: Byte
     let l: Link = parse(&body)?;
     lock(&dp).set_link(&name, l.up)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn rebalance(State(dp): State<Shared>) -> ApiResult {
+    tokio::task::spawn_blocking(move || {
+        let moves = lock(&dp).rebalance()?;
+        Ok(Json(json!({ "moved": moves })).into_response())
+    })
+    .await
+    .map_err(|e| ControlError::Failed(e.to_string()))?
 }
 
 async fn mac_table(State(dp): State<Shared>) -> Json<Value> {

@@ -39,6 +39,8 @@ pub enum CtlCmd {
         #[arg(value_parser = ["up", "down"])]
         state: String,
     },
+    /// Move switch port queues between PMDs so that their measured load is even.
+    Rebalance,
     /// The switch's MAC table.
     Macs,
     /// PMD threads: busy/idle cycles, cycles per packet.
@@ -148,6 +150,7 @@ pub fn run(socket: &Path, json_out: bool, cmd: CtlCmd) -> anyhow::Result<()> {
             format!("/v1/ports/{name}/link"),
             Some(json!({ "up": state == "up" })),
         ),
+        CtlCmd::Rebalance => ("POST", "/v1/rebalance".into(), None),
         CtlCmd::Macs => ("GET", "/v1/mac-table".into(), None),
         CtlCmd::Pmds => ("GET", "/v1/pmds".into(), None),
         CtlCmd::Stats => ("GET", "/v1/stats".into(), None),
@@ -187,6 +190,15 @@ pub fn run(socket: &Path, json_out: bool, cmd: CtlCmd) -> anyhow::Result<()> {
             v["api"]
         ),
         CtlCmd::Del { name } => println!("port {name} removed"),
+        CtlCmd::Rebalance => {
+            let moved = v["moved"].as_array().map_or(&[][..], |a| a);
+            if moved.is_empty() {
+                println!("balanced: nothing moved");
+            }
+            for m in moved {
+                println!("moved {}", n(m));
+            }
+        }
         CtlCmd::Link { name, state } => println!("port {name}: link {state}"),
         CtlCmd::Stats | CtlCmd::Metrics => println!("{}", serde_json::to_string_pretty(&v)?),
     }

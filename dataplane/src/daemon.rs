@@ -80,6 +80,10 @@ fn split_port(
 /// A running data plane.
 pub struct Dataplane {
     cfg: Config,
+    /// Every PMD's wake handle (same order as `pmds`).
+    wakes: Arc<[Arc<PmdWake>]>,
+    /// Each port's `rxq_cycles` at the last rebalance (by port id), to weigh recent load.
+    rebalanced_at: Vec<(PortId, Vec<u64>)>,
     pmds: Vec<PmdHandle>,
     ports: Vec<PortInfo>,
     switch: Arc<SwitchShared>,
@@ -301,10 +305,14 @@ impl Dataplane {
         // polled by the PMD it names or the one with the fewest queues so far; every other PMD
         // reaches it through its inbox.
         let switch = Arc::new(SwitchShared::new(cfg.switch.mac_table_size));
-        let mut wakes = Vec::new();
+        let mut consumers = Vec::new();
+        let mut wake_list = Vec::new();
         for _ in 0..npmd {
-            wakes.push(PmdWake::new()?);
+            let (w, c) = PmdWake::new()?;
+            wake_list.push(w);
+            consumers.push(c);
         }
+        let wakes: Arc<[Arc<PmdWake>]> = wake_list.into();
         let mut locals: Vec<Vec<SwitchPort>> = (0..npmd).map(|_| Vec::new()).collect();
         for i in 0..infos.len() {
             let Some(port) = made[i].take() else {
@@ -317,7 +325,7 @@ impl Dataplane {
             switch
                 .table
                 .set_port_limit(info.id, info.cfg.switch.mac_limit);
-            let link = PortLink::new(info.id, info.stats.clone(), wakes[parts[0].0].0.clone());
+            let link = PortLink::new(info.id, info.stats.clone(), wakes.clone(), parts[0].0);
             info.switched = true;
             info.parts = parts;
             info.link = Some(link.clone());
@@ -332,7 +340,9 @@ impl Dataplane {
         }
         let shared_pool = SharedPool::new(cfg.dataplane.pool_size * npmd);
         let mut pmds = Vec::new();
-        for (k, ((xcs, local), wake)) in per_pmd.into_iter().zip(locals).zip(wakes).enumerate() {
+        for (k, ((xcs, local), consumer)) in
+            per_pmd.into_iter().zip(locals).zip(consumers).enumerate()
+        {
             let remote = infos
                 .iter()
                 .filter(|i| i.switched && i.parts.iter().all(|(j, _)| *j != k))
@@ -345,7 +355,7 @@ impl Dataplane {
                 cpu,
                 cfg.dataplane.pmd_mode,
                 (shared_pool.clone(), cfg.dataplane.pool_size),
-                wake,
+                (wakes[k].clone(), consumer),
                 xcs,
                 sw,
             )?);
@@ -353,6 +363,8 @@ impl Dataplane {
         let ager = Some(Ager::start(switch.clone(), cfg.switch.mac_ageing_secs)?);
         Ok(Dataplane {
             cfg: cfg.clone(),
+            wakes,
+            rebalanced_at: Vec::new(),
             pmds,
             ports: infos,
             switch,
@@ -416,7 +428,7 @@ impl Dataplane {
         let kind = port.kind();
         let split = split_port(port, &mut parts);
         let owners: Vec<usize> = parts.iter().map(|(k, _)| *k).collect();
-        let link = PortLink::new(id, stats.clone(), self.pmds[owners[0]].wake());
+        let link = PortLink::new(id, stats.clone(), self.wakes.clone(), owners[0]);
         let vlan = p.switch.vlan_mode();
         let info = PortInfo {
             id,
@@ -526,6 +538,136 @@ impl Dataplane {
             c.switch = s;
         }
         Ok(())
+    }
+
+    /// Moves switch port parts between PMDs so that their load is even, as OVS's
+    /// `pmd-rxq-assign=cycles`: parts sorted by the PMD cycles their queues took since the
+    /// last rebalance (by queue count when nothing moved), each given to the PMD with the least
+    /// load so far that polls no other part of the same port. Ports pinned with `pmd` stay and
+    /// count as load of their PMD. Nothing moves unless the busiest PMD's load drops by at
+    /// least a tenth (moving costs a short pause of the port). Returns the moves made.
+    pub fn rebalance(&mut self) -> Result<Vec<String>, ControlError> {
+        let n = self.pmds.len();
+        // (port index, part index, load)
+        let mut load = vec![0u64; n];
+        let mut movable = Vec::new();
+        let recent = |info: &PortInfo, qs: &[u16], before: &[(PortId, Vec<u64>)]| -> u64 {
+            let old = before.iter().find(|(id, _)| *id == info.id).map(|(_, v)| v);
+            qs.iter()
+                .map(|&q| {
+                    let now = info
+                        .stats
+                        .rxq_cycles
+                        .get(q as usize)
+                        .map_or(0, |c| c.load(Ordering::Relaxed));
+                    now.saturating_sub(old.and_then(|v| v.get(q as usize)).copied().unwrap_or(0))
+                })
+                .sum()
+        };
+        let by_cycles = self.ports.iter().any(|i| {
+            i.switched
+                && i.parts
+                    .iter()
+                    .any(|(_, qs)| recent(i, qs, &self.rebalanced_at) > 0)
+        });
+        for (pi, info) in self.ports.iter().enumerate() {
+            for (j, (k, qs)) in info.parts.iter().enumerate() {
+                let l = if by_cycles {
+                    recent(info, qs, &self.rebalanced_at)
+                } else {
+                    qs.len() as u64
+                };
+                if info.switched && info.cfg.switch.pmd.is_none() {
+                    movable.push((pi, j, l));
+                } else if let Some(x) = load.get_mut(*k) {
+                    *x += l;
+                }
+            }
+        }
+        movable.sort_by(|a, b| b.2.cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
+        // The load as placed now, to judge the plan by.
+        let mut before = load.clone();
+        for &(pi, j, l) in &movable {
+            before[self.ports[pi].parts[j].0] += l;
+        }
+        let mut target: Vec<(usize, usize, usize)> = Vec::new(); // (port, part, pmd)
+        for &(pi, j, l) in &movable {
+            let taken: Vec<usize> = target
+                .iter()
+                .filter(|(p, _, _)| *p == pi)
+                .map(|(_, _, k)| *k)
+                .collect();
+            let k = (0..n)
+                .filter(|k| !taken.contains(k))
+                .min_by_key(|&k| load[k])
+                .unwrap_or(self.ports[pi].parts[j].0);
+            load[k] += l;
+            target.push((pi, j, k));
+        }
+        // Worth it?
+        let max = |v: &[u64]| v.iter().copied().max().unwrap_or(0);
+        let mut moves = Vec::new();
+        if max(&load) * 10 >= max(&before) * 9 {
+            self.snapshot_load();
+            return Ok(moves);
+        }
+        // Parts leave their PMDs first, then arrive: two parts of one port may swap PMDs.
+        let mut moving = Vec::new();
+        for &(pi, j, k) in &target {
+            let from = self.ports[pi].parts[j].0;
+            if from == k {
+                continue;
+            }
+            let id = self.ports[pi].id;
+            let (tx, rx) = mpsc::sync_channel(1);
+            if !self.pmds[from].command(PmdCommand::RemoveSwitchPort(id, tx)) {
+                return Err(ControlError::Failed(format!("PMD {from} has stopped")));
+            }
+            let part = rx
+                .recv_timeout(Duration::from_secs(5))
+                .map_err(|_| ControlError::Failed(format!("PMD {from} did not answer")))?
+                .ok_or_else(|| ControlError::Failed(format!("PMD {from} did not poll it")))?;
+            moving.push((pi, j, from, k, part));
+        }
+        for (pi, j, from, k, part) in moving {
+            let info = &mut self.ports[pi];
+            let link = info.link.clone().ok_or_else(|| {
+                ControlError::Failed(format!("port {:?} has no link", info.cfg.name))
+            })?;
+            let vlan = info.cfg.switch.vlan_mode();
+            let primary = j == 0;
+            info.parts[j].0 = k;
+            if !info.parts.iter().any(|(m, _)| *m == from) {
+                self.pmds[from].command(PmdCommand::AddRemote(link.clone(), vlan.clone()));
+            }
+            if primary {
+                link.set_owner(k);
+            }
+            self.pmds[k].command(PmdCommand::AddSwitchPort(SwitchPort {
+                link,
+                port: part,
+                vlan,
+                drains_inbox: primary,
+            }));
+            let qs: Vec<String> = info.parts[j].1.iter().map(u16::to_string).collect();
+            let m = format!("{}[{}]: pmd {from} -> {k}", info.cfg.name, qs.join(","));
+            tracing::info!("rebalance: {m}");
+            moves.push(m);
+        }
+        self.snapshot_load();
+        Ok(moves)
+    }
+
+    /// Remembers every port's cycle counters: the next rebalance weighs what came after.
+    fn snapshot_load(&mut self) {
+        self.rebalanced_at = self
+            .ports
+            .iter()
+            .map(|i| {
+                let v = i.stats.rxq_cycles.iter().map(|c| c.load(Ordering::Relaxed));
+                (i.id, v.collect())
+            })
+            .collect();
     }
 
     /// Sets the link status a vhost-user port's driver sees.

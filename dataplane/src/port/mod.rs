@@ -65,6 +65,11 @@ pub trait Port: Send {
     /// For ports woken by another thread (vhost-user kicks): the PMD's eventfd.
     fn set_waker(&mut self, _waker: &torii_vhost_user_net::EventNotifier) {}
 
+    /// The device's number of this port's queue `q` (a split part's queues are a subset).
+    fn queue_id(&self, q: u16) -> u16 {
+        q
+    }
+
     /// Splits a multiqueue port into one port per group of its queues (every queue in exactly
     /// one group), so that different PMDs can poll them; each part's queue `i` is queue
     /// `group[i]` of the whole, and all parts share the counters. On success `self` is left
@@ -102,6 +107,9 @@ pub struct PortStats {
     pub tx_gso_packets: AtomicU64,
     /// Packets received per queue.
     pub rxq_packets: Vec<AtomicU64>,
+    /// Switch ports: PMD cycles spent on each queue's packets (receive, switching, sending),
+    /// the load `rebalance` spreads.
+    pub rxq_cycles: Vec<AtomicU64>,
     /// Packets transmitted per queue.
     pub txq_packets: Vec<AtomicU64>,
 }
@@ -124,6 +132,7 @@ pub struct PortStatsSnapshot {
     pub rx_gso_packets: u64,
     pub tx_gso_packets: u64,
     pub rxq_packets: Vec<u64>,
+    pub rxq_cycles: Vec<u64>,
     pub txq_packets: Vec<u64>,
 }
 
@@ -132,6 +141,7 @@ impl PortStats {
     pub fn with_queues(queues: u16) -> Self {
         PortStats {
             rxq_packets: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            rxq_cycles: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             txq_packets: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             ..Default::default()
         }
@@ -186,6 +196,7 @@ impl PortStats {
             rx_gso_packets: l(&self.rx_gso_packets),
             tx_gso_packets: l(&self.tx_gso_packets),
             rxq_packets: self.rxq_packets.iter().map(l).collect(),
+            rxq_cycles: self.rxq_cycles.iter().map(l).collect(),
             txq_packets: self.txq_packets.iter().map(l).collect(),
         }
     }

@@ -366,6 +366,10 @@ impl Port for TapPort {
         self.queues.iter().map(|q| q.eventfd.as_raw_fd()).collect()
     }
 
+    fn queue_id(&self, q: u16) -> u16 {
+        self.qids.get(q as usize).copied().unwrap_or(q)
+    }
+
     fn split(&mut self, groups: &[Vec<u16>]) -> Option<Vec<Box<dyn Port>>> {
         let mut all: Vec<u16> = groups.iter().flatten().copied().collect();
         all.sort_unstable();

@@ -100,6 +100,10 @@ impl Port for VhostUserPort {
         self.queues.set_waker(waker.try_clone().ok());
     }
 
+    fn queue_id(&self, q: u16) -> u16 {
+        self.pairs.get(q as usize).copied().unwrap_or(q)
+    }
+
     fn split(&mut self, groups: &[Vec<u16>]) -> Option<Vec<Box<dyn Port>>> {
         let mut all: Vec<u16> = groups.iter().flatten().copied().collect();
         all.sort_unstable();

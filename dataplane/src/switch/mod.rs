@@ -10,7 +10,7 @@
 pub mod mactable;
 pub mod vlan;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
@@ -83,18 +83,39 @@ pub struct PortLink {
     /// Packets for the port from PMDs that do not poll it (lock-free, many producers); the
     /// PMD that does sends them with its own.
     pub inbox: ArrayQueue<Packet>,
-    /// The PMD that polls it, to wake after queueing.
-    pub owner: Arc<PmdWake>,
+    /// Every PMD's wake handle, and the index of the one that drains the inbox (it changes
+    /// when `rebalance` moves that part).
+    wakes: Arc<[Arc<PmdWake>]>,
+    owner: AtomicUsize,
 }
 
 impl PortLink {
-    pub fn new(id: PortId, stats: Arc<PortStats>, owner: Arc<PmdWake>) -> Arc<Self> {
+    pub fn new(
+        id: PortId,
+        stats: Arc<PortStats>,
+        wakes: Arc<[Arc<PmdWake>]>,
+        owner: usize,
+    ) -> Arc<Self> {
         Arc::new(PortLink {
             id,
             stats,
             inbox: ArrayQueue::new(INBOX),
-            owner,
+            wakes,
+            owner: AtomicUsize::new(owner),
         })
+    }
+
+    /// Wakes the PMD that drains the inbox, if it sleeps.
+    #[inline]
+    pub fn poke(&self) {
+        if let Some(w) = self.wakes.get(self.owner.load(Ordering::Relaxed)) {
+            w.poke();
+        }
+    }
+
+    /// The inbox is drained by PMD `k` from now on.
+    pub fn set_owner(&self, k: usize) {
+        self.owner.store(k, Ordering::Relaxed);
     }
 }
 
@@ -237,8 +258,9 @@ impl Switch {
         }
     }
 
-    /// Stops polling port `id` and returns it, with what other PMDs had queued for it freed
-    /// to `pool`. Between rounds no packet of this PMD is pending for it.
+    /// Stops polling port `id` and returns it; if this PMD drained its inbox, what other PMDs
+    /// had queued for it is freed to `pool`. Between rounds no packet of this PMD is pending
+    /// for it.
     pub fn remove_port(&mut self, id: PortId, pool: &mut PacketPool) -> Option<Box<dyn Port>> {
         let Some(Some(Target {
             to: To::Local(i), ..
@@ -256,8 +278,10 @@ impl Switch {
                 t.to = To::Local(i);
             }
         }
-        while let Some(pkt) = p.link.inbox.pop() {
-            pool.free(pkt);
+        if p.drains_inbox {
+            while let Some(pkt) = p.link.inbox.pop() {
+                pool.free(pkt);
+            }
         }
         Some(p.port)
     }
@@ -311,10 +335,14 @@ impl Switch {
                 transmit(&mut *p.port, 0, &mut b.rx, pool, &mut b.fx);
             }
         }
+        // One cycle-counter read per queue and round: the time from one queue's burst to the
+        // next is that queue's load.
+        let mut t = crate::pmd::cycles();
         for i in 0..self.ports.len() {
             for q in 0..self.ports[i].port.num_queues() {
                 self.ports[i].port.rx_burst(q, pool, &mut b.rx, BURST);
                 if b.rx.is_empty() {
+                    t = crate::pmd::cycles();
                     continue;
                 }
                 total += b.rx.len();
@@ -326,6 +354,12 @@ impl Switch {
                 b.rx = rx;
                 self.flush(q, pool, b);
                 self.publish(&pending);
+                let now_t = crate::pmd::cycles();
+                let port = &self.ports[i].port;
+                if let Some(c) = port.stats().rxq_cycles.get(port.queue_id(q) as usize) {
+                    c.fetch_add(now_t.wrapping_sub(t), Ordering::Relaxed);
+                }
+                t = now_t;
             }
         }
         total
@@ -550,7 +584,7 @@ impl Switch {
                 to: To::Remote(l), ..
             })) = self.targets.get(id as usize)
             {
-                l.owner.poke();
+                l.poke();
             }
         }
         for to in self.dirty.drain(..) {
@@ -679,7 +713,7 @@ mod tests {
     fn mem_port(id: PortId, wire: &Wire, vlan: VlanMode) -> SwitchPort {
         let stats = Arc::new(PortStats::with_queues(1));
         SwitchPort {
-            link: PortLink::new(id, stats.clone(), PmdWake::new().unwrap().0),
+            link: PortLink::new(id, stats.clone(), Arc::new([PmdWake::new().unwrap().0]), 0),
             drains_inbox: true,
             port: Box::new(MemPort {
                 name: format!("p{id}"),
