@@ -466,7 +466,7 @@ impl Dataplane {
 
     /// Removes a switch port at runtime: the other PMDs stop queueing for it, then its PMD
     /// lets go of it between two rounds; its device is stopped (socket removed) and its MACs
-    /// forgotten.
+    /// forgotten. Then the remaining ports are rebalanced.
     pub fn remove_port(&mut self, name: &str) -> Result<(), ControlError> {
         let i = self.find(name)?;
         if !self.ports[i].switched {
@@ -496,6 +496,10 @@ impl Dataplane {
         self.switch.table.flush_port(id);
         self.switch.table.set_port_limit(id, 0);
         tracing::info!(port = %name, id, "port removed");
+        // What it leaves may be uneven: even it out (only if that helps by a tenth).
+        if let Err(e) = self.rebalance() {
+            tracing::warn!("rebalance after removing {name:?}: {e}");
+        }
         Ok(())
     }
 
