@@ -316,10 +316,23 @@ pub fn port_detail(p: &Value) -> String {
     ] {
         s += &format!("  {k:<22} {}\n", n(&p[k]));
     }
-    for (k, label) in [("rxq_packets", "rx"), ("txq_packets", "tx")] {
-        for (q, v) in p[k].as_array().into_iter().flatten().enumerate() {
-            s += &format!("  queue {q} {label}_packets{:<7} {}\n", "", n(v));
-        }
+    let nq = p["rxq_packets"].as_array().map_or(0, |a| a.len());
+    if nq > 0 {
+        s += &format!(
+            "  {:<6} {:>14} {:>16} {:>14} {:>16} {:>14}\n",
+            "queue", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_cycles"
+        );
+    }
+    for q in 0..nq {
+        s += &format!(
+            "  {:<6} {:>14} {:>16} {:>14} {:>16} {:>14}\n",
+            q,
+            n(&p["rxq_packets"][q]),
+            n(&p["rxq_bytes"][q]),
+            n(&p["txq_packets"][q]),
+            n(&p["txq_bytes"][q]),
+            n(&p["rxq_cycles"][q]),
+        );
     }
     for b in p["broken_queues"].as_array().into_iter().flatten() {
         s += &format!("  BROKEN {}\n", n(b));

@@ -89,6 +89,10 @@ ports = ["gen", "drain"]
     assert!(out.contains("trunk 100,300 native 0"), "{out}");
     let v: Value = serde_json::from_str(&dp.ctl_ok(&["--json", "show", "vm3"])).or_fail("JSON");
     assert_eq!(v["vlan"]["allowed"], serde_json::json!([100, 300]));
+    let shown = dp.ctl_ok(&["show", "vm3"]);
+    for want in ["rx_dropped_vlan", "queue", "rx_bytes", "rx_cycles"] {
+        assert!(shown.contains(want), "{want:?} not in\n{shown}");
+    }
     dp.ctl_ok(&["link", "vm3", "down"]);
     let v: Value = serde_json::from_str(&dp.ctl_ok(&["--json", "show", "vm3"])).or_fail("JSON");
     assert_eq!(v["link_up"], false, "{v}");
@@ -102,6 +106,7 @@ ports = ["gen", "drain"]
         "# TYPE torii_port_rx_packets_total counter",
         "torii_port_tx_packets_total{port=\"vm3\",kind=\"vhost-user\"} 0",
         "torii_port_rxq_packets_total{port=\"vm1\",kind=\"vhost-user\",queue=\"0\"}",
+        "torii_port_txq_bytes_total{port=\"vm1\",kind=\"vhost-user\",queue=\"0\"}",
         "torii_switch_mac_capacity 8192",
         "torii_pmd_busy_cycles_total{pmd=\"0\"",
     ] {

@@ -246,12 +246,24 @@ fn guest_and_host_tap_ping_tcp_offloads_and_multiqueue() {
         vm["tx_gso_packets"].as_u64().unwrap() > 0,
         "no TSO to the guest: {vm}"
     );
-    // Both guest TX queues were used.
-    let rxq = vm["rxq_packets"].as_array().unwrap();
-    assert!(
-        rxq.iter().all(|c| c.as_u64().unwrap() > 0),
-        "a queue pair carried nothing: {vm}"
-    );
+    // Both guest TX queues were used, and the per-queue counters add up.
+    for k in ["rxq_packets", "rxq_bytes"] {
+        let per_q = vm[k].as_array().unwrap();
+        assert!(
+            per_q.iter().all(|c| c.as_u64().unwrap() > 0),
+            "a queue pair carried nothing: {vm}"
+        );
+    }
+    let sum = |k: &str| -> u64 {
+        vm[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(sum("rxq_bytes"), vm["rx_bytes"].as_u64().unwrap(), "{vm}");
+    assert_eq!(sum("txq_bytes"), vm["tx_bytes"].as_u64().unwrap(), "{vm}");
     assert_eq!(vm["rx_dropped_invalid"], 0);
     assert_eq!(vm["broken_queues"], serde_json::json!([]));
     g.poweroff(T).or_fail("poweroff");

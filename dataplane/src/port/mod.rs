@@ -112,6 +112,9 @@ pub struct PortStats {
     pub rxq_cycles: Vec<AtomicU64>,
     /// Packets transmitted per queue.
     pub txq_packets: Vec<AtomicU64>,
+    /// Bytes received and transmitted per queue.
+    pub rxq_bytes: Vec<AtomicU64>,
+    pub txq_bytes: Vec<AtomicU64>,
 }
 
 /// A copy of [`PortStats`] for reporting.
@@ -134,6 +137,8 @@ pub struct PortStatsSnapshot {
     pub rxq_packets: Vec<u64>,
     pub rxq_cycles: Vec<u64>,
     pub txq_packets: Vec<u64>,
+    pub rxq_bytes: Vec<u64>,
+    pub txq_bytes: Vec<u64>,
 }
 
 impl PortStats {
@@ -142,6 +147,8 @@ impl PortStats {
         PortStats {
             rxq_packets: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             rxq_cycles: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            rxq_bytes: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            txq_bytes: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             txq_packets: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             ..Default::default()
         }
@@ -156,6 +163,9 @@ impl PortStats {
             if let Some(c) = self.rxq_packets.get(q as usize) {
                 Self::add(c, n);
             }
+            if let Some(c) = self.rxq_bytes.get(q as usize) {
+                Self::add(c, bytes);
+            }
         }
     }
 
@@ -167,6 +177,9 @@ impl PortStats {
             Self::add(&self.tx_bytes, bytes);
             if let Some(c) = self.txq_packets.get(q as usize) {
                 Self::add(c, n);
+            }
+            if let Some(c) = self.txq_bytes.get(q as usize) {
+                Self::add(c, bytes);
             }
         }
     }
@@ -198,6 +211,8 @@ impl PortStats {
             rxq_packets: self.rxq_packets.iter().map(l).collect(),
             rxq_cycles: self.rxq_cycles.iter().map(l).collect(),
             txq_packets: self.txq_packets.iter().map(l).collect(),
+            rxq_bytes: self.rxq_bytes.iter().map(l).collect(),
+            txq_bytes: self.txq_bytes.iter().map(l).collect(),
         }
     }
 }
