@@ -1,0 +1,5 @@
+//! Torii's virtio-blk device over vhost-user (virtio 1.2 §5.2). `request` parses and checks
+//! what a (hostile) driver asks for — header, data length, sector range, discard and
+//! write-zeroes segments — and decides the status, before any I/O is issued.
+
+pub mod request;
