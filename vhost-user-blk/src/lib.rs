@@ -1,5 +1,7 @@
-//! Torii's virtio-blk device over vhost-user (virtio 1.2 §5.2). `request` parses and checks
+//! Torii's virtio-blk device over vhost-user (virtio 1.2 §5.2). `config` is the device model
+//! (features, config space, and the limits derived from them); `request` parses and checks
 //! what a (hostile) driver asks for — header, data length, sector range, discard and
 //! write-zeroes segments — and decides the status, before any I/O is issued.
 
+pub mod config;
 pub mod request;

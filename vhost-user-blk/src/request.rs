@@ -140,7 +140,10 @@ pub fn check(header: &[u8; HEADER_LEN], data_len: u64, limits: &Limits) -> Resul
             }
             // Whole segments only, and not more than offered.
             let count = data_len / SEGMENT_LEN as u64;
-            if !data_len.is_multiple_of(SEGMENT_LEN as u64) || count == 0 || count > u64::from(max_seg) {
+            if !data_len.is_multiple_of(SEGMENT_LEN as u64)
+                || count == 0
+                || count > u64::from(max_seg)
+            {
                 return Err(Status::Unsupp);
             }
             let count = count as u32;
