@@ -1,0 +1,278 @@
+//! Inflight I/O tracking for split virtqueues (vhost-user protocol, "Inflight I/O tracking",
+//! `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`). The backend records in a memory region the
+//! frontend keeps (its fd survives a backend crash) which requests it has taken from the avail
+//! ring and not yet completed; a restarted backend reads the region back and resubmits them in
+//! their original order, so no request acknowledged to the guest is lost and none is left
+//! hanging.
+//!
+//! Layout of one queue's region (little endian, 64-byte aligned per queue):
+//!
+//! ```text
+//! u64 features | u16 version | u16 desc_num | u16 last_batch_head | u16 used_idx
+//! desc_num × { u8 inflight | u8 padding[5] | u16 next | u64 counter }
+//! ```
+//!
+//! The region is a plain byte slice here (an mmap of the frontend's fd in the daemon, a `Vec`
+//! in tests); every index into it is bounds-checked, since a frontend may hand us any fd.
+
+/// Region version this code writes.
+pub const VERSION: u16 = 1;
+const HEADER: usize = 16;
+const DESC: usize = 16;
+/// Each queue's region starts at a multiple of this.
+pub const ALIGN: usize = 64;
+
+/// Bytes of one queue's region for a queue of `queue_size` descriptors.
+pub fn queue_region_size(queue_size: u16) -> usize {
+    (HEADER + DESC * queue_size as usize).div_ceil(ALIGN) * ALIGN
+}
+
+/// Bytes of the whole region for `queues` queues (what GET_INFLIGHT_FD allocates).
+pub fn region_size(queues: u16, queue_size: u16) -> usize {
+    queues as usize * queue_region_size(queue_size)
+}
+
+/// Why a region cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InflightError {
+    /// Shorter than the queue size needs.
+    TooSmall { need: usize, got: usize },
+    /// Written by an incompatible backend, or for another queue size.
+    Mismatch { version: u16, desc_num: u16 },
+}
+
+impl std::fmt::Display for InflightError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InflightError::TooSmall { need, got } => {
+                write!(f, "inflight region of {got} bytes, {need} needed")
+            }
+            InflightError::Mismatch { version, desc_num } => write!(
+                f,
+                "inflight region has version {version} and {desc_num} descriptors"
+            ),
+        }
+    }
+}
+
+/// One queue's inflight region.
+pub struct QueueInflight<'a> {
+    mem: &'a mut [u8],
+    desc_num: u16,
+    /// Submission order of the next request.
+    counter: u64,
+}
+
+impl<'a> QueueInflight<'a> {
+    /// A fresh region (GET_INFLIGHT_FD: the frontend has just allocated it, zeroed): writes
+    /// the header.
+    pub fn init(mem: &'a mut [u8], queue_size: u16) -> Result<Self, InflightError> {
+        let need = queue_region_size(queue_size);
+        if mem.len() < need {
+            return Err(InflightError::TooSmall {
+                need,
+                got: mem.len(),
+            });
+        }
+        mem[..need].fill(0);
+        mem[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        mem[10..12].copy_from_slice(&queue_size.to_le_bytes());
+        Ok(QueueInflight {
+            mem,
+            desc_num: queue_size,
+            counter: 1,
+        })
+    }
+
+    /// A region a previous backend wrote (SET_INFLIGHT_FD after a restart).
+    pub fn open(mem: &'a mut [u8], queue_size: u16) -> Result<Self, InflightError> {
+        let need = queue_region_size(queue_size);
+        if mem.len() < need {
+            return Err(InflightError::TooSmall {
+                need,
+                got: mem.len(),
+            });
+        }
+        let version = u16::from_le_bytes([mem[8], mem[9]]);
+        let desc_num = u16::from_le_bytes([mem[10], mem[11]]);
+        if version != VERSION || desc_num != queue_size {
+            return Err(InflightError::Mismatch { version, desc_num });
+        }
+        let mut q = QueueInflight {
+            mem,
+            desc_num,
+            counter: 0,
+        };
+        q.counter = (0..desc_num).map(|i| q.counter_of(i)).max().unwrap_or(0) + 1;
+        Ok(q)
+    }
+
+    fn desc(&self, i: u16) -> usize {
+        HEADER + DESC * i as usize
+    }
+
+    fn counter_of(&self, i: u16) -> u64 {
+        let d = self.desc(i) + 8;
+        u64::from_le_bytes(self.mem[d..d + 8].try_into().unwrap_or([0; 8]))
+    }
+
+    fn set_inflight(&mut self, i: u16, v: bool) {
+        let d = self.desc(i);
+        self.mem[d] = u8::from(v);
+    }
+
+    pub fn is_inflight(&self, i: u16) -> bool {
+        i < self.desc_num && self.mem[self.desc(i)] == 1
+    }
+
+    fn used_idx(&self) -> u16 {
+        u16::from_le_bytes([self.mem[14], self.mem[15]])
+    }
+
+    /// A request with head descriptor `head` was taken from the avail ring (before any I/O).
+    pub fn start(&mut self, head: u16) {
+        if head >= self.desc_num {
+            return;
+        }
+        let d = self.desc(head);
+        self.mem[d + 8..d + 16].copy_from_slice(&self.counter.to_le_bytes());
+        self.counter += 1;
+        // The counter before the flag: a crash in between leaves the request not in flight.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.set_inflight(head, true);
+    }
+
+    /// Before a batch of completions is published in the used ring: chains `heads` through
+    /// `next` from `last_batch_head`, so that a restart can tell which entries the used ring
+    /// may already show as done.
+    pub fn prepare_batch(&mut self, heads: &[u16]) {
+        let mut last = u16::from_le_bytes([self.mem[12], self.mem[13]]);
+        let n = self.desc_num;
+        for &h in heads.iter().filter(|&&h| h < n) {
+            let d = self.desc(h);
+            self.mem[d + 6..d + 8].copy_from_slice(&last.to_le_bytes());
+            last = h;
+        }
+        self.mem[12..14].copy_from_slice(&last.to_le_bytes());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+    }
+
+    /// After the batch is in the used ring and its index is `used_idx`: the requests are
+    /// done.
+    pub fn finish_batch(&mut self, heads: &[u16], used_idx: u16) {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        let n = self.desc_num;
+        for &h in heads.iter().filter(|&&h| h < n) {
+            self.set_inflight(h, false);
+        }
+        self.mem[14..16].copy_from_slice(&used_idx.to_le_bytes());
+    }
+
+    /// After a restart: repairs the last batch if the crash came between publishing it and
+    /// recording it (`ring_used_idx`, read from the used ring, is ahead of the region's), then
+    /// returns the heads still in flight, oldest first — to be resubmitted.
+    pub fn recover(&mut self, ring_used_idx: u16) -> Vec<u16> {
+        let recorded = self.used_idx();
+        if recorded != ring_used_idx {
+            // The last batch reached the used ring: its entries are done.
+            let batch = ring_used_idx.wrapping_sub(recorded).min(self.desc_num);
+            let mut h = u16::from_le_bytes([self.mem[12], self.mem[13]]);
+            for _ in 0..batch {
+                if h >= self.desc_num {
+                    break;
+                }
+                self.set_inflight(h, false);
+                let d = self.desc(h);
+                h = u16::from_le_bytes([self.mem[d + 6], self.mem[d + 7]]);
+            }
+            self.mem[14..16].copy_from_slice(&ring_used_idx.to_le_bytes());
+        }
+        let mut v: Vec<(u64, u16)> = (0..self.desc_num)
+            .filter(|&i| self.is_inflight(i))
+            .map(|i| (self.counter_of(i), i))
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, i)| i).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_aligned() {
+        assert_eq!(queue_region_size(128), 16 + 16 * 128 + 48);
+        assert_eq!(queue_region_size(128) % ALIGN, 0);
+        assert_eq!(region_size(2, 256), 2 * queue_region_size(256));
+    }
+
+    #[test]
+    fn completed_requests_are_not_resubmitted_unfinished_ones_are_in_order() {
+        let mut mem = vec![0u8; queue_region_size(8)];
+        {
+            let mut q = QueueInflight::init(&mut mem, 8).unwrap();
+            for h in [3, 1, 6, 0] {
+                q.start(h);
+            }
+            q.prepare_batch(&[1]);
+            q.finish_batch(&[1], 1);
+        }
+        // Restart: 3, 6, 0 were still in flight, in that order.
+        let mut q = QueueInflight::open(&mut mem, 8).unwrap();
+        assert_eq!(q.recover(1), vec![3, 6, 0]);
+        // New requests after the restart sort after the old ones.
+        q.start(5);
+        assert_eq!(q.recover(1), vec![3, 6, 0, 5]);
+    }
+
+    #[test]
+    fn a_batch_published_but_not_recorded_counts_as_done() {
+        let mut mem = vec![0u8; queue_region_size(8)];
+        {
+            let mut q = QueueInflight::init(&mut mem, 8).unwrap();
+            for h in [2, 4, 7] {
+                q.start(h);
+            }
+            // Crash after the used ring showed heads 2 and 4 (used idx 2) but before
+            // finish_batch.
+            q.prepare_batch(&[2, 4]);
+        }
+        let mut q = QueueInflight::open(&mut mem, 8).unwrap();
+        assert_eq!(q.recover(2), vec![7]);
+        // And if the crash came before the used ring was written, all three are redone.
+        let mut mem2 = vec![0u8; queue_region_size(8)];
+        {
+            let mut q = QueueInflight::init(&mut mem2, 8).unwrap();
+            for h in [2, 4, 7] {
+                q.start(h);
+            }
+            q.prepare_batch(&[2, 4]);
+        }
+        let mut q = QueueInflight::open(&mut mem2, 8).unwrap();
+        assert_eq!(q.recover(0), vec![2, 4, 7]);
+    }
+
+    #[test]
+    fn hostile_regions_are_refused_or_contained() {
+        let mut small = vec![0u8; 32];
+        assert!(matches!(
+            QueueInflight::init(&mut small, 8),
+            Err(InflightError::TooSmall { .. })
+        ));
+        let mut mem = vec![0u8; queue_region_size(8)];
+        assert!(matches!(
+            QueueInflight::open(&mut mem, 8),
+            Err(InflightError::Mismatch { version: 0, .. })
+        ));
+        // Garbage batch links and a used index far ahead: bounded, no panic.
+        let mut q = QueueInflight::init(&mut mem, 8).unwrap();
+        q.start(1);
+        q.mem[12..14].copy_from_slice(&0xffffu16.to_le_bytes());
+        assert_eq!(q.recover(0x8000), vec![1]);
+        q.start(200); // out of range: ignored
+        q.prepare_batch(&[9, 1]);
+        q.finish_batch(&[9, 1], 3);
+        assert!(q.recover(3).is_empty());
+    }
+}
