@@ -774,7 +774,7 @@ impl Dataplane {
     }
 
     /// Stops the PMDs (dropping the ports' data halves), then the devices.
-    pub fn stop(mut self) {
+    pub fn stop(&mut self) {
         self.ager = None;
         for p in &mut self.pmds {
             p.stop();

@@ -154,13 +154,9 @@ async fn serve(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&cfg.dataplane.control_socket);
     let final_report = report();
-    match Arc::try_unwrap(dp) {
-        Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()).stop(),
-        // An API request still holds it: the data plane stops when the process exits.
-        Err(dp) => {
-            let _ = dp;
-        }
-    }
+    // The API's tasks still hold the data plane: stop it in place (PMDs joined, devices
+    // stopped) under the lock, so a request that comes now finds it stopped, not half-torn.
+    dp.lock().unwrap_or_else(|e| e.into_inner()).stop();
     print!("{}", final_report.table());
     Ok(())
 }
