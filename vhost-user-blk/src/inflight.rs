@@ -103,7 +103,12 @@ impl<'a> QueueInflight<'a> {
             desc_num,
             counter: 0,
         };
-        q.counter = (0..desc_num).map(|i| q.counter_of(i)).max().unwrap_or(0) + 1;
+        // Saturating: a region from a hostile frontend may hold any counter.
+        q.counter = (0..desc_num)
+            .map(|i| q.counter_of(i))
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
         Ok(q)
     }
 
@@ -136,7 +141,7 @@ impl<'a> QueueInflight<'a> {
         }
         let d = self.desc(head);
         self.mem[d + 8..d + 16].copy_from_slice(&self.counter.to_le_bytes());
-        self.counter += 1;
+        self.counter = self.counter.saturating_add(1);
         // The counter before the flag: a crash in between leaves the request not in flight.
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         self.set_inflight(head, true);
@@ -271,8 +276,15 @@ mod tests {
         q.mem[12..14].copy_from_slice(&0xffffu16.to_le_bytes());
         assert_eq!(q.recover(0x8000), vec![1]);
         q.start(200); // out of range: ignored
+                      // A counter at the top of the range: no overflow on reopen or on the next start.
+        let d = q.desc(3) + 8;
+        q.mem[d..d + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         q.prepare_batch(&[9, 1]);
         q.finish_batch(&[9, 1], 3);
         assert!(q.recover(3).is_empty());
+        let mut q = QueueInflight::open(&mut mem, 8).unwrap();
+        q.start(2);
+        q.start(4);
+        assert_eq!(q.recover(3), vec![2, 4]);
     }
 }
