@@ -208,7 +208,11 @@ pub fn prometheus(r: &Report) -> String {
             m.entry(name)
                 .or_insert((ty, Vec::new()))
                 .1
-                .push(format!("{{{labels}}} {n}"));
+                .push(if labels.is_empty() {
+                    format!(" {n}")
+                } else {
+                    format!("{{{labels}}} {n}")
+                });
         }
     };
     for p in &r.ports {
@@ -302,7 +306,6 @@ pub fn prometheus(r: &Report) -> String {
     for (name, (ty, samples)) in m {
         let _ = writeln!(out, "# TYPE {name} {ty}");
         for smp in samples {
-            let smp = smp.replacen("{}", "", 1);
             let _ = writeln!(out, "{name}{smp}");
         }
     }
