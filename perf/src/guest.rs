@@ -159,6 +159,7 @@ struct NetDev {
 struct BlkDev {
     sock: PathBuf,
     queues: u16,
+    reconnect_ms: Option<u32>,
 }
 
 /// Builder for a [`Guest`].
@@ -177,6 +178,7 @@ pub struct GuestBuilder {
     serial_log: Option<PathBuf>,
     extra_args: Vec<String>,
     die_with_parent: bool,
+    reboot: bool,
 }
 
 impl Default for GuestBuilder {
@@ -208,6 +210,7 @@ impl GuestBuilder {
             serial_log: None,
             extra_args: Vec::new(),
             die_with_parent: true,
+            reboot: false,
         }
     }
 
@@ -281,7 +284,24 @@ impl GuestBuilder {
         self.blks.push(BlkDev {
             sock: sock.into(),
             queues: queues.max(1),
+            reconnect_ms: None,
         });
+        self
+    }
+
+    /// The last vhost-user-blk device added reconnects to its backend `ms` after losing it
+    /// (QEMU `reconnect-ms`), resubmitting what was in flight (INFLIGHT_SHMFD).
+    pub fn blk_reconnect_ms(mut self, ms: u32) -> Self {
+        if let Some(b) = self.blks.last_mut() {
+            b.reconnect_ms = Some(ms);
+        }
+        self
+    }
+
+    /// Lets a guest reboot (`reboot -f`) restart the guest in the same QEMU instead of ending
+    /// it (QEMU's `-no-reboot` is the default).
+    pub fn allow_reboot(mut self, on: bool) -> Self {
+        self.reboot = on;
         self
     }
 
@@ -345,10 +365,12 @@ impl GuestBuilder {
             "none",
             "-serial",
             "stdio",
-            "-no-reboot",
             "-nodefaults",
             "-no-user-config",
         ]);
+        if !self.reboot {
+            push(&["-no-reboot"]);
+        }
         let kernel = image.kernel.display().to_string();
         let initrd = image.initrd.display().to_string();
         push(&["-kernel", &kernel, "-initrd", &initrd]);
@@ -383,7 +405,10 @@ impl GuestBuilder {
             push(&["-chardev", &chr, "-netdev", &netdev, "-device", &dev]);
         }
         for (i, b) in self.blks.iter().enumerate() {
-            let chr = format!("socket,id=b{i},path={}", qemu_opt_escape(&b.sock));
+            let mut chr = format!("socket,id=b{i},path={}", qemu_opt_escape(&b.sock));
+            if let Some(ms) = b.reconnect_ms {
+                chr.push_str(&format!(",reconnect-ms={ms}"));
+            }
             let dev = format!("vhost-user-blk-pci,chardev=b{i},num-queues={}", b.queues);
             push(&["-chardev", &chr, "-device", &dev]);
         }

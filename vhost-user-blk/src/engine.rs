@@ -29,6 +29,8 @@ pub enum Op<'a> {
     Write {
         offset: u64,
         iovecs: &'a [libc::iovec],
+        /// Durable on completion (RWF_DSYNC): write-through cache mode.
+        dsync: bool,
     },
     /// Make completed writes durable (fdatasync).
     Flush,
@@ -47,6 +49,7 @@ pub struct Engine {
     ring: IoUring,
     file: File,
     capacity: u64,
+    depth: usize,
     /// Pushed and not yet completed.
     inflight: usize,
 }
@@ -62,12 +65,14 @@ impl Engine {
         let mut file = o.open(path)?;
         // Works for regular files and block devices alike.
         let capacity = file.seek(SeekFrom::End(0))?;
-        let ring = IoUring::new(depth.max(2))?;
+        let depth = depth.max(2);
+        let ring = IoUring::new(depth)?;
         ring.submitter().register_files(&[file.as_raw_fd()])?;
         Ok(Engine {
             ring,
             file,
             capacity,
+            depth: depth as usize,
             inflight: 0,
         })
     }
@@ -79,6 +84,11 @@ impl Engine {
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Submission ring entries: at most this many requests should be in flight.
+    pub fn depth(&self) -> usize {
+        self.depth
     }
 
     /// Requests pushed and not completed yet.
@@ -103,11 +113,14 @@ impl Engine {
                     .offset(offset)
                     .build()
             }
-            Op::Write { offset, iovecs } => {
-                opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
-                    .offset(offset)
-                    .build()
-            }
+            Op::Write {
+                offset,
+                iovecs,
+                dsync,
+            } => opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                .offset(offset)
+                .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+                .build(),
             Op::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
@@ -150,6 +163,17 @@ impl Engine {
     /// Submits and waits until at least `want` completions are ready (event mode).
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
         self.ring.submit_and_wait(want.min(self.inflight))
+    }
+
+    /// Has the kernel write `fd` (an eventfd) whenever it posts a completion, so that a
+    /// sleeping worker wakes for completions as for guest kicks.
+    pub fn register_eventfd(&self, fd: std::os::fd::RawFd) -> io::Result<()> {
+        self.ring.submitter().register_eventfd(fd)
+    }
+
+    /// Whether completions are waiting to be reaped.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
     }
 
     /// Appends the completions ready now, `(token, result)` with result the byte count or a
@@ -224,6 +248,7 @@ mod tests {
                 Op::Write {
                     offset: 0,
                     iovecs: &w1,
+                    dsync: false,
                 },
                 1,
             )
@@ -232,6 +257,7 @@ mod tests {
                 Op::Write {
                     offset: 65536,
                     iovecs: &w2,
+                    dsync: true,
                 },
                 2,
             )
@@ -328,6 +354,7 @@ mod tests {
                 Op::Write {
                     offset: 0,
                     iovecs: &w,
+                    dsync: false,
                 },
                 9,
             )

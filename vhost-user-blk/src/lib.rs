@@ -6,9 +6,14 @@
 //! `engine` issues the checked requests on an io_uring per queue worker.
 
 pub mod config;
+pub mod device;
 pub mod engine;
-pub mod inflight;
 pub mod request;
+mod worker;
+
+pub use device::{BlkExport, BlkModel, ExportConfig, ExportError};
+pub use torii_vhost_user::SocketMode;
+pub use worker::PollMode;
 
 /// The fuzz target's body (`fuzz/`, `scripts/fuzz`): a request header, a data length, a list
 /// of discard/write-zeroes segments and an inflight region, all from the fuzzer, through every
@@ -49,8 +54,8 @@ pub fn fuzz_requests(data: &[u8]) -> bool {
     }
     let queue_size = 1u16 << (data[6] % 9);
     let mut region = rest.to_vec();
-    region.resize(inflight::queue_region_size(queue_size), 0);
-    let Ok(mut q) = inflight::QueueInflight::open(&mut region, queue_size) else {
+    region.resize(torii_vhost_user::inflight::queue_region_size(queue_size), 0);
+    let Ok(mut q) = torii_vhost_user::QueueInflight::open(&mut region, queue_size) else {
         return false;
     };
     let heads = q.recover(u16::from_le_bytes([data[0], data[5]]));
@@ -78,7 +83,7 @@ mod tests {
                 // Some inputs with a valid inflight header (the region starts at byte 24), to
                 // reach recovery.
                 let qs = 1u16 << (data[6] % 9);
-                data[32..34].copy_from_slice(&crate::inflight::VERSION.to_le_bytes());
+                data[32..34].copy_from_slice(&torii_vhost_user::inflight::VERSION.to_le_bytes());
                 data[34..36].copy_from_slice(&qs.to_le_bytes());
             }
             recovered += usize::from(super::fuzz_requests(&data));

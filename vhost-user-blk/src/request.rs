@@ -95,6 +95,15 @@ pub enum Request {
     },
 }
 
+/// Whether the request's data buffers are device-writable (IN, GET_ID) rather than
+/// device-readable: decides which buffers `data_len` of [`check`] counts.
+pub fn device_writes_data(header: &[u8; HEADER_LEN]) -> bool {
+    matches!(
+        u32::from_le_bytes([header[0], header[1], header[2], header[3]]),
+        T_IN | T_GET_ID
+    )
+}
+
 /// Parses the header and checks the request against `limits`. `data_len` is the total length
 /// of the data buffers: device-readable ones for OUT, DISCARD and WRITE_ZEROES, device-writable
 /// ones for IN and GET_ID (the status byte not included). Errors are the status to answer

@@ -1,29 +1,17 @@
 //! The virtio-net device model as vhost-user sees it: offered features, protocol features and
-//! the config space (§5.1.3, §5.1.4), expressed through `vhost-user-backend`'s
-//! `VhostUserBackend` trait. Protocol messages are handled in `handler.rs`; sockets and
-//! connection lifetimes in `device.rs`; packets in `queue.rs`.
+//! the config space (§5.1.3, §5.1.4). The protocol itself, guest memory and rings are
+//! `torii-vhost-user`'s; sockets and connection lifetimes in `device.rs`; packets in
+//! `queue.rs`.
 
-use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use torii_vhost_user::{DeviceModel, ProtocolFeatures};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net as vn;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 
-use crate::device::DeviceShared;
-
-/// Guest memory as the data path sees it.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-
-/// Largest queue the device accepts. 1024 lets a driver without MRG_RXBUF post 64 KiB receive
-/// buffers as chains of 4 KiB pages.
-pub const MAX_QUEUE_SIZE: usize = 1024;
+pub use torii_vhost_user::{GuestMem, MAX_QUEUE_SIZE};
 
 fn bit(b: u32) -> u64 {
     1u64 << b
@@ -60,104 +48,65 @@ pub fn offered_features(queue_pairs: u16) -> u64 {
     f
 }
 
-/// Per connection backend. A fresh one is made for every frontend connection so that nothing
-/// of a previous guest (features, vrings, memory) leaks into the next.
-pub struct NetBackend {
-    shared: Arc<DeviceShared>,
-    acked: AtomicU64,
-    event_idx: std::sync::atomic::AtomicBool,
-    backend_req: Mutex<Option<Backend>>,
+/// The virtio-net device: what the driver is offered and reads in the config space.
+pub struct NetModel {
+    pub(crate) mac: [u8; 6],
+    pub(crate) mtu: u16,
+    pub(crate) queue_pairs: u16,
+    pub(crate) link_up: AtomicBool,
 }
 
-impl NetBackend {
-    pub(crate) fn new(shared: Arc<DeviceShared>) -> io::Result<Self> {
-        Ok(NetBackend {
-            shared,
-            acked: AtomicU64::new(0),
-            event_idx: Default::default(),
-            backend_req: Mutex::new(None),
-        })
-    }
-
-    /// Features the driver acknowledged.
-    pub fn acked_features(&self) -> u64 {
-        self.acked.load(Ordering::Acquire)
-    }
-
-    /// Tells the frontend to re-read the config space (link status changed).
-    pub(crate) fn notify_config_change(&self) {
-        if let Some(b) = self.backend_req.lock().unwrap().as_ref() {
-            if let Err(e) = b.handle_config_change() {
-                tracing::debug!(port = %self.shared.name, "config change notification failed: {e}");
-            }
+impl NetModel {
+    pub(crate) fn new(mac: [u8; 6], mtu: u16, queue_pairs: u16) -> Self {
+        NetModel {
+            mac,
+            mtu,
+            queue_pairs,
+            link_up: AtomicBool::new(true),
         }
     }
 
-    fn config_space(&self) -> [u8; 12] {
-        self.shared.config_space()
+    /// The virtio-net config space (§5.1.4): mac[6], status, max_virtqueue_pairs, mtu.
+    pub(crate) fn config_space(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.mac);
+        let status = if self.link_up.load(Ordering::Acquire) {
+            vn::VIRTIO_NET_S_LINK_UP as u16
+        } else {
+            0
+        };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c[8..10].copy_from_slice(&self.queue_pairs.to_le_bytes());
+        c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        c
     }
 }
 
-impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock<GuestMem>;
-
+impl DeviceModel for NetModel {
     fn num_queues(&self) -> usize {
-        2 * self.shared.queue_pairs as usize
-    }
-
-    fn max_queue_size(&self) -> usize {
-        MAX_QUEUE_SIZE
+        2 * self.queue_pairs as usize
     }
 
     fn features(&self) -> u64 {
-        offered_features(self.shared.queue_pairs)
+        offered_features(self.queue_pairs)
     }
 
-    fn acked_features(&self, features: u64) {
-        self.acked.store(features, Ordering::Release);
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        let mut p = VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        if self.shared.queue_pairs > 1 {
-            p |= VhostUserProtocolFeatures::MQ;
+    fn protocol_features(&self) -> ProtocolFeatures {
+        let mut p = ProtocolFeatures::REPLY_ACK
+            | ProtocolFeatures::CONFIG
+            | ProtocolFeatures::BACKEND_REQ
+            | ProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if self.queue_pairs > 1 {
+            p |= ProtocolFeatures::MQ;
         }
         p
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
+    fn config(&self) -> Vec<u8> {
+        self.config_space().to_vec()
     }
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.config_space();
-        let start = (offset as usize).min(c.len());
-        let end = start.saturating_add(size as usize).min(c.len());
-        c[start..end].to_vec()
-    }
-
-    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
-        // The data path reads memory through the same GuestMemoryAtomic, which the handler has
-        // already updated; nothing is cached here.
-        Ok(())
-    }
-
-    fn set_backend_req_fd(&self, backend: Backend) {
-        *self.backend_req.lock().unwrap() = Some(backend);
-    }
-
-    fn handle_event(
-        &self,
-        _device_event: u16,
-        _evset: EventSet,
-        _vrings: &[VringRwLock<GuestMem>],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        // Kicks are watched by the connection's handler (see handler.rs), not here.
-        Ok(())
+    fn set_config(&self, _offset: u32, _data: &[u8]) -> Result<(), &'static str> {
+        Err("virtio-net config space is read-only (§5.1.4)")
     }
 }

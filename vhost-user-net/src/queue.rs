@@ -17,9 +17,11 @@ use virtio_bindings::virtio_net as vn;
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::device::{Connection, DeviceShared};
+use torii_vhost_user::ring::{publish_used_batch, RingError, RingMaps, Seg, SplitRing, MAX_CHAIN};
+use torii_vhost_user::Connection;
+
+use crate::device::DeviceShared;
 use crate::hdr::{Offloads, VirtioNetHdr, HDR_LEN_LEGACY, HDR_LEN_MRG};
-use crate::ring::{RingMaps, Seg, SplitRing, MAX_CHAIN};
 
 /// A packet buffer the data path can fill or drain. The caller's packet type implements it.
 pub trait NetBuf {
@@ -68,23 +70,6 @@ pub struct ToGuest {
     pub gso: usize,
 }
 
-/// Why a ring is considered broken.
-#[derive(Clone, Debug, thiserror::Error)]
-pub(crate) enum RingError {
-    #[error("avail ring: {0} chains available but the queue holds {1}")]
-    AvailIdx(u16, u16),
-    #[error(
-        "descriptor chain starting at {0} is cut short (loop, bad index or bad indirect table)"
-    )]
-    Chain(u16),
-    #[error("descriptor {0:#x}+{1} is outside guest memory")]
-    Address(u64, u32),
-    #[error("{0} descriptor in a {1} chain")]
-    Direction(&'static str, &'static str),
-    #[error("descriptor table, avail ring or used ring is not inside guest memory")]
-    Layout,
-}
-
 /// Largest frame accepted from a guest: a 64 KiB GSO packet plus an Ethernet/VLAN header.
 pub const MAX_FRAME: usize = 65535 + 18;
 
@@ -119,18 +104,18 @@ impl NetQueues {
     }
 
     pub(crate) fn with_slot(shared: Arc<DeviceShared>, slot: usize) -> Self {
-        let n = 2 * shared.queue_pairs as usize;
+        let n = 2 * shared.model.queue_pairs as usize;
         NetQueues {
             shared,
             slot,
             seen_generation: 0,
             conn: None,
             broken: vec![false; n],
-            used: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
+            used: Vec::with_capacity(torii_vhost_user::MAX_QUEUE_SIZE),
             // Never grown: a burst gathers no more chains than fit (`SplitRing::walk`), and
             // any single chain fits.
             segs: Vec::with_capacity(2 * MAX_CHAIN),
-            chains: Vec::with_capacity(crate::backend::MAX_QUEUE_SIZE),
+            chains: Vec::with_capacity(torii_vhost_user::MAX_QUEUE_SIZE),
             scratch: Vec::with_capacity(MAX_CHAIN),
             rx_room: vec![0; n / 2],
             maps: RingMaps::new(n),
@@ -143,7 +128,7 @@ impl NetQueues {
     /// through exactly one handle. None if `pairs` is empty or out of range.
     pub fn handle_for(&self, pairs: &[u16]) -> Option<NetQueues> {
         let first = *pairs.first()?;
-        if pairs.iter().any(|&p| p >= self.shared.queue_pairs) {
+        if pairs.iter().any(|&p| p >= self.shared.model.queue_pairs) {
             return None;
         }
         Some(NetQueues::with_slot(self.shared.clone(), first as usize))
@@ -151,7 +136,7 @@ impl NetQueues {
 
     /// Number of queue pairs the device was configured with.
     pub fn queue_pairs(&self) -> u16 {
-        self.shared.queue_pairs
+        self.shared.model.queue_pairs
     }
 
     pub fn name(&self) -> &str {
@@ -162,7 +147,7 @@ impl NetQueues {
     /// disconnect) and picks up a new connection if there is one. Call once per poll round.
     #[inline]
     pub fn refresh(&mut self) {
-        let g = self.shared.generation.load(Ordering::Acquire);
+        let g = self.shared.generation();
         if g != self.seen_generation {
             self.switch(g);
         }
@@ -170,24 +155,18 @@ impl NetQueues {
 
     #[cold]
     fn switch(&mut self, g: u64) {
-        if let Some(h) = self.shared.handles.get(self.slot) {
-            h.attached.store(true, Ordering::Release);
-        }
-        self.conn = self.shared.conn.lock().unwrap().clone();
+        self.maps.clear();
+        self.conn = self.shared.attach(self.slot, g);
         self.broken.iter_mut().for_each(|b| *b = false);
         self.rx_room.iter_mut().for_each(|r| *r = 0);
-        self.maps.clear();
         self.seen_generation = g;
-        if let Some(h) = self.shared.handles.get(self.slot) {
-            h.generation.store(g, Ordering::Release);
-        }
     }
 
     /// The operator set the link down ([`crate::VhostUserNetDevice::set_link`]): nothing is
     /// taken from or delivered to the guest (deliveries are dropped and counted).
     #[inline]
     fn link_down(&self) -> bool {
-        !self.shared.link_up.load(Ordering::Relaxed)
+        !self.shared.model.link_up.load(Ordering::Relaxed)
     }
 
     /// Whether a frontend is connected and has acked its features.
@@ -198,26 +177,21 @@ impl NetQueues {
     /// Offloads the driver accepts on its receive queues.
     pub fn guest_rx_offloads(&self) -> Offloads {
         match &self.conn {
-            Some(c) => Offloads::guest_rx_from_features(c.backend.acked_features()),
+            Some(c) => Offloads::guest_rx_from_features(c.acked_features()),
             None => Offloads::empty(),
         }
     }
 
     /// Registers the eventfd the owning PMD sleeps on; kicks from the guest write it.
     pub fn set_waker(&self, waker: Option<vmm_sys_util::event::EventNotifier>) {
-        if let Some(w) = self.shared.wakers.lock().unwrap().get_mut(self.slot) {
-            *w = waker;
-        }
+        self.shared.set_waker(self.slot, waker);
     }
 
     /// Detaches from the PMD (the port moves or goes away).
     pub fn detach(&mut self) {
         self.conn = None;
         self.maps.clear();
-        if let Some(h) = self.shared.handles.get(self.slot) {
-            h.attached.store(false, Ordering::Release);
-        }
-        self.set_waker(None);
+        self.shared.detach(self.slot);
     }
 
     fn hdr_len(features: u64) -> usize {
@@ -245,7 +219,7 @@ impl NetQueues {
             return false;
         };
         let mut pending = false;
-        for qp in 0..self.shared.queue_pairs as usize {
+        for qp in 0..self.shared.model.queue_pairs as usize {
             let qi = 2 * qp + 1;
             if self.broken[qi] {
                 continue;
@@ -283,7 +257,7 @@ impl NetQueues {
         if self.broken.get(qi).copied().unwrap_or(true) || self.link_down() {
             return stats;
         }
-        let features = conn.backend.acked_features();
+        let features = conn.acked_features();
         let hdr_len = Self::hdr_len(features);
         let allowed = Offloads::guest_tx_from_features(features);
         let in_order = features & (1 << virtio_bindings::virtio_config::VIRTIO_F_IN_ORDER) != 0;
@@ -397,7 +371,7 @@ impl NetQueues {
             stats.gso += usize::from(hdr.is_gso());
         }
         queue.set_next_avail(next.wrapping_add(consumed));
-        let notify = publish_used(&ring, queue, &self.used, in_order);
+        let notify = publish_used_batch(&ring, queue, &self.used, in_order);
         if notify {
             let _ = state.signal_used_queue();
         }
@@ -466,7 +440,7 @@ impl NetQueues {
                 return stats;
             }
         };
-        let features = conn.backend.acked_features();
+        let features = conn.acked_features();
         let hdr_len = Self::hdr_len(features);
         let mergeable = features & (1 << vn::VIRTIO_NET_F_MRG_RXBUF) != 0;
         let accepts = Offloads::guest_rx_from_features(features);
@@ -594,7 +568,7 @@ impl NetQueues {
         if let Some(r) = self.rx_room.get_mut(qp as usize) {
             *r = if err.is_some() { 0 } else { cur.left };
         }
-        let notify = publish_used(&ring, queue, &self.used, false);
+        let notify = publish_used_batch(&ring, queue, &self.used, false);
         if notify {
             let _ = state.signal_used_queue();
         }
@@ -603,62 +577,6 @@ impl NetQueues {
             self.mark_broken(qi, e);
         }
         stats
-    }
-}
-
-/// Writes a burst of used elements and then the used index once (§2.7.8): the driver sees the
-/// whole burst at one store-release instead of one per packet, which is what keeps the used
-/// index's cache line from bouncing between the guest and the PMD. `last_only`: write only
-/// the burst's last element, which §2.7.9 allows with IN_ORDER (the driver then takes every
-/// chain up to it as used; only for transmit queues, where all written lengths are 0). Returns
-/// whether the driver wants to be notified.
-fn publish_used(
-    ring: &SplitRing<'_>,
-    queue: &mut virtio_queue::Queue,
-    used: &[(u16, u32)],
-    last_only: bool,
-) -> bool {
-    let Some(&(last_head, last_len)) = used.last() else {
-        return false;
-    };
-    let old = queue.next_used();
-    let next = old.wrapping_add(used.len() as u16);
-    // Heads come from `SplitRing::head`, which checked them against the size.
-    if last_only {
-        ring.put_used(next.wrapping_sub(1), last_head, last_len);
-    } else {
-        let mut pos = old;
-        for &(head, len) in used {
-            ring.put_used(pos, head, len);
-            pos = pos.wrapping_add(1);
-        }
-    }
-    ring.publish_used(next);
-    queue.set_next_used(next);
-    // Here rather than before the burst: the used ring's first line is now ours anyway. (Receive
-    // buffers are only looked at when there is a packet for them, and transmit queues are
-    // polled, so neither wants kicks; `set_tx_notifications` asks for them before a sleep.)
-    ring.suppress_notifications(queue.event_idx_enabled());
-    needs_interrupt(ring, queue, old)
-}
-
-/// Whether the driver wants an interrupt for the used entries from `old` to the queue's
-/// `next_used` (§2.7.10): with EVENT_IDX, when `used_event` lies in that range (§2.7.10.2,
-/// the inequality Linux uses for batches); without it, unless the driver set
-/// VRING_AVAIL_F_NO_INTERRUPT — a polling driver (DPDK) does, which saves an eventfd write per
-/// burst.
-fn needs_interrupt(ring: &SplitRing<'_>, queue: &virtio_queue::Queue, old: u16) -> bool {
-    let new = queue.next_used();
-    if new == old {
-        return false;
-    }
-    // The used index store must be visible before the driver's event field is read.
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    if queue.event_idx_enabled() {
-        let used_event = ring.used_event();
-        new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
-    } else {
-        ring.avail_flags() & 1 == 0
     }
 }
 

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net as vn;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -17,8 +17,10 @@ use vm_memory::{
     GuestMemoryRegion,
 };
 
-use crate::backend::{GuestMem, NetBackend, MAX_QUEUE_SIZE};
-use crate::device::{BrokenQueue, Connection, DeviceShared, VhostUserNetDevice};
+use torii_vhost_user::Connection;
+
+use crate::backend::{GuestMem, NetModel, MAX_QUEUE_SIZE};
+use crate::device::{BrokenQueue, DeviceShared, VhostUserNetDevice};
 use crate::hdr::{VirtioNetHdr, HDR_LEN_MRG};
 use crate::queue::{BufPool, NetBuf, NetQueues, MAX_FRAME};
 
@@ -397,14 +399,9 @@ impl TestDevice {
 
         let shared = Arc::new(DeviceShared::new(
             "test".into(),
-            [0x52, 0x54, 0, 0x12, 0x34, 0x56],
-            1500,
-            cfg.queue_pairs,
+            NetModel::new([0x52, 0x54, 0, 0x12, 0x34, 0x56], 1500, cfg.queue_pairs),
+            cfg.queue_pairs as usize,
         ));
-        let backend = Arc::new(NetBackend::new(shared.clone()).expect("eventfd"));
-        // What the vhost-user handler does on SET_FEATURES.
-        VhostUserBackend::acked_features(&*backend, cfg.features);
-        backend.set_event_idx(cfg.features & F_EVENT_IDX != 0);
         let vrings: Vec<_> = layouts
             .iter()
             .map(|l| {
@@ -420,12 +417,10 @@ impl TestDevice {
             .collect();
         let mut queues = NetQueues::new(shared.clone());
         let mem_generation = Arc::new(AtomicU64::new(0));
-        shared.publish(Some(Arc::new(Connection {
-            vrings: vrings.clone(),
-            mem: mem.clone(),
-            mem_generation: mem_generation.clone(),
-            backend,
-        })));
+        let conn = Connection::new(vrings.clone(), mem.clone(), mem_generation.clone());
+        // What the vhost-user handler does on SET_FEATURES.
+        conn.set_acked_features(cfg.features);
+        shared.publish(Some(Arc::new(conn)));
         queues.refresh();
         let driver = Driver {
             mem,

@@ -1,6 +1,7 @@
 //! The vhost-user protocol handler of one frontend connection (vhost-user spec, "Front-end
-//! message types"). It owns the connection's guest memory map and vrings; the PMD reads them
-//! through [`Connection`](crate::device::Connection).
+//! message types"). It owns the connection's guest memory map and vrings; the data path reads
+//! them through [`Connection`]. What is device specific (features, queues, config space)
+//! comes from the [`DeviceModel`].
 //!
 //! `protocol.rs` frames the messages and calls these methods. A fresh handler serves each
 //! connection, so nothing of a previous frontend (memory map, rings, features) leaks into the
@@ -17,14 +18,15 @@ use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
     FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
 };
 
-use crate::backend::{GuestMem, NetBackend, MAX_QUEUE_SIZE};
-use crate::device::DeviceShared;
+use crate::endpoint::{Connection, EndpointShared};
+use crate::inflight::{InflightInfo, InflightMap};
+use crate::{DeviceModel, GuestMem, MAX_QUEUE_SIZE};
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 pub(crate) const MAX_MEM_SLOTS: u64 = 32;
@@ -73,8 +75,9 @@ struct Mapping {
 }
 
 /// Protocol state of one connection.
-pub(crate) struct ConnHandler {
-    backend: Arc<NetBackend>,
+pub(crate) struct ConnHandler<M: DeviceModel> {
+    shared: Arc<EndpointShared<M>>,
+    conn: Arc<Connection>,
     mem: GuestMem,
     /// Bumped after every change of `mem`: the PMD keeps its own reference to the table (and
     /// ring translations made under it) until this moves.
@@ -86,34 +89,38 @@ pub(crate) struct ConnHandler {
     kicks: KickWatcher,
 }
 
-impl ConnHandler {
-    pub(crate) fn new(shared: Arc<DeviceShared>) -> io::Result<Self> {
-        let backend = Arc::new(NetBackend::new(shared.clone())?);
+impl<M: DeviceModel> ConnHandler<M> {
+    pub(crate) fn new(shared: Arc<EndpointShared<M>>) -> io::Result<Self> {
         let mem: GuestMem = vm_memory::GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let vrings = (0..backend.num_queues())
+        let queues = shared.model.num_queues().min(crate::MAX_QUEUES);
+        let vrings = (0..queues)
             .map(|_| VringRwLock::new(mem.clone(), MAX_QUEUE_SIZE as u16))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| io::Error::other(format!("vring: {e:?}")))?;
+        let mem_generation = Arc::new(AtomicU64::new(0));
+        let conn = Arc::new(Connection::new(
+            vrings.clone(),
+            mem.clone(),
+            mem_generation.clone(),
+        ));
+        let s = shared.clone();
+        let kicks = KickWatcher::start(&shared.name, move || s.wake())?;
         Ok(ConnHandler {
-            backend,
+            shared,
+            conn,
             mem,
-            mem_generation: Arc::new(AtomicU64::new(0)),
+            mem_generation,
             vrings,
             mappings: Vec::new(),
             acked_features: 0,
             acked_protocol: 0,
-            kicks: KickWatcher::start(shared)?,
+            kicks,
         })
     }
 
-    /// What the PMD needs of this connection.
-    pub(crate) fn parts(&self) -> crate::device::Connection {
-        crate::device::Connection {
-            vrings: self.vrings.clone(),
-            mem: self.mem.clone(),
-            mem_generation: self.mem_generation.clone(),
-            backend: self.backend.clone(),
-        }
+    /// What the data path needs of this connection.
+    pub(crate) fn connection(&self) -> Arc<Connection> {
+        self.conn.clone()
     }
 
     /// Installs a new memory table; the PMD picks it up at its next burst.
@@ -166,23 +173,21 @@ impl ConnHandler {
     pub(crate) fn reset_device(&mut self) -> Result<()> {
         self.reset_vrings();
         self.acked_features = 0;
-        self.backend.acked_features(0);
+        self.conn.set_acked_features(0);
         Ok(())
     }
 
     pub(crate) fn get_features(&mut self) -> Result<u64> {
-        Ok(self.backend.features())
+        Ok(self.shared.model.features())
     }
 
     pub(crate) fn set_features(&mut self, features: u64) -> Result<()> {
-        if features & !self.backend.features() != 0 {
+        if features & !self.shared.model.features() != 0 {
             return Err(Error::InvalidParam("feature not offered"));
         }
         self.acked_features = features;
-        self.backend.acked_features(features);
-        let event_idx =
-            features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
-        self.backend.set_event_idx(event_idx);
+        self.conn.set_acked_features(features);
+        let event_idx = self.conn.event_idx();
         for v in &self.vrings {
             v.set_queue_event_idx(event_idx);
         }
@@ -218,7 +223,8 @@ impl ConnHandler {
     }
 
     pub(crate) fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
-        if num == 0 || num as usize > MAX_QUEUE_SIZE || !num.is_power_of_two() {
+        let max = self.shared.model.max_queue_size().min(MAX_QUEUE_SIZE);
+        if num == 0 || num as usize > max || !num.is_power_of_two() {
             return Err(Error::InvalidParam("queue size"));
         }
         self.vring(index)?.set_queue_size(num as u16);
@@ -268,6 +274,13 @@ impl ConnHandler {
         // "Stop ring upon receiving VHOST_USER_GET_VRING_BASE."
         let v = self.vring(index)?;
         v.set_queue_ready(false);
+        // Requests still in flight complete into the ring before its state is handed back.
+        if !self
+            .shared
+            .wait_queue_idle(index as usize, std::time::Duration::from_secs(5))
+        {
+            tracing::warn!(queue = index, "ring stopped with requests still in flight");
+        }
         let next = v.queue_next_avail();
         v.set_kick(None);
         v.set_call(None);
@@ -299,7 +312,7 @@ impl ConnHandler {
     }
 
     pub(crate) fn get_protocol_features(&mut self) -> VhostUserProtocolFeatures {
-        self.backend.protocol_features()
+        self.shared.model.protocol_features() | VhostUserProtocolFeatures::REPLY_ACK
     }
 
     pub(crate) fn set_protocol_features(&mut self, features: u64) -> Result<()> {
@@ -318,12 +331,59 @@ impl ConnHandler {
         Ok(())
     }
 
+    /// GET_CONFIG: `size` bytes at `offset`, zeros past the end of the config space.
     pub(crate) fn get_config(&mut self, offset: u32, size: u32) -> Vec<u8> {
-        self.backend.get_config(offset, size)
+        let c = self.shared.model.config();
+        let start = (offset as usize).min(c.len());
+        let end = start.saturating_add(size as usize).min(c.len());
+        let mut out = c[start..end].to_vec();
+        out.resize(size.min(256) as usize, 0);
+        out
+    }
+
+    pub(crate) fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
+        self.shared
+            .model
+            .set_config(offset, data)
+            .map_err(Error::Unsupported)
     }
 
     pub(crate) fn set_backend_req_fd(&mut self, backend: Backend) {
-        self.backend.set_backend_req_fd(backend);
+        self.conn.set_backend_req(backend);
+    }
+
+    /// GET_INFLIGHT_FD: a fresh, initialized inflight region for `info.num_queues` queues of
+    /// `info.queue_size`, shared with the frontend, which keeps it across backend restarts.
+    pub(crate) fn get_inflight_fd(&mut self, info: &InflightInfo) -> Result<(InflightInfo, File)> {
+        if !self.inflight_offered() {
+            return Err(Error::Unsupported("INFLIGHT_SHMFD not offered"));
+        }
+        let (map, file) = InflightMap::create(info.num_queues, info.queue_size)
+            .map_err(|e| Error::Io(io::Error::other(e)))?;
+        let reply = InflightInfo {
+            mmap_size: map.len() as u64,
+            mmap_offset: 0,
+            ..*info
+        };
+        Ok((reply, file))
+    }
+
+    /// SET_INFLIGHT_FD: the region to record in-flight requests in (possibly written by a
+    /// previous instance of this backend, whose requests the data path then resubmits).
+    pub(crate) fn set_inflight_fd(&mut self, info: &InflightInfo, file: File) -> Result<()> {
+        if !self.inflight_offered() {
+            return Err(Error::Unsupported("INFLIGHT_SHMFD not offered"));
+        }
+        let map = InflightMap::open(file, info).map_err(|e| Error::Io(io::Error::other(e)))?;
+        self.conn.set_inflight(Some(Arc::new(map)));
+        Ok(())
+    }
+
+    fn inflight_offered(&self) -> bool {
+        self.shared
+            .model
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     pub(crate) fn add_mem_region(&mut self, region: &MemRegion, file: File) -> Result<()> {
@@ -357,8 +417,8 @@ impl ConnHandler {
     }
 }
 
-/// A thread that turns guest kicks into PMD wakeups. Kicks only arrive while the PMD has
-/// notifications enabled, i.e. when it is about to sleep (adaptive mode).
+/// A thread that turns guest kicks into data-path wakeups. Kicks only arrive while the data
+/// path has notifications enabled, i.e. when it is about to sleep.
 struct KickWatcher {
     epoll: Arc<OwnedFd>,
     exit: OwnedFd,
@@ -388,7 +448,7 @@ fn read_eventfd(fd: RawFd) {
 }
 
 impl KickWatcher {
-    fn start(shared: Arc<DeviceShared>) -> io::Result<Self> {
+    fn start(name: &str, wake: impl Fn() + Send + 'static) -> io::Result<Self> {
         // SAFETY: no pointer arguments.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if ep < 0 {
@@ -406,7 +466,7 @@ impl KickWatcher {
         epoll_ctl(ep, libc::EPOLL_CTL_ADD, exit.as_raw_fd(), EXIT_TOKEN)?;
         let ep2 = epoll.clone();
         let thread = std::thread::Builder::new()
-            .name(format!("kick-{}", shared.name))
+            .name(format!("kick-{name}"))
             .spawn(move || {
                 let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
                 loop {
@@ -427,7 +487,7 @@ impl KickWatcher {
                         kicked = true;
                     }
                     if kicked {
-                        shared.wake();
+                        wake();
                     }
                 }
             })?;

@@ -23,8 +23,27 @@ use vm_memory::{
     MemoryRegionAddress,
 };
 
-use crate::device::Connection;
-use crate::queue::RingError;
+use crate::endpoint::Connection;
+use crate::MAX_QUEUE_SIZE;
+
+/// Why a ring is considered broken.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("avail ring: {0} chains available but the queue holds {1}")]
+    AvailIdx(u16, u16),
+    #[error(
+        "descriptor chain starting at {0} is cut short (loop, bad index or bad indirect table)"
+    )]
+    Chain(u16),
+    #[error("descriptor {0:#x}+{1} is outside guest memory")]
+    Address(u64, u32),
+    #[error("{0} descriptor in a {1} chain")]
+    Direction(&'static str, &'static str),
+    #[error("descriptor table, avail ring or used ring is not inside guest memory")]
+    Layout,
+    #[error("request at descriptor {0}: {1}")]
+    Request(u16, &'static str),
+}
 
 const DESC_LEN: usize = 16;
 const F_NEXT: u16 = 1;
@@ -33,15 +52,17 @@ const F_INDIRECT: u16 = 4;
 /// Used ring flag: the device does not want to be notified of new buffers (§2.7.10).
 const USED_F_NO_NOTIFY: u16 = 1;
 /// Most descriptors an indirect table may hold (a queue never needs more than its size).
-const MAX_INDIRECT: usize = crate::backend::MAX_QUEUE_SIZE;
+const MAX_INDIRECT: usize = MAX_QUEUE_SIZE;
 /// Most buffers one chain can have: a full direct chain ending in a full indirect table.
-pub(crate) const MAX_CHAIN: usize = crate::backend::MAX_QUEUE_SIZE + MAX_INDIRECT;
+pub const MAX_CHAIN: usize = MAX_QUEUE_SIZE + MAX_INDIRECT;
 
 /// One buffer of a chain.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Seg {
+pub struct Seg {
     pub addr: u64,
     pub len: u32,
+    /// Device-writable (VIRTQ_DESC_F_WRITE).
+    pub write: bool,
     /// Where the buffer is mapped in this process, when it lies in one memory region (0
     /// otherwise). Valid only while the burst's memory table is borrowed.
     pub host: usize,
@@ -50,7 +71,7 @@ pub(crate) struct Seg {
 /// Host addresses of one queue's descriptor table, avail ring and used ring, and the guest
 /// layout they were translated from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct RingMap {
+pub struct RingMap {
     layout: (u64, u64, u64, u16),
     desc: usize,
     avail: usize,
@@ -72,7 +93,7 @@ impl RingMap {
     fn new(mem: &GuestMemoryMmap<()>, queue: &virtio_queue::Queue) -> Result<Self, RingError> {
         let layout = Self::layout_of(queue);
         let (desc, avail, used, size) = layout;
-        if size == 0 || !size.is_power_of_two() || size as usize > crate::backend::MAX_QUEUE_SIZE {
+        if size == 0 || !size.is_power_of_two() || size as usize > MAX_QUEUE_SIZE {
             return Err(RingError::Layout);
         }
         let size = size as usize;
@@ -98,7 +119,7 @@ impl RingMap {
 }
 
 /// Ring translations of a device's queues, tied to the memory table they were made under.
-pub(crate) struct RingMaps {
+pub struct RingMaps {
     /// The connection's memory table as of `generation`; the maps point into it, and holding
     /// it keeps those mappings alive.
     mem: Option<Arc<GuestMemoryMmap<()>>>,
@@ -107,7 +128,7 @@ pub(crate) struct RingMaps {
 }
 
 impl RingMaps {
-    pub(crate) fn new(queues: usize) -> Self {
+    pub fn new(queues: usize) -> Self {
         RingMaps {
             mem: None,
             generation: 0,
@@ -116,7 +137,7 @@ impl RingMaps {
     }
 
     /// Forgets every translation and the memory table (new connection, or none).
-    pub(crate) fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.mem = None;
         self.maps.iter_mut().for_each(|m| *m = None);
     }
@@ -125,7 +146,7 @@ impl RingMaps {
     /// when the handler changed it (its generation moved), and the rings are translated again
     /// only then or when the queue's ring addresses changed.
     #[inline(always)]
-    pub(crate) fn get(
+    pub fn get(
         &mut self,
         conn: &Connection,
         qi: usize,
@@ -133,8 +154,30 @@ impl RingMaps {
     ) -> Result<SplitRing<'_>, RingError> {
         let generation = conn.mem_generation.load(Ordering::Acquire);
         if self.mem.is_none() || generation != self.generation {
-            self.reload(conn, generation);
+            self.reload(conn.mem.memory().into_inner(), generation);
         }
+        self.view(qi, queue)
+    }
+
+    /// Like [`RingMaps::get`], under the memory table `mem` of `generation` that the caller
+    /// holds (a data path with I/O in flight into guest memory keeps the table those buffers
+    /// were translated under until the I/O completes).
+    #[inline]
+    pub fn get_in(
+        &mut self,
+        mem: &Arc<GuestMemoryMmap<()>>,
+        generation: u64,
+        qi: usize,
+        queue: &virtio_queue::Queue,
+    ) -> Result<SplitRing<'_>, RingError> {
+        if self.mem.is_none() || generation != self.generation {
+            self.reload(mem.clone(), generation);
+        }
+        self.view(qi, queue)
+    }
+
+    #[inline(always)]
+    fn view(&mut self, qi: usize, queue: &virtio_queue::Queue) -> Result<SplitRing<'_>, RingError> {
         let mem: &GuestMemoryMmap<()> = self.mem.as_deref().ok_or(RingError::Layout)?;
         let slot = self.maps.get_mut(qi).ok_or(RingError::Layout)?;
         let map = match slot {
@@ -163,15 +206,15 @@ impl RingMaps {
     }
 
     #[cold]
-    fn reload(&mut self, conn: &Connection, generation: u64) {
-        self.mem = Some(conn.mem.memory().into_inner());
+    fn reload(&mut self, mem: Arc<GuestMemoryMmap<()>>, generation: u64) {
+        self.mem = Some(mem);
         self.generation = generation;
         self.maps.iter_mut().for_each(|m| *m = None);
     }
 }
 
 /// One queue's rings, valid for one burst (while the memory table `'m` is borrowed).
-pub(crate) struct SplitRing<'m> {
+pub struct SplitRing<'m> {
     mem: &'m GuestMemoryMmap<()>,
     /// Host addresses of the descriptor table, avail ring and used ring.
     desc: usize,
@@ -193,7 +236,7 @@ pub(crate) struct SplitRing<'m> {
 impl<'m> SplitRing<'m> {
     /// The memory table the rings are in.
     #[inline]
-    pub(crate) fn mem(&self) -> &'m GuestMemoryMmap<()> {
+    pub fn mem(&self) -> &'m GuestMemoryMmap<()> {
         self.mem
     }
 
@@ -205,7 +248,7 @@ impl<'m> SplitRing<'m> {
 
     /// Chains the driver made available since `next_avail` (§2.7.6), checked against the size.
     #[inline]
-    pub(crate) fn pending(&self, next_avail: u16) -> Result<u16, RingError> {
+    pub fn pending(&self, next_avail: u16) -> Result<u16, RingError> {
         // SAFETY: `idx` is at offset 2 of the 2-aligned avail ring (see this impl's comment).
         let idx = unsafe { AtomicU16::from_ptr((self.avail + 2) as *mut u16) };
         let n = u16::from_le(idx.load(Ordering::Acquire)).wrapping_sub(next_avail);
@@ -217,7 +260,7 @@ impl<'m> SplitRing<'m> {
 
     /// The head index at avail position `pos`.
     #[inline]
-    pub(crate) fn head(&self, pos: u16) -> Result<u16, RingError> {
+    pub fn head(&self, pos: u16) -> Result<u16, RingError> {
         let h = self.avail_u16(4 + 2 * (pos & self.mask) as usize);
         if h >= self.size {
             return Err(RingError::Chain(h));
@@ -228,28 +271,36 @@ impl<'m> SplitRing<'m> {
     /// Prefetches the head descriptors of the `n` chains from avail position `pos`, so the
     /// walks that follow find them in cache instead of missing on each in turn.
     #[inline]
-    pub(crate) fn prefetch_heads(&self, pos: u16, n: u16) {
+    pub fn prefetch_heads(&self, pos: u16, n: u16) {
         for i in 0..n {
             let h = self.avail_u16(4 + 2 * (pos.wrapping_add(i) & self.mask) as usize);
             prefetch(self.desc + DESC_LEN * (h & self.mask) as usize);
         }
     }
 
+    /// The used index as the driver sees it (what a previous backend instance completed).
+    #[inline]
+    pub fn used_idx(&self) -> u16 {
+        // SAFETY: `idx` is at offset 2 of the 4-aligned used ring (see this impl's comment).
+        let idx = unsafe { AtomicU16::from_ptr((self.used + 2) as *mut u16) };
+        u16::from_le(idx.load(Ordering::Acquire))
+    }
+
     /// The avail ring's flags (VRING_AVAIL_F_NO_INTERRUPT) and, with EVENT_IDX, `used_event`.
     #[inline]
-    pub(crate) fn avail_flags(&self) -> u16 {
+    pub fn avail_flags(&self) -> u16 {
         self.avail_u16(0)
     }
 
     #[inline]
-    pub(crate) fn used_event(&self) -> u16 {
+    pub fn used_event(&self) -> u16 {
         self.avail_u16(4 + 2 * self.size as usize)
     }
 
     /// Writes used element `(head, len)` at used position `pos` (not yet visible: see
     /// [`SplitRing::publish_used`]).
     #[inline]
-    pub(crate) fn put_used(&self, pos: u16, head: u16, len: u32) {
+    pub fn put_used(&self, pos: u16, head: u16, len: u32) {
         let at = self.used + 4 + 8 * (pos & self.mask) as usize;
         // SAFETY: the element is inside the 4-aligned used ring (see this impl's comment).
         unsafe {
@@ -261,7 +312,7 @@ impl<'m> SplitRing<'m> {
     /// Makes the used elements before `idx` visible to the driver (store-release of the used
     /// index: the driver must never see an index ahead of its elements).
     #[inline]
-    pub(crate) fn publish_used(&self, idx: u16) {
+    pub fn publish_used(&self, idx: u16) {
         // SAFETY: `idx` is at offset 2 of the 4-aligned used ring.
         let at = unsafe { AtomicU16::from_ptr((self.used + 2) as *mut u16) };
         at.store(idx.to_le(), Ordering::Release);
@@ -271,10 +322,10 @@ impl<'m> SplitRing<'m> {
     /// VRING_USED_F_NO_NOTIFY): a polling PMD needs no kicks, and each costs the driver a
     /// syscall and us a wakeup of the kick thread. With EVENT_IDX the flag means nothing;
     /// there the driver stops kicking once it passes the `avail_event` we last wrote (only
-    /// moved by [`NetQueues::set_tx_notifications`](crate::NetQueues::set_tx_notifications)).
+    /// moved by the data path when it is about to sleep).
     /// Checked every burst, as a driver that resets its rings clears the flag.
     #[inline]
-    pub(crate) fn suppress_notifications(&self, event_idx: bool) {
+    pub fn suppress_notifications(&self, event_idx: bool) {
         if event_idx {
             return;
         }
@@ -293,12 +344,7 @@ impl<'m> SplitRing<'m> {
     /// `segs`: if the chain does not fit in its spare capacity, `Ok(false)` (and `segs` is as
     /// before); a chain always fits in an empty `segs` of capacity [`MAX_CHAIN`].
     #[inline]
-    pub(crate) fn walk(
-        &self,
-        head: u16,
-        writable: bool,
-        segs: &mut Vec<Seg>,
-    ) -> Result<bool, RingError> {
+    pub fn walk(&self, head: u16, writable: bool, segs: &mut Vec<Seg>) -> Result<bool, RingError> {
         let d = self.desc(head as usize);
         let want = if writable { F_WRITE } else { 0 };
         if d.flags == want {
@@ -309,15 +355,24 @@ impl<'m> SplitRing<'m> {
                     segs.push(Seg {
                         addr: d.addr,
                         len: d.len,
+                        write: writable,
                         host,
                     });
                     Ok(true)
                 }
                 Some(_) => Ok(false),
-                None => self.walk_general(head, writable, segs),
+                None => self.walk_general(head, Some(writable), segs),
             };
         }
-        self.walk_general(head, writable, segs)
+        self.walk_general(head, Some(writable), segs)
+    }
+
+    /// Walks the chain at `head` like [`SplitRing::walk`], taking buffers of both directions
+    /// (each [`Seg`] says which): a request chain with a header to read, data, and a status to
+    /// write. The order of directions is the caller's to check.
+    #[inline]
+    pub fn walk_mixed(&self, head: u16, segs: &mut Vec<Seg>) -> Result<bool, RingError> {
+        self.walk_general(head, None, segs)
     }
 
     /// Descriptor `idx` (< size) of the ring's own table.
@@ -331,7 +386,7 @@ impl<'m> SplitRing<'m> {
     fn walk_general(
         &self,
         head: u16,
-        writable: bool,
+        writable: Option<bool>,
         segs: &mut Vec<Seg>,
     ) -> Result<bool, RingError> {
         let start = segs.len();
@@ -342,10 +397,11 @@ impl<'m> SplitRing<'m> {
         r
     }
 
+    /// `writable`: the direction every buffer must have, or None for any.
     fn walk_chain(
         &self,
         head: u16,
-        writable: bool,
+        writable: Option<bool>,
         segs: &mut Vec<Seg>,
     ) -> Result<bool, RingError> {
         // The table being walked: (host address, entries). Starts as the ring's own.
@@ -381,16 +437,19 @@ impl<'m> SplitRing<'m> {
                 indirect = true;
                 continue;
             }
-            if (d.flags & F_WRITE != 0) != writable {
-                return Err(if writable {
-                    RingError::Direction("device-readable", "receive")
-                } else {
-                    RingError::Direction("device-writable", "transmit")
-                });
+            let write = d.flags & F_WRITE != 0;
+            match writable {
+                Some(true) if !write => {
+                    return Err(RingError::Direction("device-readable", "receive"))
+                }
+                Some(false) if write => {
+                    return Err(RingError::Direction("device-writable", "transmit"))
+                }
+                _ => {}
             }
             let host = match self.host_addr(d.addr, d.len) {
                 Some(h) => {
-                    prefetch_buf(h, d.len, writable);
+                    prefetch_buf(h, d.len, write);
                     h
                 }
                 // A buffer across two regions is still fine; the copy takes the slow path.
@@ -403,6 +462,7 @@ impl<'m> SplitRing<'m> {
             segs.push(Seg {
                 addr: d.addr,
                 len: d.len,
+                write,
                 host,
             });
             if d.flags & F_NEXT == 0 {
@@ -437,6 +497,62 @@ impl<'m> SplitRing<'m> {
         self.last_region.set(entry);
         let off = addr - entry.0;
         (u64::from(len) <= entry.1 - off).then(|| entry.2 + off as usize)
+    }
+}
+
+/// Writes a burst of used elements and then the used index once (§2.7.8): the driver sees the
+/// whole burst at one store-release instead of one per packet, which is what keeps the used
+/// index's cache line from bouncing between the guest and the PMD. `last_only`: write only
+/// the burst's last element, which §2.7.9 allows with IN_ORDER (the driver then takes every
+/// chain up to it as used; only for transmit queues, where all written lengths are 0). Returns
+/// whether the driver wants to be notified.
+pub fn publish_used_batch(
+    ring: &SplitRing<'_>,
+    queue: &mut virtio_queue::Queue,
+    used: &[(u16, u32)],
+    last_only: bool,
+) -> bool {
+    let Some(&(last_head, last_len)) = used.last() else {
+        return false;
+    };
+    let old = queue.next_used();
+    let next = old.wrapping_add(used.len() as u16);
+    // Heads come from `SplitRing::head`, which checked them against the size.
+    if last_only {
+        ring.put_used(next.wrapping_sub(1), last_head, last_len);
+    } else {
+        let mut pos = old;
+        for &(head, len) in used {
+            ring.put_used(pos, head, len);
+            pos = pos.wrapping_add(1);
+        }
+    }
+    ring.publish_used(next);
+    queue.set_next_used(next);
+    // Here rather than before the burst: the used ring's first line is now ours anyway. (Receive
+    // buffers are only looked at when there is a packet for them, and transmit queues are
+    // polled, so neither wants kicks; `set_tx_notifications` asks for them before a sleep.)
+    ring.suppress_notifications(queue.event_idx_enabled());
+    needs_interrupt(ring, queue, old)
+}
+
+/// Whether the driver wants an interrupt for the used entries from `old` to the queue's
+/// `next_used` (§2.7.10): with EVENT_IDX, when `used_event` lies in that range (§2.7.10.2,
+/// the inequality Linux uses for batches); without it, unless the driver set
+/// VRING_AVAIL_F_NO_INTERRUPT — a polling driver (DPDK) does, which saves an eventfd write per
+/// burst.
+pub fn needs_interrupt(ring: &SplitRing<'_>, queue: &virtio_queue::Queue, old: u16) -> bool {
+    let new = queue.next_used();
+    if new == old {
+        return false;
+    }
+    // The used index store must be visible before the driver's event field is read.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    if queue.event_idx_enabled() {
+        let used_event = ring.used_event();
+        new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
+    } else {
+        ring.avail_flags() & 1 == 0
     }
 }
 

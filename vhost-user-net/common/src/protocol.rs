@@ -16,6 +16,8 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 
 use crate::handler::{ConnHandler, MemRegion, MAX_MEM_SLOTS};
+use crate::inflight::InflightInfo;
+use crate::DeviceModel;
 
 const HDR_LEN: usize = 12;
 /// Largest payload accepted (the spec's messages are all far smaller).
@@ -50,6 +52,8 @@ mod req {
     pub const SET_BACKEND_REQ_FD: u32 = 21;
     pub const GET_CONFIG: u32 = 24;
     pub const SET_CONFIG: u32 = 25;
+    pub const GET_INFLIGHT_FD: u32 = 31;
+    pub const SET_INFLIGHT_FD: u32 = 32;
     pub const GET_MAX_MEM_SLOTS: u32 = 36;
     pub const ADD_MEM_REG: u32 = 37;
     pub const REM_MEM_REG: u32 = 38;
@@ -104,13 +108,13 @@ impl Msg {
 }
 
 /// One frontend connection being served.
-pub(crate) struct Session {
+pub(crate) struct Session<M: DeviceModel> {
     stream: UnixStream,
-    handler: ConnHandler,
+    handler: ConnHandler<M>,
 }
 
-impl Session {
-    pub(crate) fn new(stream: UnixStream, handler: ConnHandler) -> Self {
+impl<M: DeviceModel> Session<M> {
+    pub(crate) fn new(stream: UnixStream, handler: ConnHandler<M>) -> Self {
         Session { stream, handler }
     }
 
@@ -159,12 +163,13 @@ impl Session {
     }
 
     fn reply(&mut self, code: u32, body: &[u8]) -> Result<(), SessionEnd> {
-        let mut out = Vec::with_capacity(HDR_LEN + body.len());
-        out.extend_from_slice(&code.to_le_bytes());
-        out.extend_from_slice(&(VERSION | REPLY).to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(body);
-        self.stream.write_all(&out)?;
+        self.stream.write_all(&reply_bytes(code, body))?;
+        Ok(())
+    }
+
+    /// A reply carrying one file descriptor (GET_INFLIGHT_FD).
+    fn reply_with_fd(&mut self, code: u32, body: &[u8], fd: &File) -> Result<(), SessionEnd> {
+        send_with_fd(&self.stream, &reply_bytes(code, body), fd)?;
         Ok(())
     }
 
@@ -272,7 +277,7 @@ impl Session {
                 self.ack(&msg, r)
             }
             req::GET_PROTOCOL_FEATURES => {
-                let f = h.get_protocol_features() | VhostUserProtocolFeatures::REPLY_ACK;
+                let f = h.get_protocol_features();
                 self.reply(msg.code, &f.bits().to_le_bytes())
             }
             req::SET_PROTOCOL_FEATURES => {
@@ -287,7 +292,8 @@ impl Session {
                 let r = h.set_vring_enable(msg.u32_at(0)?, msg.u32_at(4)? != 0);
                 self.ack(&msg, r)
             }
-            // The L2 switch learns MACs from traffic; an MTU is the guest's business.
+            // Net only, and nothing to do: Torii's switch learns MACs from traffic, and an MTU
+            // is the guest's business.
             req::SEND_RARP | req::NET_SET_MTU => self.ack(&msg, Ok(())),
             req::SET_BACKEND_REQ_FD => {
                 let Some(f) = msg.files.pop() else {
@@ -304,22 +310,41 @@ impl Session {
             req::GET_CONFIG => {
                 // struct { offset, size, flags, payload[size] }
                 let (offset, size) = (msg.u32_at(0)?, msg.u32_at(4)?);
-                let data = h.get_config(offset, size);
+                // Exactly `size` bytes (at most 256): zeros past the end of the config space.
+                let cfg = h.get_config(offset, size);
                 let mut body = msg.payload[..12.min(msg.payload.len())].to_vec();
                 body.resize(12, 0);
-                // Reply with exactly `size` bytes: zeros past the end of the config space.
-                let mut cfg = data;
-                cfg.resize(size.min(256) as usize, 0);
                 body[4..8].copy_from_slice(&(cfg.len() as u32).to_le_bytes());
                 body.extend_from_slice(&cfg);
                 self.reply(msg.code, &body)
             }
-            req::SET_CONFIG => self.ack(
-                &msg,
-                Err(crate::handler::Error::Unsupported(
-                    "virtio-net config space is read-only (§5.1.4)",
-                )),
-            ),
+            req::SET_CONFIG => {
+                let (offset, size) = (msg.u32_at(0)?, msg.u32_at(4)? as usize);
+                let data = msg.payload.get(12..12 + size.min(256)).ok_or_else(|| {
+                    SessionEnd::Malformed("SET_CONFIG: payload shorter than its size".into())
+                })?;
+                let r = self.handler.set_config(offset, data);
+                self.ack(&msg, r)
+            }
+            req::GET_INFLIGHT_FD => {
+                let info = InflightInfo::parse(&msg.payload).ok_or_else(|| {
+                    SessionEnd::Malformed("GET_INFLIGHT_FD: short payload".into())
+                })?;
+                match self.handler.get_inflight_fd(&info) {
+                    Ok((reply, file)) => self.reply_with_fd(msg.code, &reply.to_bytes(), &file),
+                    Err(e) => Err(SessionEnd::Malformed(format!("GET_INFLIGHT_FD: {e}"))),
+                }
+            }
+            req::SET_INFLIGHT_FD => {
+                let info = InflightInfo::parse(&msg.payload).ok_or_else(|| {
+                    SessionEnd::Malformed("SET_INFLIGHT_FD: short payload".into())
+                })?;
+                let Some(f) = msg.files.pop() else {
+                    return Err(SessionEnd::Malformed("SET_INFLIGHT_FD without fd".into()));
+                };
+                let r = self.handler.set_inflight_fd(&info, f);
+                self.ack(&msg, r)
+            }
             req::GET_MAX_MEM_SLOTS => self.reply(msg.code, &MAX_MEM_SLOTS.to_le_bytes()),
             req::ADD_MEM_REG | req::REM_MEM_REG => {
                 // struct { padding u64, region }
@@ -339,6 +364,55 @@ impl Session {
                 tracing::warn!(request = other, "unsupported vhost-user request");
                 self.ack(&msg, Err(crate::handler::Error::Unsupported("request")))
             }
+        }
+    }
+}
+
+fn reply_bytes(code: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HDR_LEN + body.len());
+    out.extend_from_slice(&code.to_le_bytes());
+    out.extend_from_slice(&(VERSION | REPLY).to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// `sendmsg` of `buf` with `fd` as `SCM_RIGHTS` ancillary data.
+fn send_with_fd(stream: &UnixStream, buf: &[u8], fd: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut cmsg = [0u64; 4]; // ≥ CMSG_SPACE(4)
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is a valid starting value.
+    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_iov = &mut iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = cmsg.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    mh.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as _;
+    // SAFETY: the control buffer holds CMSG_SPACE(4) bytes, enough for one header and one fd;
+    // CMSG_FIRSTHDR points into it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&mh);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut RawFd, fd.as_raw_fd());
+    }
+    loop {
+        // SAFETY: `mh` points at `iov` (into `buf`) and `cmsg`, both alive for the call.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &mh, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            if n as usize != buf.len() {
+                return Err(io::Error::other("short write of a reply"));
+            }
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

@@ -1,0 +1,131 @@
+//! Shared pieces of the vhost-user-blk end-to-end tests: the backend under test, run as the
+//! real `torii-vhost-user-blk` binary, and guest helpers.
+
+#![allow(dead_code)]
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use torii_perf::guest::Guest;
+use torii_perf::proc_util::{wait_until, ChildGuard};
+
+/// Unwraps with the error's Display: harness errors carry the logs that explain them.
+pub trait OrFail<T> {
+    fn or_fail(self, ctx: &str) -> T;
+}
+
+impl<T, E: Display> OrFail<T> for Result<T, E> {
+    fn or_fail(self, ctx: &str) -> T {
+        self.unwrap_or_else(|e| panic!("{ctx}: {e}"))
+    }
+}
+
+/// A `torii-vhost-user-blk` process serving `image` on `socket`.
+pub struct Backend {
+    child: Option<ChildGuard>,
+    pub socket: PathBuf,
+    image: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Backend {
+    /// Starts the backend with extra command-line `args` and waits for its socket.
+    pub fn start(dir: &Path, image: &Path, args: &[&str]) -> Backend {
+        let mut b = Backend {
+            child: None,
+            socket: dir.join("blk.sock"),
+            image: image.to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            log: dir.join("blk.log"),
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .or_fail("backend log");
+        let child = Command::new(env!("CARGO_BIN_EXE_torii-vhost-user-blk"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--file")
+            .arg(&self.image)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().or_fail("log"))
+            .stderr(log)
+            .spawn()
+            .or_fail("spawning torii-vhost-user-blk");
+        self.child = Some(ChildGuard::new(child, "torii-vhost-user-blk"));
+        let up = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            self.socket.exists()
+        });
+        assert!(up, "backend did not listen; log:\n{}", self.log_text());
+    }
+
+    /// SIGKILL, then a new process with the same arguments.
+    pub fn kill_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().or_fail("killing the backend");
+        }
+        self.spawn();
+    }
+
+    /// SIGTERM and wait: the backend must stop cleanly and remove its socket.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.signal(libc::SIGTERM).or_fail("SIGTERM");
+            let st = c
+                .wait_timeout(Duration::from_secs(10))
+                .or_fail("waiting for the backend")
+                .unwrap_or_else(|| panic!("backend ignored SIGTERM; log:\n{}", self.log_text()));
+            assert!(
+                st.success(),
+                "backend exited with {st}: {}",
+                self.log_text()
+            );
+            assert!(!self.socket.exists(), "socket left behind");
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A sparse image file of `mib` MiB.
+pub fn image(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).or_fail("creating image");
+    f.set_len(mib << 20).or_fail("sizing image");
+    p
+}
+
+/// Blocks the file occupies on the host (512-byte units).
+pub fn allocated_blocks(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).or_fail("stat image").blocks()
+}
+
+/// Runs a host binary in the guest through the host's root shared at /host (its dynamic
+/// loader and libraries), e.g. `mkfs.ext4`.
+pub fn host_cmd(cmd: &str) -> String {
+    format!(
+        "MKE2FS_CONFIG=/host/etc/mke2fs.conf /host/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path /host/usr/lib/x86_64-linux-gnu {cmd}"
+    )
+}
+
+pub const T: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` in the guest; panics with the output if it fails.
+pub fn run(g: &mut Guest, cmd: &str) -> String {
+    g.run_ok(cmd, T).or_fail(cmd)
+}
