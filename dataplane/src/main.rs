@@ -49,13 +49,7 @@ enum Cmd {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TORII_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    torii_vhost_user::daemon::init_logging();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Check { config } => Config::load(&config)

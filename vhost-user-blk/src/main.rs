@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use torii_vhost_user::daemon::StopSignals;
 use torii_vhost_user_blk::{BlkExport, ExportConfig, PollMode, SocketMode};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -63,16 +64,10 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    torii_vhost_user::daemon::init_logging();
     let a = Args::parse();
-    // Block the stop signals before any thread starts, so that only `sigwait` below sees them.
-    let signals = match stop_signals() {
+    // Block the stop signals before any thread starts, so that only `wait` below sees them.
+    let signals = match StopSignals::block() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("torii-vhost-user-blk: cannot block signals: {e}");
@@ -111,28 +106,8 @@ fn main() -> std::process::ExitCode {
         }
     };
     tracing::info!(socket = %socket.display(), "serving");
-    let mut sig: libc::c_int = 0;
-    // SAFETY: `signals` is an initialized set and `sig` a valid out pointer.
-    unsafe { libc::sigwait(&signals, &mut sig) };
+    let sig = signals.wait();
     tracing::info!(signal = sig, "stopping");
     export.stop();
     std::process::ExitCode::SUCCESS
-}
-
-/// Blocks SIGINT and SIGTERM in this thread (and every thread started after) and returns
-/// the set to wait on.
-fn stop_signals() -> std::io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data, initialized by sigemptyset before use; the calls only
-    // read and write it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if r != 0 {
-            return Err(std::io::Error::from_raw_os_error(r));
-        }
-        Ok(set)
-    }
 }

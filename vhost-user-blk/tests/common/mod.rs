@@ -58,7 +58,7 @@ impl Backend {
             .arg("--file")
             .arg(&self.image)
             .args(&self.args)
-            .env("RUST_LOG", "info")
+            .env("TORII_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().or_fail("log"))
             .stderr(log)

@@ -7,6 +7,7 @@
 //! A device plugs in through [`DeviceModel`]: the features and protocol features it offers,
 //! its queue count and its config space. Everything else is the same for every device.
 
+pub mod daemon;
 mod endpoint;
 mod handler;
 pub mod inflight;

@@ -1,0 +1,46 @@
+//! What every Torii device daemon does the same way around its devices: logging setup and
+//! waiting for a stop signal.
+
+/// Logs to stderr, filtered by `TORII_LOG` (default `info`), with colours only on a terminal.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TORII_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// SIGINT and SIGTERM, blocked so that only [`StopSignals::wait`] sees them. Block them
+/// before starting any thread: threads inherit the mask.
+pub struct StopSignals {
+    set: libc::sigset_t,
+}
+
+impl StopSignals {
+    pub fn block() -> std::io::Result<Self> {
+        // SAFETY: sigset_t is plain data, initialized by sigemptyset before use; the calls
+        // only read and write it.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if r != 0 {
+                return Err(std::io::Error::from_raw_os_error(r));
+            }
+            Ok(StopSignals { set })
+        }
+    }
+
+    /// Waits for one of them; returns its number.
+    pub fn wait(&self) -> i32 {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialized signal set and `sig` a valid out pointer.
+        unsafe { libc::sigwait(&self.set, &mut sig) };
+        sig
+    }
+}
