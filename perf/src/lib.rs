@@ -13,15 +13,21 @@
 //!   backend (run it with `perf/run-bench`).
 //! * [`switch_bench`] — `torii-switch-bench`: the L2 switch's rate with 2, 8,
 //!   32 ports against a cross-connect (`perf/run-switch-bench`).
+//! * [`blk_client`], [`blk_job`] — a userspace virtio-blk driver over
+//!   vhost-user (a VM without a VM) and fio-like jobs on it, with a verify
+//!   mode: `torii-blk-client`, against any vhost-user-blk backend.
 //!
 //! Everything here is meant for tests running as root on a machine prepared
 //! by `scripts/setup`. Set `TORII_KEEP_TMP=1` to keep temporary directories
 //! (serial logs, testpmd logs, sockets) for post-mortem debugging.
 
 pub mod bench;
+pub mod blk_client;
+pub mod blk_job;
 pub mod guest;
 pub mod prereq;
 pub mod proc_util;
+pub mod qsd;
 pub mod switch_bench;
 pub mod testpmd;
 

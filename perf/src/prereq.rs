@@ -12,6 +12,11 @@ pub const QEMU_HINT: &str = "apt-get install -t bookworm-backports qemu-system-x
 pub const TESTPMD_HINT: &str =
     "apt-get install dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23";
 /// Hint when hugepages are missing.
+/// qemu-storage-daemon 10 is in qemu-utils (backports).
+pub const QSD_HINT: &str =
+    "apt-get install -t bookworm-backports qemu-utils (or run scripts/setup)";
+/// fio (the raw-file ceiling of the blk benchmark).
+pub const FIO_HINT: &str = "apt-get install fio (or run scripts/setup)";
 pub const HUGEPAGES_HINT: &str = "run scripts/setup (reserves hugepages)";
 /// Hint when the guest image is missing.
 pub const GUEST_IMAGE_HINT: &str = "run scripts/setup";

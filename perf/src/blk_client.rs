@@ -1,0 +1,496 @@
+//! A userspace virtio-blk driver over vhost-user: a VM without a VM. It plays the frontend
+//! (rust-vmm `vhost`'s `Frontend` for the protocol), owns "guest" memory (a shared memfd it
+//! hands to the backend), and drives split virtqueues (virtio 1.2 §2.7) the way a polling
+//! guest driver would: requests of three descriptors (header, data, status), a batch of them
+//! made available with one index store, one kick when the backend asks for kicks, completions
+//! polled from the used ring. It works against any vhost-user-blk backend: Torii's or
+//! qemu-storage-daemon's.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::ptr;
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("vhost-user: {0}")]
+    VhostUser(#[from] vhost::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+const F_VERSION_1: u64 = 1 << 32;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_MQ: u64 = 1 << 12;
+const F_FLUSH: u64 = 1 << 9;
+const F_RO: u64 = 1 << 5;
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+const USED_F_NO_NOTIFY: u16 = 1;
+
+/// Request types (virtio 1.2 §5.2.6).
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+
+/// How to connect and lay out the queues.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub queues: u16,
+    /// Descriptors per queue (a power of two); each request takes three.
+    pub queue_size: u16,
+    /// Requests each queue can have in flight (at most queue_size / 3).
+    pub slots: u16,
+    /// Largest transfer of one request (each slot has a data buffer this large).
+    pub max_bytes: u32,
+}
+
+/// What the device told us.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceInfo {
+    pub capacity_sectors: u64,
+    pub block_size: u32,
+    pub read_only: bool,
+    pub flush: bool,
+}
+
+/// The shared "guest" memory: one memfd mapped here, and at guest physical address 0 in the
+/// backend.
+struct GuestMemory {
+    file: File,
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; each queue's part is used by one thread only
+// (see `DriverQueue`), and the map is only unmapped on drop.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    fn new(len: usize) -> std::io::Result<Self> {
+        // SAFETY: the name is a NUL-terminated literal.
+        let fd = unsafe { libc::memfd_create(c"torii-blk-client".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh fd we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64)?;
+        // SAFETY: maps `len` bytes of the new file, shared, at an address the kernel picks.
+        let addr = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(GuestMemory {
+            file,
+            addr: addr.cast(),
+            len,
+        })
+    }
+
+    /// Host address of guest physical address `gpa`.
+    fn host(&self, gpa: u64) -> *mut u8 {
+        assert!(
+            (gpa as usize) < self.len,
+            "gpa {gpa:#x} outside client memory"
+        );
+        // SAFETY: in bounds, checked above.
+        unsafe { self.addr.add(gpa as usize) }
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly our mapping; no queue outlives the memory (they hold it).
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
+}
+
+fn align(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+/// Bytes of one queue's area: rings, then per slot a header, a status byte and a data buffer.
+fn queue_area(cfg: &ClientConfig) -> (u64, [u64; 5]) {
+    let size = u64::from(cfg.queue_size);
+    let slots = u64::from(cfg.slots);
+    let desc = 0;
+    let avail = desc + 16 * size;
+    let used = align(avail + 6 + 2 * size, 4096);
+    let hdrs = align(used + 6 + 8 * size, 64);
+    let status = hdrs + 16 * slots;
+    let data = align(status + slots, 4096);
+    let end = align(data + slots * u64::from(cfg.max_bytes), 4096);
+    (end, [desc, avail, used, hdrs, data])
+}
+
+/// A connected vhost-user-blk device.
+pub struct BlkClient {
+    frontend: Frontend,
+    mem: Arc<GuestMemory>,
+    info: DeviceInfo,
+    queues: Vec<DriverQueue>,
+}
+
+impl BlkClient {
+    /// Connects to `socket`, negotiates, shares the memory and starts `cfg.queues` queues.
+    pub fn connect(socket: &Path, cfg: &ClientConfig) -> Result<Self, ClientError> {
+        if !cfg.queue_size.is_power_of_two() || cfg.slots == 0 || cfg.slots > cfg.queue_size / 3 {
+            return Err(ClientError::Setup(format!(
+                "{} slots do not fit a queue of {} descriptors",
+                cfg.slots, cfg.queue_size
+            )));
+        }
+        let mut fe = Frontend::connect(socket, u64::from(cfg.queues))?;
+        fe.set_owner()?;
+        let offered = fe.get_features()?;
+        if offered & F_VERSION_1 == 0 || offered & F_PROTOCOL_FEATURES == 0 {
+            return Err(ClientError::Setup(format!(
+                "backend offers {offered:#x}: VERSION_1 and PROTOCOL_FEATURES needed"
+            )));
+        }
+        let want = F_VERSION_1 | F_PROTOCOL_FEATURES | F_BLK_SIZE | F_MQ | F_FLUSH | F_RO;
+        fe.set_features(offered & want)?;
+        let p = fe.get_protocol_features()?;
+        let wantp = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        fe.set_protocol_features(p & wantp)?;
+        if !p.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(ClientError::Setup(
+                "backend without the CONFIG protocol feature".into(),
+            ));
+        }
+        if cfg.queues > 1 {
+            let n = fe.get_queue_num()?;
+            if n < u64::from(cfg.queues) || offered & F_MQ == 0 {
+                return Err(ClientError::Setup(format!(
+                    "{} queues asked, backend has {n}",
+                    cfg.queues
+                )));
+            }
+        }
+        let (_, cfgspace) = fe.get_config(0, 24, VhostUserConfigFlags::WRITABLE, &[0u8; 24])?;
+        let le32 = |o: usize| u32::from_le_bytes(cfgspace[o..o + 4].try_into().unwrap_or_default());
+        let info = DeviceInfo {
+            capacity_sectors: u64::from_le_bytes(cfgspace[0..8].try_into().unwrap_or_default()),
+            block_size: if offered & F_BLK_SIZE != 0 {
+                le32(20)
+            } else {
+                512
+            },
+            read_only: offered & F_RO != 0,
+            flush: offered & F_FLUSH != 0,
+        };
+
+        let (per_queue, layout) = queue_area(cfg);
+        let mem = Arc::new(GuestMemory::new(
+            (per_queue * u64::from(cfg.queues)) as usize,
+        )?);
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: mem.len as u64,
+            userspace_addr: mem.addr as u64,
+            mmap_offset: 0,
+            mmap_handle: mem.file.as_raw_fd(),
+        }])?;
+        let mut queues = Vec::new();
+        for q in 0..cfg.queues {
+            let base = per_queue * u64::from(q);
+            let [desc, avail, used, hdrs, data] = layout.map(|o| base + o);
+            let dq = DriverQueue::new(mem.clone(), q, cfg, [desc, avail, used, hdrs, data])?;
+            let qi = q as usize;
+            fe.set_vring_num(qi, cfg.queue_size)?;
+            fe.set_vring_base(qi, 0)?;
+            fe.set_vring_addr(
+                qi,
+                &VringConfigData {
+                    queue_max_size: cfg.queue_size,
+                    queue_size: cfg.queue_size,
+                    flags: 0,
+                    // The backend translates these through the memory table's user addresses.
+                    desc_table_addr: mem.addr as u64 + desc,
+                    used_ring_addr: mem.addr as u64 + used,
+                    avail_ring_addr: mem.addr as u64 + avail,
+                    log_addr: None,
+                },
+            )?;
+            fe.set_vring_call(qi, &dq.call)?;
+            fe.set_vring_kick(qi, &dq.kick)?;
+            fe.set_vring_enable(qi, true)?;
+            queues.push(dq);
+        }
+        Ok(BlkClient {
+            frontend: fe,
+            mem,
+            info,
+            queues,
+        })
+    }
+
+    pub fn info(&self) -> DeviceInfo {
+        self.info
+    }
+
+    /// Takes the queues, to drive them from one thread each.
+    pub fn take_queues(&mut self) -> Vec<DriverQueue> {
+        std::mem::take(&mut self.queues)
+    }
+
+    /// Stops every ring (GET_VRING_BASE) and closes the connection.
+    pub fn close(self, queues: u16) {
+        for q in 0..queues as usize {
+            let _ = self.frontend.get_vring_base(q);
+        }
+        drop(self.mem);
+    }
+}
+
+/// One request's result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub slot: u16,
+    pub status: u8,
+    /// Bytes the device said it wrote (used element `len`).
+    pub written: u32,
+}
+
+/// One virtqueue, driven by one thread.
+pub struct DriverQueue {
+    mem: Arc<GuestMemory>,
+    index: u16,
+    size: u16,
+    slots: u16,
+    max_bytes: u32,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    hdrs: u64,
+    data: u64,
+    avail_idx: u16,
+    /// Avail index at the last kick.
+    kicked_idx: u16,
+    last_used: u16,
+    kick: EventFd,
+    call: EventFd,
+}
+
+impl DriverQueue {
+    fn new(
+        mem: Arc<GuestMemory>,
+        index: u16,
+        cfg: &ClientConfig,
+        [desc, avail, used, hdrs, data]: [u64; 5],
+    ) -> Result<Self, ClientError> {
+        let q = DriverQueue {
+            mem,
+            index,
+            size: cfg.queue_size,
+            slots: cfg.slots,
+            max_bytes: cfg.max_bytes,
+            desc,
+            avail,
+            used,
+            hdrs,
+            data,
+            avail_idx: 0,
+            kicked_idx: 0,
+            last_used: 0,
+            kick: EventFd::new(libc::EFD_NONBLOCK)?,
+            call: EventFd::new(libc::EFD_NONBLOCK)?,
+        };
+        // A polling driver: no interrupts wanted.
+        q.write_u16(q.avail, AVAIL_F_NO_INTERRUPT);
+        Ok(q)
+    }
+
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    pub fn slots(&self) -> u16 {
+        self.slots
+    }
+
+    fn write_u16(&self, gpa: u64, v: u16) {
+        // SAFETY: `gpa` is inside this queue's area of the mapping (laid out in `queue_area`),
+        // 2-aligned.
+        unsafe { ptr::write_volatile(self.mem.host(gpa) as *mut u16, v.to_le()) };
+    }
+
+    fn read_u16(&self, gpa: u64) -> u16 {
+        // SAFETY: as in `write_u16`.
+        u16::from_le(unsafe { ptr::read_volatile(self.mem.host(gpa) as *const u16) })
+    }
+
+    fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = self.mem.host(self.desc + 16 * u64::from(i));
+        // SAFETY: descriptor `i` < size lies in the descriptor table, 16-aligned.
+        unsafe {
+            ptr::write_volatile(at as *mut u64, addr.to_le());
+            ptr::write_volatile(at.add(8) as *mut u32, len.to_le());
+            ptr::write_volatile(at.add(12) as *mut u16, flags.to_le());
+            ptr::write_volatile(at.add(14) as *mut u16, next.to_le());
+        }
+    }
+
+    /// The data buffer of `slot` (`max_bytes` long).
+    pub fn data(&mut self, slot: u16) -> &mut [u8] {
+        assert!(slot < self.slots);
+        let gpa = self.data + u64::from(slot) * u64::from(self.max_bytes);
+        // SAFETY: the slot's buffer lies in this queue's area; `&mut self` makes this the only
+        // reference to it on our side while the backend does not own the slot.
+        unsafe { std::slice::from_raw_parts_mut(self.mem.host(gpa), self.max_bytes as usize) }
+    }
+
+    /// Queues request `kind` at `sector` for `slot`, moving `len` bytes of its data buffer
+    /// (none for FLUSH). Not visible to the device until [`DriverQueue::publish`].
+    pub fn queue(&mut self, slot: u16, kind: u32, sector: u64, len: u32) {
+        assert!(slot < self.slots && len <= self.max_bytes);
+        let hdr = self.hdrs + 16 * u64::from(slot);
+        let h = self.mem.host(hdr);
+        // SAFETY: the slot's 16-byte header lies in this queue's area.
+        unsafe {
+            ptr::write_volatile(h as *mut u32, kind.to_le());
+            ptr::write_volatile(h.add(4) as *mut u32, 0);
+            ptr::write_volatile(h.add(8) as *mut u64, sector.to_le());
+        }
+        let status = self.hdrs + 16 * u64::from(self.slots) + u64::from(slot);
+        // SAFETY: the status byte lies in this queue's area.
+        unsafe { ptr::write_volatile(self.mem.host(status), 0xff) };
+        let d = 3 * slot;
+        let data = self.data + u64::from(slot) * u64::from(self.max_bytes);
+        if len == 0 {
+            self.write_desc(d, hdr, 16, DESC_F_NEXT, d + 2);
+        } else {
+            self.write_desc(d, hdr, 16, DESC_F_NEXT, d + 1);
+            let dir = if kind == T_IN || kind == T_GET_ID {
+                DESC_F_WRITE
+            } else {
+                0
+            };
+            self.write_desc(d + 1, data, len, DESC_F_NEXT | dir, d + 2);
+        }
+        self.write_desc(d + 2, status, 1, DESC_F_WRITE, 0);
+        let ring = self.avail + 4 + 2 * u64::from(self.avail_idx & (self.size - 1));
+        self.write_u16(ring, d);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Guest addresses of `slot`'s header, data buffer and status byte, for hand-made chains.
+    pub fn slot_addrs(&self, slot: u16) -> (u64, u64, u64) {
+        (
+            self.hdrs + 16 * u64::from(slot),
+            self.data + u64::from(slot) * u64::from(self.max_bytes),
+            self.hdrs + 16 * u64::from(self.slots) + u64::from(slot),
+        )
+    }
+
+    /// Size of the guest memory (addresses from here on are outside it).
+    pub fn memory_len(&self) -> u64 {
+        self.mem.len as u64
+    }
+
+    /// Writes `header` into `slot`'s header and the status byte to 0xff.
+    pub fn set_header(&mut self, slot: u16, kind: u32, sector: u64) {
+        let (hdr, _, status) = self.slot_addrs(slot);
+        let h = self.mem.host(hdr);
+        // SAFETY: the header and status byte lie in this queue's area.
+        unsafe {
+            ptr::write_volatile(h as *mut u32, kind.to_le());
+            ptr::write_volatile(h.add(4) as *mut u32, 0);
+            ptr::write_volatile(h.add(8) as *mut u64, sector.to_le());
+            ptr::write_volatile(self.mem.host(status), 0xff);
+        }
+    }
+
+    /// A hostile driver's move: writes descriptors `(index, addr, len, flags, next)` as given
+    /// (indices taken modulo the queue size) and makes `head` available, unchecked.
+    pub fn queue_raw(&mut self, head: u16, descs: &[(u16, u64, u32, u16, u16)]) {
+        for &(i, addr, len, flags, next) in descs {
+            self.write_desc(i & (self.size - 1), addr, len, flags, next);
+        }
+        let ring = self.avail + 4 + 2 * u64::from(self.avail_idx & (self.size - 1));
+        self.write_u16(ring, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// A hostile driver's move: stores `idx` as the avail index (and kicks).
+    pub fn publish_raw_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.kicked_idx = idx.wrapping_sub(1);
+        self.publish();
+    }
+
+    /// Makes the queued requests visible (one release store of the avail index) and kicks the
+    /// device unless it asked not to be (it polls).
+    pub fn publish(&mut self) {
+        if self.avail_idx == self.kicked_idx {
+            return;
+        }
+        let idx = self.mem.host(self.avail + 2);
+        // SAFETY: the avail index is 2-aligned inside the avail ring.
+        unsafe { AtomicU16::from_ptr(idx as *mut u16) }
+            .store(self.avail_idx.to_le(), Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.read_u16(self.used) & USED_F_NO_NOTIFY == 0 {
+            let _ = self.kick.write(1);
+        }
+        self.kicked_idx = self.avail_idx;
+    }
+
+    /// Appends the requests the device has completed to `out`.
+    pub fn poll(&mut self, out: &mut Vec<Completion>) {
+        let idx = self.mem.host(self.used + 2);
+        // SAFETY: the used index is 2-aligned inside the used ring.
+        let used =
+            u16::from_le(unsafe { AtomicU16::from_ptr(idx as *mut u16) }.load(Ordering::Acquire));
+        while self.last_used != used {
+            let e = self.used + 4 + 8 * u64::from(self.last_used & (self.size - 1));
+            let h = self.mem.host(e);
+            // SAFETY: used element inside the used ring, 4-aligned.
+            let (id, len) = unsafe {
+                (
+                    u32::from_le(ptr::read_volatile(h as *const u32)),
+                    u32::from_le(ptr::read_volatile(h.add(4) as *const u32)),
+                )
+            };
+            let slot = (id / 3) as u16;
+            let status_gpa =
+                self.hdrs + 16 * u64::from(self.slots) + u64::from(slot.min(self.slots - 1));
+            // SAFETY: the status byte lies in this queue's area.
+            let status = unsafe { ptr::read_volatile(self.mem.host(status_gpa)) };
+            out.push(Completion {
+                slot,
+                status,
+                written: len,
+            });
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+    }
+}
