@@ -16,12 +16,17 @@
 //! * [`blk_client`], [`blk_job`] — a userspace virtio-blk driver over
 //!   vhost-user (a VM without a VM) and fio-like jobs on it, with a verify
 //!   mode: `torii-blk-client`, against any vhost-user-blk backend.
+//! * [`blk_bench`] — `torii-blk-bench`: Torii's vhost-user-blk backend vs
+//!   qemu-storage-daemon, same client and file, fio as the ceiling
+//!   (`perf/run-blk-bench`).
+//! * [`qsd`] — qemu-storage-daemon as the vhost-user-blk peer.
 //!
 //! Everything here is meant for tests running as root on a machine prepared
 //! by `scripts/setup`. Set `TORII_KEEP_TMP=1` to keep temporary directories
 //! (serial logs, testpmd logs, sockets) for post-mortem debugging.
 
 pub mod bench;
+pub mod blk_bench;
 pub mod blk_client;
 pub mod blk_job;
 pub mod guest;

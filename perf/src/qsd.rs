@@ -35,7 +35,7 @@ pub enum QsdError {
 
 /// A running `qemu-storage-daemon --export type=vhost-user-blk`.
 pub struct Qsd {
-    _child: ChildGuard,
+    child: ChildGuard,
     pub socket: PathBuf,
 }
 
@@ -83,8 +83,12 @@ impl Qsd {
             });
         }
         Ok(Qsd {
-            _child: guard,
+            child: guard,
             socket: socket.to_path_buf(),
         })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
     }
 }

@@ -40,6 +40,9 @@ pub enum Op<'a> {
     WriteZeroes { offset: u64, len: u64, unmap: bool },
 }
 
+/// Completion token of the wait timeout (request tokens are below 2^32).
+const TIMEOUT_TOKEN: u64 = u64::MAX;
+
 /// The submission ring is full: submit (and reap) first.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full;
@@ -49,6 +52,10 @@ pub struct Engine {
     ring: IoUring,
     file: File,
     capacity: u64,
+    flags: OpenFlags,
+    /// The armed wait timeout (see [`Engine::submit_and_wait_at_most`]).
+    timeout: Box<types::Timespec>,
+    timeout_armed: bool,
     depth: usize,
     /// Pushed and not yet completed.
     inflight: usize,
@@ -72,6 +79,9 @@ impl Engine {
             ring,
             file,
             capacity,
+            flags,
+            timeout: Box::new(types::Timespec::new()),
+            timeout_armed: false,
             depth: depth as usize,
             inflight: 0,
         })
@@ -84,6 +94,11 @@ impl Engine {
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// How the export was opened.
+    pub fn flags(&self) -> OpenFlags {
+        self.flags
     }
 
     /// Submission ring entries: at most this many requests should be in flight.
@@ -165,6 +180,24 @@ impl Engine {
         self.ring.submit_and_wait(want.min(self.inflight))
     }
 
+    /// Submits and waits until a completion is ready, or at most `slice`: a timeout request
+    /// is armed when none is pending (one timer per `slice` however many waits, instead of a
+    /// timer per wait). Its completion is consumed here, never reaped as a request's.
+    pub fn submit_and_wait_at_most(&mut self, slice: std::time::Duration) -> io::Result<usize> {
+        if !self.timeout_armed {
+            *self.timeout = types::Timespec::from(slice);
+            let entry = opcode::Timeout::new(&*self.timeout)
+                .build()
+                .user_data(TIMEOUT_TOKEN);
+            // SAFETY: the timespec is boxed in `self` and not changed while the timeout is
+            // armed; the kernel copies it when the entry is submitted, just below.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.timeout_armed = true;
+            }
+        }
+        self.ring.submit_and_wait(1)
+    }
+
     /// Has the kernel write `fd` (an eventfd) whenever it posts a completion, so that a
     /// sleeping worker wakes for completions as for guest kicks.
     pub fn register_eventfd(&self, fd: std::os::fd::RawFd) -> io::Result<()> {
@@ -180,6 +213,10 @@ impl Engine {
     /// negative errno, to `out`. No syscall.
     pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
         for cqe in self.ring.completion() {
+            if cqe.user_data() == TIMEOUT_TOKEN {
+                self.timeout_armed = false;
+                continue;
+            }
             out.push((cqe.user_data(), cqe.result()));
             self.inflight = self.inflight.saturating_sub(1);
         }

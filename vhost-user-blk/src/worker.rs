@@ -53,6 +53,13 @@ pub enum PollMode {
     Adaptive(Duration),
 }
 
+/// After a spin for a completion ran out: how many waits block in the kernel before spinning
+/// is tried again.
+const BLOCKING_WAITS: u32 = 256;
+
+/// Longest wait for a completion before the rings are looked at again.
+const WAIT_SLICE: Duration = Duration::from_millis(2);
+
 /// Most iovecs one request may have (IOV_MAX).
 const MAX_IOV: usize = 1024;
 
@@ -89,6 +96,9 @@ struct QueueState {
     /// Virtqueue index.
     vq: u16,
     started: bool,
+    /// The ring epoch the queue was started in; when the frontend stops, restarts or
+    /// re-describes the ring, the queue is started over (once nothing is in flight).
+    epoch: u64,
     broken: bool,
     /// Requests in the engine.
     pending: u32,
@@ -104,6 +114,7 @@ impl QueueState {
         QueueState {
             vq,
             started: false,
+            epoch: 0,
             broken: false,
             pending: 0,
             slots: Vec::new(),
@@ -147,6 +158,10 @@ pub(crate) struct Worker {
     segs: Vec<Seg>,
     cqes: Vec<(u64, i32)>,
     mode: PollMode,
+    /// Adaptive mode: waits for completions that block without spinning first.
+    blocking_waits: u32,
+    /// The export is opened with O_DIRECT.
+    direct: bool,
     stop: Arc<AtomicBool>,
     wake: EventConsumer,
 }
@@ -168,6 +183,7 @@ impl Worker {
         let nq = torii_vhost_user::MAX_QUEUES;
         Ok(Worker {
             depth: engine.depth(),
+            direct: engine.flags().direct,
             shared,
             slot,
             queues: queues.into_iter().map(QueueState::new).collect(),
@@ -180,6 +196,7 @@ impl Worker {
             segs: Vec::with_capacity(MAX_CHAIN),
             cqes: Vec::with_capacity(256),
             mode,
+            blocking_waits: 0,
             stop,
             wake,
         })
@@ -204,6 +221,35 @@ impl Worker {
             work += self.complete(&conn);
             if work > 0 {
                 last_work = Instant::now();
+                continue;
+            }
+            if self.engine.inflight() > 0 && self.mode != PollMode::Poll {
+                // Nothing to take, I/O in flight. Adaptive with direct I/O: spin for the next
+                // completion while completions keep coming within the poll window (lowest
+                // latency); once a spin runs out, wait in the kernel for the next
+                // BLOCKING_WAITS waits. Buffered I/O always waits in the kernel: on file
+                // systems without non-blocking reads (tmpfs among them) it runs in io_uring's
+                // own workers, which spinning on their CPU would only keep from running.
+                let spin = match self.mode {
+                    PollMode::Adaptive(d) if self.direct && self.blocking_waits == 0 => d,
+                    _ => Duration::ZERO,
+                };
+                if last_work.elapsed() < spin {
+                    continue;
+                }
+                self.blocking_waits = if spin > Duration::ZERO {
+                    BLOCKING_WAITS
+                } else {
+                    self.blocking_waits.saturating_sub(1)
+                };
+                // Wait for a completion, but look at the rings again after WAIT_SLICE at the
+                // latest: a slow request (a flush, a stalled device) must not keep the new
+                // requests of any queue waiting longer than that.
+                if let Err(e) = self.engine.submit_and_wait_at_most(WAIT_SLICE) {
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        tracing::error!(device = %self.shared.name, "io_uring wait: {e}");
+                    }
+                }
                 continue;
             }
             let idle = match self.mode {
@@ -286,12 +332,17 @@ impl Worker {
         if q.broken {
             return 0;
         }
+        let epoch = shared.queue_epoch(q.vq as usize);
+        if q.started && epoch != q.epoch {
+            if q.pending > 0 {
+                // Let what is in flight complete first.
+                return 0;
+            }
+            q.started = false;
+            q.inflight = None;
+        }
         let mut state = vring.get_mut();
         if !(state.get_queue().ready() && state.is_enabled()) {
-            if q.pending == 0 {
-                q.started = false;
-                q.inflight = None;
-            }
             return 0;
         }
         let queue = state.get_queue_mut();
@@ -310,6 +361,7 @@ impl Worker {
             if q.pending > 0 {
                 return 0;
             }
+            q.epoch = epoch;
             let resubmit = start_queue(q, conn, queue.size(), ring.used_idx(), &shared.name);
             for (k, head) in resubmit.iter().enumerate() {
                 segs.clear();

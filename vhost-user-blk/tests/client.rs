@@ -276,3 +276,63 @@ fn hostile_chains_break_only_their_queue() {
     assert_eq!((r.errors, r.mismatches), (0, 0), "after the attacks: {r:?}");
     be.stop();
 }
+
+/// A loop device over an image, detached when dropped.
+struct LoopDev(String);
+
+impl LoopDev {
+    fn attach(img: &Path) -> LoopDev {
+        let losetup = torii_perf::prereq::require_binary("losetup", "apt-get install mount")
+            .or_fail("losetup");
+        let out = std::process::Command::new(losetup)
+            .args(["--find", "--show"])
+            .arg(img)
+            .output()
+            .or_fail("losetup");
+        assert!(
+            out.status.success(),
+            "losetup failed (root and loop devices needed): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDev(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// A block device is exported like a file (capacity from the device, O_DIRECT): the client's
+/// verify passes, and the pattern is in the image behind the loop device.
+#[test]
+fn block_device_export() {
+    let _heavy = torii_perf::heavy_test_lock();
+    torii_perf::prereq::require_root().or_fail("root");
+    let dir = proc_util::unique_tmp_dir("torii-blk-bdev").or_fail("tmp dir");
+    let img = image(dir.path(), "backing.img", 32);
+    let dev = LoopDev::attach(&img);
+    let mut be = Backend::start(dir.path(), Path::new(&dev.0), &["--direct"]);
+    let r = verify(&be.socket, Pattern::Verify, 5, 1);
+    assert_eq!(
+        (r.errors, r.mismatches),
+        (0, 0),
+        "verify on {}: {r:?}",
+        dev.0
+    );
+    assert_eq!(r.capacity_bytes, 32 << 20);
+    be.stop();
+    drop(dev);
+    let data = std::fs::read(&img).or_fail("backing file");
+    let mut want = vec![0u8; 4096];
+    for off in (0..16u64 << 20).step_by(4096) {
+        torii_perf::blk_job::fill_pattern(&mut want, 5, off);
+        assert!(
+            data[off as usize..off as usize + 4096] == want[..],
+            "block at {off} not in the backing file"
+        );
+    }
+}

@@ -71,10 +71,15 @@ impl Backend {
         assert!(up, "backend did not listen; log:\n{}", self.log_text());
     }
 
-    /// SIGKILL, then a new process with the same arguments.
-    pub fn kill_and_restart(&mut self) {
+    /// SIGKILL, then `between()` (the process may only finish dying in it), wait for the old
+    /// process to be gone, and start a new one with the same arguments.
+    pub fn kill_then(&mut self, between: impl FnOnce()) {
         if let Some(mut c) = self.child.take() {
-            c.kill().or_fail("killing the backend");
+            c.signal(libc::SIGKILL).or_fail("SIGKILL");
+            between();
+            c.wait_timeout(Duration::from_secs(30))
+                .or_fail("reaping the killed backend")
+                .expect("the killed backend did not exit");
         }
         self.spawn();
     }
@@ -128,4 +133,57 @@ pub const T: Duration = Duration::from_secs(60);
 /// Runs `cmd` in the guest; panics with the output if it fails.
 pub fn run(g: &mut Guest, cmd: &str) -> String {
     g.run_ok(cmd, T).or_fail(cmd)
+}
+
+/// Runs a host command that must succeed.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-c", cmd]).output().or_fail(cmd);
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An ext4 file system on a loop device, mounted at `mnt`, that can be frozen (fsfreeze:
+/// every write to it blocks until it is thawed). Unmounted and detached on drop.
+pub struct FreezableFs {
+    pub mnt: PathBuf,
+    dev: String,
+}
+
+impl FreezableFs {
+    pub fn new(dir: &Path, mib: u64) -> FreezableFs {
+        let backing = image(dir, "fs.img", mib);
+        let dev = sh(&format!("losetup --find --show {}", backing.display()))
+            .trim()
+            .to_string();
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).or_fail("mount point");
+        let fs = FreezableFs { mnt, dev };
+        sh(&format!("mkfs.ext4 -q -F {}", fs.dev));
+        sh(&format!("mount -t ext4 {} {}", fs.dev, fs.mnt.display()));
+        fs
+    }
+
+    pub fn freeze(&self) {
+        sh(&format!("fsfreeze --freeze {}", self.mnt.display()));
+    }
+
+    pub fn thaw(&self) {
+        sh(&format!("fsfreeze --unfreeze {}", self.mnt.display()));
+    }
+}
+
+impl Drop for FreezableFs {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .args(["--unfreeze"])
+            .arg(&self.mnt)
+            .output();
+        let _ = Command::new("umount").arg(&self.mnt).output();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).output();
+    }
 }

@@ -151,6 +151,9 @@ pub struct EndpointShared<M> {
     /// Per virtqueue: requests the data path has taken from the ring and not completed yet
     /// (devices that complete asynchronously keep this; GET_VRING_BASE waits for zero).
     queue_busy: Vec<AtomicU32>,
+    /// Per virtqueue: bumped whenever the frontend stops or (re)starts the ring or replaces
+    /// the inflight region, so a data path that keeps per-queue state knows to start over.
+    queue_epoch: Vec<AtomicU64>,
     stop: AtomicBool,
     broken: Mutex<Vec<BrokenQueue>>,
     connections: AtomicU64,
@@ -168,6 +171,7 @@ impl<M: DeviceModel> EndpointShared<M> {
             handles: (0..handles).map(|_| HandleSlot::default()).collect(),
             wakers: Mutex::new((0..handles).map(|_| None).collect()),
             queue_busy: (0..model.num_queues()).map(|_| AtomicU32::new(0)).collect(),
+            queue_epoch: (0..model.num_queues()).map(|_| AtomicU64::new(0)).collect(),
             stop: AtomicBool::new(false),
             broken: Mutex::new(Vec::new()),
             connections: AtomicU64::new(0),
@@ -180,6 +184,24 @@ impl<M: DeviceModel> EndpointShared<M> {
     pub fn set_queue_busy(&self, queue: usize, requests: u32) {
         if let Some(b) = self.queue_busy.get(queue) {
             b.store(requests, Ordering::Release);
+        }
+    }
+
+    /// The ring epoch of virtqueue `queue` (see [`EndpointShared::bump_queue_epoch`]).
+    #[inline]
+    pub fn queue_epoch(&self, queue: usize) -> u64 {
+        self.queue_epoch
+            .get(queue)
+            .map_or(0, |e| e.load(Ordering::Acquire))
+    }
+
+    /// The frontend stopped or started virtqueue `queue` (None: every queue) or changed what
+    /// the data path keeps for it.
+    pub(crate) fn bump_queue_epoch(&self, queue: Option<usize>) {
+        for (i, e) in self.queue_epoch.iter().enumerate() {
+            if queue.is_none_or(|q| q == i) {
+                e.fetch_add(1, Ordering::AcqRel);
+            }
         }
     }
 

@@ -145,6 +145,7 @@ impl<M: DeviceModel> ConnHandler<M> {
     }
 
     fn reset_vrings(&mut self) {
+        self.shared.bump_queue_epoch(None);
         for (i, v) in self.vrings.iter().enumerate() {
             v.set_queue_ready(false);
             v.set_enabled(false);
@@ -274,6 +275,7 @@ impl<M: DeviceModel> ConnHandler<M> {
         // "Stop ring upon receiving VHOST_USER_GET_VRING_BASE."
         let v = self.vring(index)?;
         v.set_queue_ready(false);
+        self.shared.bump_queue_epoch(Some(index as usize));
         // Requests still in flight complete into the ring before its state is handed back.
         if !self
             .shared
@@ -297,6 +299,7 @@ impl<M: DeviceModel> ConnHandler<M> {
         v.set_kick(fd);
         // "Start ring upon receiving a kick file descriptor."
         v.set_queue_ready(true);
+        self.shared.bump_queue_epoch(Some(index as usize));
         self.kicks.watch(index as usize, watch)?;
         Ok(())
     }
@@ -376,6 +379,7 @@ impl<M: DeviceModel> ConnHandler<M> {
         }
         let map = InflightMap::open(file, info).map_err(|e| Error::Io(io::Error::other(e)))?;
         self.conn.set_inflight(Some(Arc::new(map)));
+        self.shared.bump_queue_epoch(None);
         Ok(())
     }
 

@@ -204,6 +204,11 @@ impl<M: DeviceModel> Session<M> {
     }
 
     fn dispatch(&mut self, mut msg: Msg) -> Result<(), SessionEnd> {
+        tracing::trace!(
+            request = msg.code,
+            len = msg.payload.len(),
+            "vhost-user request"
+        );
         let h = &mut self.handler;
         match msg.code {
             req::GET_FEATURES => {
