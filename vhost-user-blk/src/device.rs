@@ -20,6 +20,7 @@ pub use torii_vhost_user::BrokenQueue;
 use crate::config::BlkDevice;
 use crate::engine::{Engine, OpenFlags};
 use crate::request::{device_id, Limits, ID_LEN, SECTOR_SIZE};
+use crate::stats::{ExportReport, QueueStats};
 use crate::worker::{PollMode, Worker};
 
 /// The virtio-blk device: the export's description, the driver-switchable cache mode and
@@ -28,15 +29,22 @@ pub struct BlkModel {
     dev: BlkDevice,
     writeback: AtomicBool,
     serial: [u8; ID_LEN],
+    stats: Vec<QueueStats>,
 }
 
 impl BlkModel {
     pub fn new(dev: BlkDevice, serial: &str) -> Self {
         BlkModel {
             writeback: AtomicBool::new(dev.writeback),
+            stats: (0..dev.num_queues).map(|_| QueueStats::default()).collect(),
             dev,
             serial: device_id(serial),
         }
+    }
+
+    /// Per-queue counters (written by the queue workers).
+    pub fn stats(&self) -> &[QueueStats] {
+        &self.stats
     }
 
     /// The device as the driver sees it now (cache mode included).
@@ -280,6 +288,11 @@ impl BlkExport {
         self.shared().broken_queues()
     }
 
+    /// Connection state and per-queue counters, for the metrics endpoint.
+    pub fn report(&self) -> ExportReport {
+        report(self.shared())
+    }
+
     /// Stops the endpoint (closing the connection), then the workers (after their in-flight
     /// I/O has completed).
     pub fn stop(&mut self) {
@@ -291,6 +304,17 @@ impl BlkExport {
 impl Drop for BlkExport {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Connection state and per-queue counters of the export behind `s`.
+pub fn report(s: &BlkShared) -> ExportReport {
+    ExportReport {
+        name: s.name.clone(),
+        connected: s.is_connected(),
+        connections: s.connections(),
+        broken_queues: s.broken_queues().len(),
+        queues: s.model.stats().iter().map(|q| q.load()).collect(),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod request;
+pub mod stats;
 mod worker;
 
 pub use device::{BlkExport, BlkModel, ExportConfig, ExportError};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use torii_vhost_user::daemon::StopSignals;
-use torii_vhost_user_blk::{BlkExport, ExportConfig, PollMode, SocketMode};
+use torii_vhost_user_blk::{device, stats, BlkExport, ExportConfig, PollMode, SocketMode};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {
@@ -58,9 +58,12 @@ struct Args {
     /// Adaptive mode: microseconds without work before a worker sleeps.
     #[arg(long, default_value_t = 200)]
     poll_us: u64,
-    /// Name used in logs.
+    /// Name used in logs and metrics.
     #[arg(long, default_value = "blk0")]
     name: String,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9101).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -105,6 +108,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = a.metrics_listen {
+        let shared = export.shared().clone();
+        let render = move || stats::prometheus(&[device::report(&shared)]);
+        match torii_vhost_user::daemon::serve_metrics(addr, render) {
+            Ok(bound) => tracing::info!(%bound, "metrics"),
+            Err(e) => {
+                eprintln!("torii-vhost-user-blk: cannot serve metrics on {addr}: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
     tracing::info!(socket = %socket.display(), "serving");
     let sig = signals.wait();
     tracing::info!(signal = sig, "stopping");

@@ -41,6 +41,7 @@ use crate::engine::{Engine, Op};
 use crate::request::{
     check, device_writes_data, parse_segment, Request, Status, HEADER_LEN, SECTOR_SIZE, SEGMENT_LEN,
 };
+use crate::stats::Counters;
 
 /// How a worker waits for work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +72,7 @@ enum SlotOp {
     Flush,
     Discard,
     WriteZeroes,
+    GetId,
 }
 
 /// A request in flight, by head descriptor index.
@@ -107,6 +109,8 @@ struct QueueState {
     /// Completed this round: (head, bytes written).
     done: Vec<(u16, u32)>,
     heads: Vec<u16>,
+    /// Running totals, published to the export's `QueueStats` once per round.
+    counters: Counters,
 }
 
 impl QueueState {
@@ -121,6 +125,7 @@ impl QueueState {
             inflight: None,
             done: Vec::with_capacity(crate::device::MAX_QUEUE_SIZE as usize),
             heads: Vec::with_capacity(crate::device::MAX_QUEUE_SIZE as usize),
+            counters: Counters::default(),
         }
     }
 
@@ -402,6 +407,9 @@ impl Worker {
         queue.set_next_avail(next.wrapping_add(consumed));
         drop(state);
         shared.set_queue_busy(q.vq as usize, q.pending);
+        if consumed > 0 {
+            publish_stats(shared, q);
+        }
         if let Some(e) = err {
             broken(shared, q, e);
         }
@@ -430,6 +438,7 @@ impl Worker {
             unsafe { std::ptr::write_volatile(slot.status as *mut u8, status as u8) };
             slot.busy = false;
             q.pending -= 1;
+            count(&mut q.counters, Some(slot.op), status, slot.expect);
             let written = if status == Status::Ok {
                 slot.written
             } else {
@@ -488,6 +497,7 @@ impl Worker {
         drop(state);
         q.done.clear();
         shared.set_queue_busy(q.vq as usize, q.pending);
+        publish_stats(shared, q);
         n
     }
 
@@ -521,6 +531,35 @@ impl Worker {
         // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
         unsafe { libc::poll(&mut pfd, 1, d.as_millis() as i32) };
         let _ = self.wake.consume();
+    }
+}
+
+/// Counts a completed request: its operation (None: refused before it was known), status and,
+/// for a successful read or write, its bytes.
+fn count(c: &mut Counters, op: Option<SlotOp>, status: Status, bytes: u64) {
+    match op {
+        Some(SlotOp::Read) => c.reads += 1,
+        Some(SlotOp::Write) => c.writes += 1,
+        Some(SlotOp::Flush) => c.flushes += 1,
+        Some(SlotOp::Discard) => c.discards += 1,
+        Some(SlotOp::WriteZeroes) => c.write_zeroes += 1,
+        Some(SlotOp::GetId) => c.get_ids += 1,
+        None => {}
+    }
+    match (status, op) {
+        (Status::Ok, Some(SlotOp::Read)) => c.read_bytes += bytes,
+        (Status::Ok, Some(SlotOp::Write)) => c.written_bytes += bytes,
+        (Status::Ok, _) => {}
+        (Status::IoErr, _) => c.io_errors += 1,
+        (Status::Unsupp, _) => c.unsupported += 1,
+    }
+}
+
+/// Publishes a queue's running totals (and what it has in flight) for the metrics endpoint.
+fn publish_stats(shared: &BlkShared, q: &mut QueueState) {
+    q.counters.inflight = u64::from(q.pending);
+    if let Some(s) = shared.model.stats().get(q.vq as usize) {
+        s.store(&q.counters);
     }
 }
 
@@ -631,7 +670,7 @@ fn submit_chain(
     let limits = ctx.model.limits();
     ctx.token = (i as u64) << 16 | u64::from(head);
     let issued = match check(&header, data_len, &limits) {
-        Err(status) => Err(status),
+        Err(status) => Err((status, None)),
         Ok(Request::Read { offset, len }) => {
             data_iov(ctx.mem, segs, true, 0, len, &mut slot.iov)?;
             slot.op = SlotOp::Read;
@@ -669,14 +708,20 @@ fn submit_chain(
             let id = ctx.model.serial();
             copy_to_chain(ctx.mem, segs, 0, &id[..len as usize])?;
             slot.written = len as u32 + 1;
-            Err(Status::Ok)
+            slot.op = SlotOp::GetId;
+            Err((Status::Ok, Some(SlotOp::GetId)))
         }
         Ok(r @ (Request::Discard { .. } | Request::WriteZeroes { .. })) => {
             let wz = matches!(r, Request::WriteZeroes { .. });
             let mut raw = [0u8; SEGMENT_LEN];
             copy_from_chain(ctx.mem, segs, false, HEADER_LEN as u64, &mut raw)?;
+            let op = if wz {
+                SlotOp::WriteZeroes
+            } else {
+                SlotOp::Discard
+            };
             match parse_segment(&raw, wz, &limits) {
-                Err(status) => Err(status),
+                Err(status) => Err((status, Some(op))),
                 Ok(s) => {
                     let (offset, len) =
                         (s.sector * SECTOR_SIZE, u64::from(s.sectors) * SECTOR_SIZE);
@@ -708,14 +753,19 @@ fn submit_chain(
             q.pending += 1;
         }
         // The caller leaves room for every request it takes; a full ring is an I/O error.
-        Ok(Err(_full)) => complete_now(q, head, Status::IoErr),
-        Err(status) => complete_now(q, head, status),
+        Ok(Err(_full)) => {
+            let op = q.slots[head as usize].op;
+            complete_now(q, head, Status::IoErr, Some(op))
+        }
+        Err((status, op)) => complete_now(q, head, status, op),
     }
     Ok(())
 }
 
-/// Completes a request without I/O (its status byte's address is in its slot).
-fn complete_now(q: &mut QueueState, head: u16, status: Status) {
+/// Completes a request without I/O (its status byte's address is in its slot); `op` is None
+/// for a request refused before its operation was known.
+fn complete_now(q: &mut QueueState, head: u16, status: Status, op: Option<SlotOp>) {
+    count(&mut q.counters, op, status, 0);
     let slot = &q.slots[head as usize];
     // SAFETY: as in `Worker::complete`: the status byte was checked to lie in guest memory
     // under `io_mem`, which is mapped for this whole round.

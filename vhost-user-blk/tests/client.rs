@@ -144,14 +144,37 @@ fn statuses(socket: &Path) -> Vec<(String, u8)> {
     out
 }
 
+/// The body of an HTTP GET of `/metrics` on `addr`.
+fn http_get(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).or_fail("metrics connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .or_fail("metrics request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).or_fail("metrics response");
+    assert!(out.starts_with("HTTP/1.1 200"), "metrics: {out}");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
 /// Torii answers like qemu-storage-daemon: OK in range, IOERR past the end, UNSUPP for an
-/// unknown type; GET_ID gives the serial.
+/// unknown type; GET_ID gives the serial; the metrics count it all.
 #[test]
 fn statuses_match_qemu_storage_daemon() {
     let _heavy = torii_perf::heavy_test_lock();
     let dir = proc_util::unique_tmp_dir("torii-blk-status").or_fail("tmp dir");
     let img = image(dir.path(), "disk.img", 8);
-    let mut be = Backend::start(dir.path(), &img, &["--serial", "abc123"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .or_fail("free port")
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut be = Backend::start(
+        dir.path(),
+        &img,
+        &["--serial", "abc123", "--metrics-listen", &metrics],
+    );
     let torii = statuses(&be.socket);
 
     // GET_ID fills the buffer with the serial.
@@ -169,6 +192,25 @@ fn statuses_match_qemu_storage_daemon() {
     assert_eq!(&q.data(0)[..7], b"abc123\0");
     drop(q);
     drop(client);
+    // The metrics count what was done: every request, by operation and status.
+    let text = http_get(&metrics);
+    for line in [
+        "torii_blk_requests_total{export=\"blk0\",queue=\"0\",op=\"read\"} 1",
+        "torii_blk_requests_total{export=\"blk0\",queue=\"0\",op=\"write\"} 1",
+        "torii_blk_requests_total{export=\"blk0\",queue=\"0\",op=\"flush\"} 1",
+        "torii_blk_requests_total{export=\"blk0\",queue=\"0\",op=\"get_id\"} 2",
+        "torii_blk_bytes_total{export=\"blk0\",queue=\"0\",dir=\"read\"} 4096",
+        "torii_blk_bytes_total{export=\"blk0\",queue=\"0\",dir=\"write\"} 4096",
+        "torii_blk_errors_total{export=\"blk0\",queue=\"0\",status=\"ioerr\"} 2",
+        "torii_blk_errors_total{export=\"blk0\",queue=\"0\",status=\"unsupp\"} 1",
+        "torii_blk_inflight{export=\"blk0\",queue=\"0\"} 0",
+        "torii_blk_connections_total{export=\"blk0\"} 2",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no `{line}` in metrics:\n{text}"
+        );
+    }
     be.stop();
 
     let qsock = dir.join("qsd.sock");

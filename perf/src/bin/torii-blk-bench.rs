@@ -99,6 +99,8 @@ fn run() -> anyhow::Result<()> {
         "{} not found: cargo build --release -p torii-vhost-user-blk (perf/run-blk-bench does)",
         torii.display()
     );
+    // The tree as built, before anyone edits it during a long run.
+    let (commit, dirty) = bench::git_info(&root);
     let runtime = Duration::from_secs_f64(cli.runtime);
     let work = torii_perf::proc_util::unique_tmp_dir("torii-blk-bench")?;
     let mut targets = vec![Target {
@@ -155,7 +157,6 @@ fn run() -> anyhow::Result<()> {
     }
     let rows = blk_bench::summarize(&samples);
     println!("{}", blk_bench::table(&rows));
-    let (commit, dirty) = bench::git_info(&root);
     let out = cli
         .out
         .unwrap_or_else(|| root.join("perf/results/blk-latest.json"));

@@ -44,3 +44,32 @@ impl StopSignals {
         sig
     }
 }
+
+/// Serves `render()` as a Prometheus text exposition over HTTP on `addr` (every request gets
+/// it), from a thread of its own. Bound before returning, so a bad address fails here.
+pub fn serve_metrics(
+    addr: std::net::SocketAddr,
+    render: impl Fn() -> String + Send + 'static,
+) -> std::io::Result<std::net::SocketAddr> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+                // The request itself does not matter; read what has arrived of it.
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let body = render();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })?;
+    Ok(bound)
+}
