@@ -780,15 +780,13 @@ fn complete_now(q: &mut QueueState, head: u16, status: Status, op: Option<SlotOp
 
 /// The status of a completed request from the engine's result.
 fn result_status(slot: &Slot, res: i32) -> Status {
-    match slot.op {
-        _ if res < 0 && res == -libc::EOPNOTSUPP => match slot.op {
-            SlotOp::Discard | SlotOp::WriteZeroes => Status::Unsupp,
-            _ => Status::IoErr,
-        },
-        _ if res < 0 => Status::IoErr,
-        SlotOp::Read | SlotOp::Write if res as u64 == slot.expect => Status::Ok,
-        SlotOp::Flush | SlotOp::Discard | SlotOp::WriteZeroes => Status::Ok,
-        _ => Status::IoErr,
+    match (slot.op, res) {
+        (SlotOp::Discard | SlotOp::WriteZeroes, r) if r == -libc::EOPNOTSUPP => Status::Unsupp,
+        (_, r) if r < 0 => Status::IoErr,
+        // A short transfer is an error (the range was checked to lie inside the export).
+        (SlotOp::Read | SlotOp::Write, r) if r as u64 == slot.expect => Status::Ok,
+        (SlotOp::Read | SlotOp::Write | SlotOp::GetId, _) => Status::IoErr,
+        (SlotOp::Flush | SlotOp::Discard | SlotOp::WriteZeroes, _) => Status::Ok,
     }
 }
 
