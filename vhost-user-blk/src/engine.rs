@@ -32,6 +32,22 @@ pub enum Op<'a> {
         /// Durable on completion (RWF_DSYNC): write-through cache mode.
         dsync: bool,
     },
+    /// Read into one contiguous buffer inside registered buffer `index` (no page lookup
+    /// per request).
+    ReadFixed {
+        offset: u64,
+        buf: *mut u8,
+        len: u32,
+        index: u16,
+    },
+    /// Write from one contiguous buffer inside registered buffer `index`.
+    WriteFixed {
+        offset: u64,
+        buf: *const u8,
+        len: u32,
+        index: u16,
+        dsync: bool,
+    },
     /// Make completed writes durable (fdatasync).
     Flush,
     /// Deallocate (FALLOC_FL_PUNCH_HOLE: reads return zeros afterwards).
@@ -53,6 +69,8 @@ pub struct Engine {
     file: File,
     capacity: u64,
     flags: OpenFlags,
+    /// Registered buffers: (host address, length), by index.
+    fixed: Vec<(usize, usize)>,
     /// The armed wait timeout (see [`Engine::submit_and_wait_at_most`]).
     timeout: Box<types::Timespec>,
     timeout_armed: bool,
@@ -80,6 +98,7 @@ impl Engine {
             file,
             capacity,
             flags,
+            fixed: Vec::new(),
             timeout: Box::new(types::Timespec::new()),
             timeout_armed: false,
             depth: depth as usize,
@@ -117,7 +136,8 @@ impl Engine {
     /// For a read or write: the iovec array must stay valid until the next [`submit`] (the
     /// kernel takes its copy of it at submission), and the memory it describes until the
     /// completion with `token` has been reaped (for reads, not otherwise accessed by us
-    /// meanwhile).
+    /// meanwhile). For a fixed read or write: the buffer must lie inside registered buffer
+    /// `index`, and stay valid until the completion has been reaped.
     ///
     /// [`submit`]: Engine::submit
     pub unsafe fn push(&mut self, op: Op<'_>, token: u64) -> Result<(), Full> {
@@ -133,6 +153,24 @@ impl Engine {
                 iovecs,
                 dsync,
             } => opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                .offset(offset)
+                .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+                .build(),
+            Op::ReadFixed {
+                offset,
+                buf,
+                len,
+                index,
+            } => opcode::ReadFixed::new(fd, buf, len, index)
+                .offset(offset)
+                .build(),
+            Op::WriteFixed {
+                offset,
+                buf,
+                len,
+                index,
+                dsync,
+            } => opcode::WriteFixed::new(fd, buf, len, index)
                 .offset(offset)
                 .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
                 .build(),
@@ -196,6 +234,44 @@ impl Engine {
             }
         }
         self.ring.submit_and_wait(1)
+    }
+
+    /// Registers `bufs` (host address, length; at most 1 GiB each) as the ring's fixed
+    /// buffers, replacing any registered before.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until [`Engine::unregister_buffers`] (or the engine's end),
+    /// and no request using them may be in flight when they are replaced.
+    pub unsafe fn register_buffers(&mut self, bufs: &[(usize, usize)]) -> io::Result<()> {
+        self.unregister_buffers();
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|&(addr, len)| libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
+        // SAFETY: the caller keeps the memory mapped while it is registered.
+        unsafe { self.ring.submitter().register_buffers(&iov) }?;
+        self.fixed = bufs.to_vec();
+        Ok(())
+    }
+
+    /// Forgets the registered buffers (nothing using them may be in flight).
+    pub fn unregister_buffers(&mut self) {
+        if !self.fixed.is_empty() {
+            let _ = self.ring.submitter().unregister_buffers();
+            self.fixed.clear();
+        }
+    }
+
+    /// The registered buffer holding `addr..addr+len`, if any.
+    #[inline]
+    pub fn fixed_index(&self, addr: usize, len: usize) -> Option<u16> {
+        self.fixed
+            .iter()
+            .position(|&(a, l)| addr >= a && addr - a <= l && len <= l - (addr - a))
+            .map(|i| i as u16)
     }
 
     /// Has the kernel write `fd` (an eventfd) whenever it posts a completion, so that a
@@ -398,6 +474,54 @@ mod tests {
             .unwrap()
         };
         assert_eq!(run(&mut e), vec![(9, -libc::EBADF)]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn fixed_buffers_read_and_write() {
+        let (path, _f) = scratch(1 << 20);
+        let mut e = Engine::open(&path, OpenFlags::default(), 8).unwrap();
+        let mut mem = vec![0u8; 64 << 10];
+        let base = mem.as_mut_ptr() as usize;
+        // SAFETY: `mem` outlives the engine's use of it (unregistered before it is dropped).
+        unsafe { e.register_buffers(&[(base, mem.len())]).unwrap() };
+        assert_eq!(e.fixed_index(base + 4096, 4096), Some(0));
+        assert_eq!(e.fixed_index(base + (60 << 10), 8192), None);
+        mem[..4096].fill(0x3c);
+        // SAFETY: both buffers lie in the registered buffer and live until the completions
+        // are reaped by `run`.
+        unsafe {
+            e.push(
+                Op::WriteFixed {
+                    offset: 8192,
+                    buf: mem.as_ptr(),
+                    len: 4096,
+                    index: 0,
+                    dsync: false,
+                },
+                1,
+            )
+            .unwrap();
+        }
+        assert_eq!(run(&mut e), vec![(1, 4096)]);
+        let dst = mem[8192..].as_mut_ptr();
+        // SAFETY: as above.
+        unsafe {
+            e.push(
+                Op::ReadFixed {
+                    offset: 8192,
+                    buf: dst,
+                    len: 4096,
+                    index: 0,
+                },
+                2,
+            )
+            .unwrap();
+        }
+        assert_eq!(run(&mut e), vec![(2, 4096)]);
+        assert!(mem[8192..12288].iter().all(|&b| b == 0x3c));
+        e.unregister_buffers();
+        assert_eq!(e.fixed_index(base, 1), None);
         std::fs::remove_file(path).unwrap();
     }
 

@@ -279,6 +279,7 @@ impl Worker {
         }
         self.drain();
         self.maps.clear();
+        self.engine.unregister_buffers();
         self.io_mem = None;
         self.queues.iter_mut().for_each(QueueState::reset);
         for q in &self.queues {
@@ -296,8 +297,40 @@ impl Worker {
             return;
         }
         self.drain();
-        self.io_mem = Some(conn.mem.memory().into_inner());
+        self.engine.unregister_buffers();
+        let mem = conn.mem.memory().into_inner();
+        self.register_memory(&mem);
+        self.io_mem = Some(mem);
         self.io_generation = g;
+    }
+
+    /// Registers the guest memory regions of `mem` as the ring's fixed buffers (in pieces of
+    /// at most 1 GiB, the kernel's limit), so that single-buffer reads and writes skip the
+    /// page lookup of every request. Memory io_uring cannot pin (file-backed other than
+    /// shmem or hugetlbfs) is simply not registered.
+    fn register_memory(&mut self, mem: &GuestMemoryMmap<()>) {
+        const PIECE: usize = 1 << 30;
+        let mut bufs = Vec::new();
+        for r in mem.iter() {
+            let Ok(s) = r.get_slice(vm_memory::MemoryRegionAddress(0), r.len() as usize) else {
+                continue;
+            };
+            let (base, len) = (s.ptr_guard_mut().as_ptr() as usize, r.len() as usize);
+            bufs.extend(
+                (0..len)
+                    .step_by(PIECE)
+                    .map(|o| (base + o, PIECE.min(len - o))),
+            );
+        }
+        if bufs.is_empty() || bufs.len() > u16::MAX as usize {
+            return;
+        }
+        // SAFETY: `mem` becomes `io_mem`, which keeps these mappings alive until the buffers
+        // are unregistered (connection or table change, after a drain) or the engine ends;
+        // nothing is in flight (the caller drained).
+        if let Err(e) = unsafe { self.engine.register_buffers(&bufs) } {
+            tracing::info!(device = %self.shared.name, "guest memory not registered with io_uring ({e}): per-request page lookups");
+        }
     }
 
     /// Waits for every request in flight and completes it.
@@ -676,9 +709,17 @@ fn submit_chain(
             slot.op = SlotOp::Read;
             slot.expect = len;
             slot.written = len as u32 + 1;
-            let op = Op::Read {
-                offset,
-                iovecs: &slot.iov,
+            let op = match fixed(ctx.engine, &slot.iov) {
+                Some((buf, index)) => Op::ReadFixed {
+                    offset,
+                    buf: buf.cast(),
+                    len: len as u32,
+                    index,
+                },
+                None => Op::Read {
+                    offset,
+                    iovecs: &slot.iov,
+                },
             };
             // SAFETY: the iovecs live in `slot.iov`, untouched until the completion; they
             // point into guest memory under `io_mem`, which is kept until it completes.
@@ -689,10 +730,20 @@ fn submit_chain(
             slot.op = SlotOp::Write;
             slot.expect = len;
             slot.written = 1;
-            let op = Op::Write {
-                offset,
-                iovecs: &slot.iov,
-                dsync: !ctx.model.writeback(),
+            let dsync = !ctx.model.writeback();
+            let op = match fixed(ctx.engine, &slot.iov) {
+                Some((buf, index)) => Op::WriteFixed {
+                    offset,
+                    buf: buf.cast_const().cast(),
+                    len: len as u32,
+                    index,
+                    dsync,
+                },
+                None => Op::Write {
+                    offset,
+                    iovecs: &slot.iov,
+                    dsync,
+                },
             };
             // SAFETY: as for reads.
             Ok(unsafe { ctx.engine.push(op, ctx.token) })
@@ -760,6 +811,17 @@ fn submit_chain(
         Err((status, op)) => complete_now(q, head, status, op),
     }
     Ok(())
+}
+
+/// The registered buffer of a single-buffer transfer, if its buffer lies in one.
+#[inline]
+fn fixed(engine: &Engine, iov: &[libc::iovec]) -> Option<(*mut libc::c_void, u16)> {
+    match iov {
+        [one] => engine
+            .fixed_index(one.iov_base as usize, one.iov_len)
+            .map(|i| (one.iov_base, i)),
+        _ => None,
+    }
 }
 
 /// Completes a request without I/O (its status byte's address is in its slot); `op` is None

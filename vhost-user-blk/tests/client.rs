@@ -55,6 +55,12 @@ fn verify_through_torii_and_qemu_storage_daemon_agree() {
         "verify through Torii: {t:?}"
     );
     assert_eq!(t.ios, 2 * (16 << 20) / 4096, "{t:?}");
+    // The client's memfd memory is registered with io_uring (fixed-buffer reads and writes).
+    assert!(
+        !be.log_text().contains("not registered with io_uring"),
+        "log:\n{}",
+        be.log_text()
+    );
     be.stop();
 
     let qsock = dir.join("qsd.sock");
