@@ -141,6 +141,26 @@ pub struct ExportConfig {
     pub reconnect_interval: Duration,
 }
 
+impl ExportConfig {
+    /// The checks that need nothing but the configuration (done again by
+    /// [`BlkExport::start`]).
+    pub fn validate(&self) -> Result<(), ExportError> {
+        if self.num_queues == 0 || self.num_queues > MAX_QUEUES {
+            return Err(ExportError::Queues(self.num_queues));
+        }
+        if self.workers == 0 || self.workers > self.num_queues {
+            return Err(ExportError::Workers {
+                got: self.workers,
+                queues: self.num_queues,
+            });
+        }
+        if !self.block_size.is_power_of_two() || !(512..=65536).contains(&self.block_size) {
+            return Err(ExportError::BlockSize(self.block_size));
+        }
+        Ok(())
+    }
+}
+
 /// Errors when starting an export.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -178,18 +198,7 @@ impl BlkExport {
     /// Validates `cfg`, opens the export (one io_uring per worker), starts the workers and the
     /// endpoint. Nothing is left running or bound on error.
     pub fn start(cfg: ExportConfig) -> Result<Self, ExportError> {
-        if cfg.num_queues == 0 || cfg.num_queues > MAX_QUEUES {
-            return Err(ExportError::Queues(cfg.num_queues));
-        }
-        if cfg.workers == 0 || cfg.workers > cfg.num_queues {
-            return Err(ExportError::Workers {
-                got: cfg.workers,
-                queues: cfg.num_queues,
-            });
-        }
-        if !cfg.block_size.is_power_of_two() || !(512..=65536).contains(&cfg.block_size) {
-            return Err(ExportError::BlockSize(cfg.block_size));
-        }
+        cfg.validate()?;
         let flags = OpenFlags {
             direct: cfg.direct,
             read_only: cfg.read_only,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod request;
+pub mod settings;
 pub mod stats;
 mod worker;
 

@@ -1,13 +1,17 @@
-//! `torii-vhost-user-blk`: exports a raw image file or block device as a vhost-user-blk
-//! device, served by io_uring queue workers. Stops cleanly (socket removed, in-flight I/O
-//! completed) on SIGINT or SIGTERM.
+//! `torii-vhost-user-blk`: exports raw image files or block devices as vhost-user-blk devices,
+//! served by io_uring queue workers — one export from the command line, or any number from a
+//! configuration file (`--config`, see `settings.rs`). Stops cleanly (sockets removed,
+//! in-flight I/O completed) on SIGINT or SIGTERM.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use torii_vhost_user::daemon::StopSignals;
-use torii_vhost_user_blk::{device, stats, BlkExport, ExportConfig, PollMode, SocketMode};
+use torii_vhost_user_blk::{
+    device, settings, stats, BlkExport, ExportConfig, PollMode, SocketMode,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {
@@ -22,15 +26,19 @@ enum Mode {
 #[derive(Parser, Debug)]
 #[command(version, about = "Torii vhost-user-blk backend (io_uring)")]
 struct Args {
+    /// Configuration file with any number of [[export]] sections (instead of the options
+    /// below, which describe one export).
+    #[arg(long, conflicts_with_all = ["socket", "file"])]
+    config: Option<PathBuf>,
     /// vhost-user socket.
-    #[arg(long)]
-    socket: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    socket: Option<PathBuf>,
     /// Connect to the socket (the frontend listens) instead of listening on it.
     #[arg(long)]
     client: bool,
     /// Raw image file or block device to export.
-    #[arg(long)]
-    file: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    file: Option<PathBuf>,
     /// Export read-only (writes, discards and write-zeroes fail with IOERR).
     #[arg(long)]
     read_only: bool,
@@ -66,62 +74,97 @@ struct Args {
     metrics_listen: Option<std::net::SocketAddr>,
 }
 
-fn main() -> std::process::ExitCode {
+/// The exports and metrics address the command line asks for.
+fn settings(a: Args) -> Result<settings::Settings, String> {
+    if let Some(path) = &a.config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut s = settings::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        s.metrics_listen = a.metrics_listen.or(s.metrics_listen);
+        return Ok(s);
+    }
+    let (Some(socket), Some(path)) = (a.socket, a.file) else {
+        return Err("--socket and --file are needed without --config".into());
+    };
+    Ok(settings::Settings {
+        metrics_listen: a.metrics_listen,
+        exports: vec![ExportConfig {
+            name: a.name,
+            socket,
+            mode: if a.client {
+                SocketMode::Client
+            } else {
+                SocketMode::Server
+            },
+            path,
+            read_only: a.read_only,
+            direct: a.direct,
+            num_queues: a.queues,
+            workers: a.workers,
+            block_size: a.block_size,
+            serial: a.serial,
+            writeback: !a.writethrough,
+            poll: match a.poll_mode {
+                Mode::Poll => PollMode::Poll,
+                Mode::Event => PollMode::Event,
+                Mode::Adaptive => PollMode::Adaptive(Duration::from_micros(a.poll_us)),
+            },
+            reconnect_interval: Duration::from_millis(500),
+        }],
+    })
+}
+
+fn main() -> ExitCode {
     torii_vhost_user::daemon::init_logging();
-    let a = Args::parse();
+    let s = match settings(Args::parse()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("torii-vhost-user-blk: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Block the stop signals before any thread starts, so that only `wait` below sees them.
     let signals = match StopSignals::block() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("torii-vhost-user-blk: cannot block signals: {e}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
-    let cfg = ExportConfig {
-        name: a.name,
-        socket: a.socket,
-        mode: if a.client {
-            SocketMode::Client
-        } else {
-            SocketMode::Server
-        },
-        path: a.file,
-        read_only: a.read_only,
-        direct: a.direct,
-        num_queues: a.queues,
-        workers: a.workers,
-        block_size: a.block_size,
-        serial: a.serial,
-        writeback: !a.writethrough,
-        poll: match a.poll_mode {
-            Mode::Poll => PollMode::Poll,
-            Mode::Event => PollMode::Event,
-            Mode::Adaptive => PollMode::Adaptive(Duration::from_micros(a.poll_us)),
-        },
-        reconnect_interval: Duration::from_millis(500),
-    };
-    let socket = cfg.socket.clone();
-    let mut export = match BlkExport::start(cfg) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("torii-vhost-user-blk: {e}");
-            return std::process::ExitCode::FAILURE;
+    // All or nothing: if one export fails, those already started are stopped (their sockets
+    // removed) when `exports` is dropped.
+    let mut exports = Vec::new();
+    for cfg in s.exports {
+        let (name, socket) = (cfg.name.clone(), cfg.socket.clone());
+        match BlkExport::start(cfg) {
+            Ok(e) => {
+                tracing::info!(export = %name, socket = %socket.display(), "serving");
+                exports.push(e);
+            }
+            Err(e) => {
+                eprintln!("torii-vhost-user-blk: export {name}: {e}");
+                return ExitCode::FAILURE;
+            }
         }
-    };
-    if let Some(addr) = a.metrics_listen {
-        let shared = export.shared().clone();
-        let render = move || stats::prometheus(&[device::report(&shared)]);
+    }
+    if let Some(addr) = s.metrics_listen {
+        let shared: Vec<_> = exports.iter().map(|e| e.shared().clone()).collect();
+        let render = move || {
+            let reports: Vec<_> = shared.iter().map(|s| device::report(s)).collect();
+            stats::prometheus(&reports)
+        };
         match torii_vhost_user::daemon::serve_metrics(addr, render) {
             Ok(bound) => tracing::info!(%bound, "metrics"),
             Err(e) => {
                 eprintln!("torii-vhost-user-blk: cannot serve metrics on {addr}: {e}");
-                return std::process::ExitCode::FAILURE;
+                return ExitCode::FAILURE;
             }
         }
     }
-    tracing::info!(socket = %socket.display(), "serving");
     let sig = signals.wait();
     tracing::info!(signal = sig, "stopping");
-    export.stop();
-    std::process::ExitCode::SUCCESS
+    for e in &mut exports {
+        e.stop();
+    }
+    ExitCode::SUCCESS
 }

@@ -384,3 +384,99 @@ fn block_device_export() {
         );
     }
 }
+
+/// A configuration file with two exports: both served by one daemon (one read-write, one
+/// read-only), both in the metrics; a file whose second export cannot start leaves nothing
+/// behind.
+#[test]
+fn config_file_serves_several_exports_all_or_nothing() {
+    use std::process::{Command, Stdio};
+    let _heavy = torii_perf::heavy_test_lock();
+    let dir = proc_util::unique_tmp_dir("torii-blk-config").or_fail("tmp dir");
+    let (a, b) = (image(dir.path(), "a.img", 8), image(dir.path(), "b.img", 4));
+    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .or_fail("free port")
+        .port();
+    let config = |b_file: &Path| {
+        format!(
+            "[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n\
+             [[export]]\nname = \"a\"\nsocket = \"{}\"\nfile = \"{}\"\nqueues = 2\n\
+             [[export]]\nname = \"b\"\nsocket = \"{}\"\nfile = \"{}\"\nread_only = true\n",
+            sa.display(),
+            a.display(),
+            sb.display(),
+            b_file.display()
+        )
+    };
+    let path = dir.join("blk.toml");
+    let spawn = |text: String| {
+        std::fs::write(&path, text).or_fail("config");
+        Command::new(env!("CARGO_BIN_EXE_torii-vhost-user-blk"))
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .or_fail("spawn")
+    };
+
+    // A missing file for export b: the daemon fails, and a's socket is gone again.
+    let out = spawn(config(&dir.join("missing.img")))
+        .wait_with_output()
+        .or_fail("wait");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("export b") && err.contains("missing.img"),
+        "{err}"
+    );
+    assert!(!sa.exists() && !sb.exists(), "a socket was left behind");
+
+    let child = spawn(config(&b));
+    let mut guard = proc_util::ChildGuard::new(child, "torii-vhost-user-blk");
+    assert!(
+        proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            sa.exists() && sb.exists()
+        }),
+        "sockets not created"
+    );
+    let r = verify(&sa, Pattern::Verify, 11, 2);
+    assert_eq!((r.errors, r.mismatches), (0, 0), "export a: {r:?}");
+    // Export b is read-only: writes fail, reads work.
+    let cfg = ClientConfig {
+        queues: 1,
+        queue_size: 64,
+        slots: 1,
+        max_bytes: 4096,
+    };
+    let mut client = BlkClient::connect(&sb, &cfg).or_fail("connect b");
+    assert!(client.info().read_only);
+    let mut q = client.take_queues().pop().expect("queue");
+    assert_eq!(
+        one(&mut q, T_OUT, 0, 4096).status,
+        1,
+        "write to read-only b"
+    );
+    assert_eq!(one(&mut q, T_IN, 0, 4096).status, 0, "read from b");
+    drop(q);
+    drop(client);
+    let text = http_get(&format!("127.0.0.1:{port}"));
+    assert!(
+        text.contains("torii_blk_connections_total{export=\"a\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("torii_blk_errors_total{export=\"b\",queue=\"0\",status=\"ioerr\"} 1"),
+        "{text}"
+    );
+    guard.signal(libc::SIGTERM).or_fail("SIGTERM");
+    let st = guard
+        .wait_timeout(Duration::from_secs(10))
+        .or_fail("wait")
+        .expect("the daemon did not stop");
+    assert!(st.success());
+    assert!(!sa.exists() && !sb.exists(), "sockets left behind");
+}

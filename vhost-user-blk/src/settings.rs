@@ -1,0 +1,230 @@
+//! The daemon's configuration file: any number of exports and where metrics are served.
+//!
+//! ```toml
+//! [daemon]
+//! metrics_listen = "127.0.0.1:9101"   # optional
+//!
+//! [[export]]
+//! name = "vm1-root"                   # logs and metrics; also the default serial
+//! socket = "/run/torii/vm1-root.sock"
+//! file = "/var/lib/vm1/root.img"      # raw image file or block device
+//! queues = 2                          # default 1
+//! workers = 1                         # default 1
+//! read_only = false
+//! direct = true                       # O_DIRECT
+//! block_size = 512
+//! serial = "vm1-root"
+//! writethrough = false
+//! poll_mode = "adaptive"              # poll | event | adaptive
+//! poll_us = 200
+//! client = false                      # connect to the socket instead of listening
+//! ```
+//!
+//! The whole file is checked before anything starts: unknown keys, duplicate names and
+//! sockets, and every export's own limits are errors.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use torii_vhost_user::SocketMode;
+
+use crate::device::ExportConfig;
+use crate::worker::PollMode;
+
+/// What the file asks for.
+#[derive(Debug)]
+pub struct Settings {
+    pub metrics_listen: Option<SocketAddr>,
+    pub exports: Vec<ExportConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRepr {
+    #[serde(default)]
+    daemon: DaemonRepr,
+    #[serde(default, rename = "export")]
+    exports: Vec<ExportRepr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DaemonRepr {
+    metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Deserialize, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+enum ModeRepr {
+    Poll,
+    Event,
+    #[default]
+    Adaptive,
+}
+
+fn one() -> u16 {
+    1
+}
+
+fn sector() -> u32 {
+    512
+}
+
+fn poll_us() -> u64 {
+    200
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportRepr {
+    name: String,
+    socket: PathBuf,
+    file: PathBuf,
+    #[serde(default = "one")]
+    queues: u16,
+    #[serde(default = "one")]
+    workers: u16,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    direct: bool,
+    #[serde(default = "sector")]
+    block_size: u32,
+    serial: Option<String>,
+    #[serde(default)]
+    writethrough: bool,
+    #[serde(default)]
+    poll_mode: ModeRepr,
+    #[serde(default = "poll_us")]
+    poll_us: u64,
+    #[serde(default)]
+    client: bool,
+}
+
+/// Parses and checks a configuration file's text.
+pub fn parse(text: &str) -> Result<Settings, String> {
+    let f: FileRepr = toml::from_str(text).map_err(|e| e.to_string())?;
+    if f.exports.is_empty() {
+        return Err("no [[export]] section".into());
+    }
+    let (mut names, mut sockets) = (HashSet::new(), HashSet::new());
+    let mut exports = Vec::new();
+    for e in f.exports {
+        if e.name.is_empty() || e.name.len() > 64 {
+            return Err(format!("export name {:?}: 1 to 64 characters", e.name));
+        }
+        if !names.insert(e.name.clone()) {
+            return Err(format!("export {}: name used twice", e.name));
+        }
+        if !sockets.insert(e.socket.clone()) {
+            return Err(format!(
+                "export {}: socket {} used twice",
+                e.name,
+                e.socket.display()
+            ));
+        }
+        let poll = match e.poll_mode {
+            ModeRepr::Poll => PollMode::Poll,
+            ModeRepr::Event => PollMode::Event,
+            ModeRepr::Adaptive => PollMode::Adaptive(Duration::from_micros(e.poll_us)),
+        };
+        let cfg = ExportConfig {
+            serial: e.serial.unwrap_or_else(|| e.name.clone()),
+            name: e.name,
+            socket: e.socket,
+            mode: if e.client {
+                SocketMode::Client
+            } else {
+                SocketMode::Server
+            },
+            path: e.file,
+            read_only: e.read_only,
+            direct: e.direct,
+            num_queues: e.queues,
+            workers: e.workers,
+            block_size: e.block_size,
+            writeback: !e.writethrough,
+            poll,
+            reconnect_interval: Duration::from_millis(500),
+        };
+        cfg.validate()
+            .map_err(|err| format!("export {}: {err}", cfg.name))?;
+        exports.push(cfg);
+    }
+    Ok(Settings {
+        metrics_listen: f.daemon.metrics_listen,
+        exports,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [daemon]
+        metrics_listen = "127.0.0.1:9101"
+        [[export]]
+        name = "a"
+        socket = "/tmp/a.sock"
+        file = "/tmp/a.img"
+        queues = 2
+        direct = true
+        [[export]]
+        name = "b"
+        socket = "/tmp/b.sock"
+        file = "/dev/loop0"
+        read_only = true
+        poll_mode = "event"
+        serial = "disk-b"
+    "#;
+
+    #[test]
+    fn a_good_file() {
+        let s = parse(GOOD).unwrap();
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9101".parse().unwrap()));
+        assert_eq!(s.exports.len(), 2);
+        let (a, b) = (&s.exports[0], &s.exports[1]);
+        assert_eq!(
+            (a.num_queues, a.workers, a.direct, a.serial.as_str()),
+            (2, 1, true, "a")
+        );
+        assert_eq!(a.poll, PollMode::Adaptive(Duration::from_micros(200)));
+        assert!(b.read_only && b.writeback);
+        assert_eq!((b.poll, b.serial.as_str()), (PollMode::Event, "disk-b"));
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let cases = [
+            ("", "no [[export]]"),
+            (
+                &GOOD.replace("queues = 2", "queus = 2"),
+                "unknown field `queus`",
+            ),
+            (&GOOD.replace("\"b\"", "\"a\""), "name used twice"),
+            (&GOOD.replace("/tmp/b.sock", "/tmp/a.sock"), "used twice"),
+            (&GOOD.replace("queues = 2", "queues = 0"), "num_queues"),
+            (
+                &GOOD.replace("queues = 2", "queues = 2\nworkers = 3"),
+                "workers",
+            ),
+            (
+                &GOOD.replace("direct = true", "block_size = 1000"),
+                "block_size",
+            ),
+            (&GOOD.replace("\"event\"", "\"busy\""), "unknown variant"),
+            (
+                &GOOD.replace("127.0.0.1:9101", "nowhere"),
+                "invalid socket address",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+        }
+    }
+}
