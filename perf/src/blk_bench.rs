@@ -155,14 +155,14 @@ fn taskset(cpu: usize, bin: &Path) -> Command {
     c
 }
 
-/// Runs one sample of `case` on `target` with `subject`.
-#[allow(clippy::too_many_arguments)]
+/// Runs one sample of `case` on `target` with `subject` (Torii: that binary with those extra
+/// arguments).
 pub fn run_one(
     subject: Subject,
     case: Case,
     target: &Target,
     runtime: Duration,
-    torii: &Path,
+    (torii, torii_args): (&Path, &[String]),
     dir: &Path,
     round: u32,
 ) -> anyhow::Result<Sample> {
@@ -177,7 +177,7 @@ pub fn run_one(
                 .arg(&sock)
                 .arg("--file")
                 .arg(&target.path)
-                .args(["--poll-mode", "adaptive"])
+                .args(torii_args)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);

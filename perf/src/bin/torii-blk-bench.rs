@@ -44,6 +44,10 @@ struct Cli {
     /// qd1, randwrite 4k qd32, read and write 128k qd8].
     #[arg(long, value_delimiter = ',', value_parser = parse_case)]
     cases: Vec<Case>,
+    /// Extra arguments for torii-vhost-user-blk (repeat the option), e.g.
+    /// --torii-arg=--poll-mode --torii-arg=event.
+    #[arg(long, allow_hyphen_values = true)]
+    torii_arg: Vec<String>,
     /// torii-vhost-user-blk binary [default: target/release/torii-vhost-user-blk].
     #[arg(long)]
     torii: Option<PathBuf>,
@@ -103,13 +107,16 @@ fn run() -> anyhow::Result<()> {
     let (commit, dirty) = bench::git_info(&root);
     let runtime = Duration::from_secs_f64(cli.runtime);
     let work = torii_perf::proc_util::unique_tmp_dir("torii-blk-bench")?;
-    let mut targets = vec![Target {
-        name: "tmpfs".into(),
-        path: cli
-            .tmpfs_dir
-            .join(format!("torii-blk-bench-{}.img", std::process::id())),
-        direct: false,
-    }];
+    let mut targets = Vec::new();
+    if !cli.disk_only {
+        targets.push(Target {
+            name: "tmpfs".into(),
+            path: cli
+                .tmpfs_dir
+                .join(format!("torii-blk-bench-{}.img", std::process::id())),
+            direct: false,
+        });
+    }
     if !cli.tmpfs_only {
         targets.push(Target {
             name: "disk".into(),
@@ -145,7 +152,15 @@ fn run() -> anyhow::Result<()> {
             for &case in &cases {
                 for k in 0..subjects.len() {
                     let who = subjects[(k + round as usize) % subjects.len()];
-                    let s = blk_bench::run_one(who, case, t, runtime, &torii, work.path(), round)?;
+                    let s = blk_bench::run_one(
+                        who,
+                        case,
+                        t,
+                        runtime,
+                        (&torii, &cli.torii_arg),
+                        work.path(),
+                        round,
+                    )?;
                     eprintln!(
                         "round {round} {:<6} {:<18} {:<6?} {:>9.0} IOPS p50 {:>6.1} p99 {:>7.1} us",
                         s.target, s.case, s.subject, s.iops, s.p50_us, s.p99_us
