@@ -133,6 +133,9 @@ pub struct ExportConfig {
     pub workers: u16,
     /// Logical block size (512..=65536, a power of two).
     pub block_size: u32,
+    /// Physical block size (a power-of-two multiple of `block_size`): the guest aligns and
+    /// sizes its I/O to it (e.g. 4096 over a 512-byte logical size).
+    pub physical_block_size: u32,
     pub serial: String,
     /// Initial cache mode (the driver may switch it, CONFIG_WCE).
     pub writeback: bool,
@@ -157,6 +160,13 @@ impl ExportConfig {
         if !self.block_size.is_power_of_two() || !(512..=65536).contains(&self.block_size) {
             return Err(ExportError::BlockSize(self.block_size));
         }
+        let p = self.physical_block_size;
+        if !p.is_power_of_two() || p < self.block_size || p / self.block_size > 1 << 15 {
+            return Err(ExportError::PhysicalBlockSize {
+                got: p,
+                logical: self.block_size,
+            });
+        }
         Ok(())
     }
 }
@@ -168,6 +178,10 @@ pub enum ExportError {
     Queues(u16),
     #[error("workers must be between 1 and num_queues ({queues}), got {got}")]
     Workers { got: u16, queues: u16 },
+    #[error(
+        "physical_block_size must be a power of two, at least block_size ({logical}) and at most 32768 times it, got {got}"
+    )]
+    PhysicalBlockSize { got: u32, logical: u32 },
     #[error("block_size must be a power of two between 512 and 65536, got {0}")]
     BlockSize(u32),
     #[error("cannot open {path}: {source}")]
@@ -225,7 +239,7 @@ impl BlkExport {
         let dev = BlkDevice {
             capacity: size / SECTOR_SIZE,
             blk_size: cfg.block_size,
-            physical_block_exp: 0,
+            physical_block_exp: (cfg.physical_block_size / cfg.block_size).trailing_zeros() as u8,
             // 1 MiB segments, up to a queue's worth of them (indirect descriptors).
             size_max: 1 << 20,
             seg_max: u32::from(MAX_QUEUE_SIZE) - 2,

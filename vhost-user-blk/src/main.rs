@@ -54,6 +54,9 @@ struct Args {
     /// Logical block size in bytes.
     #[arg(long, default_value_t = 512)]
     block_size: u32,
+    /// Physical block size in bytes [default: the logical block size].
+    #[arg(long)]
+    physical_block_size: Option<u32>,
     /// Serial number returned by GET_ID (at most 20 bytes are used).
     #[arg(long, default_value = "torii")]
     serial: String,
@@ -102,6 +105,7 @@ fn settings(a: Args) -> Result<settings::Settings, String> {
             num_queues: a.queues,
             workers: a.workers,
             block_size: a.block_size,
+            physical_block_size: a.physical_block_size.unwrap_or(a.block_size),
             serial: a.serial,
             writeback: !a.writethrough,
             poll: match a.poll_mode {

@@ -13,6 +13,7 @@
 //! read_only = false
 //! direct = true                       # O_DIRECT
 //! block_size = 512
+//! physical_block_size = 4096         # default: block_size
 //! serial = "vm1-root"
 //! writethrough = false
 //! poll_mode = "adaptive"              # poll | event | adaptive
@@ -93,6 +94,7 @@ struct ExportRepr {
     direct: bool,
     #[serde(default = "sector")]
     block_size: u32,
+    physical_block_size: Option<u32>,
     serial: Option<String>,
     #[serde(default)]
     writethrough: bool,
@@ -146,6 +148,7 @@ pub fn parse(text: &str) -> Result<Settings, String> {
             num_queues: e.queues,
             workers: e.workers,
             block_size: e.block_size,
+            physical_block_size: e.physical_block_size.unwrap_or(e.block_size),
             writeback: !e.writethrough,
             poll,
             reconnect_interval: Duration::from_millis(500),
@@ -215,6 +218,13 @@ mod tests {
             (
                 &GOOD.replace("direct = true", "block_size = 1000"),
                 "block_size",
+            ),
+            (
+                &GOOD.replace(
+                    "direct = true",
+                    "block_size = 4096\nphysical_block_size = 512",
+                ),
+                "physical_block_size",
             ),
             (&GOOD.replace("\"event\"", "\"busy\""), "unknown variant"),
             (

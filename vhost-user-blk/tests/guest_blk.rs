@@ -25,7 +25,7 @@ fn boot(b: GuestBuilder) -> Guest {
 
 /// mkfs.ext4, files written and read back after a guest reboot (the device is reset and the
 /// connection re-negotiated), fstrim deallocating on the host, two queues in use, the serial,
-/// and the cache mode switched by the driver.
+/// the block topology, and the cache mode switched by the driver.
 #[test]
 fn ext4_survives_reboot_and_fstrim_discards() {
     let _heavy = torii_perf::heavy_test_lock();
@@ -35,7 +35,14 @@ fn ext4_survives_reboot_and_fstrim_discards() {
     let mut be = Backend::start(
         dir.path(),
         &img,
-        &["--queues", "2", "--serial", "torii-disk-1"],
+        &[
+            "--queues",
+            "2",
+            "--serial",
+            "torii-disk-1",
+            "--physical-block-size",
+            "4096",
+        ],
     );
     let mut g = boot(guest(&be.socket, 2, 2).allow_reboot(true));
 
@@ -51,6 +58,16 @@ fn ext4_survives_reboot_and_fstrim_discards() {
         (256u64 << 11).to_string()
     );
     assert_eq!(run(&mut g, "cat /sys/block/vda/ro").trim(), "0");
+    // Topology: 512-byte logical blocks, 4 KiB physical blocks.
+    assert_eq!(
+        run(
+            &mut g,
+            "cat /sys/block/vda/queue/logical_block_size /sys/block/vda/queue/physical_block_size"
+        )
+        .split_whitespace()
+        .collect::<Vec<_>>(),
+        ["512", "4096"]
+    );
     // The driver switches the cache mode through the config space (CONFIG_WCE).
     assert_eq!(
         run(&mut g, "cat /sys/block/vda/cache_type").trim(),
