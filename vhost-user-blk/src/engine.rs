@@ -48,6 +48,20 @@ pub enum Op<'a> {
         index: u16,
         dsync: bool,
     },
+    /// Vectored read into buffers all inside registered buffer `index` (kernel 6.15+, see
+    /// [`Engine::vectored_fixed`]).
+    ReadvFixed {
+        offset: u64,
+        iovecs: &'a [libc::iovec],
+        index: u16,
+    },
+    /// Vectored write from buffers all inside registered buffer `index`.
+    WritevFixed {
+        offset: u64,
+        iovecs: &'a [libc::iovec],
+        index: u16,
+        dsync: bool,
+    },
     /// Make completed writes durable (fdatasync).
     Flush,
     /// Deallocate (FALLOC_FL_PUNCH_HOLE: reads return zeros afterwards).
@@ -71,6 +85,8 @@ pub struct Engine {
     flags: OpenFlags,
     /// Registered buffers: (host address, length), by index.
     fixed: Vec<(usize, usize)>,
+    /// The kernel has READV_FIXED / WRITEV_FIXED.
+    vectored_fixed: bool,
     /// The armed wait timeout (see [`Engine::submit_and_wait_at_most`]).
     timeout: Box<types::Timespec>,
     timeout_armed: bool,
@@ -93,12 +109,17 @@ impl Engine {
         let depth = depth.max(2);
         let ring = IoUring::new(depth)?;
         ring.submitter().register_files(&[file.as_raw_fd()])?;
+        let mut probe = io_uring::Probe::new();
+        let vectored_fixed = ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::ReadvFixed::CODE)
+            && probe.is_supported(opcode::WritevFixed::CODE);
         Ok(Engine {
             ring,
             file,
             capacity,
             flags,
             fixed: Vec::new(),
+            vectored_fixed,
             timeout: Box::new(types::Timespec::new()),
             timeout_armed: false,
             depth: depth as usize,
@@ -136,7 +157,7 @@ impl Engine {
     /// For a read or write: the iovec array must stay valid until the next [`submit`] (the
     /// kernel takes its copy of it at submission), and the memory it describes until the
     /// completion with `token` has been reaped (for reads, not otherwise accessed by us
-    /// meanwhile). For a fixed read or write: the buffer must lie inside registered buffer
+    /// meanwhile). For a fixed read or write: the buffer(s) must lie inside registered buffer
     /// `index`, and stay valid until the completion has been reaped.
     ///
     /// [`submit`]: Engine::submit
@@ -171,6 +192,22 @@ impl Engine {
                 index,
                 dsync,
             } => opcode::WriteFixed::new(fd, buf, len, index)
+                .offset(offset)
+                .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+                .build(),
+            Op::ReadvFixed {
+                offset,
+                iovecs,
+                index,
+            } => opcode::ReadvFixed::new(fd, iovecs.as_ptr(), iovecs.len() as u32, index)
+                .offset(offset)
+                .build(),
+            Op::WritevFixed {
+                offset,
+                iovecs,
+                index,
+                dsync,
+            } => opcode::WritevFixed::new(fd, iovecs.as_ptr(), iovecs.len() as u32, index)
                 .offset(offset)
                 .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
                 .build(),
@@ -272,6 +309,29 @@ impl Engine {
             .iter()
             .position(|&(a, l)| addr >= a && addr - a <= l && len <= l - (addr - a))
             .map(|i| i as u16)
+    }
+
+    /// Whether vectored fixed reads and writes are available (kernel 6.15+).
+    pub fn vectored_fixed(&self) -> bool {
+        self.vectored_fixed
+    }
+
+    /// The registered buffer holding every buffer of `iov`, if one does and the kernel can
+    /// do vectored fixed I/O.
+    #[inline]
+    pub fn fixed_index_all(&self, iov: &[libc::iovec]) -> Option<u16> {
+        if !self.vectored_fixed {
+            return None;
+        }
+        let (first, rest) = iov.split_first()?;
+        let i = self.fixed_index(first.iov_base as usize, first.iov_len)?;
+        let (a, l) = self.fixed[i as usize];
+        rest.iter()
+            .all(|v| {
+                let b = v.iov_base as usize;
+                b >= a && b - a <= l && v.iov_len <= l - (b - a)
+            })
+            .then_some(i)
     }
 
     /// Has the kernel write `fd` (an eventfd) whenever it posts a completion, so that a
@@ -522,6 +582,77 @@ mod tests {
         assert!(mem[8192..12288].iter().all(|&b| b == 0x3c));
         e.unregister_buffers();
         assert_eq!(e.fixed_index(base, 1), None);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn vectored_fixed_buffers_when_the_kernel_has_them() {
+        let (path, _f) = scratch(1 << 20);
+        let mut e = Engine::open(&path, OpenFlags::default(), 8).unwrap();
+        let mut mem = vec![0u8; 64 << 10];
+        let base = mem.as_mut_ptr() as usize;
+        // SAFETY: `mem` outlives the engine's use of it (unregistered before it is dropped).
+        unsafe { e.register_buffers(&[(base, mem.len())]).unwrap() };
+        mem[..512].fill(1);
+        mem[4096..5120].fill(2);
+        let out = [
+            libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: 512,
+            },
+            libc::iovec {
+                iov_base: (base + 4096) as *mut libc::c_void,
+                iov_len: 1024,
+            },
+        ];
+        let outside = [
+            out[0],
+            libc::iovec {
+                iov_base: (base + (64 << 10)) as *mut libc::c_void,
+                iov_len: 512,
+            },
+        ];
+        assert_eq!(e.fixed_index_all(&outside), None);
+        if !e.vectored_fixed() {
+            // Kernels before 6.15: requests fall back to readv/writev.
+            assert_eq!(e.fixed_index_all(&out), None);
+            return;
+        }
+        assert_eq!(e.fixed_index_all(&out), Some(0));
+        // SAFETY: the buffers lie in the registered buffer and live until `run` reaps.
+        unsafe {
+            e.push(
+                Op::WritevFixed {
+                    offset: 0,
+                    iovecs: &out,
+                    index: 0,
+                    dsync: false,
+                },
+                1,
+            )
+            .unwrap();
+        }
+        assert_eq!(run(&mut e), vec![(1, 1536)]);
+        let back = [libc::iovec {
+            iov_base: (base + 8192) as *mut libc::c_void,
+            iov_len: 1536,
+        }];
+        // SAFETY: as above.
+        unsafe {
+            e.push(
+                Op::ReadvFixed {
+                    offset: 0,
+                    iovecs: &back,
+                    index: 0,
+                },
+                2,
+            )
+            .unwrap();
+        }
+        assert_eq!(run(&mut e), vec![(2, 1536)]);
+        assert!(mem[8192..8704].iter().all(|&b| b == 1));
+        assert!(mem[8704..9728].iter().all(|&b| b == 2));
+        e.unregister_buffers();
         std::fs::remove_file(path).unwrap();
     }
 

@@ -710,13 +710,18 @@ fn submit_chain(
             slot.expect = len;
             slot.written = len as u32 + 1;
             let op = match fixed(ctx.engine, &slot.iov) {
-                Some((buf, index)) => Op::ReadFixed {
+                Fixed::One(buf, index) => Op::ReadFixed {
                     offset,
                     buf: buf.cast(),
                     len: len as u32,
                     index,
                 },
-                None => Op::Read {
+                Fixed::All(index) => Op::ReadvFixed {
+                    offset,
+                    iovecs: &slot.iov,
+                    index,
+                },
+                Fixed::No => Op::Read {
                     offset,
                     iovecs: &slot.iov,
                 },
@@ -732,14 +737,20 @@ fn submit_chain(
             slot.written = 1;
             let dsync = !ctx.model.writeback();
             let op = match fixed(ctx.engine, &slot.iov) {
-                Some((buf, index)) => Op::WriteFixed {
+                Fixed::One(buf, index) => Op::WriteFixed {
                     offset,
                     buf: buf.cast_const().cast(),
                     len: len as u32,
                     index,
                     dsync,
                 },
-                None => Op::Write {
+                Fixed::All(index) => Op::WritevFixed {
+                    offset,
+                    iovecs: &slot.iov,
+                    index,
+                    dsync,
+                },
+                Fixed::No => Op::Write {
                     offset,
                     iovecs: &slot.iov,
                     dsync,
@@ -813,14 +824,23 @@ fn submit_chain(
     Ok(())
 }
 
-/// The registered buffer of a single-buffer transfer, if its buffer lies in one.
+/// Which registered buffer, if any, a transfer's buffers lie in.
+enum Fixed {
+    /// One buffer, inside registered buffer `.1`.
+    One(*mut libc::c_void, u16),
+    /// Several, all inside one registered buffer (vectored fixed I/O).
+    All(u16),
+    No,
+}
+
 #[inline]
-fn fixed(engine: &Engine, iov: &[libc::iovec]) -> Option<(*mut libc::c_void, u16)> {
+fn fixed(engine: &Engine, iov: &[libc::iovec]) -> Fixed {
     match iov {
-        [one] => engine
-            .fixed_index(one.iov_base as usize, one.iov_len)
-            .map(|i| (one.iov_base, i)),
-        _ => None,
+        [one] => match engine.fixed_index(one.iov_base as usize, one.iov_len) {
+            Some(i) => Fixed::One(one.iov_base, i),
+            None => Fixed::No,
+        },
+        _ => engine.fixed_index_all(iov).map_or(Fixed::No, Fixed::All),
     }
 }
 
