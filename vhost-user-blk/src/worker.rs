@@ -386,6 +386,9 @@ impl Worker {
         let queue = state.get_queue_mut();
         let ring = match maps.get_in(mem, *io_generation, q.vq as usize, queue) {
             Ok(r) => r,
+            // The frontend changed the memory table after this round loaded it (the rings
+            // may already lie in the new one): the next round loads it and looks again.
+            Err(_) if conn.mem_generation.load(Ordering::Acquire) != *io_generation => return 0,
             Err(e) => return broken(shared, q, e),
         };
         let mut ctx = Ctx {
