@@ -249,6 +249,7 @@ fn client(sock: &Path, case: Case, runtime: Duration) -> anyhow::Result<RunRepor
         size: 0,
         seed: 1,
         queue_size: 256,
+        segments: 1,
     };
     let sock = sock.to_path_buf();
     let r = std::thread::spawn(move || {

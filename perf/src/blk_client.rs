@@ -35,9 +35,13 @@ const F_MQ: u64 = 1 << 12;
 const F_FLUSH: u64 = 1 << 9;
 const F_RO: u64 = 1 << 5;
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const F_INDIRECT_DESC: u64 = 1 << 28;
+/// Most data descriptors of one request.
+pub const MAX_SEGMENTS: u16 = 64;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 
@@ -57,6 +61,10 @@ pub struct ClientConfig {
     pub slots: u16,
     /// Largest transfer of one request (each slot has a data buffer this large).
     pub max_bytes: u32,
+    /// Data descriptors per request: 1 for a direct chain of three descriptors; more for an
+    /// indirect table (header, the data buffer cut in this many pieces, status), as a guest
+    /// driver sends scatter-gather I/O.
+    pub segments: u16,
 }
 
 /// What the device told us.
@@ -135,8 +143,9 @@ fn align(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
 }
 
-/// Bytes of one queue's area: rings, then per slot a header, a status byte and a data buffer.
-fn queue_area(cfg: &ClientConfig) -> (u64, [u64; 5]) {
+/// Bytes of one queue's area: rings, then per slot a header, a status byte, an indirect
+/// table and a data buffer.
+fn queue_area(cfg: &ClientConfig) -> (u64, [u64; 6]) {
     let size = u64::from(cfg.queue_size);
     let slots = u64::from(cfg.slots);
     let desc = 0;
@@ -144,9 +153,10 @@ fn queue_area(cfg: &ClientConfig) -> (u64, [u64; 5]) {
     let used = align(avail + 6 + 2 * size, 4096);
     let hdrs = align(used + 6 + 8 * size, 64);
     let status = hdrs + 16 * slots;
-    let data = align(status + slots, 4096);
+    let ind = align(status + slots, 16);
+    let data = align(ind + slots * 16 * (u64::from(cfg.segments) + 2), 4096);
     let end = align(data + slots * u64::from(cfg.max_bytes), 4096);
-    (end, [desc, avail, used, hdrs, data])
+    (end, [desc, avail, used, hdrs, ind, data])
 }
 
 /// A connected vhost-user-blk device.
@@ -160,6 +170,12 @@ pub struct BlkClient {
 impl BlkClient {
     /// Connects to `socket`, negotiates, shares the memory and starts `cfg.queues` queues.
     pub fn connect(socket: &Path, cfg: &ClientConfig) -> Result<Self, ClientError> {
+        if cfg.segments == 0 || cfg.segments > MAX_SEGMENTS {
+            return Err(ClientError::Setup(format!(
+                "segments must be 1..={MAX_SEGMENTS}, got {}",
+                cfg.segments
+            )));
+        }
         if !cfg.queue_size.is_power_of_two() || cfg.slots == 0 || cfg.slots > cfg.queue_size / 3 {
             return Err(ClientError::Setup(format!(
                 "{} slots do not fit a queue of {} descriptors",
@@ -174,7 +190,15 @@ impl BlkClient {
                 "backend offers {offered:#x}: VERSION_1 and PROTOCOL_FEATURES needed"
             )));
         }
-        let want = F_VERSION_1 | F_PROTOCOL_FEATURES | F_BLK_SIZE | F_MQ | F_FLUSH | F_RO;
+        let mut want = F_VERSION_1 | F_PROTOCOL_FEATURES | F_BLK_SIZE | F_MQ | F_FLUSH | F_RO;
+        if cfg.segments > 1 {
+            if offered & F_INDIRECT_DESC == 0 {
+                return Err(ClientError::Setup(
+                    "several segments need INDIRECT_DESC, which the backend does not offer".into(),
+                ));
+            }
+            want |= F_INDIRECT_DESC;
+        }
         fe.set_features(offered & want)?;
         let p = fe.get_protocol_features()?;
         let wantp = VhostUserProtocolFeatures::CONFIG
@@ -222,8 +246,8 @@ impl BlkClient {
         let mut queues = Vec::new();
         for q in 0..cfg.queues {
             let base = per_queue * u64::from(q);
-            let [desc, avail, used, hdrs, data] = layout.map(|o| base + o);
-            let dq = DriverQueue::new(mem.clone(), q, cfg, [desc, avail, used, hdrs, data])?;
+            let [desc, avail, used, hdrs, ind, data] = layout.map(|o| base + o);
+            let dq = DriverQueue::new(mem.clone(), q, cfg, [desc, avail, used, hdrs, ind, data])?;
             let qi = q as usize;
             fe.set_vring_num(qi, cfg.queue_size)?;
             fe.set_vring_base(qi, 0)?;
@@ -287,10 +311,12 @@ pub struct DriverQueue {
     size: u16,
     slots: u16,
     max_bytes: u32,
+    segments: u16,
     desc: u64,
     avail: u64,
     used: u64,
     hdrs: u64,
+    ind: u64,
     data: u64,
     avail_idx: u16,
     /// Avail index at the last kick.
@@ -305,7 +331,7 @@ impl DriverQueue {
         mem: Arc<GuestMemory>,
         index: u16,
         cfg: &ClientConfig,
-        [desc, avail, used, hdrs, data]: [u64; 5],
+        [desc, avail, used, hdrs, ind, data]: [u64; 6],
     ) -> Result<Self, ClientError> {
         let q = DriverQueue {
             mem,
@@ -313,10 +339,12 @@ impl DriverQueue {
             size: cfg.queue_size,
             slots: cfg.slots,
             max_bytes: cfg.max_bytes,
+            segments: cfg.segments,
             desc,
             avail,
             used,
             hdrs,
+            ind,
             data,
             avail_idx: 0,
             kicked_idx: 0,
@@ -349,8 +377,14 @@ impl DriverQueue {
     }
 
     fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = self.mem.host(self.desc + 16 * u64::from(i));
-        // SAFETY: descriptor `i` < size lies in the descriptor table, 16-aligned.
+        self.write_desc_at(self.desc + 16 * u64::from(i), addr, len, flags, next);
+    }
+
+    /// Writes a descriptor at guest address `gpa` (in the ring's table or an indirect one).
+    fn write_desc_at(&self, gpa: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = self.mem.host(gpa);
+        // SAFETY: `gpa` is a 16-aligned descriptor slot inside this queue's area (the ring's
+        // table or a slot's indirect table, laid out in `queue_area`).
         unsafe {
             ptr::write_volatile(at as *mut u64, addr.to_le());
             ptr::write_volatile(at.add(8) as *mut u32, len.to_le());
@@ -385,15 +419,42 @@ impl DriverQueue {
         unsafe { ptr::write_volatile(self.mem.host(status), 0xff) };
         let d = 3 * slot;
         let data = self.data + u64::from(slot) * u64::from(self.max_bytes);
+        let dir = if kind == T_IN || kind == T_GET_ID {
+            DESC_F_WRITE
+        } else {
+            0
+        };
+        if self.segments > 1 && len > 0 {
+            // An indirect table: header, the data in `segments` pieces, status.
+            let n = self.segments;
+            let table = self.ind + u64::from(slot) * 16 * (u64::from(n) + 2);
+            self.write_desc_at(table, hdr, 16, DESC_F_NEXT, 1);
+            let piece = len.div_ceil(u32::from(n));
+            let mut off = 0u32;
+            let mut i = 1u16;
+            while off < len {
+                let l = piece.min(len - off);
+                self.write_desc_at(
+                    table + 16 * u64::from(i),
+                    data + u64::from(off),
+                    l,
+                    DESC_F_NEXT | dir,
+                    i + 1,
+                );
+                off += l;
+                i += 1;
+            }
+            self.write_desc_at(table + 16 * u64::from(i), status, 1, DESC_F_WRITE, 0);
+            self.write_desc(d, table, 16 * (u32::from(i) + 1), DESC_F_INDIRECT, 0);
+            let ring = self.avail + 4 + 2 * u64::from(self.avail_idx & (self.size - 1));
+            self.write_u16(ring, d);
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            return;
+        }
         if len == 0 {
             self.write_desc(d, hdr, 16, DESC_F_NEXT, d + 2);
         } else {
             self.write_desc(d, hdr, 16, DESC_F_NEXT, d + 1);
-            let dir = if kind == T_IN || kind == T_GET_ID {
-                DESC_F_WRITE
-            } else {
-                0
-            };
             self.write_desc(d + 1, data, len, DESC_F_NEXT | dir, d + 2);
         }
         self.write_desc(d + 2, status, 1, DESC_F_WRITE, 0);

@@ -417,6 +417,8 @@ pub struct RunSpec {
     pub seed: u64,
     /// Descriptors per queue.
     pub queue_size: u16,
+    /// Data descriptors per request (more than one: an indirect table).
+    pub segments: u16,
 }
 
 /// The merged result of a run and the device's size.
@@ -456,6 +458,7 @@ pub fn run_spec(
         queue_size: spec.queue_size,
         slots: spec.iodepth.min(spec.queue_size / 3).max(1),
         max_bytes: spec.bs,
+        segments: spec.segments,
     };
     let mut client = BlkClient::connect(socket, &cfg)?;
     let info = client.info();

@@ -26,6 +26,7 @@ fn spec(pattern: Pattern, seed: u64, numjobs: u16) -> RunSpec {
         size: 16 << 20,
         seed,
         queue_size: 128,
+        segments: 1,
     }
 }
 
@@ -39,7 +40,7 @@ fn verify(
 }
 
 /// Data written by the client through Torii reads back through qemu-storage-daemon and the
-/// other way round; both report the same capacity; a check with the wrong seed finds every
+/// other way round, with direct chains and with indirect scatter-gather tables; both report the same capacity; a check with the wrong seed finds every
 /// block wrong (the client's check is real).
 #[test]
 fn verify_through_torii_and_qemu_storage_daemon_agree() {
@@ -85,7 +86,8 @@ fn verify_through_torii_and_qemu_storage_daemon_agree() {
         wrong.mismatches, wrong.ios,
         "a wrong seed must fail every block"
     );
-    let w = verify(&qsock, Pattern::Verify, 9, 1);
+    // Scatter-gather requests (indirect tables, 8 data buffers each) both ways too.
+    let w = verify_sg(&qsock, Pattern::Verify, 9);
     assert_eq!(
         (w.errors, w.mismatches),
         (0, 0),
@@ -94,13 +96,29 @@ fn verify_through_torii_and_qemu_storage_daemon_agree() {
     drop(q);
 
     let mut be = Backend::start(dir.path(), &img, &["--queues", "2"]);
-    let c = verify(&be.socket, Pattern::Check, 9, 1);
+    let c = verify_sg(&be.socket, Pattern::Check, 9);
     assert_eq!(
         (c.errors, c.mismatches),
         (0, 0),
         "qsd's data through Torii: {c:?}"
     );
+    let w = verify_sg(&be.socket, Pattern::Verify, 10);
+    assert_eq!(
+        (w.errors, w.mismatches),
+        (0, 0),
+        "scatter-gather through Torii: {w:?}"
+    );
     be.stop();
+}
+
+/// `verify` with each request's data in 8 pieces of an indirect table (scatter-gather).
+fn verify_sg(socket: &Path, pattern: Pattern, seed: u64) -> torii_perf::blk_job::RunReport {
+    let s = RunSpec {
+        segments: 8,
+        bs: 32 << 10,
+        ..spec(pattern, seed, 1)
+    };
+    run_spec(socket, &s).or_fail("client run")
 }
 
 /// Submits one request on `q` and waits for its completion.
@@ -130,6 +148,7 @@ fn statuses(socket: &Path) -> Vec<(String, u8)> {
         queue_size: 64,
         slots: 4,
         max_bytes: 8192,
+        segments: 1,
     };
     let mut client = BlkClient::connect(socket, &cfg).or_fail("connect");
     let cap = client.info().capacity_sectors;
@@ -189,6 +208,7 @@ fn statuses_match_qemu_storage_daemon() {
         queue_size: 64,
         slots: 1,
         max_bytes: 4096,
+        segments: 1,
     };
     let mut client = BlkClient::connect(&be.socket, &cfg).or_fail("connect");
     let mut q = client.take_queues().pop().expect("queue");
@@ -278,6 +298,7 @@ fn hostile_chains_break_only_their_queue() {
             queue_size: 64,
             slots: 4,
             max_bytes: 4096,
+            segments: 1,
         };
         let mut client = BlkClient::connect(&be.socket, &cfg).or_fail("connect");
         let mut qs = client.take_queues();
@@ -451,6 +472,7 @@ fn config_file_serves_several_exports_all_or_nothing() {
         queue_size: 64,
         slots: 1,
         max_bytes: 4096,
+        segments: 1,
     };
     let mut client = BlkClient::connect(&sb, &cfg).or_fail("connect b");
     assert!(client.info().read_only);

@@ -41,6 +41,10 @@ struct Cli {
     /// Descriptors per queue.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
+    /// Data descriptors per request; more than one sends each request as an indirect table
+    /// with the data buffer cut in that many pieces (scatter-gather, as a guest does).
+    #[arg(long, default_value_t = 1)]
+    segments: u16,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         size: c.size,
         seed: c.seed,
         queue_size: c.queue_size,
+        segments: c.segments,
     };
     let r = match run_spec(&c.socket, &spec) {
         Ok(r) => r,
