@@ -55,3 +55,15 @@ static HEAVY_LOCK: Mutex<()> = Mutex::new(());
 pub fn heavy_test_lock() -> MutexGuard<'static, ()> {
     HEAVY_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Unwraps with the error's `Display`: the harness's errors carry the logs and install hints
+/// that explain them, which a test failure should show.
+pub trait OrFail<T> {
+    fn or_fail(self, ctx: &str) -> T;
+}
+
+impl<T, E: std::fmt::Display> OrFail<T> for Result<T, E> {
+    fn or_fail(self, ctx: &str) -> T {
+        self.unwrap_or_else(|e| panic!("{ctx}: {e}"))
+    }
+}

@@ -1,24 +1,13 @@
 //! End-to-end checks of the harness against real peers: a QEMU guest and a
 //! pair of dpdk-testpmd processes. Missing prerequisites fail the tests.
 
-use std::fmt::Display;
 use std::time::{Duration, Instant};
 
 use torii_perf::guest::GuestBuilder;
 use torii_perf::testpmd::{FwdMode, TestpmdBuilder};
 use torii_perf::{prereq, proc_util};
 
-/// Unwraps with the error's `Display` (the harness errors carry the
-/// diagnostics: serial/log tails, install hints).
-trait OrFail<T> {
-    fn or_fail(self, ctx: &str) -> T;
-}
-
-impl<T, E: Display> OrFail<T> for Result<T, E> {
-    fn or_fail(self, ctx: &str) -> T {
-        self.unwrap_or_else(|e| panic!("{ctx}: {e}"))
-    }
-}
+use torii_perf::OrFail;
 
 #[test]
 fn guest_boots_and_runs_commands() {

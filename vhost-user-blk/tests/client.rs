@@ -64,16 +64,8 @@ fn verify_through_torii_and_qemu_storage_daemon_agree() {
     );
     be.stop();
 
-    let qsock = dir.join("qsd.sock");
-    let q = Qsd::start(
-        &img,
-        &qsock,
-        2,
-        QsdAio::IoUring,
-        false,
-        &dir.join("qsd.log"),
-    )
-    .or_fail("qemu-storage-daemon");
+    let q = qsd(dir.path(), &img, 2);
+    let qsock = q.socket.clone();
     let c = verify(&qsock, Pattern::Check, 7, 2);
     assert_eq!(
         (c.errors, c.mismatches),
@@ -119,6 +111,28 @@ fn verify_sg(socket: &Path, pattern: Pattern, seed: u64) -> torii_perf::blk_job:
         ..spec(pattern, seed, 1)
     };
     run_spec(socket, &s).or_fail("client run")
+}
+
+/// qemu-storage-daemon (aio=io_uring, buffered) exporting `img` with `queues` queues on
+/// `dir`/qsd.sock.
+fn qsd(dir: &Path, img: &Path, queues: u16) -> Qsd {
+    Qsd::start(
+        img,
+        &dir.join("qsd.sock"),
+        queues,
+        QsdAio::IoUring,
+        false,
+        &dir.join("qsd.log"),
+    )
+    .or_fail("qemu-storage-daemon")
+}
+
+/// A TCP port free on 127.0.0.1 right now (for a metrics endpoint).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .or_fail("free port")
+        .port()
 }
 
 /// Submits one request on `q` and waits for its completion.
@@ -190,10 +204,7 @@ fn statuses_match_qemu_storage_daemon() {
     let _heavy = torii_perf::heavy_test_lock();
     let dir = proc_util::unique_tmp_dir("torii-blk-status").or_fail("tmp dir");
     let img = image(dir.path(), "disk.img", 8);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .or_fail("free port")
-        .port();
+    let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let mut be = Backend::start(
         dir.path(),
@@ -239,21 +250,12 @@ fn statuses_match_qemu_storage_daemon() {
     }
     be.stop();
 
-    let qsock = dir.join("qsd.sock");
-    let _q = Qsd::start(
-        &img,
-        &qsock,
-        1,
-        QsdAio::IoUring,
-        false,
-        &dir.join("qsd.log"),
-    )
-    .or_fail("qemu-storage-daemon");
-    let qsd = statuses(&qsock);
+    let peer = qsd(dir.path(), &img, 1);
+    let theirs = statuses(&peer.socket);
     let expect = [0u8, 0, 0, 1, 1, 2, 0];
     let got: Vec<u8> = torii.iter().map(|(_, s)| *s).collect();
     assert_eq!(got, expect, "Torii: {torii:?}");
-    assert_eq!(torii, qsd, "Torii and qemu-storage-daemon disagree");
+    assert_eq!(torii, theirs, "Torii and qemu-storage-daemon disagree");
 }
 
 /// Hostile chains: each breaks its queue (reported, nothing completed), never the daemon;
@@ -416,10 +418,7 @@ fn config_file_serves_several_exports_all_or_nothing() {
     let dir = proc_util::unique_tmp_dir("torii-blk-config").or_fail("tmp dir");
     let (a, b) = (image(dir.path(), "a.img", 8), image(dir.path(), "b.img", 4));
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .or_fail("free port")
-        .port();
+    let port = free_port();
     let config = |b_file: &Path| {
         format!(
             "[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n\

@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -11,16 +10,7 @@ use std::time::Duration;
 use torii_perf::guest::Guest;
 use torii_perf::proc_util::{wait_until, ChildGuard};
 
-/// Unwraps with the error's Display: harness errors carry the logs that explain them.
-pub trait OrFail<T> {
-    fn or_fail(self, ctx: &str) -> T;
-}
-
-impl<T, E: Display> OrFail<T> for Result<T, E> {
-    fn or_fail(self, ctx: &str) -> T {
-        self.unwrap_or_else(|e| panic!("{ctx}: {e}"))
-    }
-}
+pub use torii_perf::OrFail;
 
 /// A `torii-vhost-user-blk` process serving `image` on `socket`.
 pub struct Backend {
