@@ -210,17 +210,7 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs a command on the host, panicking with its output on failure.
-pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().or_fail(cmd);
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+pub use torii_perf::proc_util::sh;
 
 /// A network namespace for the host side of a test, deleted on drop.
 pub struct Netns {

@@ -125,17 +125,7 @@ pub fn run(g: &mut Guest, cmd: &str) -> String {
     g.run_ok(cmd, T).or_fail(cmd)
 }
 
-/// Runs a host command that must succeed.
-pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-c", cmd]).output().or_fail(cmd);
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+pub use torii_perf::proc_util::sh;
 
 /// An ext4 file system on a loop device, mounted at `mnt`, that can be frozen (fsfreeze:
 /// every write to it blocks until it is thawed). Unmounted and detached on drop.
