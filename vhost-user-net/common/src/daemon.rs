@@ -60,15 +60,23 @@ pub fn serve_metrics(
             for stream in listener.incoming() {
                 let Ok(mut s) = stream else { continue };
                 let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-                // The request itself does not matter; read what has arrived of it.
+                // The request itself does not matter, but all of its head is read (up to 8 KiB)
+                // before answering: closing a socket with unread input resets the connection.
+                let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf);
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match s.read(&mut buf) {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
                 let body = render();
                 let _ = write!(
                     s,
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
+                let _ = s.shutdown(std::net::Shutdown::Write);
             }
         })?;
     Ok(bound)
