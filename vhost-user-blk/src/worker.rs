@@ -25,7 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use torii_vhost_user::ring::{publish_used_batch, RingError, RingMaps, Seg, MAX_CHAIN};
+use torii_vhost_user::ring::{
+    publish_used_batch, set_notification, RingError, RingMaps, Seg, MAX_CHAIN,
+};
 use torii_vhost_user::{
     new_event_consumer_and_notifier, Connection, EventConsumer, EventFlag, InflightMap,
     QueueInflight, QueueRegion,
@@ -544,7 +546,7 @@ impl Worker {
         for q in self.queues.iter().filter(|q| q.started && !q.broken) {
             if let Some(v) = conn.vrings.get(q.vq as usize) {
                 // An error here is reported by the next round on that queue.
-                more |= v.enable_notification().unwrap_or(true);
+                more |= set_notification(v, true).unwrap_or(true);
             }
         }
         if !more && !self.engine.has_completions() {
@@ -552,7 +554,7 @@ impl Worker {
         }
         for q in self.queues.iter().filter(|q| q.started && !q.broken) {
             if let Some(v) = conn.vrings.get(q.vq as usize) {
-                let _ = v.disable_notification();
+                let _ = set_notification(v, false);
             }
         }
     }

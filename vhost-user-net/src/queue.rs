@@ -17,7 +17,9 @@ use virtio_bindings::virtio_net as vn;
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use torii_vhost_user::ring::{publish_used_batch, RingError, RingMaps, Seg, SplitRing, MAX_CHAIN};
+use torii_vhost_user::ring::{
+    publish_used_batch, set_notification, RingError, RingMaps, Seg, SplitRing, MAX_CHAIN,
+};
 use torii_vhost_user::Connection;
 
 use crate::device::DeviceShared;
@@ -224,12 +226,7 @@ impl NetQueues {
             if self.broken[qi] {
                 continue;
             }
-            let vring = &conn.vrings[qi];
-            let r = if enable {
-                vring.enable_notification().map(|more| pending |= more)
-            } else {
-                vring.disable_notification()
-            };
+            let r = set_notification(&conn.vrings[qi], enable).map(|more| pending |= more);
             if r.is_err() {
                 // Reported by the next burst on that queue.
                 pending = true;

@@ -17,6 +17,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -24,7 +25,26 @@ use vm_memory::{
 };
 
 use crate::endpoint::Connection;
-use crate::MAX_QUEUE_SIZE;
+use crate::{GuestMem, MAX_QUEUE_SIZE};
+
+/// Enables or disables the driver's notifications (kicks) on `vring` (§2.7.10: the used
+/// ring's flags, or `avail_event` with EVENT_IDX) — only while the ring is started. Both are
+/// writes into the ring, and once the frontend has stopped it (GET_VRING_BASE, done under
+/// the same lock) the driver may free and reuse that memory. With `enable`, returns whether
+/// buffers were made available meanwhile (the caller must then poll rather than sleep);
+/// false for a stopped ring.
+pub fn set_notification(vring: &VringRwLock<GuestMem>, enable: bool) -> Result<bool, RingError> {
+    let mut state = vring.get_mut();
+    if !(state.get_queue().ready() && state.is_enabled()) {
+        return Ok(false);
+    }
+    let r = if enable {
+        state.enable_notification()
+    } else {
+        state.disable_notification().map(|()| false)
+    };
+    r.map_err(|_| RingError::Layout)
+}
 
 /// Why a ring is considered broken.
 #[derive(Clone, Debug, thiserror::Error)]
