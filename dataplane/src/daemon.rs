@@ -77,6 +77,11 @@ fn split_port(
     vec![(parts[0].0, port)]
 }
 
+/// Fewest PMD cycles (time-stamp counter) since the last rebalance, over all switch ports,
+/// for a rebalance to go by measured load rather than by queue count (about 20 ms of one
+/// busy core).
+const MIN_MEASURED_CYCLES: u64 = 50_000_000;
+
 /// A running data plane.
 pub struct Dataplane {
     cfg: Config,
@@ -547,7 +552,8 @@ impl Dataplane {
     /// Moves switch port parts between PMDs so that their load is even, as OVS's
     /// `pmd-rxq-assign=cycles`: parts sorted by the PMD cycles their queues took since the
     /// last rebalance (by queue count when nothing moved), each given to the PMD with the least
-    /// load so far that polls no other part of the same port. Ports pinned with `pmd` stay and
+    /// load so far that polls no other part of the same port (by queue count when too few
+    /// cycles were measured to tell loads apart). Ports pinned with `pmd` stay and
     /// count as load of their PMD. Nothing moves unless the busiest PMD's load drops by at
     /// least a tenth (moving costs a short pause of the port). Returns the moves made.
     pub fn rebalance(&mut self) -> Result<Vec<String>, ControlError> {
@@ -568,12 +574,17 @@ impl Dataplane {
                 })
                 .sum()
         };
-        let by_cycles = self.ports.iter().any(|i| {
-            i.switched
-                && i.parts
-                    .iter()
-                    .any(|(_, qs)| recent(i, qs, &self.rebalanced_at) > 0)
-        });
+        // Cycles measured over a moment (a rebalance right after another, as when a port
+        // leaves just after one) are noise: below MIN_MEASURED_CYCLES in all, parts count by
+        // their queues instead.
+        let measured: u64 = self
+            .ports
+            .iter()
+            .filter(|i| i.switched)
+            .flat_map(|i| i.parts.iter().map(move |(_, qs)| (i, qs)))
+            .map(|(i, qs)| recent(i, qs, &self.rebalanced_at))
+            .sum();
+        let by_cycles = measured >= MIN_MEASURED_CYCLES;
         for (pi, info) in self.ports.iter().enumerate() {
             for (j, (k, qs)) in info.parts.iter().enumerate() {
                 let l = if by_cycles {
