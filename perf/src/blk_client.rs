@@ -46,10 +46,10 @@ const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 
 /// Request types (virtio 1.2 §5.2.6).
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
+pub use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_FLUSH as T_FLUSH, VIRTIO_BLK_T_GET_ID as T_GET_ID, VIRTIO_BLK_T_IN as T_IN,
+    VIRTIO_BLK_T_OUT as T_OUT,
+};
 
 /// How to connect and lay out the queues.
 #[derive(Clone, Debug)]

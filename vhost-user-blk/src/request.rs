@@ -12,12 +12,11 @@ pub const SEGMENT_LEN: usize = 16;
 /// Length of the device id GET_ID returns.
 pub const ID_LEN: usize = 20;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD as T_DISCARD, VIRTIO_BLK_T_FLUSH as T_FLUSH,
+    VIRTIO_BLK_T_GET_ID as T_GET_ID, VIRTIO_BLK_T_IN as T_IN, VIRTIO_BLK_T_OUT as T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES as T_WRITE_ZEROES,
+};
 /// `flags` bit of a write-zeroes segment: the device may deallocate the range.
 pub const FLAG_UNMAP: u32 = 1;
 
