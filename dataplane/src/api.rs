@@ -14,6 +14,10 @@
 //! | POST | /v1/rebalance | | move switch port queues between PMDs to even their load |
 //! | GET | /v1/mac-table | | learned MACs |
 //! | GET | /v1/pmds | | PMD counters |
+//! | GET | /v1/disks | | every disk (vhost-user-blk export) with its counters |
+//! | GET | /v1/disks/{name} | | one disk |
+//! | PUT | /v1/disks/{name} | disk settings as in the config file (`socket`, `file`, …) | start a disk |
+//! | DELETE | /v1/disks/{name} | | stop a disk (its in-flight I/O completes first) |
 //! | GET | /v1/stats | | all of it (the stats file's content) |
 //! | GET | /metrics | | Prometheus text format |
 
@@ -27,6 +31,9 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+use torii_vhost_user::daemon::label_value as esc;
+use torii_vhost_user_blk::settings::ExportSettings;
 
 use crate::config::{PortConfig, SwitchPortConfig};
 use crate::daemon::{ControlError, Dataplane, Report};
@@ -74,6 +81,11 @@ pub fn router(dp: Shared) -> Router {
         .route("/v1/rebalance", axum::routing::post(rebalance))
         .route("/v1/mac-table", get(mac_table))
         .route("/v1/pmds", get(pmds))
+        .route("/v1/disks", get(list_disks))
+        .route(
+            "/v1/disks/{name}",
+            get(show_disk).put(add_disk).delete(remove_disk),
+        )
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -101,26 +113,33 @@ async fn show_port(State(dp): State<Shared>, Path(name): Path<String>) -> ApiRes
         .into_iter()
         .find(|p| p.name == name)
         .map(|p| Json(p).into_response())
-        .ok_or(ControlError::NotFound(name))
+        .ok_or_else(|| ControlError::NotFound(format!("no port named {name:?}")))
 }
 
-async fn add_port(State(dp): State<Shared>, Path(name): Path<String>, body: Bytes) -> ApiResult {
-    let mut v: Value = parse(&body)?;
+/// A PUT body of settings: a JSON object whose `name`, if given, is the one in the path
+/// (added when missing).
+fn named_settings(body: &Bytes, what: &str, name: &str) -> Result<Value, ControlError> {
+    let mut v: Value = parse(body)?;
     let Some(obj) = v.as_object_mut() else {
-        return Err(ControlError::BadRequest(
-            "request body: expected a JSON object of port settings".into(),
-        ));
+        return Err(ControlError::BadRequest(format!(
+            "request body: expected a JSON object of {what} settings"
+        )));
     };
     match obj.get("name") {
-        Some(n) if n != &Value::String(name.clone()) => {
+        Some(n) if n != &Value::String(name.to_string()) => {
             return Err(ControlError::BadRequest(format!(
-                "request body names port {n} but the path names {name:?}"
+                "request body names {what} {n} but the path names {name:?}"
             )))
         }
         _ => {
-            obj.insert("name".into(), Value::String(name.clone()));
+            obj.insert("name".into(), Value::String(name.to_string()));
         }
     }
+    Ok(v)
+}
+
+async fn add_port(State(dp): State<Shared>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let v = named_settings(&body, "port", &name)?;
     let cfg = PortConfig::deserialize(v)
         .map_err(|e| ControlError::BadRequest(format!("port {name:?}: {e}")))?;
     // Creating a port binds a socket or opens a tap: quick, but not for the async thread.
@@ -179,20 +198,56 @@ async fn pmds(State(dp): State<Shared>) -> Json<Value> {
     Json(json!(lock(&dp).report().pmds))
 }
 
+async fn list_disks(State(dp): State<Shared>) -> Json<Value> {
+    Json(json!(lock(&dp).report().disks))
+}
+
+async fn show_disk(State(dp): State<Shared>, Path(name): Path<String>) -> ApiResult {
+    lock(&dp)
+        .report()
+        .disks
+        .into_iter()
+        .find(|k| k.name == name)
+        .map(|k| Json(k).into_response())
+        .ok_or_else(|| ControlError::NotFound(format!("no disk named {name:?}")))
+}
+
+async fn add_disk(State(dp): State<Shared>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let v = named_settings(&body, "disk", &name)?;
+    let d = ExportSettings::deserialize(v)
+        .map_err(|e| ControlError::BadRequest(format!("disk {name:?}: {e}")))?;
+    // Opening the file and the io_urings, binding the socket: not for the async thread.
+    tokio::task::spawn_blocking(move || {
+        let mut dp = lock(&dp);
+        dp.add_disk(d)?;
+        let k = dp.report().disks.into_iter().find(|k| k.name == name);
+        Ok((StatusCode::CREATED, Json(k)).into_response())
+    })
+    .await
+    .map_err(|e| ControlError::Failed(e.to_string()))?
+}
+
+async fn remove_disk(State(dp): State<Shared>, Path(name): Path<String>) -> ApiResult {
+    tokio::task::spawn_blocking(move || {
+        lock(&dp).remove_disk(&name)?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+    .map_err(|e| ControlError::Failed(e.to_string()))?
+}
+
 async fn stats(State(dp): State<Shared>) -> Json<Report> {
     Json(lock(&dp).report())
 }
 
 async fn metrics(State(dp): State<Shared>) -> Response {
-    let text = prometheus(&lock(&dp).report());
+    let (report, disks) = {
+        let dp = lock(&dp);
+        (dp.report(), dp.disk_exports())
+    };
+    let mut text = prometheus(&report);
+    text.push_str(&torii_vhost_user_blk::stats::prometheus(&disks));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-}
-
-/// Label value escaping of the Prometheus text format.
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// The report in the Prometheus text format: every numeric counter of a port as

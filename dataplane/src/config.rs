@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use torii_vhost_user_blk::settings::ExportSettings;
+
 use crate::pmd::PmdMode;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -19,6 +21,10 @@ pub struct Config {
     pub xconnects: Vec<XConnectConfig>,
     #[serde(default)]
     pub switch: SwitchConfig,
+    /// vhost-user-blk exports served by this process (the keys of `torii-vhost-user-blk`'s
+    /// `[[export]]` sections).
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<ExportSettings>,
 }
 
 /// The L2 switch that every port outside a cross-connect is on.
@@ -323,6 +329,8 @@ pub enum ConfigError {
     },
     #[error("port {0:?}: {1}")]
     Port(String, String),
+    #[error("disk {0:?}: {1}")]
+    Disk(String, String),
     #[error("xconnect {0}: {1}")]
     XConnect(usize, String),
     #[error("switch: {0}")]
@@ -439,6 +447,17 @@ impl Config {
                 PortKind::Sink => {}
             }
             p.switch.validate().map_err(err)?;
+        }
+        let mut disks = HashSet::new();
+        for k in &self.disks {
+            let err = |m: String| ConfigError::Disk(k.name.clone(), m);
+            if !disks.insert(k.name.as_str()) {
+                return Err(err("duplicate disk name".into()));
+            }
+            if !sockets.insert(k.socket.clone()) {
+                return Err(err(format!("socket {} used twice", k.socket.display())));
+            }
+            k.to_config().map_err(err)?;
         }
         let sw = &self.switch;
         if !(1..=1 << 20).contains(&sw.mac_table_size) {

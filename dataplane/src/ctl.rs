@@ -45,6 +45,19 @@ pub enum CtlCmd {
     Macs,
     /// PMD threads: busy/idle cycles, cycles per packet.
     Pmds,
+    /// List disks (vhost-user-blk exports) with their counters.
+    Disks,
+    /// One disk in detail, per queue.
+    Disk { name: String },
+    /// Start a disk: `disk-add vm3-root socket=/run/vm3-root.sock file=/var/lib/vm3/root.img
+    /// queues=2 direct=true` (the keys of a `[[disk]]` entry of the config file).
+    DiskAdd {
+        name: String,
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
+    /// Stop a disk.
+    DiskDel { name: String },
     /// Everything, as the stats file has it.
     Stats,
     /// Prometheus metrics text.
@@ -153,6 +166,12 @@ pub fn run(socket: &Path, json_out: bool, cmd: CtlCmd) -> anyhow::Result<()> {
         CtlCmd::Rebalance => ("POST", "/v1/rebalance".into(), None),
         CtlCmd::Macs => ("GET", "/v1/mac-table".into(), None),
         CtlCmd::Pmds => ("GET", "/v1/pmds".into(), None),
+        CtlCmd::Disks => ("GET", "/v1/disks".into(), None),
+        CtlCmd::Disk { name } => ("GET", format!("/v1/disks/{name}"), None),
+        CtlCmd::DiskAdd { name, settings: s } => {
+            ("PUT", format!("/v1/disks/{name}"), Some(settings(s)?))
+        }
+        CtlCmd::DiskDel { name } => ("DELETE", format!("/v1/disks/{name}"), None),
         CtlCmd::Stats => ("GET", "/v1/stats".into(), None),
         CtlCmd::Metrics => ("GET", "/metrics".into(), None),
     };
@@ -200,6 +219,9 @@ pub fn run(socket: &Path, json_out: bool, cmd: CtlCmd) -> anyhow::Result<()> {
             }
         }
         CtlCmd::Link { name, state } => println!("port {name}: link {state}"),
+        CtlCmd::Disks => print!("{}", disks_table(v.as_array().map_or(&[][..], |a| a))),
+        CtlCmd::Disk { .. } | CtlCmd::DiskAdd { .. } => print!("{}", disk_detail(&v)),
+        CtlCmd::DiskDel { name } => println!("disk {name} removed"),
         CtlCmd::Stats | CtlCmd::Metrics => println!("{}", serde_json::to_string_pretty(&v)?),
     }
     Ok(())
@@ -285,6 +307,82 @@ pub fn ports_table(ports: &[Value]) -> String {
             tx_drop,
             n(&p["tx_errors"]),
         );
+    }
+    s
+}
+
+const DISK_COLUMNS: [&str; 6] = [
+    "reads",
+    "writes",
+    "read_bytes",
+    "written_bytes",
+    "io_errors",
+    "inflight",
+];
+
+fn disk_counters(c: &Value) -> String {
+    format!(
+        "{:>12} {:>12} {:>14} {:>14} {:>9} {:>8}",
+        n(&c[DISK_COLUMNS[0]]),
+        n(&c[DISK_COLUMNS[1]]),
+        n(&c[DISK_COLUMNS[2]]),
+        n(&c[DISK_COLUMNS[3]]),
+        n(&c[DISK_COLUMNS[4]]),
+        n(&c[DISK_COLUMNS[5]]),
+    )
+}
+
+fn disk_header(first: &str) -> String {
+    let c = DISK_COLUMNS.map(str::to_uppercase);
+    format!(
+        "{first:<14} {:<4} {:>12} {:>12} {:>14} {:>14} {:>9} {:>8}\n",
+        "LINK", c[0], c[1], c[2], c[3], c[4], c[5]
+    )
+}
+
+pub fn disks_table(disks: &[Value]) -> String {
+    let mut s = disk_header("DISK");
+    for k in disks {
+        s += &format!(
+            "{:<14} {:<4} {}\n",
+            n(&k["name"]),
+            link(k),
+            disk_counters(&k["total"])
+        );
+    }
+    s
+}
+
+pub fn disk_detail(k: &Value) -> String {
+    let mut s = format!(
+        "disk {}  link {}  file {}{}{}  socket {}  connections {}\n",
+        n(&k["name"]),
+        link(k),
+        n(&k["file"]),
+        if k["read_only"] == true {
+            " (read-only)"
+        } else {
+            ""
+        },
+        if k["direct"] == true {
+            " (O_DIRECT)"
+        } else {
+            ""
+        },
+        n(&k["socket"]),
+        n(&k["connections"]),
+    );
+    s += &disk_header("QUEUE");
+    for (q, c) in k["queues"]
+        .as_array()
+        .map_or(&[][..], |a| a)
+        .iter()
+        .enumerate()
+    {
+        s += &format!("{q:<14} {:<4} {}\n", "", disk_counters(c));
+    }
+    for b in k["broken_queues"].as_array().map_or(&[][..], |a| a) {
+        s += &format!("broken: {}\n", n(b));
     }
     s
 }

@@ -1,11 +1,15 @@
-//! Builds a running data plane from a [`Config`]: creates every port, then starts the PMDs.
-//! If any port fails, everything made so far is torn down (sockets removed, taps closed).
+//! Builds a running data plane from a [`Config`]: creates every port and starts every disk
+//! (vhost-user-blk export), then starts the PMDs. If any port or disk fails, everything made
+//! so far is torn down (sockets removed, taps closed, disk workers stopped).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use torii_vhost_user_blk::device::BlkExport;
+use torii_vhost_user_blk::settings::ExportSettings;
+use torii_vhost_user_blk::stats::{Counters, ExportReport};
 use torii_vhost_user_net::{NetDeviceConfig, SocketMode, VhostUserNetDevice};
 
 use crate::config::{parse_mac, Config, PortConfig, PortKind, SwitchPortConfig};
@@ -93,6 +97,52 @@ pub struct Dataplane {
     ports: Vec<PortInfo>,
     switch: Arc<SwitchShared>,
     ager: Option<Ager>,
+    disks: Vec<Disk>,
+}
+
+/// A vhost-user-blk export served by this process: its own queue workers and io_urings,
+/// beside the PMDs.
+struct Disk {
+    settings: ExportSettings,
+    export: BlkExport,
+}
+
+impl Disk {
+    fn start(settings: &ExportSettings) -> Result<Disk, String> {
+        let cfg = settings.to_config()?;
+        let export = BlkExport::start(cfg).map_err(|e| format!("disk {:?}: {e}", settings.name))?;
+        tracing::info!(disk = %settings.name, socket = %settings.socket.display(), file = %settings.file.display(), "disk started");
+        Ok(Disk {
+            settings: settings.clone(),
+            export,
+        })
+    }
+
+    fn report(&self) -> DiskReport {
+        let s = &self.settings;
+        let r = self.export.report();
+        let mut total = Counters::default();
+        for q in &r.queues {
+            total.add(q);
+        }
+        DiskReport {
+            name: s.name.clone(),
+            socket: s.socket.display().to_string(),
+            file: s.file.display().to_string(),
+            read_only: s.read_only,
+            direct: s.direct,
+            connected: r.connected,
+            connections: r.connections,
+            broken_queues: self
+                .export
+                .broken_queues()
+                .into_iter()
+                .map(|b| format!("queue {}: {}", b.queue, b.reason))
+                .collect(),
+            total,
+            queues: r.queues,
+        }
+    }
 }
 
 /// Why a control request failed; maps to an HTTP status in the API.
@@ -100,7 +150,8 @@ pub struct Dataplane {
 pub enum ControlError {
     #[error("{0}")]
     BadRequest(String),
-    #[error("no port named {0:?}")]
+    /// "no port named …", "no disk named …": the message names the missing thing.
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
@@ -174,6 +225,25 @@ pub struct Report {
     pub ports: Vec<PortReport>,
     pub pmds: Vec<PmdStatsSnapshot>,
     pub switch: SwitchReport,
+    pub disks: Vec<DiskReport>,
+}
+
+/// One disk (vhost-user-blk export) in a report.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskReport {
+    pub name: String,
+    pub socket: String,
+    pub file: String,
+    pub read_only: bool,
+    pub direct: bool,
+    pub connected: bool,
+    /// Connections served so far.
+    pub connections: u64,
+    /// Queues stopped because the guest broke them.
+    pub broken_queues: Vec<String>,
+    /// The sum over the queues.
+    pub total: Counters,
+    pub queues: Vec<Counters>,
 }
 
 /// The switch in a report.
@@ -287,6 +357,13 @@ impl Dataplane {
             made.push(Some(port));
         }
 
+        let disks = cfg
+            .disks
+            .iter()
+            .map(Disk::start)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+
         let npmd = cfg.dataplane.pmd_cpus.len().max(1);
         let mut per_pmd: Vec<Vec<XConnect>> = (0..npmd).map(|_| Vec::new()).collect();
         let index = |n: &str| {
@@ -374,6 +451,7 @@ impl Dataplane {
             ports: infos,
             switch,
             ager,
+            disks,
         })
     }
 
@@ -400,7 +478,7 @@ impl Dataplane {
         self.ports
             .iter()
             .position(|p| p.cfg.name == name)
-            .ok_or_else(|| ControlError::NotFound(name.to_string()))
+            .ok_or_else(|| ControlError::NotFound(format!("no port named {name:?}")))
     }
 
     /// Adds a switch port at runtime. Validated against the running configuration first;
@@ -506,6 +584,46 @@ impl Dataplane {
             tracing::warn!("rebalance after removing {name:?}: {e}");
         }
         Ok(())
+    }
+
+    /// Starts a disk at runtime, checked against the running configuration first (names,
+    /// sockets); nothing is left behind if it cannot start.
+    pub fn add_disk(&mut self, d: ExportSettings) -> Result<(), ControlError> {
+        if self.disks.iter().any(|k| k.settings.name == d.name) {
+            return Err(ControlError::Conflict(format!(
+                "disk {:?} already exists",
+                d.name
+            )));
+        }
+        let mut check = self.cfg.clone();
+        check.disks.push(d.clone());
+        check
+            .validate()
+            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
+        let disk = Disk::start(&d).map_err(ControlError::Failed)?;
+        self.disks.push(disk);
+        self.cfg.disks.push(d);
+        Ok(())
+    }
+
+    /// Stops a disk: its connection is closed, its in-flight I/O completes, its socket is
+    /// removed.
+    pub fn remove_disk(&mut self, name: &str) -> Result<(), ControlError> {
+        let i = self
+            .disks
+            .iter()
+            .position(|k| k.settings.name == name)
+            .ok_or_else(|| ControlError::NotFound(format!("no disk named {name:?}")))?;
+        let mut disk = self.disks.remove(i);
+        self.cfg.disks.retain(|k| k.name != name);
+        disk.export.stop();
+        tracing::info!(disk = %name, "disk removed");
+        Ok(())
+    }
+
+    /// Every disk's connection state and counters, as the blk daemon's metrics have them.
+    pub fn disk_exports(&self) -> Vec<ExportReport> {
+        self.disks.iter().map(|k| k.export.report()).collect()
     }
 
     /// Replaces a switch port's VLAN settings and MAC limit. Its learned MACs are forgotten
@@ -781,6 +899,7 @@ impl Dataplane {
                 mac_capacity: self.switch.table.capacity(),
                 stats: self.switch.stats.snapshot(),
             },
+            disks: self.disks.iter().map(Disk::report).collect(),
         }
     }
 
@@ -794,6 +913,9 @@ impl Dataplane {
             if let Some(d) = &mut p.device {
                 d.stop();
             }
+        }
+        for k in &mut self.disks {
+            k.export.stop();
         }
     }
 }
@@ -846,6 +968,19 @@ impl Report {
                 100.0 * p.busy_cycles as f64 / total as f64,
                 p.cycles_per_packet,
                 p.sleeps
+            );
+        }
+        for k in &self.disks {
+            let t = &k.total;
+            s += &format!(
+                "disk {} connected={} reads={} writes={} read_bytes={} written_bytes={} errors={}\n",
+                k.name,
+                k.connected,
+                t.reads,
+                t.writes,
+                t.read_bytes,
+                t.written_bytes,
+                t.io_errors + t.unsupported
             );
         }
         s

@@ -35,6 +35,8 @@ fn failing_port_tears_down_the_ports_made_before_it() {
         &cfg,
         format!(
             r#"
+[dataplane]
+control_socket = "{ctl}"
 [[port]]
 name = "a"
 type = "vhost-user"
@@ -48,7 +50,8 @@ name = "bad"
 type = "tap"
 ifname = "lo"
 "#,
-            sock.display()
+            sock.display(),
+            ctl = dir.join("control.sock").display()
         ),
     )
     .or_fail("writing config");
@@ -59,6 +62,63 @@ ifname = "lo"
         "unclear error: {err}"
     );
     assert!(!sock.exists(), "socket of port a left behind");
+    assert!(!link_exists(&tap), "tap {tap} left behind");
+}
+
+#[test]
+fn failing_disk_tears_down_the_ports_and_disks_made_before_it() {
+    prereq::require_root().or_fail("prerequisite");
+    let dir = proc_util::unique_tmp_dir("torii-cfg-disk").or_fail("tmp dir");
+    let (sock, good_sock, bad_sock) =
+        (dir.join("a.sock"), dir.join("d1.sock"), dir.join("d2.sock"));
+    let img = dir.join("d1.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(1 << 20))
+        .or_fail("image");
+    let tap = common::ifname("cd");
+    let cfg = dir.join("bad.toml");
+    // Valid on paper; the second disk's file does not exist.
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[dataplane]
+control_socket = "{ctl}"
+[[port]]
+name = "a"
+type = "vhost-user"
+socket = "{}"
+[[port]]
+name = "t"
+type = "tap"
+ifname = "{tap}"
+[[disk]]
+name = "d1"
+socket = "{}"
+file = "{}"
+[[disk]]
+name = "d2"
+socket = "{}"
+file = "{}/missing.img"
+"#,
+            sock.display(),
+            good_sock.display(),
+            img.display(),
+            bad_sock.display(),
+            dir.path().display(),
+            ctl = dir.join("control.sock").display()
+        ),
+    )
+    .or_fail("writing config");
+    let (ok, err) = run(&cfg);
+    assert!(!ok, "daemon accepted a disk whose file does not exist");
+    assert!(
+        err.contains("disk \"d2\"") && err.contains("missing.img"),
+        "unclear error: {err}"
+    );
+    for s in [&sock, &good_sock, &bad_sock] {
+        assert!(!s.exists(), "socket {} left behind", s.display());
+    }
     assert!(!link_exists(&tap), "tap {tap} left behind");
 }
 
@@ -79,6 +139,21 @@ fn invalid_configs_are_refused_before_anything_is_made() {
             "unknown port \"b\"",
         ),
         ("[dataplane]\npmd_cpus = [4096]\n".to_string(), "CPU 4096 does not exist"),
+        (
+            format!(
+                "[[port]]\nname = \"a\"\ntype = \"vhost-user\"\nsocket = \"{0}\"\n[[disk]]\nname = \"d\"\nsocket = \"{0}\"\nfile = \"/dev/null\"\n",
+                sock.display()
+            ),
+            "disk \"d\": socket",
+        ),
+        (
+            format!("[[disk]]\nname = \"d\"\nsocket = \"{}\"\nfile = \"x.img\"\nqueues = 0\n", sock.display()),
+            "queues must be between 1",
+        ),
+        (
+            format!("[[disk]]\nname = \"d\"\nsocket = \"{}\"\nfile = \"x.img\"\nsize = 1\n", sock.display()),
+            "unknown field `size`",
+        ),
         ("this is not toml".to_string(), "TOML parse error"),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {

@@ -174,9 +174,9 @@ impl ExportConfig {
 /// Errors when starting an export.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("num_queues must be between 1 and {MAX_QUEUES}, got {0}")]
+    #[error("queues must be between 1 and {MAX_QUEUES}, got {0}")]
     Queues(u16),
-    #[error("workers must be between 1 and num_queues ({queues}), got {got}")]
+    #[error("workers must be between 1 and queues ({queues}), got {got}")]
     Workers { got: u16, queues: u16 },
     #[error(
         "physical_block_size must be a power of two, at least block_size ({logical}) and at most 32768 times it, got {got}"

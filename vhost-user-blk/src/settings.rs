@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use torii_vhost_user::SocketMode;
 
 use crate::device::ExportConfig;
@@ -48,7 +48,7 @@ struct FileRepr {
     #[serde(default)]
     daemon: DaemonRepr,
     #[serde(default, rename = "export")]
-    exports: Vec<ExportRepr>,
+    exports: Vec<ExportSettings>,
 }
 
 #[derive(Deserialize, Default)]
@@ -57,9 +57,10 @@ struct DaemonRepr {
     metrics_listen: Option<SocketAddr>,
 }
 
-#[derive(Deserialize, Clone, Copy, Default)]
+/// `poll_mode`: how an export's workers wait for work.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-enum ModeRepr {
+pub enum ModeSetting {
     Poll,
     Event,
     #[default]
@@ -78,32 +79,71 @@ fn poll_us() -> u64 {
     200
 }
 
-#[derive(Deserialize)]
+/// One export as a configuration file (or the data plane's control API) spells it: an
+/// `[[export]]` section here, a `[[disk]]` section in the data plane's file.
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-struct ExportRepr {
-    name: String,
-    socket: PathBuf,
-    file: PathBuf,
+pub struct ExportSettings {
+    pub name: String,
+    pub socket: PathBuf,
+    pub file: PathBuf,
     #[serde(default = "one")]
-    queues: u16,
+    pub queues: u16,
     #[serde(default = "one")]
-    workers: u16,
+    pub workers: u16,
     #[serde(default)]
-    read_only: bool,
+    pub read_only: bool,
     #[serde(default)]
-    direct: bool,
+    pub direct: bool,
     #[serde(default = "sector")]
-    block_size: u32,
-    physical_block_size: Option<u32>,
-    serial: Option<String>,
+    pub block_size: u32,
+    pub physical_block_size: Option<u32>,
+    pub serial: Option<String>,
     #[serde(default)]
-    writethrough: bool,
+    pub writethrough: bool,
     #[serde(default)]
-    poll_mode: ModeRepr,
+    pub poll_mode: ModeSetting,
     #[serde(default = "poll_us")]
-    poll_us: u64,
+    pub poll_us: u64,
     #[serde(default)]
-    client: bool,
+    pub client: bool,
+}
+
+impl ExportSettings {
+    /// The export these settings describe, checked against the export's own limits.
+    pub fn to_config(&self) -> Result<ExportConfig, String> {
+        if self.name.is_empty() || self.name.len() > 64 {
+            return Err(format!("export name {:?}: 1 to 64 characters", self.name));
+        }
+        let poll = match self.poll_mode {
+            ModeSetting::Poll => PollMode::Poll,
+            ModeSetting::Event => PollMode::Event,
+            ModeSetting::Adaptive => PollMode::Adaptive(Duration::from_micros(self.poll_us)),
+        };
+        let cfg = ExportConfig {
+            serial: self.serial.clone().unwrap_or_else(|| self.name.clone()),
+            name: self.name.clone(),
+            socket: self.socket.clone(),
+            mode: if self.client {
+                SocketMode::Client
+            } else {
+                SocketMode::Server
+            },
+            path: self.file.clone(),
+            read_only: self.read_only,
+            direct: self.direct,
+            num_queues: self.queues,
+            workers: self.workers,
+            block_size: self.block_size,
+            physical_block_size: self.physical_block_size.unwrap_or(self.block_size),
+            writeback: !self.writethrough,
+            poll,
+            reconnect_interval: Duration::from_millis(500),
+        };
+        cfg.validate()
+            .map_err(|err| format!("export {}: {err}", cfg.name))?;
+        Ok(cfg)
+    }
 }
 
 /// Parses and checks a configuration file's text.
@@ -115,46 +155,17 @@ pub fn parse(text: &str) -> Result<Settings, String> {
     let (mut names, mut sockets) = (HashSet::new(), HashSet::new());
     let mut exports = Vec::new();
     for e in f.exports {
-        if e.name.is_empty() || e.name.len() > 64 {
-            return Err(format!("export name {:?}: 1 to 64 characters", e.name));
+        let cfg = e.to_config()?;
+        if !names.insert(cfg.name.clone()) {
+            return Err(format!("export {}: name used twice", cfg.name));
         }
-        if !names.insert(e.name.clone()) {
-            return Err(format!("export {}: name used twice", e.name));
-        }
-        if !sockets.insert(e.socket.clone()) {
+        if !sockets.insert(cfg.socket.clone()) {
             return Err(format!(
                 "export {}: socket {} used twice",
-                e.name,
-                e.socket.display()
+                cfg.name,
+                cfg.socket.display()
             ));
         }
-        let poll = match e.poll_mode {
-            ModeRepr::Poll => PollMode::Poll,
-            ModeRepr::Event => PollMode::Event,
-            ModeRepr::Adaptive => PollMode::Adaptive(Duration::from_micros(e.poll_us)),
-        };
-        let cfg = ExportConfig {
-            serial: e.serial.unwrap_or_else(|| e.name.clone()),
-            name: e.name,
-            socket: e.socket,
-            mode: if e.client {
-                SocketMode::Client
-            } else {
-                SocketMode::Server
-            },
-            path: e.file,
-            read_only: e.read_only,
-            direct: e.direct,
-            num_queues: e.queues,
-            workers: e.workers,
-            block_size: e.block_size,
-            physical_block_size: e.physical_block_size.unwrap_or(e.block_size),
-            writeback: !e.writethrough,
-            poll,
-            reconnect_interval: Duration::from_millis(500),
-        };
-        cfg.validate()
-            .map_err(|err| format!("export {}: {err}", cfg.name))?;
         exports.push(cfg);
     }
     Ok(Settings {
@@ -210,7 +221,10 @@ mod tests {
             ),
             (&GOOD.replace("\"b\"", "\"a\""), "name used twice"),
             (&GOOD.replace("/tmp/b.sock", "/tmp/a.sock"), "used twice"),
-            (&GOOD.replace("queues = 2", "queues = 0"), "num_queues"),
+            (
+                &GOOD.replace("queues = 2", "queues = 0"),
+                "queues must be between 1",
+            ),
             (
                 &GOOD.replace("queues = 2", "queues = 2\nworkers = 3"),
                 "workers",

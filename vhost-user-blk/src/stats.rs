@@ -8,8 +8,10 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use torii_vhost_user::daemon::label_value;
+
 /// What a queue's requests did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
     pub reads: u64,
     pub writes: u64,
@@ -30,6 +32,15 @@ pub struct Counters {
 const FIELDS: usize = 11;
 
 impl Counters {
+    /// Adds `o`'s counts to these (to sum queues).
+    pub fn add(&mut self, o: &Counters) {
+        let mut a = self.to_array();
+        for (x, y) in a.iter_mut().zip(o.to_array()) {
+            *x += y;
+        }
+        *self = Counters::from_array(a);
+    }
+
     fn to_array(self) -> [u64; FIELDS] {
         [
             self.reads,
@@ -85,7 +96,7 @@ impl QueueStats {
 }
 
 /// What the metrics endpoint reports of an export.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ExportReport {
     pub name: String,
     pub connected: bool,
@@ -107,14 +118,14 @@ pub fn prometheus(reports: &[ExportReport]) -> String {
     let per_export = |f: fn(&ExportReport) -> u64| {
         reports
             .iter()
-            .map(move |r| (format!("export=\"{}\"", r.name), f(r)))
+            .map(move |r| (format!("export=\"{}\"", label_value(&r.name)), f(r)))
     };
     let per_queue = |f: fn(&Counters) -> u64, extra: &'static str| {
         reports.iter().flat_map(move |r| {
-            r.queues
-                .iter()
-                .enumerate()
-                .map(move |(q, c)| (format!("export=\"{}\",queue=\"{q}\"{extra}", r.name), f(c)))
+            r.queues.iter().enumerate().map(move |(q, c)| {
+                let name = label_value(&r.name);
+                (format!("export=\"{name}\",queue=\"{q}\"{extra}"), f(c))
+            })
         })
     };
     family(

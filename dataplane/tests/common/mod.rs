@@ -285,6 +285,11 @@ pub fn boot_guest(
     for p in props {
         b = b.net_device_prop(*p);
     }
+    start_guest(b, ip_cidr)
+}
+
+/// Boots `b`, waits for its shell and gives its eth0 `ip_cidr`.
+pub fn start_guest(b: torii_perf::guest::GuestBuilder, ip_cidr: &str) -> torii_perf::guest::Guest {
     let mut g = b.spawn().or_fail("starting QEMU");
     g.wait_ready(Duration::from_secs(90)).or_fail("guest boot");
     g.run_ok(

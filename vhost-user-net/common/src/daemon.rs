@@ -47,6 +47,13 @@ impl StopSignals {
 
 /// Serves `render()` as a Prometheus text exposition over HTTP on `addr` (every request gets
 /// it), from a thread of its own. Bound before returning, so a bad address fails here.
+/// A Prometheus label value, escaped as the text format wants (`\\`, `\"`, `\n`).
+pub fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 pub fn serve_metrics(
     addr: std::net::SocketAddr,
     render: impl Fn() -> String + Send + 'static,
