@@ -119,6 +119,56 @@ pub struct Sample {
     pub p99_us: f64,
     pub p999_us: f64,
     pub errors: u64,
+    /// CPU the storage side used during the run, in cores (CPU seconds / wall seconds): the
+    /// backend process with all its threads (io_uring's workers included) for Torii and
+    /// qemu-storage-daemon, which the client's CPU is not part of; fio as a whole, which is
+    /// its own client.
+    pub cores: f64,
+}
+
+/// Whose CPU time to count.
+#[derive(Clone, Copy)]
+enum CpuOf {
+    /// A running process, all its threads (live and exited).
+    Process(u32),
+    /// This process's children that have been waited for.
+    Children,
+}
+
+/// User + system CPU seconds of `who`.
+fn cpu_seconds(who: CpuOf) -> anyhow::Result<f64> {
+    let (path, first) = match who {
+        CpuOf::Process(pid) => (format!("/proc/{pid}/stat"), 11),
+        CpuOf::Children => ("/proc/self/stat".to_string(), 13),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The fields after the command name (which may hold spaces) in parentheses: utime and
+    // stime are fields 14 and 15, cutime and cstime 16 and 17 (proc(5)), so the 12th and
+    // 13th (14th and 15th) of what follows ")".
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("{path}: unexpected format"))?;
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(first)
+        .take(2)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let [user, system] = f[..] else {
+        bail!("{path}: unexpected format");
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Ok((user + system) as f64 / hz as f64)
+}
+
+/// Runs `f` and returns its result with the cores `who` used meanwhile.
+fn with_cores<T>(who: CpuOf, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let (c0, t0) = (cpu_seconds(who)?, std::time::Instant::now());
+    let r = f()?;
+    let (c1, wall) = (cpu_seconds(who)?, t0.elapsed().as_secs_f64());
+    Ok((r, (c1 - c0) / wall.max(1e-3)))
 }
 
 /// Fills `path` with `mib` MiB of non-zero data (so that reads hit real blocks, not holes).
@@ -190,7 +240,8 @@ pub fn run_one(
                 "torii-vhost-user-blk",
             );
             proc_util::wait_for_path(&sock, Duration::from_secs(10))?;
-            client(&sock, case, runtime)?
+            let pid = _child.pid();
+            with_cores(CpuOf::Process(pid), || client(&sock, case, runtime))?
         }
         Subject::Qsd | Subject::QsdThreads => {
             let sock = dir.join("qsd.sock");
@@ -221,9 +272,10 @@ pub fn run_one(
             if !st.success() {
                 bail!("taskset of qemu-storage-daemon failed");
             }
-            client(&sock, case, runtime)?
+            with_cores(CpuOf::Process(q.pid()), || client(&sock, case, runtime))?
         }
     };
+    let (report, cores) = report;
     Ok(Sample {
         target: target.name.clone(),
         case: case.name(),
@@ -235,6 +287,7 @@ pub fn run_one(
         p99_us: report.lat_p99_us,
         p999_us: report.lat_p999_us,
         errors: report.errors,
+        cores,
     })
 }
 
@@ -267,8 +320,8 @@ fn client(sock: &Path, case: Case, runtime: Duration) -> anyhow::Result<RunRepor
 /// fio with io_uring on the file, on the backend CPU.
 fn fio(case: Case, target: &Target, runtime: Duration, round: u32) -> anyhow::Result<Sample> {
     let bin = crate::prereq::require_binary("fio", crate::prereq::FIO_HINT)?;
-    let out = Command::new("taskset")
-        .arg("-c")
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c")
         .arg(BACKEND_CPU.to_string())
         .arg(bin)
         .args([
@@ -285,9 +338,10 @@ fn fio(case: Case, target: &Target, runtime: Duration, round: u32) -> anyhow::Re
         .arg(format!("--iodepth={}", case.iodepth))
         .arg(format!("--runtime={}ms", runtime.as_millis()))
         .arg(format!("--direct={}", u8::from(target.direct)))
-        .stdin(Stdio::null())
-        .output()
-        .context("running fio")?;
+        .stdin(Stdio::null());
+    // fio's CPU, all its processes and threads: counted in our children's times once it has
+    // been waited for (its start-up included).
+    let (out, cores) = with_cores(CpuOf::Children, || cmd.output().context("running fio"))?;
     if !out.status.success() {
         bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -310,6 +364,7 @@ fn fio(case: Case, target: &Target, runtime: Duration, round: u32) -> anyhow::Re
         p99_us: pct("99.000000"),
         p999_us: pct("99.900000"),
         errors: job["error"].as_u64().unwrap_or(0),
+        cores,
     })
 }
 
@@ -335,6 +390,17 @@ pub struct Summary {
     pub torii_vs_qsd: f64,
     pub torii_vs_qsd_threads: f64,
     pub torii_vs_fio: f64,
+    /// Cores used by each (medians; see `Sample::cores`), IOPS per core (median over the
+    /// rounds), and Torii's IOPS per core over qemu-storage-daemon's (io_uring, threads).
+    pub torii_cores: f64,
+    pub qsd_cores: f64,
+    pub qsd_threads_cores: f64,
+    pub fio_cores: f64,
+    pub torii_iops_per_core: f64,
+    pub qsd_iops_per_core: f64,
+    pub qsd_threads_iops_per_core: f64,
+    pub torii_vs_qsd_per_core: f64,
+    pub torii_vs_qsd_threads_per_core: f64,
     /// Torii's IOPS of each round, in order.
     pub torii_series: Vec<f64>,
     pub qsd_series: Vec<f64>,
@@ -367,7 +433,29 @@ pub fn summarize(samples: &[Sample]) -> Vec<Summary> {
                 med(Subject::Fio, |s| s.iops),
             );
             let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+            let per_core = |who| {
+                let v: Vec<f64> = of(who, |s| s.iops)
+                    .iter()
+                    .zip(of(who, |s| s.cores))
+                    .map(|(i, c)| ratio(*i, c))
+                    .collect();
+                median(&v).unwrap_or(0.0)
+            };
+            let (tpc, qpc, qtpc) = (
+                per_core(Subject::Torii),
+                per_core(Subject::Qsd),
+                per_core(Subject::QsdThreads),
+            );
             Summary {
+                torii_cores: med(Subject::Torii, |s| s.cores),
+                qsd_cores: med(Subject::Qsd, |s| s.cores),
+                qsd_threads_cores: med(Subject::QsdThreads, |s| s.cores),
+                fio_cores: med(Subject::Fio, |s| s.cores),
+                torii_iops_per_core: tpc,
+                qsd_iops_per_core: qpc,
+                qsd_threads_iops_per_core: qtpc,
+                torii_vs_qsd_per_core: ratio(tpc, qpc),
+                torii_vs_qsd_threads_per_core: ratio(tpc, qtpc),
                 torii_p50_us: med(Subject::Torii, |s| s.p50_us),
                 torii_p99_us: med(Subject::Torii, |s| s.p99_us),
                 torii_p999_us: med(Subject::Torii, |s| s.p999_us),
@@ -407,6 +495,19 @@ pub fn table(rows: &[Summary]) -> String {
             r.target, r.case, r.torii_iops, r.torii_p50_us, r.torii_p99_us, r.torii_p999_us,
             r.qsd_iops, r.qsd_p50_us, r.qsd_p99_us, r.qsd_p999_us, r.qsd_threads_iops,
             r.fio_iops, r.fio_p50_us, r.torii_vs_qsd, r.torii_vs_qsd_threads, r.torii_vs_fio
+        ));
+    }
+    s.push_str(&format!(
+        "\nper core (storage side's CPU: the backend process for Torii and qsd, fio as a whole)\n{:<6} {:<18} | {:>6} {:>9} | {:>6} {:>9} | {:>6} {:>9} | {:>6} | {:>5} {:>5}\n",
+        "file", "case", "torii", "iops/core", "qsd-u", "iops/core", "qsd-t", "iops/core", "fio",
+        "/qsdu", "/qsdt"
+    ));
+    for r in rows {
+        s.push_str(&format!(
+            "{:<6} {:<18} | {:>6.2} {:>9.0} | {:>6.2} {:>9.0} | {:>6.2} {:>9.0} | {:>6.2} | {:>5.2} {:>5.2}\n",
+            r.target, r.case, r.torii_cores, r.torii_iops_per_core, r.qsd_cores,
+            r.qsd_iops_per_core, r.qsd_threads_cores, r.qsd_threads_iops_per_core, r.fio_cores,
+            r.torii_vs_qsd_per_core, r.torii_vs_qsd_threads_per_core
         ));
     }
     s

@@ -266,8 +266,12 @@ pub fn keep_tmp() -> bool {
 /// Names are kept short because vhost-user socket paths placed inside must
 /// fit in `sun_path` (108 bytes).
 pub fn unique_tmp_dir(prefix: &str) -> io::Result<TmpDir> {
+    unique_dir_in(&std::env::temp_dir(), prefix)
+}
+
+/// Creates a fresh directory `<base>/<prefix>-<pid>-<n>` (e.g. on tmpfs, `/dev/shm`).
+pub fn unique_dir_in(base: &Path, prefix: &str) -> io::Result<TmpDir> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let base = std::env::temp_dir();
     let pid = std::process::id();
     loop {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -227,6 +227,13 @@ impl BlkExport {
                 path: cfg.path.clone(),
                 source,
             })?;
+        if engines[0].inline() {
+            tracing::info!(
+                device = %cfg.name,
+                "{} is on a memory file system: requests done inline, not through io_uring",
+                cfg.path.display()
+            );
+        }
         let size = engines[0].capacity();
         if size == 0 || !size.is_multiple_of(u64::from(cfg.block_size)) {
             return Err(ExportError::Size {

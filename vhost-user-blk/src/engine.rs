@@ -2,6 +2,12 @@
 //! Requests are pushed as they are parsed and submitted once per poll round (one syscall for
 //! the whole batch); completions are reaped from the shared completion ring without a syscall.
 //! The file is registered with the ring (no fd lookup per request).
+//!
+//! On a memory file system (tmpfs, ramfs) requests are done inline instead, with one
+//! positioned read/write syscall each, and their completions queued for the next reap: such a
+//! file has no non-blocking reads, so io_uring would hand every request to one of its worker
+//! threads (a context switch each way) only for that thread to do the same copy, and the copy
+//! never waits for a device.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -91,8 +97,36 @@ pub struct Engine {
     timeout: Box<types::Timespec>,
     timeout_armed: bool,
     depth: usize,
-    /// Pushed and not yet completed.
+    /// Pushed and not yet completed (or, inline, not yet reaped).
     inflight: usize,
+    /// Requests are done inline (memory file system).
+    inline: bool,
+    /// Inline completions not yet reaped, `(token, result)`.
+    done: Vec<(u64, i32)>,
+}
+
+/// Whether `file` lives in memory (tmpfs, ramfs), where I/O is done inline.
+fn in_memory(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: statfs is plain data that fstatfs fills in; the fd is open for the call.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+}
+
+/// The result of a syscall as io_uring reports it: the value, or minus the errno.
+fn io_result(r: libc::ssize_t) -> i32 {
+    if r < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        r.min(i32::MAX as libc::ssize_t) as i32
+    }
 }
 
 impl Engine {
@@ -113,7 +147,10 @@ impl Engine {
         let vectored_fixed = ring.submitter().register_probe(&mut probe).is_ok()
             && probe.is_supported(opcode::ReadvFixed::CODE)
             && probe.is_supported(opcode::WritevFixed::CODE);
+        let inline = in_memory(&file);
         Ok(Engine {
+            inline,
+            done: Vec::with_capacity(depth as usize),
             ring,
             file,
             capacity,
@@ -151,6 +188,82 @@ impl Engine {
         self.inflight
     }
 
+    /// Whether requests are done inline, at push (memory file system).
+    pub fn inline(&self) -> bool {
+        self.inline
+    }
+
+    /// Does `op` now, with a syscall, and queues its completion.
+    ///
+    /// # Safety
+    /// As for [`Engine::push`]: the memory the op reads or writes is valid.
+    unsafe fn run_inline(&mut self, op: Op<'_>, token: u64) -> Result<(), Full> {
+        if self.done.len() >= self.depth {
+            return Err(Full);
+        }
+        let fd = self.file.as_raw_fd();
+        let dsync_flag = |d: bool| if d { libc::RWF_DSYNC } else { 0 };
+        let one = |buf: *const u8, len: u32| libc::iovec {
+            iov_base: buf as *mut libc::c_void,
+            iov_len: len as usize,
+        };
+        let rw = |write: bool, offset: u64, iov: &[libc::iovec], flags: i32| {
+            let n = iov.len().min(libc::c_int::MAX as usize) as libc::c_int;
+            // SAFETY: the iovecs describe memory the caller keeps valid (push's contract);
+            // the kernel checks every address of it.
+            let r = unsafe {
+                if write {
+                    libc::pwritev2(fd, iov.as_ptr(), n, offset as libc::off_t, flags)
+                } else {
+                    libc::preadv2(fd, iov.as_ptr(), n, offset as libc::off_t, flags)
+                }
+            };
+            io_result(r)
+        };
+        let fallocate = |offset: u64, len: u64, mode: i32| {
+            // SAFETY: plain syscall on our own fd.
+            let r = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+            io_result(r as libc::ssize_t)
+        };
+        let result = match op {
+            Op::Read { offset, iovecs } | Op::ReadvFixed { offset, iovecs, .. } => {
+                rw(false, offset, iovecs, 0)
+            }
+            Op::Write {
+                offset,
+                iovecs,
+                dsync,
+            }
+            | Op::WritevFixed {
+                offset,
+                iovecs,
+                dsync,
+                ..
+            } => rw(true, offset, iovecs, dsync_flag(dsync)),
+            Op::ReadFixed {
+                offset, buf, len, ..
+            } => rw(false, offset, &[one(buf, len)], 0),
+            Op::WriteFixed {
+                offset,
+                buf,
+                len,
+                dsync,
+                ..
+            } => rw(true, offset, &[one(buf, len)], dsync_flag(dsync)),
+            // SAFETY: plain syscall on our own fd.
+            Op::Flush => io_result(unsafe { libc::fdatasync(fd) } as libc::ssize_t),
+            Op::Discard { offset, len } => fallocate(
+                offset,
+                len,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            ),
+            Op::WriteZeroes { offset, len, unmap } => fallocate(offset, len, zeroes_mode(unmap)),
+        };
+        self.done.push((token, result));
+        self.inflight += 1;
+        Ok(())
+    }
+
     /// Queues `op`; its completion carries `token`. Nothing is submitted until [`submit`].
     ///
     /// # Safety
@@ -162,6 +275,10 @@ impl Engine {
     ///
     /// [`submit`]: Engine::submit
     pub unsafe fn push(&mut self, op: Op<'_>, token: u64) -> Result<(), Full> {
+        if self.inline {
+            // SAFETY: this function's contract, which covers the memory for longer.
+            return unsafe { self.run_inline(op, token) };
+        }
         let fd = types::Fixed(0);
         let entry = match op {
             Op::Read { offset, iovecs } => {
@@ -220,16 +337,9 @@ impl Engine {
                 len,
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             ),
-            Op::WriteZeroes { offset, len, unmap } => fallocate(
-                fd,
-                offset,
-                len,
-                if unmap {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                },
-            ),
+            Op::WriteZeroes { offset, len, unmap } => {
+                fallocate(fd, offset, len, zeroes_mode(unmap))
+            }
         }
         .user_data(token);
         // SAFETY: the entry references the registered file and, for reads and writes, the
@@ -252,6 +362,9 @@ impl Engine {
 
     /// Submits and waits until at least `want` completions are ready (event mode).
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
+        if !self.done.is_empty() {
+            return self.submit();
+        }
         self.ring.submit_and_wait(want.min(self.inflight))
     }
 
@@ -259,6 +372,9 @@ impl Engine {
     /// is armed when none is pending (one timer per `slice` however many waits, instead of a
     /// timer per wait). Its completion is consumed here, never reaped as a request's.
     pub fn submit_and_wait_at_most(&mut self, slice: std::time::Duration) -> io::Result<usize> {
+        if !self.done.is_empty() {
+            return self.submit();
+        }
         if !self.timeout_armed {
             *self.timeout = types::Timespec::from(slice);
             let entry = opcode::Timeout::new(&*self.timeout)
@@ -342,12 +458,14 @@ impl Engine {
 
     /// Whether completions are waiting to be reaped.
     pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        !self.done.is_empty() || !self.ring.completion().is_empty()
     }
 
     /// Appends the completions ready now, `(token, result)` with result the byte count or a
     /// negative errno, to `out`. No syscall.
     pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
+        self.inflight = self.inflight.saturating_sub(self.done.len());
+        out.append(&mut self.done);
         for cqe in self.ring.completion() {
             if cqe.user_data() == TIMEOUT_TOKEN {
                 self.timeout_armed = false;
@@ -356,6 +474,15 @@ impl Engine {
             out.push((cqe.user_data(), cqe.result()));
             self.inflight = self.inflight.saturating_sub(1);
         }
+    }
+}
+
+/// The fallocate mode of WRITE_ZEROES: deallocate if `unmap`, else keep the range allocated.
+fn zeroes_mode(unmap: bool) -> i32 {
+    if unmap {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
     }
 }
 
@@ -370,8 +497,25 @@ fn fallocate(fd: types::Fixed, offset: u64, len: u64, mode: i32) -> squeue::Entr
 mod tests {
     use super::*;
 
-    fn scratch(len: u64) -> (std::path::PathBuf, File) {
-        let p = std::env::temp_dir().join(format!(
+    /// Where the tests' files go: a disk file system (requests on io_uring) and tmpfs
+    /// (requests inline); each test runs on both.
+    fn dirs() -> [(std::path::PathBuf, bool); 2] {
+        let shm = std::path::PathBuf::from("/dev/shm");
+        assert!(
+            shm.is_dir(),
+            "/dev/shm (tmpfs) is needed for the inline-I/O tests"
+        );
+        [
+            (
+                std::env::temp_dir(),
+                in_memory(&File::open(std::env::temp_dir()).unwrap()),
+            ),
+            (shm, true),
+        ]
+    }
+
+    fn scratch(dir: &std::path::Path, len: u64) -> (std::path::PathBuf, File) {
+        let p = dir.join(format!(
             "torii-blk-engine-{}-{}",
             std::process::id(),
             rand_suffix()
@@ -407,266 +551,277 @@ mod tests {
 
     #[test]
     fn writes_read_back_and_discards_read_as_zeros() {
-        let (path, _f) = scratch(1 << 20);
-        let mut e = Engine::open(&path, OpenFlags::default(), 64).unwrap();
-        assert_eq!(e.capacity(), 1 << 20);
-        // Two writes in one batch, each from two buffers.
-        let (mut a, mut b) = (vec![0xa5u8; 4096], vec![0x5au8; 4096]);
-        let (mut c, mut d) = (vec![1u8; 512], vec![2u8; 1536]);
-        let w1 = [iov(&mut a), iov(&mut b)];
-        let w2 = [iov(&mut c), iov(&mut d)];
-        // SAFETY: the buffers live until `run` has reaped both completions.
-        unsafe {
-            e.push(
-                Op::Write {
-                    offset: 0,
-                    iovecs: &w1,
-                    dsync: false,
-                },
-                1,
-            )
-            .unwrap();
-            e.push(
-                Op::Write {
-                    offset: 65536,
-                    iovecs: &w2,
-                    dsync: true,
-                },
-                2,
-            )
-            .unwrap();
+        for (dir, inline) in dirs() {
+            let (path, _f) = scratch(&dir, 1 << 20);
+            let mut e = Engine::open(&path, OpenFlags::default(), 64).unwrap();
+            assert_eq!(e.inline(), inline, "{}", dir.display());
+            assert_eq!(e.capacity(), 1 << 20);
+            // Two writes in one batch, each from two buffers.
+            let (mut a, mut b) = (vec![0xa5u8; 4096], vec![0x5au8; 4096]);
+            let (mut c, mut d) = (vec![1u8; 512], vec![2u8; 1536]);
+            let w1 = [iov(&mut a), iov(&mut b)];
+            let w2 = [iov(&mut c), iov(&mut d)];
+            // SAFETY: the buffers live until `run` has reaped both completions.
+            unsafe {
+                e.push(
+                    Op::Write {
+                        offset: 0,
+                        iovecs: &w1,
+                        dsync: false,
+                    },
+                    1,
+                )
+                .unwrap();
+                e.push(
+                    Op::Write {
+                        offset: 65536,
+                        iovecs: &w2,
+                        dsync: true,
+                    },
+                    2,
+                )
+                .unwrap();
+            }
+            assert_eq!(run(&mut e), vec![(1, 8192), (2, 2048)]);
+            // SAFETY: as above.
+            unsafe { e.push(Op::Flush, 3).unwrap() };
+            assert_eq!(run(&mut e), vec![(3, 0)]);
+            let mut r = vec![0u8; 8192 + 2048];
+            let (r1, r2) = r.split_at_mut(8192);
+            let reads = [iov(r1)];
+            let reads2 = [iov(r2)];
+            // SAFETY: as above.
+            unsafe {
+                e.push(
+                    Op::Read {
+                        offset: 0,
+                        iovecs: &reads,
+                    },
+                    4,
+                )
+                .unwrap();
+                e.push(
+                    Op::Read {
+                        offset: 65536,
+                        iovecs: &reads2,
+                    },
+                    5,
+                )
+                .unwrap();
+            }
+            assert_eq!(run(&mut e), vec![(4, 8192), (5, 2048)]);
+            assert!(r[..4096].iter().all(|&x| x == 0xa5));
+            assert!(r[4096..8192].iter().all(|&x| x == 0x5a));
+            assert_eq!((r[8192], r[8192 + 512]), (1, 2));
+            // Discard and write zeroes (with unmap): reads return zeros.
+            // SAFETY: no buffers.
+            unsafe {
+                e.push(
+                    Op::Discard {
+                        offset: 0,
+                        len: 4096,
+                    },
+                    6,
+                )
+                .unwrap();
+                e.push(
+                    Op::WriteZeroes {
+                        offset: 65536,
+                        len: 4096,
+                        unmap: true,
+                    },
+                    7,
+                )
+                .unwrap();
+            }
+            assert_eq!(run(&mut e), vec![(6, 0), (7, 0)]);
+            let mut z = vec![0xffu8; 4096];
+            let zr = [iov(&mut z)];
+            // SAFETY: as above.
+            unsafe {
+                e.push(
+                    Op::Read {
+                        offset: 0,
+                        iovecs: &zr,
+                    },
+                    8,
+                )
+                .unwrap()
+            };
+            assert_eq!(run(&mut e), vec![(8, 4096)]);
+            assert!(z.iter().all(|&x| x == 0));
+            std::fs::remove_file(path).unwrap();
         }
-        assert_eq!(run(&mut e), vec![(1, 8192), (2, 2048)]);
-        // SAFETY: as above.
-        unsafe { e.push(Op::Flush, 3).unwrap() };
-        assert_eq!(run(&mut e), vec![(3, 0)]);
-        let mut r = vec![0u8; 8192 + 2048];
-        let (r1, r2) = r.split_at_mut(8192);
-        let reads = [iov(r1)];
-        let reads2 = [iov(r2)];
-        // SAFETY: as above.
-        unsafe {
-            e.push(
-                Op::Read {
-                    offset: 0,
-                    iovecs: &reads,
-                },
-                4,
-            )
-            .unwrap();
-            e.push(
-                Op::Read {
-                    offset: 65536,
-                    iovecs: &reads2,
-                },
-                5,
-            )
-            .unwrap();
-        }
-        assert_eq!(run(&mut e), vec![(4, 8192), (5, 2048)]);
-        assert!(r[..4096].iter().all(|&x| x == 0xa5));
-        assert!(r[4096..8192].iter().all(|&x| x == 0x5a));
-        assert_eq!((r[8192], r[8192 + 512]), (1, 2));
-        // Discard and write zeroes (with unmap): reads return zeros.
-        // SAFETY: no buffers.
-        unsafe {
-            e.push(
-                Op::Discard {
-                    offset: 0,
-                    len: 4096,
-                },
-                6,
-            )
-            .unwrap();
-            e.push(
-                Op::WriteZeroes {
-                    offset: 65536,
-                    len: 4096,
-                    unmap: true,
-                },
-                7,
-            )
-            .unwrap();
-        }
-        assert_eq!(run(&mut e), vec![(6, 0), (7, 0)]);
-        let mut z = vec![0xffu8; 4096];
-        let zr = [iov(&mut z)];
-        // SAFETY: as above.
-        unsafe {
-            e.push(
-                Op::Read {
-                    offset: 0,
-                    iovecs: &zr,
-                },
-                8,
-            )
-            .unwrap()
-        };
-        assert_eq!(run(&mut e), vec![(8, 4096)]);
-        assert!(z.iter().all(|&x| x == 0));
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn read_only_exports_fail_writes_with_an_errno() {
-        let (path, _f) = scratch(4096);
-        let mut e = Engine::open(
-            &path,
-            OpenFlags {
-                read_only: true,
-                ..Default::default()
-            },
-            8,
-        )
-        .unwrap();
-        let mut b = vec![1u8; 512];
-        let w = [iov(&mut b)];
-        // SAFETY: `b` lives until the completion is reaped.
-        unsafe {
-            e.push(
-                Op::Write {
-                    offset: 0,
-                    iovecs: &w,
-                    dsync: false,
+        for (dir, _) in dirs() {
+            let (path, _f) = scratch(&dir, 4096);
+            let mut e = Engine::open(
+                &path,
+                OpenFlags {
+                    read_only: true,
+                    ..Default::default()
                 },
-                9,
+                8,
             )
-            .unwrap()
-        };
-        assert_eq!(run(&mut e), vec![(9, -libc::EBADF)]);
-        std::fs::remove_file(path).unwrap();
+            .unwrap();
+            let mut b = vec![1u8; 512];
+            let w = [iov(&mut b)];
+            // SAFETY: `b` lives until the completion is reaped.
+            unsafe {
+                e.push(
+                    Op::Write {
+                        offset: 0,
+                        iovecs: &w,
+                        dsync: false,
+                    },
+                    9,
+                )
+                .unwrap()
+            };
+            assert_eq!(run(&mut e), vec![(9, -libc::EBADF)]);
+            std::fs::remove_file(path).unwrap();
+        }
     }
 
     #[test]
     fn fixed_buffers_read_and_write() {
-        let (path, _f) = scratch(1 << 20);
-        let mut e = Engine::open(&path, OpenFlags::default(), 8).unwrap();
-        let mut mem = vec![0u8; 64 << 10];
-        let base = mem.as_mut_ptr() as usize;
-        // SAFETY: `mem` outlives the engine's use of it (unregistered before it is dropped).
-        unsafe { e.register_buffers(&[(base, mem.len())]).unwrap() };
-        assert_eq!(e.fixed_index(base + 4096, 4096), Some(0));
-        assert_eq!(e.fixed_index(base + (60 << 10), 8192), None);
-        mem[..4096].fill(0x3c);
-        // SAFETY: both buffers lie in the registered buffer and live until the completions
-        // are reaped by `run`.
-        unsafe {
-            e.push(
-                Op::WriteFixed {
-                    offset: 8192,
-                    buf: mem.as_ptr(),
-                    len: 4096,
-                    index: 0,
-                    dsync: false,
-                },
-                1,
-            )
-            .unwrap();
+        for (dir, _) in dirs() {
+            let (path, _f) = scratch(&dir, 1 << 20);
+            let mut e = Engine::open(&path, OpenFlags::default(), 8).unwrap();
+            let mut mem = vec![0u8; 64 << 10];
+            let base = mem.as_mut_ptr() as usize;
+            // SAFETY: `mem` outlives the engine's use of it (unregistered before it is dropped).
+            unsafe { e.register_buffers(&[(base, mem.len())]).unwrap() };
+            assert_eq!(e.fixed_index(base + 4096, 4096), Some(0));
+            assert_eq!(e.fixed_index(base + (60 << 10), 8192), None);
+            mem[..4096].fill(0x3c);
+            // SAFETY: both buffers lie in the registered buffer and live until the completions
+            // are reaped by `run`.
+            unsafe {
+                e.push(
+                    Op::WriteFixed {
+                        offset: 8192,
+                        buf: mem.as_ptr(),
+                        len: 4096,
+                        index: 0,
+                        dsync: false,
+                    },
+                    1,
+                )
+                .unwrap();
+            }
+            assert_eq!(run(&mut e), vec![(1, 4096)]);
+            let dst = mem[8192..].as_mut_ptr();
+            // SAFETY: as above.
+            unsafe {
+                e.push(
+                    Op::ReadFixed {
+                        offset: 8192,
+                        buf: dst,
+                        len: 4096,
+                        index: 0,
+                    },
+                    2,
+                )
+                .unwrap();
+            }
+            assert_eq!(run(&mut e), vec![(2, 4096)]);
+            assert!(mem[8192..12288].iter().all(|&b| b == 0x3c));
+            e.unregister_buffers();
+            assert_eq!(e.fixed_index(base, 1), None);
+            std::fs::remove_file(path).unwrap();
         }
-        assert_eq!(run(&mut e), vec![(1, 4096)]);
-        let dst = mem[8192..].as_mut_ptr();
-        // SAFETY: as above.
-        unsafe {
-            e.push(
-                Op::ReadFixed {
-                    offset: 8192,
-                    buf: dst,
-                    len: 4096,
-                    index: 0,
-                },
-                2,
-            )
-            .unwrap();
-        }
-        assert_eq!(run(&mut e), vec![(2, 4096)]);
-        assert!(mem[8192..12288].iter().all(|&b| b == 0x3c));
-        e.unregister_buffers();
-        assert_eq!(e.fixed_index(base, 1), None);
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn vectored_fixed_buffers_when_the_kernel_has_them() {
-        let (path, _f) = scratch(1 << 20);
-        let mut e = Engine::open(&path, OpenFlags::default(), 8).unwrap();
-        let mut mem = vec![0u8; 64 << 10];
-        let base = mem.as_mut_ptr() as usize;
-        // SAFETY: `mem` outlives the engine's use of it (unregistered before it is dropped).
-        unsafe { e.register_buffers(&[(base, mem.len())]).unwrap() };
-        mem[..512].fill(1);
-        mem[4096..5120].fill(2);
-        let out = [
-            libc::iovec {
-                iov_base: base as *mut libc::c_void,
-                iov_len: 512,
-            },
-            libc::iovec {
-                iov_base: (base + 4096) as *mut libc::c_void,
-                iov_len: 1024,
-            },
-        ];
-        let outside = [
-            out[0],
-            libc::iovec {
-                iov_base: (base + (64 << 10)) as *mut libc::c_void,
-                iov_len: 512,
-            },
-        ];
-        assert_eq!(e.fixed_index_all(&outside), None);
-        if !e.vectored_fixed() {
-            // Kernels before 6.15: requests fall back to readv/writev.
-            assert_eq!(e.fixed_index_all(&out), None);
-            return;
-        }
-        assert_eq!(e.fixed_index_all(&out), Some(0));
-        // SAFETY: the buffers lie in the registered buffer and live until `run` reaps.
-        unsafe {
-            e.push(
-                Op::WritevFixed {
-                    offset: 0,
-                    iovecs: &out,
-                    index: 0,
-                    dsync: false,
+        for (dir, _) in dirs() {
+            let (path, _f) = scratch(&dir, 1 << 20);
+            let mut e = Engine::open(&path, OpenFlags::default(), 8).unwrap();
+            let mut mem = vec![0u8; 64 << 10];
+            let base = mem.as_mut_ptr() as usize;
+            // SAFETY: `mem` outlives the engine's use of it (unregistered before it is dropped).
+            unsafe { e.register_buffers(&[(base, mem.len())]).unwrap() };
+            mem[..512].fill(1);
+            mem[4096..5120].fill(2);
+            let out = [
+                libc::iovec {
+                    iov_base: base as *mut libc::c_void,
+                    iov_len: 512,
                 },
-                1,
-            )
-            .unwrap();
-        }
-        assert_eq!(run(&mut e), vec![(1, 1536)]);
-        let back = [libc::iovec {
-            iov_base: (base + 8192) as *mut libc::c_void,
-            iov_len: 1536,
-        }];
-        // SAFETY: as above.
-        unsafe {
-            e.push(
-                Op::ReadvFixed {
-                    offset: 0,
-                    iovecs: &back,
-                    index: 0,
+                libc::iovec {
+                    iov_base: (base + 4096) as *mut libc::c_void,
+                    iov_len: 1024,
                 },
-                2,
-            )
-            .unwrap();
+            ];
+            let outside = [
+                out[0],
+                libc::iovec {
+                    iov_base: (base + (64 << 10)) as *mut libc::c_void,
+                    iov_len: 512,
+                },
+            ];
+            assert_eq!(e.fixed_index_all(&outside), None);
+            if !e.vectored_fixed() {
+                // Kernels before 6.15: requests fall back to readv/writev.
+                assert_eq!(e.fixed_index_all(&out), None);
+                continue;
+            }
+            assert_eq!(e.fixed_index_all(&out), Some(0));
+            // SAFETY: the buffers lie in the registered buffer and live until `run` reaps.
+            unsafe {
+                e.push(
+                    Op::WritevFixed {
+                        offset: 0,
+                        iovecs: &out,
+                        index: 0,
+                        dsync: false,
+                    },
+                    1,
+                )
+                .unwrap();
+            }
+            assert_eq!(run(&mut e), vec![(1, 1536)]);
+            let back = [libc::iovec {
+                iov_base: (base + 8192) as *mut libc::c_void,
+                iov_len: 1536,
+            }];
+            // SAFETY: as above.
+            unsafe {
+                e.push(
+                    Op::ReadvFixed {
+                        offset: 0,
+                        iovecs: &back,
+                        index: 0,
+                    },
+                    2,
+                )
+                .unwrap();
+            }
+            assert_eq!(run(&mut e), vec![(2, 1536)]);
+            assert!(mem[8192..8704].iter().all(|&b| b == 1));
+            assert!(mem[8704..9728].iter().all(|&b| b == 2));
+            e.unregister_buffers();
+            std::fs::remove_file(path).unwrap();
         }
-        assert_eq!(run(&mut e), vec![(2, 1536)]);
-        assert!(mem[8192..8704].iter().all(|&b| b == 1));
-        assert!(mem[8704..9728].iter().all(|&b| b == 2));
-        e.unregister_buffers();
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn a_full_submission_ring_says_so() {
-        let (path, _f) = scratch(4096);
-        let mut e = Engine::open(&path, OpenFlags::default(), 2).unwrap();
-        // SAFETY: flushes reference no memory.
-        unsafe {
-            e.push(Op::Flush, 1).unwrap();
-            e.push(Op::Flush, 2).unwrap();
-            assert_eq!(e.push(Op::Flush, 3), Err(Full));
+        for (dir, _) in dirs() {
+            let (path, _f) = scratch(&dir, 4096);
+            let mut e = Engine::open(&path, OpenFlags::default(), 2).unwrap();
+            // SAFETY: flushes reference no memory.
+            unsafe {
+                e.push(Op::Flush, 1).unwrap();
+                e.push(Op::Flush, 2).unwrap();
+                assert_eq!(e.push(Op::Flush, 3), Err(Full));
+            }
+            assert_eq!(run(&mut e).len(), 2);
+            std::fs::remove_file(path).unwrap();
         }
-        assert_eq!(run(&mut e).len(), 2);
-        std::fs::remove_file(path).unwrap();
     }
 }

@@ -40,15 +40,28 @@ fn verify(
 }
 
 /// Data written by the client through Torii reads back through qemu-storage-daemon and the
-/// other way round, with direct chains and with indirect scatter-gather tables; both report the same capacity; a check with the wrong seed finds every
-/// block wrong (the client's check is real).
+/// other way round, with direct chains and with indirect scatter-gather tables; both report
+/// the same capacity; a check with the wrong seed finds every block wrong (the client's
+/// check is real). The image on a disk file system: requests go through io_uring.
 #[test]
 fn verify_through_torii_and_qemu_storage_daemon_agree() {
-    let _heavy = torii_perf::heavy_test_lock();
     let dir = proc_util::unique_tmp_dir("torii-blk-peer").or_fail("tmp dir");
-    let img = image(dir.path(), "disk.img", 32);
+    agree_with_qsd(dir.path(), dir.path(), false);
+}
 
-    let mut be = Backend::start(dir.path(), &img, &["--queues", "2"]);
+/// The same with the image on tmpfs, where Torii does each request inline.
+#[test]
+fn verify_on_tmpfs_through_torii_and_qemu_storage_daemon_agree() {
+    let dir = proc_util::unique_tmp_dir("torii-blk-shm").or_fail("tmp dir");
+    let shm = proc_util::unique_dir_in(Path::new("/dev/shm"), "torii-blk").or_fail("/dev/shm");
+    agree_with_qsd(dir.path(), shm.path(), true);
+}
+
+fn agree_with_qsd(dir: &Path, image_dir: &Path, inline: bool) {
+    let _heavy = torii_perf::heavy_test_lock();
+    let img = image(image_dir, "disk.img", 32);
+
+    let mut be = Backend::start(dir, &img, &["--queues", "2"]);
     let t = verify(&be.socket, Pattern::Verify, 7, 2);
     assert_eq!(
         (t.errors, t.mismatches),
@@ -56,15 +69,14 @@ fn verify_through_torii_and_qemu_storage_daemon_agree() {
         "verify through Torii: {t:?}"
     );
     assert_eq!(t.ios, 2 * (16 << 20) / 4096, "{t:?}");
-    // The client's memfd memory is registered with io_uring (fixed-buffer reads and writes).
-    assert!(
-        !be.log_text().contains("not registered with io_uring"),
-        "log:\n{}",
-        be.log_text()
-    );
+    // The client's memfd memory is registered with io_uring (fixed-buffer reads and writes);
+    // on tmpfs requests are done inline instead.
+    let log = be.log_text();
+    assert!(!log.contains("not registered with io_uring"), "log:\n{log}");
+    assert_eq!(log.contains("requests done inline"), inline, "log:\n{log}");
     be.stop();
 
-    let q = qsd(dir.path(), &img, 2);
+    let q = qsd(dir, &img, 2);
     let qsock = q.socket.clone();
     let c = verify(&qsock, Pattern::Check, 7, 2);
     assert_eq!(
@@ -87,7 +99,7 @@ fn verify_through_torii_and_qemu_storage_daemon_agree() {
     );
     drop(q);
 
-    let mut be = Backend::start(dir.path(), &img, &["--queues", "2"]);
+    let mut be = Backend::start(dir, &img, &["--queues", "2"]);
     let c = verify_sg(&be.socket, Pattern::Check, 9);
     assert_eq!(
         (c.errors, c.mismatches),
