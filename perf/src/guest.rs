@@ -177,6 +177,7 @@ pub struct GuestBuilder {
     shared_memory: bool,
     serial_log: Option<PathBuf>,
     extra_args: Vec<String>,
+    early_args: Vec<String>,
     die_with_parent: bool,
     reboot: bool,
 }
@@ -209,6 +210,7 @@ impl GuestBuilder {
             shared_memory: false,
             serial_log: None,
             extra_args: Vec::new(),
+            early_args: Vec::new(),
             die_with_parent: true,
             reboot: false,
         }
@@ -333,6 +335,13 @@ impl GuestBuilder {
         self
     }
 
+    /// A raw QEMU argument placed before any device: the machine type, a vIOMMU (which QEMU
+    /// wants created before the PCI devices it translates for).
+    pub fn early_qemu_arg(mut self, arg: impl Into<String>) -> Self {
+        self.early_args.push(arg.into());
+        self
+    }
+
     /// Whether QEMU gets SIGKILL when the spawning thread exits (default
     /// true, see [`proc_util::die_with_parent`]).
     pub fn die_with_parent(mut self, on: bool) -> Self {
@@ -355,6 +364,8 @@ impl GuestBuilder {
         } else {
             push(&["-accel", "tcg", "-cpu", "max"]);
         }
+        a.extend(self.early_args.iter().cloned());
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         let mem = format!("{}M", self.memory_mib);
         let smp = self.smp.to_string();
         push(&["-smp", &smp, "-m", &mem]);

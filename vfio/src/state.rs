@@ -1,0 +1,219 @@
+//! A VF's whole state — what its PF enforces (admin MAC, VLAN, QoS, protocol, spoof check,
+//! trust, rates, link state), its own interface (name, effective MAC, MTU) and its driver —
+//! saved before it is handed out and restored exactly when it comes back, so nothing of one
+//! tenant's configuration is left for the next.
+
+use std::time::Instant;
+
+use netlink_packet_route::link::LinkAttribute;
+use serde::{Deserialize, Serialize};
+
+use crate::bind::{driver_override, rebind};
+use crate::netlink::{ifindex, LinkState, Netlink, VfInfoReport, VfSetting};
+use crate::pci::{PciAddr, Sysfs};
+
+/// Everything restored of a VF.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfState {
+    pub pf: PciAddr,
+    pub pf_ifname: String,
+    pub vf: u32,
+    pub addr: PciAddr,
+    pub driver: Option<String>,
+    pub driver_override: Option<String>,
+    /// The VF's interface in this namespace, if its driver makes one.
+    pub ifname: Option<String>,
+    pub mac: Option<[u8; 6]>,
+    pub mtu: Option<u32>,
+    pub up: Option<bool>,
+    /// What the PF enforces.
+    pub admin: VfInfoReport,
+}
+
+/// Why a save or restore failed; names the VF (`VF 1 of ens1f0 (0000:03:10.2)`) and the step.
+#[derive(Debug, thiserror::Error)]
+#[error("{who}: {what}")]
+pub struct StateError {
+    pub who: String,
+    pub what: String,
+}
+
+fn netdev_of(sys: &Sysfs, addr: PciAddr) -> Option<String> {
+    sys.device(addr).ok()?.netdevs.into_iter().next()
+}
+
+/// An interface's MAC, MTU and whether it is up.
+fn link_info(nl: &mut Netlink, ifname: &str) -> std::io::Result<([u8; 6], u32, bool)> {
+    use netlink_packet_route::link::LinkFlags;
+    let l = nl.link(ifindex(ifname)?)?;
+    let up = l.header.flags.contains(LinkFlags::Up);
+    let (mut mac, mut mtu) = ([0u8; 6], 0);
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::Address(m) if m.len() == 6 => mac.copy_from_slice(m),
+            LinkAttribute::Mtu(m) => mtu = *m,
+            _ => {}
+        }
+    }
+    Ok((mac, mtu, up))
+}
+
+impl VfState {
+    /// Reads VF `vf` of the PF whose interface is `pf_ifname`.
+    pub fn save(sys: &Sysfs, pf_ifname: &str, vf: u32) -> Result<VfState, StateError> {
+        let err0 = |what: String| StateError {
+            who: format!("VF {vf} of {pf_ifname}"),
+            what,
+        };
+        let pf = sys
+            .netdev_device(pf_ifname)
+            .map_err(|e| err0(e.to_string()))?;
+        let pfd = sys.device(pf).map_err(|e| err0(e.to_string()))?;
+        let addr = pfd
+            .sriov
+            .as_ref()
+            .and_then(|s| s.vfs.iter().find(|(i, _)| *i == vf).map(|(_, a)| *a))
+            .ok_or_else(|| err0(format!("{pf} has no VF {vf}")))?;
+        let fail = |what: String| StateError {
+            who: format!("VF {vf} of {pf_ifname} ({addr})"),
+            what,
+        };
+        let d = sys.device(addr).map_err(|e| fail(e.to_string()))?;
+        let mut nl = Netlink::open().map_err(|e| fail(format!("netlink: {e}")))?;
+        let pf_index = ifindex(pf_ifname).map_err(|e| fail(e.to_string()))?;
+        let admin = nl
+            .vfs(pf_index)
+            .map_err(|e| fail(format!("reading VF info of {pf_ifname}: {e}")))?
+            .into_iter()
+            .find(|r| r.vf == vf)
+            .ok_or_else(|| fail(format!("{pf_ifname} reports no VF {vf}")))?;
+        let ifname = d.netdevs.first().cloned();
+        let (mac, mtu, up) = match &ifname {
+            Some(n) => {
+                let (m, t, u) = link_info(&mut nl, n).map_err(|e| fail(format!("{n}: {e}")))?;
+                (Some(m), Some(t), Some(u))
+            }
+            None => (None, None, None),
+        };
+        Ok(VfState {
+            pf,
+            pf_ifname: pf_ifname.into(),
+            vf,
+            addr,
+            driver: d.driver,
+            driver_override: driver_override(sys, addr).map_err(|e| fail(e.to_string()))?,
+            ifname,
+            mac,
+            mtu,
+            up,
+            admin,
+        })
+    }
+
+    /// Puts the VF back as it was saved: driver (and override), then what the PF enforces,
+    /// then its interface's name, MAC and MTU. Returns the steps that failed, each named;
+    /// every step is tried.
+    pub fn restore(&self, sys: &Sysfs) -> Result<(), StateError> {
+        let mut failed: Vec<String> = Vec::new();
+        let now = sys.device(self.addr);
+        if now.as_ref().map(|d| d.driver.clone()).ok() != Some(self.driver.clone()) {
+            if let Err(e) = rebind(sys, self.addr, self.driver.as_deref()) {
+                failed.push(format!("driver: {e}"));
+            }
+        }
+        if let Some(o) = &self.driver_override {
+            if let Err(e) = sys.write(&sys.device_dir(self.addr).join("driver_override"), o) {
+                failed.push(format!("driver_override: {e}"));
+            }
+        }
+        match (Netlink::open(), ifindex(&self.pf_ifname)) {
+            (Ok(mut nl), Ok(pf)) => {
+                let a = &self.admin;
+                let mut settings = vec![
+                    VfSetting::Mac(a.mac),
+                    VfSetting::Vlan(a.vlan, a.qos, a.vlan_proto),
+                    VfSetting::Rate {
+                        min: a.min_tx_rate,
+                        max: a.max_tx_rate,
+                    },
+                ];
+                settings.extend(a.spoofchk.map(VfSetting::SpoofChk));
+                settings.extend(a.trust.map(VfSetting::Trust));
+                // Drivers that cannot set a link state report "auto": nothing to restore.
+                settings.extend(
+                    a.link_state
+                        .filter(|s| *s != LinkState::Auto)
+                        .map(VfSetting::LinkState),
+                );
+                let current = nl
+                    .vfs(pf)
+                    .ok()
+                    .and_then(|v| v.into_iter().find(|r| r.vf == self.vf));
+                for s in settings {
+                    if current.as_ref().is_some_and(|c| s.shown_by(c)) {
+                        continue;
+                    }
+                    if let Err(e) = nl.set_vf(pf, self.vf, s) {
+                        failed.push(format!("{}: {e}", s.name()));
+                    }
+                }
+                if let Some(name) = &self.ifname {
+                    if let Err(e) = self.restore_netdev(sys, &mut nl, name) {
+                        failed.push(format!("interface {name}: {e}"));
+                    }
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => failed.push(format!("{}: {e}", self.pf_ifname)),
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(StateError {
+                who: format!("VF {} of {} ({})", self.vf, self.pf_ifname, self.addr),
+                what: format!("restore failed: {}", failed.join("; ")),
+            })
+        }
+    }
+
+    /// The VF's interface: back under its name (a rebound driver names it anew), with its
+    /// MAC and MTU.
+    fn restore_netdev(&self, sys: &Sysfs, nl: &mut Netlink, name: &str) -> std::io::Result<()> {
+        let t0 = Instant::now();
+        let current = loop {
+            if let Some(n) = netdev_of(sys, self.addr) {
+                break n;
+            }
+            if t0.elapsed() > sys.settle_time() {
+                return Err(std::io::Error::other(format!(
+                    "no interface appeared for {} after {:?}",
+                    self.addr,
+                    sys.settle_time()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let i = ifindex(&current)?;
+        let (mac, mtu, up) = link_info(nl, &current)?;
+        let mut attrs = Vec::new();
+        if current != name {
+            attrs.push(LinkAttribute::IfName(name.to_string()));
+        }
+        if let Some(m) = self.mac.filter(|m| *m != mac) {
+            attrs.push(LinkAttribute::Address(m.to_vec()));
+        }
+        if let Some(t) = self.mtu.filter(|t| *t != mtu) {
+            attrs.push(LinkAttribute::Mtu(t));
+        }
+        let changed = !attrs.is_empty();
+        if changed {
+            // A name or address changes only while the link is down.
+            nl.set_up(i, false)?;
+            nl.set_link(i, attrs)?;
+        }
+        let (want, is) = (self.up.unwrap_or(false), up && !changed);
+        if want != is {
+            nl.set_up(i, want)?;
+        }
+        Ok(())
+    }
+}
