@@ -9,6 +9,7 @@
 //! - [`bind`]: vfio-pci binding, IOMMU group viability, the passthrough spec; [`device`]:
 //!   VFIO access (regions, interrupts, BAR mapping, DMA).
 
+pub mod alloc;
 pub mod bind;
 pub mod device;
 pub mod netlink;

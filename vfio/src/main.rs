@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
+use torii_vfio::alloc::{self, Allocation, Allocator, Owner};
 use torii_vfio::bind::{self, passthrough_spec};
 use torii_vfio::netlink::{self, ifindex, LinkState, Netlink, VfInfoReport, VfSetting, VlanProto};
 use torii_vfio::pci::{PciAddr, PciDevice, Sysfs};
@@ -84,6 +85,44 @@ enum Cmd {
     Probe { addr: PciAddr },
     /// DMA through the IOMMU with QEMU's `edu` test device bound to vfio-pci (rigs).
     DmaCheck { addr: PciAddr },
+    /// Take the first free device matching the selectors for the network namespace `netns`
+    /// (saving its state, restored on release).
+    Alloc {
+        /// Selectors (JSON, as for `list`).
+        #[arg(long)]
+        selectors: String,
+        /// The owner: a network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`).
+        #[arg(long)]
+        netns: PathBuf,
+        /// Free text kept with the allocation (a container id).
+        #[arg(long, default_value = "")]
+        tag: String,
+        #[arg(long, default_value = alloc::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Give an allocated device back: its saved state is restored, then its record removed.
+    Release {
+        addr: PciAddr,
+        #[arg(long, default_value = alloc::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// The allocations on record.
+    Allocations {
+        #[arg(long, default_value = alloc::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Release every allocation whose network namespace is gone.
+    Gc {
+        #[arg(long, default_value = alloc::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+/// Restores an allocation's saved state.
+fn restore_allocation(sys: &Sysfs, a: &Allocation) -> Result<(), String> {
+    a.saved
+        .as_ref()
+        .map_or(Ok(()), |s| s.restore(sys).map_err(|e| e.to_string()))
 }
 
 fn main() -> ExitCode {
@@ -116,7 +155,10 @@ fn resolve_pf(sys: &Sysfs, pf: &str) -> anyhow::Result<(PciAddr, Option<String>)
         let d = sys.device(a)?;
         return Ok((a, d.netdevs.first().cloned()));
     }
-    Ok((sys.netdev_device(pf)?, Some(pf.to_string())))
+    let addr = sys.netdev_device(pf).map_err(|_| {
+        anyhow!("{pf:?} is neither a PCI address nor the network interface of a PCI device")
+    })?;
+    Ok((addr, Some(pf.to_string())))
 }
 
 fn mac_text(m: &[u8; 6]) -> String {
@@ -466,6 +508,59 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 }
             }
             Ok(true)
+        }
+        Cmd::Alloc {
+            selectors,
+            netns,
+            tag,
+            state_dir,
+        } => {
+            let s: Selectors =
+                serde_json::from_str(&selectors).context("--selectors is not valid JSON")?;
+            let sel = s.compile().map_err(|e| anyhow!(e))?;
+            let owner = Owner::of_netns(&netns, &tag)?;
+            let a = Allocator::new(state_dir)?.allocate(&sys, &sel, &owner, |d| {
+                VfState::save_device(&sys, d).map_err(|e| e.to_string())
+            })?;
+            if cli.json {
+                print_json(&a)?;
+            } else {
+                println!("{} allocated to {}", a.addr, a.owner.netns.display());
+            }
+            Ok(true)
+        }
+        Cmd::Release { addr, state_dir } => {
+            Allocator::new(state_dir)?.release(addr, |a| restore_allocation(&sys, a))?;
+            println!("{addr} released");
+            Ok(true)
+        }
+        Cmd::Allocations { state_dir } => {
+            let list = Allocator::new(state_dir)?.list()?;
+            if cli.json {
+                print_json(&list)?;
+            } else {
+                for a in list {
+                    println!(
+                        "{} {} {} {}",
+                        a.addr,
+                        a.owner.netns.display(),
+                        if a.owner.is_alive() { "alive" } else { "gone" },
+                        a.owner.tag
+                    );
+                }
+            }
+            Ok(true)
+        }
+        Cmd::Gc { state_dir } => {
+            let (freed, failed) =
+                Allocator::new(state_dir)?.collect_garbage(|a| restore_allocation(&sys, a))?;
+            for a in &freed {
+                println!("{} released ({} is gone)", a.addr, a.owner.netns.display());
+            }
+            for e in &failed {
+                eprintln!("torii-vfio: {e}");
+            }
+            Ok(failed.is_empty())
         }
         Cmd::DmaCheck { addr } => {
             passthrough_spec(&sys, addr)?;

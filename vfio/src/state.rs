@@ -110,6 +110,33 @@ impl VfState {
         })
     }
 
+    /// The state of device `d` if it is a VF whose PF has an interface (what an allocation
+    /// restores on release); `None` for other devices.
+    pub fn save_device(
+        sys: &Sysfs,
+        d: &crate::pci::PciDevice,
+    ) -> Result<Option<VfState>, StateError> {
+        let Some(pf) = d.physfn else {
+            return Ok(None);
+        };
+        let err = |what: String| StateError {
+            who: format!("{} (VF of {pf})", d.addr),
+            what,
+        };
+        let pfd = sys.device(pf).map_err(|e| err(e.to_string()))?;
+        let Some(pf_if) = pfd.netdevs.first() else {
+            return Err(err(format!("its PF {pf} has no network interface")));
+        };
+        let index = pfd
+            .sriov
+            .iter()
+            .flat_map(|s| &s.vfs)
+            .find(|(_, a)| *a == d.addr)
+            .map(|(i, _)| *i)
+            .ok_or_else(|| err(format!("{pf} does not list it as a VF")))?;
+        VfState::save(sys, pf_if, index).map(Some)
+    }
+
     /// Puts the VF back as it was saved: driver (and override), then what the PF enforces,
     /// then its interface's name, MAC and MTU. Returns the steps that failed, each named;
     /// every step is tried.

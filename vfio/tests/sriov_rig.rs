@@ -198,6 +198,37 @@ fn sriov_and_vfio_on_a_real_kernel() {
     let again = vfio(&mut g, &format!("save {pf_if} 0"));
     assert_eq!(again, saved, "VF 0 not restored");
 
+    // Allocation: two VFs to one pod, a third refused; the pod's namespace goes, garbage
+    // collection gives both back, with what the tenant changed undone.
+    ok(&mut g, "ip netns add pod1");
+    let alloc = format!(
+        "alloc --state-dir /tmp/alloc --netns /run/netns/pod1 --tag pod1 --selectors '{{\"pfNames\": [\"{pf_if}\"], \"drivers\": [\"igbvf\"]}}'"
+    );
+    let a0 = vfio_json(&mut g, &alloc);
+    assert_eq!(a0["addr"], vfs[0].as_str(), "{a0}");
+    assert_eq!(a0["saved"]["vf"], 0, "{a0}");
+    vfio(
+        &mut g,
+        &format!("set {pf_if} 0 mac=02:00:00:00:00:aa vlan=300"),
+    );
+    let a1 = vfio_json(&mut g, &alloc);
+    assert_eq!(a1["addr"], vfs[1].as_str(), "{a1}");
+    let (rc, _, err) = chroot(&mut g, &format!("{BIN} {alloc}"));
+    assert_ne!(rc, 0);
+    assert!(err.contains("no free device"), "{err}");
+    ok(&mut g, "ip netns del pod1");
+    let gc = vfio(&mut g, "gc --state-dir /tmp/alloc");
+    assert_eq!(gc.lines().count(), 2, "{gc}");
+    assert_eq!(
+        vfio(&mut g, &format!("save {pf_if} 0")),
+        saved,
+        "gc did not restore VF 0"
+    );
+    assert_eq!(
+        vfio_json(&mut g, "allocations --state-dir /tmp/alloc"),
+        serde_json::json!([])
+    );
+
     // VF 1's interface into a network namespace under another name, and back.
     ok(&mut g, "ip netns add rig");
     vfio(&mut g, &format!("netns-in {vf1_if} rig --name podnet0"));

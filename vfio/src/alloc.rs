@@ -1,0 +1,372 @@
+//! Handing out devices: a per-device lock so two allocations never take the same VF, and
+//! allocation records on disk that survive a restart of whoever allocates (the CNI plugin is a
+//! new process each call) and are freed when their owner, a network namespace, is gone.
+//!
+//! Layout under the state directory (default `/run/torii/vfio`):
+//! `locks/<addr>.lock` (flock, held while a device's record is checked or changed) and
+//! `alloc/<addr>.json` (the record: owner, when, the device's state before it was handed out).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pci::{PciAddr, PciDevice, Sysfs};
+use crate::select::Selector;
+use crate::state::VfState;
+
+pub const DEFAULT_STATE_DIR: &str = "/run/torii/vfio";
+
+/// Who holds a device: a network namespace, known by its path and identity (device and inode
+/// of the namespace file, so a new namespace at the same path is another owner).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub netns: PathBuf,
+    pub netns_dev: u64,
+    pub netns_ino: u64,
+    /// Free text: a container id, an interface name.
+    pub tag: String,
+}
+
+impl Owner {
+    /// The owner whose namespace is at `netns` now.
+    pub fn of_netns(netns: &Path, tag: &str) -> io::Result<Owner> {
+        let m = fs::metadata(netns)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", netns.display())))?;
+        Ok(Owner {
+            netns: netns.to_path_buf(),
+            netns_dev: m.dev(),
+            netns_ino: m.ino(),
+            tag: tag.to_string(),
+        })
+    }
+
+    /// Whether the namespace still exists (same path, same namespace).
+    pub fn is_alive(&self) -> bool {
+        fs::metadata(&self.netns)
+            .is_ok_and(|m| m.dev() == self.netns_dev && m.ino() == self.netns_ino)
+    }
+}
+
+/// One device handed out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub addr: PciAddr,
+    pub owner: Owner,
+    /// Seconds since the epoch.
+    pub since: u64,
+    /// The VF's state before it was handed out, restored on release.
+    pub saved: Option<VfState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("no free device matches the selectors ({0} candidates, all allocated)")]
+    NoneFree(usize),
+    #[error("no device matches the selectors")]
+    NoMatch,
+    #[error("{0} is not allocated")]
+    NotAllocated(PciAddr),
+    #[error("{addr}: {what}")]
+    Device { addr: PciAddr, what: String },
+    #[error(transparent)]
+    Sysfs(#[from] crate::pci::SysfsError),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> AllocError + '_ {
+    move |source| AllocError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// An exclusive flock on a device's lock file, released on drop.
+struct DeviceLock {
+    _file: File,
+}
+
+impl DeviceLock {
+    fn take(path: &Path) -> Result<DeviceLock, AllocError> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io_at(path))?;
+        // SAFETY: flock on an fd we own; blocks until the holder (another allocator working
+        // on this device) lets go, which it does within one record update.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_at(path)(io::Error::last_os_error()));
+        }
+        Ok(DeviceLock { _file: f })
+    }
+}
+
+/// The allocation records under a state directory.
+pub struct Allocator {
+    dir: PathBuf,
+}
+
+impl Allocator {
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Allocator, AllocError> {
+        let dir = dir.into();
+        for d in [dir.join("locks"), dir.join("alloc")] {
+            fs::create_dir_all(&d).map_err(io_at(&d))?;
+        }
+        Ok(Allocator { dir })
+    }
+
+    fn lock_path(&self, a: PciAddr) -> PathBuf {
+        self.dir.join("locks").join(format!("{a}.lock"))
+    }
+
+    fn record_path(&self, a: PciAddr) -> PathBuf {
+        self.dir.join("alloc").join(format!("{a}.json"))
+    }
+
+    fn read_record(&self, a: PciAddr) -> Result<Option<Allocation>, AllocError> {
+        let p = self.record_path(a);
+        match fs::read_to_string(&p) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| io_at(&p)(io::Error::new(io::ErrorKind::InvalidData, e))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_at(&p)(e)),
+        }
+    }
+
+    /// Every allocation on record.
+    pub fn list(&self) -> Result<Vec<Allocation>, AllocError> {
+        let dir = self.dir.join("alloc");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let name = e.map_err(io_at(&dir))?.file_name();
+            let Some(a) = name
+                .to_string_lossy()
+                .strip_suffix(".json")
+                .and_then(|s| s.parse().ok())
+            else {
+                continue;
+            };
+            out.extend(self.read_record(a)?);
+        }
+        out.sort_by_key(|a| a.addr);
+        Ok(out)
+    }
+
+    /// Takes the first free device `selector` picks for `owner`. `save` reads the device's
+    /// state to restore on release (`None`: nothing to restore); it runs under the device's
+    /// lock, before the record is written.
+    pub fn allocate(
+        &self,
+        sys: &Sysfs,
+        selector: &Selector,
+        owner: &Owner,
+        save: impl Fn(&PciDevice) -> Result<Option<VfState>, String>,
+    ) -> Result<Allocation, AllocError> {
+        let all = sys.devices()?;
+        let candidates = selector.select(&all);
+        if candidates.is_empty() {
+            return Err(AllocError::NoMatch);
+        }
+        for d in &candidates {
+            let _lock = DeviceLock::take(&self.lock_path(d.addr))?;
+            if self.read_record(d.addr)?.is_some() {
+                continue;
+            }
+            let saved = save(d).map_err(|what| AllocError::Device { addr: d.addr, what })?;
+            let a = Allocation {
+                addr: d.addr,
+                owner: owner.clone(),
+                since: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                saved,
+            };
+            self.write_record(&a)?;
+            return Ok(a);
+        }
+        Err(AllocError::NoneFree(candidates.len()))
+    }
+
+    /// Writes the record whole or not at all (a temporary file renamed over it).
+    fn write_record(&self, a: &Allocation) -> Result<(), AllocError> {
+        let p = self.record_path(a.addr);
+        let tmp = p.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(a).expect("allocation serializes");
+        let mut f = File::create(&tmp).map_err(io_at(&tmp))?;
+        f.write_all(&text)
+            .and_then(|_| f.sync_all())
+            .map_err(io_at(&tmp))?;
+        fs::rename(&tmp, &p).map_err(io_at(&p))
+    }
+
+    /// Releases `addr`: `restore` puts back its saved state (under the device's lock), then
+    /// the record goes. A failed restore keeps the record, so the release can be retried.
+    pub fn release(
+        &self,
+        addr: PciAddr,
+        restore: impl Fn(&Allocation) -> Result<(), String>,
+    ) -> Result<Allocation, AllocError> {
+        let _lock = DeviceLock::take(&self.lock_path(addr))?;
+        let a = self
+            .read_record(addr)?
+            .ok_or(AllocError::NotAllocated(addr))?;
+        restore(&a).map_err(|what| AllocError::Device { addr, what })?;
+        let p = self.record_path(addr);
+        fs::remove_file(&p).map_err(io_at(&p))?;
+        Ok(a)
+    }
+
+    /// Releases every allocation whose owner is gone; returns what was released and what
+    /// failed.
+    pub fn collect_garbage(
+        &self,
+        restore: impl Fn(&Allocation) -> Result<(), String>,
+    ) -> Result<(Vec<Allocation>, Vec<AllocError>), AllocError> {
+        let (mut freed, mut failed) = (Vec::new(), Vec::new());
+        for a in self.list()? {
+            if a.owner.is_alive() {
+                continue;
+            }
+            match self.release(a.addr, |r| {
+                // Someone may have re-allocated it between the listing and the lock.
+                if r.owner != a.owner {
+                    return Err("re-allocated meanwhile".into());
+                }
+                restore(r)
+            }) {
+                Ok(r) => freed.push(r),
+                Err(e) => failed.push(e),
+            }
+        }
+        Ok((freed, failed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeTree;
+    use crate::select::Selectors;
+    use std::sync::Arc;
+
+    fn selector(pf_names: &str) -> Selector {
+        Selectors {
+            pf_names: vec![pf_names.into()],
+            ..Default::default()
+        }
+        .compile()
+        .unwrap()
+    }
+
+    #[test]
+    fn concurrent_allocations_never_share_a_device() {
+        let t = Arc::new(FakeTree::new());
+        t.pf("0000:03:00.0", "ens1f0", 7, 4, 10);
+        let dir = t.root().join("state");
+        let ns = t.root().join("ns");
+        fs::write(&ns, "").unwrap();
+        let owner = Owner::of_netns(&ns, "pod").unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (t, dir, owner) = (t.clone(), dir.clone(), owner.clone());
+                std::thread::spawn(move || {
+                    Allocator::new(dir).unwrap().allocate(
+                        &t.sysfs(),
+                        &selector("ens1f0"),
+                        &owner,
+                        |_| Ok(None),
+                    )
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut got: Vec<PciAddr> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|a| a.addr)
+            .collect();
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), 4, "{results:?}");
+        assert_eq!(
+            results
+                .iter()
+                .filter(|r| matches!(r, Err(AllocError::NoneFree(4))))
+                .count(),
+            4
+        );
+    }
+
+    #[test]
+    fn records_survive_a_restart_and_gc_frees_the_dead_owners() {
+        let t = FakeTree::new();
+        t.pf("0000:03:00.0", "ens1f0", 7, 2, 10);
+        let dir = t.root().join("state");
+        let (ns1, ns2) = (t.root().join("ns1"), t.root().join("ns2"));
+        fs::write(&ns1, "").unwrap();
+        fs::write(&ns2, "").unwrap();
+        let s = t.sysfs();
+        let al = Allocator::new(&dir).unwrap();
+        let a1 = al
+            .allocate(
+                &s,
+                &selector("ens1f0"),
+                &Owner::of_netns(&ns1, "a").unwrap(),
+                |_| Ok(None),
+            )
+            .unwrap();
+        let a2 = al
+            .allocate(
+                &s,
+                &selector("ens1f0"),
+                &Owner::of_netns(&ns2, "b").unwrap(),
+                |_| Ok(None),
+            )
+            .unwrap();
+        assert_ne!(a1.addr, a2.addr);
+        // A new allocator (a new process) sees both.
+        let al = Allocator::new(&dir).unwrap();
+        assert_eq!(al.list().unwrap(), vec![a1.clone(), a2.clone()]);
+        assert!(matches!(
+            al.allocate(
+                &s,
+                &selector("ens1f0"),
+                &Owner::of_netns(&ns1, "c").unwrap(),
+                |_| Ok(None)
+            ),
+            Err(AllocError::NoneFree(2))
+        ));
+        // ns1 goes; a namespace of the same path but another identity is another owner.
+        fs::remove_file(&ns1).unwrap();
+        let restored = std::sync::Mutex::new(Vec::new());
+        let (freed, failed) = al
+            .collect_garbage(|a| {
+                restored.lock().unwrap().push(a.addr);
+                Ok(())
+            })
+            .unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(freed, vec![a1.clone()]);
+        assert_eq!(*restored.lock().unwrap(), vec![a1.addr]);
+        assert_eq!(al.list().unwrap(), vec![a2.clone()]);
+        // A release whose restore fails keeps the record.
+        let e = al
+            .release(a2.addr, |_| Err("driver would not bind".into()))
+            .unwrap_err();
+        assert_eq!(e.to_string(), format!("{}: driver would not bind", a2.addr));
+        assert_eq!(al.list().unwrap().len(), 1);
+        al.release(a2.addr, |_| Ok(())).unwrap();
+        assert!(al.list().unwrap().is_empty());
+        assert!(matches!(
+            al.release(a2.addr, |_| Ok(())),
+            Err(AllocError::NotAllocated(_))
+        ));
+    }
+}
