@@ -39,6 +39,11 @@ fn boot() -> Guest {
         .spawn()
         .or_fail("starting QEMU");
     g.wait_ready(Duration::from_secs(180)).or_fail("guest boot");
+    let mods = g.run("test -f /mods/sriov.order", T).or_fail("guest");
+    assert_eq!(
+        mods.rc, 0,
+        "the guest image has no igb/igbvf/VFIO modules: run scripts/setup to rebuild it"
+    );
     // The host's root as the chroot, with the guest's own kernel file systems.
     g.run_ok(
         "mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys && \
