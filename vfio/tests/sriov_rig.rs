@@ -44,11 +44,12 @@ fn boot() -> Guest {
         mods.rc, 0,
         "the guest image has no igb/igbvf/VFIO modules: run scripts/setup to rebuild it"
     );
-    // The host's root as the chroot, with the guest's own kernel file systems.
+    // The host's root as the chroot, with the guest's own kernel file systems and a writable
+    // /run (the host's /tmp stays visible: this build may live there).
     g.run_ok(
         "mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys && \
          mount -t devtmpfs devtmpfs /host/dev && mount -t tmpfs tmpfs /host/run && \
-         mount -t tmpfs tmpfs /host/tmp",
+         mkdir -p /host/run/rig",
         T,
     )
     .or_fail("chroot mounts");
@@ -62,7 +63,7 @@ fn chroot(g: &mut Guest, cmd: &str) -> (i32, String, String) {
     let out = g
         .run(
             &format!(
-                "echo {script} | base64 -d > /host/tmp/c.sh; PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin chroot /host /bin/bash /tmp/c.sh 2>/tmp/err; rc=$?; echo TORII-STDERR; cat /tmp/err; (exit $rc)"
+                "echo {script} | base64 -d > /host/run/rig/c.sh; PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin chroot /host /bin/bash /run/rig/c.sh 2>/tmp/err; rc=$?; echo TORII-STDERR; cat /tmp/err; (exit $rc)"
             ),
             T,
         )
@@ -152,7 +153,10 @@ fn sriov_and_vfio_on_a_real_kernel() {
 
     // VF settings: applied and read back, or rejected by igb and reported so.
     let saved = vfio(&mut g, &format!("save {pf_if} 0"));
-    ok(&mut g, &format!("{BIN} save {pf_if} 0 --out /tmp/vf0.json"));
+    ok(
+        &mut g,
+        &format!("{BIN} save {pf_if} 0 --out /run/rig/vf0.json"),
+    );
     let r = vfio_json(
         &mut g,
         &format!(
@@ -199,7 +203,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
     );
 
     // Restore: the VF reads back as saved.
-    vfio(&mut g, "restore /tmp/vf0.json");
+    vfio(&mut g, "restore /run/rig/vf0.json");
     let again = vfio(&mut g, &format!("save {pf_if} 0"));
     assert_eq!(again, saved, "VF 0 not restored");
 
@@ -207,7 +211,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
     // collection gives both back, with what the tenant changed undone.
     ok(&mut g, "ip netns add pod1");
     let alloc = format!(
-        "alloc --state-dir /tmp/alloc --netns /run/netns/pod1 --tag pod1 --selectors '{{\"pfNames\": [\"{pf_if}\"], \"drivers\": [\"igbvf\"]}}'"
+        "alloc --state-dir /run/rig/alloc --netns /run/netns/pod1 --tag pod1 --selectors '{{\"pfNames\": [\"{pf_if}\"], \"drivers\": [\"igbvf\"]}}'"
     );
     let a0 = vfio_json(&mut g, &alloc);
     assert_eq!(a0["addr"], vfs[0].as_str(), "{a0}");
@@ -222,7 +226,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
     assert_ne!(rc, 0);
     assert!(err.contains("no free device"), "{err}");
     ok(&mut g, "ip netns del pod1");
-    let gc = vfio(&mut g, "gc --state-dir /tmp/alloc");
+    let gc = vfio(&mut g, "gc --state-dir /run/rig/alloc");
     assert_eq!(gc.lines().count(), 2, "{gc}");
     assert_eq!(
         vfio(&mut g, &format!("save {pf_if} 0")),
@@ -230,7 +234,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
         "gc did not restore VF 0"
     );
     assert_eq!(
-        vfio_json(&mut g, "allocations --state-dir /tmp/alloc"),
+        vfio_json(&mut g, "allocations --state-dir /run/rig/alloc"),
         serde_json::json!([])
     );
 
@@ -297,7 +301,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
     // Everything back as it was.
     vfio(&mut g, &format!("unbind {edu}"));
     vfio(&mut g, &format!("unbind {vf0_addr} --driver igbvf"));
-    vfio(&mut g, "restore /tmp/vf0.json");
+    vfio(&mut g, "restore /run/rig/vf0.json");
     vfio(&mut g, &format!("vfs {pf_if} 0"));
     let after = snapshot(&mut g);
     assert_eq!(before, after, "the rig is not as it was");

@@ -1,0 +1,16 @@
+//! Torii's CNI plugin (CNI spec 1.1.0; 1.0.0 and 0.4.0 too), for telco Kubernetes (Multus
+//! secondary networks) and plain CNI runtimes. Our own types: the published crates lack GC,
+//! STATUS, `socketPath` and `pciID`.
+//!
+//! - [`config`]: the `CNI_*` environment and the network configuration, checked whole.
+//! - [`types`]: errors with the spec's codes, results in each version's form.
+//! - [`delegate`]: IPAM plugins run from `CNI_PATH`.
+//! - [`state`]: per-attachment records, written atomically before anything is made.
+//! - [`plugin`]: ADD, DEL, CHECK, STATUS, GC, VERSION; the `vhost-user` mode (a port on
+//!   torii-dataplane through its control API).
+
+pub mod config;
+pub mod delegate;
+pub mod plugin;
+pub mod state;
+pub mod types;

@@ -1,0 +1,485 @@
+//! The operations. Each checks everything it can before it changes anything; ADD records what
+//! it is about to make before it makes it and undoes it all if any step fails; DEL and GC undo
+//! whatever exists and succeed when there is nothing left.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::config::{fits_sun_path, Command, Env, Mode, NetConf};
+use crate::delegate::Delegate;
+use crate::state::{Attachment, Phase, Store};
+use crate::types::{AddResult, CniError, CniResult, Code, Interface, SUPPORTED_VERSIONS};
+
+/// FNV-1a: a stable hash for names and MACs derived from an attachment (stable across
+/// builds, unlike std's hasher).
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// A locally administered unicast MAC derived from the attachment.
+fn derived_mac(conf: &NetConf, env: &Env) -> String {
+    let h = fnv1a(&[&conf.name, env.container_id(), env.ifname()]).to_be_bytes();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        h[0], h[1], h[2], h[3], h[4]
+    )
+}
+
+/// The data plane port of an attachment: readable (the container id's start and the
+/// interface) and unique (a hash of the whole key). At most 12 + 1 + 15 + 1 + 8 = 37 bytes.
+pub fn port_name(conf: &NetConf, env: &Env) -> String {
+    let cid = env.container_id();
+    let short = &cid[..cid.len().min(12)];
+    let h = fnv1a(&[&conf.name, cid, env.ifname()]) as u32;
+    format!("{short}.{}.{h:08x}", env.ifname())
+}
+
+/// The pod's directory of sockets and network files (one per container; the runtime shares
+/// it with the VM launcher).
+fn pod_dir(conf: &NetConf, env: &Env) -> PathBuf {
+    let cid = env.container_id();
+    conf.socket_dir.join(&cid[..cid.len().min(24)])
+}
+
+/// The data plane's control API.
+struct DataPlane<'a> {
+    socket: &'a Path,
+}
+
+/// Whether an error of the control API client means nobody is listening.
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            )
+        })
+    })
+}
+
+impl DataPlane<'_> {
+    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> CniResult<(u16, Value)> {
+        match torii_dataplane::ctl::request(self.socket, method, path, body) {
+            Ok(r) => Ok((
+                r.status,
+                serde_json::from_str(&r.body).unwrap_or(Value::String(r.body)),
+            )),
+            Err(e) if is_unreachable(&e) => Err(CniError::new(
+                Code::NotAvailable,
+                format!("torii-dataplane is not reachable: {e:#}"),
+            )),
+            Err(e) => Err(CniError::new(Code::DataPlane, format!("{e:#}"))),
+        }
+    }
+
+    fn fail(what: &str, status: u16, body: &Value) -> CniError {
+        CniError::new(
+            Code::DataPlane,
+            format!(
+                "{what}: HTTP {status}: {}",
+                body["error"]
+                    .as_str()
+                    .map_or_else(|| body.to_string(), str::to_string)
+            ),
+        )
+    }
+
+    fn version(&self) -> CniResult<()> {
+        match self.request("GET", "/v1/version", None)? {
+            (200, _) => Ok(()),
+            (s, b) => Err(Self::fail("version", s, &b)),
+        }
+    }
+
+    fn add_port(&self, name: &str, settings: &Value) -> CniResult<Value> {
+        match self.request("PUT", &format!("/v1/ports/{name}"), Some(settings))? {
+            (201, b) => Ok(b),
+            (s, b) => Err(Self::fail(&format!("adding port {name}"), s, &b)),
+        }
+    }
+
+    /// Removes port `name`; a port (or a data plane) that is not there is removed already.
+    fn remove_port(&self, name: &str) -> CniResult<()> {
+        match self.request("DELETE", &format!("/v1/ports/{name}"), None) {
+            Ok((204 | 404, _)) => Ok(()),
+            Ok((s, b)) => Err(Self::fail(&format!("removing port {name}"), s, &b)),
+            // Ports added through the API do not outlive the daemon.
+            Err(e) if e.code == Code::NotAvailable as u32 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn port(&self, name: &str) -> CniResult<Option<Value>> {
+        match self.request("GET", &format!("/v1/ports/{name}"), None)? {
+            (200, b) => Ok(Some(b)),
+            (404, _) => Ok(None),
+            (s, b) => Err(Self::fail(&format!("port {name}"), s, &b)),
+        }
+    }
+}
+
+fn remove_file(p: &Path) -> CniResult<()> {
+    match fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CniError::new(Code::Io, format!("{}: {e}", p.display()))),
+    }
+}
+
+fn write_file(p: &Path, v: &Value) -> CniResult<()> {
+    let io = |e: io::Error| CniError::new(Code::Io, format!("{}: {e}", p.display()));
+    if let Some(d) = p.parent() {
+        fs::create_dir_all(d).map_err(io)?;
+    }
+    let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, serde_json::to_vec_pretty(v).expect("JSON")).map_err(io)?;
+    fs::rename(&tmp, p).map_err(io)
+}
+
+/// Runs `env.command` with `stdin`; the text to print on success.
+pub fn run(env: &Env, stdin: &[u8]) -> CniResult<Option<Value>> {
+    if env.command == Command::Version {
+        let v: Value = serde_json::from_slice(stdin).unwrap_or(Value::Null);
+        let version = v["cniVersion"].as_str().unwrap_or("1.1.0");
+        return Ok(Some(json!({
+            "cniVersion": version,
+            "supportedVersions": SUPPORTED_VERSIONS,
+        })));
+    }
+    let conf = NetConf::parse(stdin)?;
+    if matches!(env.command, Command::Status | Command::Gc) && conf.cni_version != "1.1.0" {
+        return Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!(
+                "STATUS and GC need cniVersion 1.1.0, not {}",
+                conf.cni_version
+            ),
+        ));
+    }
+    let store = Store::new(conf.network_state_dir());
+    match (env.command, conf.mode) {
+        (Command::Add, Mode::VhostUser) => add(env, &conf, &store).map(Some),
+        (Command::Del, _) => del(env, &conf, &store).map(|_| None),
+        (Command::Check, _) => check(env, &conf, &store).map(|_| None),
+        (Command::Status, _) => status(env, &conf).map(|_| None),
+        (Command::Gc, _) => gc(env, &conf, &store).map(|_| None),
+        (Command::Version, _) => unreachable!("answered above"),
+    }
+}
+
+fn ipam(env: &Env, conf: &NetConf) -> CniResult<Option<Delegate>> {
+    conf.ipam_type().map(|t| Delegate::find(env, t)).transpose()
+}
+
+fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
+    if let Some(a) = store.load(env.container_id(), env.ifname())? {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            format!(
+                "{} already has an interface {} on network {} (phase {:?}): DEL it first",
+                a.container_id, a.ifname, conf.name, a.phase
+            ),
+        ));
+    }
+    let netns = env.netns.clone().expect("checked for ADD");
+    if !netns.exists() {
+        return Err(CniError::new(
+            Code::UnknownContainer,
+            format!("network namespace {} does not exist", netns.display()),
+        ));
+    }
+    let ipam = ipam(env, conf)?;
+    let dir = pod_dir(conf, env);
+    let socket = dir.join(format!("{}.sock", env.ifname()));
+    if !fits_sun_path(&socket) {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            format!(
+                "socket path {} is {} bytes, more than a Unix socket address takes (107): use a shorter socketDir",
+                socket.display(),
+                socket.as_os_str().len()
+            ),
+        ));
+    }
+    let dp = DataPlane {
+        socket: &conf.control_socket,
+    };
+    dp.version()?;
+    let mac = conf
+        .runtime
+        .mac
+        .clone()
+        .or_else(|| conf.mac.clone())
+        .unwrap_or_else(|| derived_mac(conf, env));
+    let mut a = Attachment {
+        container_id: env.container_id().to_string(),
+        ifname: env.ifname().to_string(),
+        netns: Some(netns.clone()),
+        phase: Phase::Adding,
+        port: port_name(conf, env),
+        socket: socket.clone(),
+        pod_dir: dir.clone(),
+        device_info_file: conf.runtime.device_info_file.clone(),
+        result: None,
+    };
+    store.save(&a)?;
+    let made = (|| -> CniResult<AddResult> {
+        let mut result = match &ipam {
+            Some(d) => d.add(env, &conf.raw, &conf.cni_version)?,
+            None => AddResult::default(),
+        };
+        fs::create_dir_all(&dir)
+            .map_err(|e| CniError::new(Code::Io, format!("{}: {e}", dir.display())))?;
+        let mut settings = json!({
+            "type": "vhost-user",
+            "socket": socket,
+            "mode": "server",
+            "queues": conf.queues,
+            "mac": mac,
+        });
+        if let Some(m) = conf.mtu {
+            settings["mtu"] = json!(m);
+        }
+        if let Some(v) = conf.vlan {
+            settings["vlan"] = json!(v);
+        }
+        dp.add_port(&a.port, &settings)?;
+        // Chained after another plugin: its result, with our interface and IPs added.
+        let mut out = match &conf.prev_result {
+            Some(p) => AddResult::from_json(p)?,
+            None => AddResult::default(),
+        };
+        let index = out.interfaces.len() as u32;
+        out.interfaces.push(Interface {
+            name: env.ifname().to_string(),
+            mac: Some(mac.clone()),
+            mtu: conf.mtu,
+            sandbox: Some(netns.display().to_string()),
+            socket_path: Some(socket.display().to_string()),
+            pci_id: None,
+        });
+        for ip in &mut result.ips {
+            ip.interface = Some(index);
+        }
+        out.ips.append(&mut result.ips);
+        out.routes.append(&mut result.routes);
+        out.dns = result
+            .dns
+            .or_else(|| out.dns.take())
+            .or_else(|| conf.dns.clone());
+        // What the VM launcher needs to give the VM this interface.
+        write_file(
+            &dir.join(format!("{}.json", env.ifname())),
+            &json!({
+                "ifname": env.ifname(),
+                "type": "vhost-user",
+                "socket": socket,
+                "mode": "client",
+                "mac": mac,
+                "mtu": conf.mtu,
+                "queues": conf.queues,
+                "ips": out.ips.iter().filter(|i| i.interface == Some(index)).collect::<Vec<_>>(),
+                "routes": out.routes,
+                "dns": out.dns,
+            }),
+        )?;
+        if let Some(f) = &conf.runtime.device_info_file {
+            // The Network Plumbing WG device-info format: the pod's side of the socket is the
+            // client (Torii listens).
+            write_file(
+                f,
+                &json!({
+                    "type": "vhost-user",
+                    "version": "1.1.0",
+                    "vhost-user": { "mode": "client", "path": socket },
+                }),
+            )?;
+        }
+        Ok(out)
+    })();
+    match made {
+        Ok(out) => {
+            a.phase = Phase::Added;
+            a.result = Some(out.to_json("1.1.0"));
+            if let Err(e) = store.save(&a) {
+                let _ = undo(env, conf, &a, ipam.as_ref());
+                return Err(e);
+            }
+            Ok(out.to_json(&conf.cni_version))
+        }
+        Err(e) => {
+            // Undo what was made; the first error is the one to report.
+            let _ = undo(env, conf, &a, ipam.as_ref());
+            Err(e)
+        }
+    }
+}
+
+/// Removes everything an attachment may hold, then its record. Every step runs; the first
+/// error is returned (with the record kept, so a later DEL or GC tries again).
+fn undo(env: &Env, conf: &NetConf, a: &Attachment, ipam: Option<&Delegate>) -> CniResult<()> {
+    let dp = DataPlane {
+        socket: &conf.control_socket,
+    };
+    let mut first: Option<CniError> = None;
+    let mut keep = |r: CniResult<()>| {
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    };
+    keep(dp.remove_port(&a.port));
+    keep(remove_file(&a.socket));
+    keep(remove_file(&a.pod_dir.join(format!("{}.json", a.ifname))));
+    if let Some(f) = &a.device_info_file {
+        keep(remove_file(f));
+    }
+    // The pod directory goes with its last interface.
+    let _ = fs::remove_dir(&a.pod_dir);
+    if let Some(d) = ipam {
+        keep(
+            d.run(
+                Command::Del,
+                Some((&a.container_id, &a.ifname)),
+                env,
+                &conf.raw,
+                &conf.cni_version,
+            )
+            .map(|_| ()),
+        );
+    }
+    match first {
+        Some(e) => Err(e),
+        None => Store::new(conf.network_state_dir()).remove(&a.container_id, &a.ifname),
+    }
+}
+
+fn del(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
+    let a = match store.load(env.container_id(), env.ifname())? {
+        Some(a) => a,
+        // No record: clean up what an ADD of this attachment would have made.
+        None => {
+            let dir = pod_dir(conf, env);
+            Attachment {
+                container_id: env.container_id().to_string(),
+                ifname: env.ifname().to_string(),
+                netns: env.netns.clone(),
+                phase: Phase::Adding,
+                port: port_name(conf, env),
+                socket: dir.join(format!("{}.sock", env.ifname())),
+                pod_dir: dir,
+                device_info_file: conf.runtime.device_info_file.clone(),
+                result: None,
+            }
+        }
+    };
+    // A missing IPAM plugin cannot have allocated anything for us.
+    let ipam = match ipam(env, conf) {
+        Ok(d) => d,
+        Err(e) if e.code == Code::NotAvailable as u32 => None,
+        Err(e) => return Err(e),
+    };
+    undo(env, conf, &a, ipam.as_ref())
+}
+
+fn check(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(
+            Code::InvalidConfig,
+            "CHECK needs prevResult (the ADD result)",
+        )
+    })?;
+    let prev = AddResult::from_json(prev)?;
+    let a = store
+        .load(env.container_id(), env.ifname())?
+        .filter(|a| a.phase == Phase::Added)
+        .ok_or_else(|| {
+            CniError::new(
+                Code::UnknownContainer,
+                format!(
+                    "no interface {} of {} on network {}",
+                    env.ifname(),
+                    env.container_id(),
+                    conf.name
+                ),
+            )
+        })?;
+    let fail = |what: String| CniError::new(Code::Setup, what);
+    let ours = prev
+        .interfaces
+        .iter()
+        .find(|i| {
+            i.name == a.ifname
+                && i.sandbox.as_deref() == env.netns.as_deref().and_then(Path::to_str)
+        })
+        .ok_or_else(|| {
+            fail(format!(
+                "prevResult has no interface {} in {:?}",
+                a.ifname, env.netns
+            ))
+        })?;
+    if conf.cni_version == "1.1.0" && ours.socket_path.as_deref() != a.socket.to_str() {
+        return Err(fail(format!(
+            "prevResult's socketPath {:?} is not {}",
+            ours.socket_path,
+            a.socket.display()
+        )));
+    }
+    let dp = DataPlane {
+        socket: &conf.control_socket,
+    };
+    if dp.port(&a.port)?.is_none() {
+        return Err(fail(format!("torii-dataplane has no port {}", a.port)));
+    }
+    if !a.socket.exists() {
+        return Err(fail(format!("socket {} is missing", a.socket.display())));
+    }
+    if let Some(d) = ipam(env, conf)? {
+        d.run(Command::Check, None, env, &conf.raw, &conf.cni_version)?;
+    }
+    Ok(())
+}
+
+fn status(env: &Env, conf: &NetConf) -> CniResult<()> {
+    DataPlane {
+        socket: &conf.control_socket,
+    }
+    .version()?;
+    if let Some(d) = ipam(env, conf)? {
+        d.run(Command::Status, None, env, &conf.raw, &conf.cni_version)?;
+    }
+    Ok(())
+}
+
+fn gc(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
+    let valid = conf.valid_attachments.clone().unwrap_or_default();
+    let ipam = ipam(env, conf)?;
+    let mut first: Option<CniError> = None;
+    for a in store.list()? {
+        if valid
+            .iter()
+            .any(|v| v.container_id == a.container_id && v.ifname == a.ifname)
+        {
+            continue;
+        }
+        if let Err(e) = undo(env, conf, &a, ipam.as_ref()) {
+            first.get_or_insert(e);
+        }
+    }
+    if let Some(d) = &ipam {
+        if let Err(e) = d.run(Command::Gc, None, env, &conf.raw, &conf.cni_version) {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
