@@ -110,12 +110,15 @@ impl DataPlane<'_> {
     }
 
     /// Removes port `name`; a port (or a data plane) that is not there is removed already.
-    fn remove_port(&self, name: &str) -> CniResult<()> {
+    /// Whether its socket may still be on disk (the port was ours, or the data plane died
+    /// without removing it).
+    fn remove_port(&self, name: &str) -> CniResult<bool> {
         match self.request("DELETE", &format!("/v1/ports/{name}"), None) {
-            Ok((204 | 404, _)) => Ok(()),
+            Ok((204, _)) => Ok(true),
+            Ok((404, _)) => Ok(false),
             Ok((s, b)) => Err(Self::fail(&format!("removing port {name}"), s, &b)),
             // Ports added through the API do not outlive the daemon.
-            Err(e) if e.code == Code::NotAvailable as u32 => Ok(()),
+            Err(e) if e.code == Code::NotAvailable as u32 => Ok(true),
             Err(e) => Err(e),
         }
     }
@@ -338,8 +341,12 @@ fn undo(env: &Env, conf: &NetConf, a: &Attachment, ipam: Option<&Delegate>) -> C
             first.get_or_insert(e);
         }
     };
-    keep(dp.remove_port(&a.port));
-    keep(remove_file(&a.socket));
+    // The socket path is this attachment's, but only a port of ours made a socket there.
+    match dp.remove_port(&a.port) {
+        Ok(true) => keep(remove_file(&a.socket)),
+        Ok(false) => {}
+        Err(e) => keep(Err(e)),
+    }
     keep(remove_file(&a.pod_dir.join(format!("{}.json", a.ifname))));
     if let Some(f) = &a.device_info_file {
         keep(remove_file(f));
