@@ -21,6 +21,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::VringRwLock;
 use vmm_sys_util::event::EventNotifier;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::handler::ConnHandler;
 use crate::inflight::InflightMap;
@@ -308,6 +309,8 @@ impl<M: DeviceModel> EndpointShared<M> {
 pub struct Endpoint<M: DeviceModel> {
     shared: Arc<EndpointShared<M>>,
     thread: Option<JoinHandle<()>>,
+    /// Written once on stop: wakes the control thread at once from any wait.
+    stop_event: Option<Arc<EventFd>>,
     socket: PathBuf,
     mode: SocketMode,
 }
@@ -332,19 +335,23 @@ impl<M: DeviceModel> Endpoint<M> {
             }
             SocketMode::Client => None,
         };
+        let thread_err = |source| StartError::Thread {
+            name: shared.name.clone(),
+            source,
+        };
+        let stop_event = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(thread_err)?);
         let s = shared.clone();
         let socket = cfg.socket.clone();
         let mode = cfg.mode;
+        let stop = stop_event.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vhu-{}", cfg.name))
-            .spawn(move || control_loop(s, cfg, listener))
-            .map_err(|source| StartError::Thread {
-                name: shared.name.clone(),
-                source,
-            })?;
+            .spawn(move || control_loop(s, cfg, listener, stop))
+            .map_err(thread_err)?;
         Ok(Endpoint {
             shared,
             thread: Some(thread),
+            stop_event: Some(stop_event),
             socket,
             mode,
         })
@@ -356,6 +363,7 @@ impl<M: DeviceModel> Endpoint<M> {
         Endpoint {
             shared,
             thread: None,
+            stop_event: None,
             socket: PathBuf::new(),
             mode: SocketMode::Server,
         }
@@ -380,6 +388,10 @@ impl<M: DeviceModel> Endpoint<M> {
     /// Stops the control thread and drops the connection.
     pub fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        if let Some(e) = &self.stop_event {
+            // Never read: once written it stays readable, so every later wait ends at once.
+            let _ = e.write(1);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -397,17 +409,17 @@ fn control_loop<M: DeviceModel>(
     shared: Arc<EndpointShared<M>>,
     cfg: EndpointConfig,
     mut listener: Option<UnixListener>,
+    stop: Arc<EventFd>,
 ) {
-    let poll_interval = Duration::from_millis(100);
     while !shared.stop.load(Ordering::Acquire) {
         // Wait for a peer before creating the daemon (it starts a kick thread).
         let ready = match &listener {
-            Some(l) => wait_readable(l.as_raw_fd(), poll_interval),
+            Some(l) => wait_readable(&[l.as_raw_fd(), stop.as_raw_fd()], None) == Some(0),
             None => {
                 if cfg.socket.exists() {
                     true
                 } else {
-                    sleep_unless_stopped(&shared, cfg.reconnect_interval);
+                    wait_readable(&[stop.as_raw_fd()], Some(cfg.reconnect_interval));
                     false
                 }
             }
@@ -415,10 +427,10 @@ fn control_loop<M: DeviceModel>(
         if !ready {
             continue;
         }
-        if let Err(e) = serve_one(&shared, &cfg, listener.as_mut()) {
+        if let Err(e) = serve_one(&shared, &cfg, listener.as_mut(), &stop) {
             tracing::warn!(device = %cfg.name, "vhost-user connection ended with error: {e}");
             if listener.is_none() {
-                sleep_unless_stopped(&shared, cfg.reconnect_interval);
+                wait_readable(&[stop.as_raw_fd()], Some(cfg.reconnect_interval));
             }
         }
     }
@@ -432,6 +444,7 @@ fn serve_one<M: DeviceModel>(
     shared: &Arc<EndpointShared<M>>,
     cfg: &EndpointConfig,
     listener: Option<&mut UnixListener>,
+    stop: &Arc<EventFd>,
 ) -> Result<(), String> {
     let stream = match listener {
         Some(l) => l.accept().map(|(s, _)| s),
@@ -449,19 +462,15 @@ fn serve_one<M: DeviceModel>(
     shared.connected.store(true, Ordering::Release);
     tracing::info!(device = %cfg.name, socket = %cfg.socket.display(), "frontend connected");
 
-    // A stop request shuts the socket down, which ends the blocking receive in `run`.
-    let shared2 = shared.clone();
-    let done = Arc::new(AtomicBool::new(false));
-    let done2 = done.clone();
+    // A stop request shuts the socket down, which ends the blocking receive in `run`; the
+    // end of the session ends the watcher.
+    let done = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
+    let (stop2, done2) = (stop.clone(), done.clone());
     let watcher = std::thread::Builder::new()
         .name(format!("vhu-{}-stop", cfg.name))
         .spawn(move || {
-            while !done2.load(Ordering::Acquire) {
-                if shared2.stop.load(Ordering::Acquire) {
-                    let _ = conn.shutdown(std::net::Shutdown::Both);
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if wait_readable(&[stop2.as_raw_fd(), done2.as_raw_fd()], None) == Some(0) {
+                let _ = conn.shutdown(std::net::Shutdown::Both);
             }
         })
         .map_err(|e| e.to_string())?;
@@ -471,7 +480,7 @@ fn serve_one<M: DeviceModel>(
         SessionEnd::Io(_) if shared.stop.load(Ordering::Acquire) => Ok(()),
         e => Err(e.to_string()),
     };
-    done.store(true, Ordering::Release);
+    let _ = done.write(1);
     let _ = watcher.join();
 
     shared.connected.store(false, Ordering::Release);
@@ -495,20 +504,26 @@ fn retire<M: DeviceModel>(shared: &EndpointShared<M>) {
     }
 }
 
-fn sleep_unless_stopped<M>(shared: &EndpointShared<M>, d: Duration) {
-    let end = Instant::now() + d;
-    while Instant::now() < end && !shared.stop.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(20));
+/// Waits until one of `fds` is readable (or `timeout`, if given, passes); the index of the
+/// first readable one. Interrupted waits are retried.
+fn wait_readable(fds: &[i32], timeout: Option<Duration>) -> Option<usize> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    loop {
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the duration of the call.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return pfds
+            .iter()
+            .position(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0);
     }
-}
-
-fn wait_readable(fd: i32, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
-    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
-    r > 0 && pfd.revents & libc::POLLIN != 0
 }
