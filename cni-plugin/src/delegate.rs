@@ -17,6 +17,9 @@ use crate::types::{AddResult, CniError, CniResult, Code};
 pub struct Delegate {
     name: String,
     bin: PathBuf,
+    /// Where its VERSION answer is kept (one process less per call), keyed by the binary's
+    /// size and modification time so that an upgraded plugin is asked again.
+    cache_dir: Option<PathBuf>,
 }
 
 fn command_name(c: Command) -> &'static str {
@@ -33,7 +36,7 @@ fn command_name(c: Command) -> &'static str {
 impl Delegate {
     /// Finds plugin `name` in `env.path`; code 50 if it is not there (the plugin cannot serve
     /// ADD without it).
-    pub fn find(env: &Env, name: &str) -> CniResult<Delegate> {
+    pub fn find(env: &Env, name: &str, cache_dir: Option<PathBuf>) -> CniResult<Delegate> {
         env.path
             .iter()
             .map(|d| d.join(name))
@@ -41,6 +44,7 @@ impl Delegate {
             .map(|bin| Delegate {
                 name: name.to_string(),
                 bin,
+                cache_dir,
             })
             .ok_or_else(|| {
                 CniError::new(
@@ -106,20 +110,63 @@ impl Delegate {
         ))
     }
 
-    /// The versions the plugin supports (VERSION).
+    /// The cache file of the VERSION answer: named after the binary's path, size and
+    /// modification time.
+    fn cache_file(&self) -> Option<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&self.bin).ok()?;
+        let key = format!(
+            "{}:{}:{}.{}",
+            self.bin.display(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec()
+        );
+        let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        Some(
+            self.cache_dir
+                .as_ref()?
+                .join(format!("{}-{h:016x}.json", self.name)),
+        )
+    }
+
+    /// The versions the plugin supports (VERSION, or its cached answer).
     pub fn versions(&self, env: &Env) -> CniResult<Vec<String>> {
+        let cache = self.cache_file();
+        let cached = cache
+            .as_ref()
+            .and_then(|c| std::fs::read(c).ok())
+            .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok());
+        if let Some(v) = cached {
+            return Ok(v);
+        }
         let out = self.exec(Command::Version, None, env, br#"{"cniVersion":"1.0.0"}"#)?;
         let v: Value = serde_json::from_slice(&out).map_err(|e| {
             CniError::new(Code::Decode, format!("{} VERSION output: {e}", self.name))
         })?;
-        Ok(v["supportedVersions"]
+        let versions: Vec<String> = v["supportedVersions"]
             .as_array()
             .map(|a| {
                 a.iter()
                     .filter_map(|s| s.as_str().map(String::from))
                     .collect()
             })
-            .unwrap_or_default())
+            .unwrap_or_default();
+        if let Some(c) = cache {
+            // Best effort: without the cache the next call asks again. Written whole (a
+            // rename), since plugins run in parallel.
+            let tmp = c.with_extension(format!("tmp{}", std::process::id()));
+            let written = c
+                .parent()
+                .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+                && std::fs::write(&tmp, serde_json::to_vec(&versions).unwrap_or_default()).is_ok();
+            if written {
+                let _ = std::fs::rename(&tmp, &c);
+            }
+        }
+        Ok(versions)
     }
 
     /// The configuration for the plugin: `raw` with `cniVersion` lowered to the newest version

@@ -182,7 +182,10 @@ pub fn run(env: &Env, stdin: &[u8]) -> CniResult<Option<Value>> {
 }
 
 fn ipam(env: &Env, conf: &NetConf) -> CniResult<Option<Delegate>> {
-    conf.ipam_type().map(|t| Delegate::find(env, t)).transpose()
+    let cache = conf.state_dir.join("delegates");
+    conf.ipam_type()
+        .map(|t| Delegate::find(env, t, Some(cache.clone())))
+        .transpose()
 }
 
 fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {

@@ -16,7 +16,7 @@ fn leftovers(r: &Rig) -> (Vec<String>, Vec<String>, Vec<String>, Vec<String>) {
     (
         r.ports(),
         r.files("pods"),
-        r.files("state"),
+        r.files("state/tnet"),
         r.ipam_leases(),
     )
 }
@@ -258,7 +258,7 @@ fn bad_requests_get_the_spec_codes_and_leave_nothing() {
         "{out:?}"
     );
     assert!(r.ipam_leases().is_empty(), "the address was not released");
-    assert!(r.files("state").is_empty());
+    assert!(r.files("state/tnet").is_empty());
     assert_eq!(r.ports(), ["squatter"]);
     assert!(squatter.exists(), "the other port's socket was removed");
     let del =
@@ -307,7 +307,7 @@ fn status_gc_version_and_chaining() {
     assert_eq!(ports.len(), 1, "{ports:?}");
     assert!(ports[0].starts_with("gc1."), "{ports:?}");
     assert_eq!(r.ipam_leases(), ["10.77.0.3"]);
-    assert_eq!(r.files("state").len(), 1);
+    assert_eq!(r.files("state/tnet").len(), 1);
 
     // Chained: tuning after torii-cni gets our result and passes it on.
     let ns = r.netns();
