@@ -1,0 +1,159 @@
+//! `torii-cni-bench`: how long torii-cni takes to ADD and DEL an attachment, run as a runtime
+//! runs it (the `CNI_*` environment, the configuration on stdin, a real network namespace)
+//! against a real torii-dataplane, with host-local IPAM. Prints the median, p90, p99 and max
+//! of each and writes the series as JSON. `perf/run-cni-bench` builds the release binaries
+//! first.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde_json::json;
+use torii_perf::bench;
+use torii_perf::proc_util::{self, ChildGuard};
+
+#[derive(Parser, Debug)]
+#[command(name = "torii-cni-bench", version)]
+struct Cli {
+    /// ADD/DEL cycles.
+    #[arg(long, default_value_t = 300)]
+    cycles: u32,
+    /// The torii-cni binary.
+    #[arg(long, default_value = "target/release/torii-cni")]
+    cni: PathBuf,
+    /// The torii-dataplane binary.
+    #[arg(long, default_value = "target/release/torii-dataplane")]
+    dataplane: PathBuf,
+    /// Where the reference plugins (host-local) are.
+    #[arg(long, default_value = "/usr/lib/cni")]
+    cni_path: PathBuf,
+    /// Results file (JSON).
+    #[arg(long, default_value = "perf/results/cni-latest.json")]
+    out: PathBuf,
+}
+
+fn call(cli: &Cli, command: &str, cid: &str, netns: &str, conf: &[u8]) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let mut child = Command::new(&cli.cni)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", cid)
+        .env("CNI_IFNAME", "net1")
+        .env("CNI_NETNS", netns)
+        .env("CNI_PATH", &cli.cni_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", cli.cni.display()))?;
+    child.stdin.take().context("stdin")?.write_all(conf)?;
+    let out = child.wait_with_output()?;
+    let took = t0.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{command} {cid} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(took)
+}
+
+fn stats(mut v: Vec<Duration>) -> serde_json::Value {
+    v.sort();
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    json!({ "median_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "max_ms": at(1.0) })
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let dir = proc_util::unique_tmp_dir("torii-cni-bench")?;
+    let control = dir.join("control.sock");
+    let cfg = dir.join("dataplane.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[dataplane]\npmd_mode = \"adaptive\"\ncontrol_socket = \"{}\"\n",
+            control.display()
+        ),
+    )?;
+    let mut cmd = Command::new(&cli.dataplane);
+    cmd.args(["run", "-c"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    proc_util::die_with_parent(&mut cmd);
+    let _dp = ChildGuard::new(
+        cmd.spawn().context("starting torii-dataplane")?,
+        "torii-dataplane",
+    );
+    proc_util::wait_for_path(&control, Duration::from_secs(20))?;
+    let ns_name = format!("torii-cni-bench-{}", std::process::id());
+    proc_util::sh(&format!("ip netns add {ns_name}"));
+    let netns = format!("/run/netns/{ns_name}");
+    let conf = json!({
+        "cniVersion": "1.1.0",
+        "name": "bench",
+        "type": "torii-cni",
+        "mode": "vhost-user",
+        "controlSocket": control,
+        "socketDir": dir.join("pods"),
+        "stateDir": dir.join("state"),
+        "ipam": {"type": "host-local", "subnet": "10.78.0.0/16", "dataDir": dir.join("ipam")},
+    })
+    .to_string();
+    let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    let result = (|| -> anyhow::Result<()> {
+        for i in 0..cli.cycles {
+            let cid = format!("bench{i}");
+            adds.push(call(cli, "ADD", &cid, &netns, conf.as_bytes())?);
+            dels.push(call(cli, "DEL", &cid, &netns, conf.as_bytes())?);
+        }
+        Ok(())
+    })();
+    let _ = Command::new("ip").args(["netns", "del", &ns_name]).output();
+    result?;
+    let root = bench::workspace_root();
+    let (commit, dirty) = bench::git_info(&root);
+    let (add, del) = (stats(adds.clone()), stats(dels.clone()));
+    println!("vhost-user ADD: {add}\nvhost-user DEL: {del}");
+    let ms = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
+    let report = json!({
+        "bench": "torii-cni-bench",
+        "commit": commit,
+        "dirty": dirty,
+        "cycles": cli.cycles,
+        "mode": "vhost-user",
+        "ipam": "host-local",
+        "add": add,
+        "del": del,
+        "add_series_ms": ms(&adds),
+        "del_series_ms": ms(&dels),
+    });
+    if let Some(p) = cli.out.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::write(&cli.out, serde_json::to_string_pretty(&report)?)?;
+    println!("results: {}", cli.out.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    for (what, p) in [("torii-cni", &cli.cni), ("torii-dataplane", &cli.dataplane)] {
+        if !Path::new(p).is_file() {
+            eprintln!("torii-cni-bench: {what} binary {} not found (perf/run-cni-bench builds it)", p.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("torii-cni-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
