@@ -137,7 +137,11 @@ fn a_thousand_add_del_cycles_leak_nothing() {
     }
     assert!(r.ports().is_empty(), "ports left: {:?}", r.ports());
     assert!(r.files("pods").is_empty(), "{:?}", r.files("pods"));
-    assert!(r.files("state/tnet").is_empty(), "{:?}", r.files("state/tnet"));
+    assert!(
+        r.files("state/tnet").is_empty(),
+        "{:?}",
+        r.files("state/tnet")
+    );
     assert!(r.ipam_leases().is_empty(), "{:?}", r.ipam_leases());
     let netns_after = std::fs::read_dir("/run/netns")
         .map(|d| d.count())

@@ -145,7 +145,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     for (what, p) in [("torii-cni", &cli.cni), ("torii-dataplane", &cli.dataplane)] {
         if !Path::new(p).is_file() {
-            eprintln!("torii-cni-bench: {what} binary {} not found (perf/run-cni-bench builds it)", p.display());
+            eprintln!(
+                "torii-cni-bench: {what} binary {} not found (perf/run-cni-bench builds it)",
+                p.display()
+            );
             return ExitCode::FAILURE;
         }
     }
