@@ -146,6 +146,20 @@ impl Env {
 pub enum Mode {
     /// A vhost-user port on torii-dataplane; the VM connects to its socket.
     VhostUser,
+    /// An SR-IOV VF: its interface in the pod, or bound to vfio-pci for a VM.
+    Sriov,
+}
+
+/// The `sriov` mode's settings.
+#[derive(Clone, Debug)]
+pub struct SriovConf {
+    /// `deviceID` of the config (the runtime's, if it gives one, comes first).
+    pub device: Option<torii_vfio::pci::PciAddr>,
+    /// `vfio`: bind the VF to vfio-pci instead of moving its interface into the pod.
+    pub vfio: bool,
+    /// What to set on the PF for the VF: mac, vlan (+ vlanQoS, vlanProto), spoofchk, trust,
+    /// minTxRate/maxTxRate, linkState.
+    pub settings: Vec<torii_vfio::netlink::VfSetting>,
 }
 
 /// The runtime's capability arguments this plugin takes (section 3 and the conventions).
@@ -156,6 +170,9 @@ pub struct RuntimeConfig {
     /// Capability `CNIDeviceInfoFile` (Multus): where to write the device-info file.
     #[serde(rename = "CNIDeviceInfoFile")]
     pub device_info_file: Option<PathBuf>,
+    /// The device the runtime (Multus, from the device plugin) chose: a VF's PCI address.
+    #[serde(rename = "deviceID")]
+    pub device_id: Option<String>,
 }
 
 /// One entry of `cni.dev/valid-attachments`.
@@ -183,6 +200,7 @@ pub struct NetConf {
     pub queues: u16,
     pub mtu: Option<u32>,
     pub runtime: RuntimeConfig,
+    pub sriov: Option<SriovConf>,
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<ValidAttachment>>,
     /// Everything as received, for delegated plugins.
@@ -190,7 +208,7 @@ pub struct NetConf {
 }
 
 /// The keys this plugin knows; anything else is refused with code 2.
-const KNOWN_KEYS: [&str; 21] = [
+const KNOWN_KEYS: [&str; 30] = [
     "cniVersion",
     "cniVersions",
     "name",
@@ -212,6 +230,15 @@ const KNOWN_KEYS: [&str; 21] = [
     "queues",
     "mtu",
     "disableCheck",
+    "deviceID",
+    "vfio",
+    "vlanQoS",
+    "vlanProto",
+    "spoofchk",
+    "trust",
+    "minTxRate",
+    "maxTxRate",
+    "linkState",
 ];
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/torii/dataplane.sock";
@@ -345,6 +372,27 @@ impl NetConf {
         if mtu.is_some_and(|v| v < 68) {
             return Err(bad("mtu: at least 68".into()));
         }
+        let sriov = match mode {
+            Mode::Sriov => Some(sriov_conf(m, runtime.mac.as_ref().or(mac.as_ref()), vlan)?),
+            Mode::VhostUser => {
+                for k in [
+                    "deviceID",
+                    "vfio",
+                    "vlanQoS",
+                    "vlanProto",
+                    "spoofchk",
+                    "trust",
+                    "minTxRate",
+                    "maxTxRate",
+                    "linkState",
+                ] {
+                    if m.contains_key(k) {
+                        return Err(bad(format!("{k} is for mode sriov, not vhost-user")));
+                    }
+                }
+                None
+            }
+        };
         let valid_attachments = match m.get("cni.dev/valid-attachments") {
             None | Some(Value::Null) => None,
             Some(v) => Some(
@@ -365,6 +413,7 @@ impl NetConf {
             queues,
             mtu,
             runtime,
+            sriov,
             prev_result: m.get("prevResult").cloned().filter(|v| !v.is_null()),
             valid_attachments,
             cni_version,
@@ -381,6 +430,85 @@ impl NetConf {
     pub fn ipam_type(&self) -> Option<&str> {
         self.ipam.as_ref().and_then(|i| i["type"].as_str())
     }
+}
+
+fn on_off(m: &Map<String, Value>, k: &str) -> CniResult<Option<bool>> {
+    match string(m, k)?.as_deref() {
+        None => Ok(None),
+        Some("on") => Ok(Some(true)),
+        Some("off") => Ok(Some(false)),
+        Some(v) => Err(bad(format!("{k} {v:?} is not \"on\" or \"off\""))),
+    }
+}
+
+/// The sriov mode's keys, as sriov-cni spells them.
+fn sriov_conf(
+    m: &Map<String, Value>,
+    mac: Option<&String>,
+    vlan: Option<u16>,
+) -> CniResult<SriovConf> {
+    use torii_vfio::netlink::{LinkState, VfSetting, VlanProto};
+    let device = string(m, "deviceID")?
+        .map(|d| d.parse().map_err(|e: String| bad(format!("deviceID: {e}"))))
+        .transpose()?;
+    let vfio = match m.get("vfio") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => return Err(bad(format!("vfio: expected true or false, got {v}"))),
+    };
+    let mut settings = Vec::new();
+    if let Some(mac) = mac {
+        let b: Vec<u8> = mac
+            .split(':')
+            .filter_map(|x| u8::from_str_radix(x, 16).ok())
+            .collect();
+        settings.push(VfSetting::Mac(
+            b.try_into().map_err(|_| bad(format!("mac {mac}")))?,
+        ));
+    }
+    let qos = uint(m, "vlanQoS", 7)?.map(|q| q as u8);
+    let proto = match string(m, "vlanProto")?.as_deref() {
+        None => None,
+        Some(p) if p.eq_ignore_ascii_case("802.1q") => Some(VlanProto::Dot1Q),
+        Some(p) if p.eq_ignore_ascii_case("802.1ad") => Some(VlanProto::Dot1Ad),
+        Some(p) => return Err(bad(format!("vlanProto {p:?} is not 802.1Q or 802.1ad"))),
+    };
+    if vlan.is_some() || qos.is_some() || proto.is_some() {
+        settings.push(VfSetting::Vlan(
+            vlan.unwrap_or(0),
+            qos.unwrap_or(0),
+            proto.unwrap_or_default(),
+        ));
+    }
+    settings.extend(on_off(m, "spoofchk")?.map(VfSetting::SpoofChk));
+    settings.extend(on_off(m, "trust")?.map(VfSetting::Trust));
+    let (min, max) = (
+        uint(m, "minTxRate", u32::MAX.into())?,
+        uint(m, "maxTxRate", u32::MAX.into())?,
+    );
+    if min.is_some() || max.is_some() {
+        settings.push(VfSetting::Rate {
+            min: min.unwrap_or(0) as u32,
+            max: max.unwrap_or(0) as u32,
+        });
+    }
+    if let Some(s) = string(m, "linkState")? {
+        settings.push(VfSetting::LinkState(match s.as_str() {
+            "auto" => LinkState::Auto,
+            "enable" => LinkState::Enable,
+            "disable" => LinkState::Disable,
+            _ => {
+                return Err(bad(format!(
+                    "linkState {s:?} is not auto, enable or disable"
+                )))
+            }
+        }));
+    }
+    Ok(SriovConf {
+        device,
+        vfio,
+        settings,
+    })
 }
 
 /// Whether `p` fits in a Unix socket address (`sun_path`, 108 bytes with the NUL).

@@ -12,5 +12,6 @@
 pub mod config;
 pub mod delegate;
 pub mod plugin;
+pub mod sriov;
 pub mod state;
 pub mod types;

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 
 use crate::config::{fits_sun_path, Command, Env, Mode, NetConf};
 use crate::delegate::Delegate;
-use crate::state::{Attachment, Phase, Store};
+use crate::sriov;
+use crate::state::{Attachment, Kind, Phase, Store};
 use crate::types::{AddResult, CniError, CniResult, Code, Interface, SUPPORTED_VERSIONS};
 
 /// FNV-1a: a stable hash for names and MACs derived from an attachment (stable across
@@ -171,13 +172,13 @@ pub fn run(env: &Env, stdin: &[u8]) -> CniResult<Option<Value>> {
         ));
     }
     let store = Store::new(conf.network_state_dir());
-    match (env.command, conf.mode) {
-        (Command::Add, Mode::VhostUser) => add(env, &conf, &store).map(Some),
-        (Command::Del, _) => del(env, &conf, &store).map(|_| None),
-        (Command::Check, _) => check(env, &conf, &store).map(|_| None),
-        (Command::Status, _) => status(env, &conf).map(|_| None),
-        (Command::Gc, _) => gc(env, &conf, &store).map(|_| None),
-        (Command::Version, _) => unreachable!("answered above"),
+    match env.command {
+        Command::Add => add(env, &conf, &store).map(Some),
+        Command::Del => del(env, &conf, &store).map(|_| None),
+        Command::Check => check(env, &conf, &store).map(|_| None),
+        Command::Status => status(env, &conf).map(|_| None),
+        Command::Gc => gc(env, &conf, &store).map(|_| None),
+        Command::Version => unreachable!("answered above"),
     }
 }
 
@@ -206,113 +207,60 @@ fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
         ));
     }
     let ipam = ipam(env, conf)?;
-    let dir = pod_dir(conf, env);
-    let socket = dir.join(format!("{}.sock", env.ifname()));
-    if !fits_sun_path(&socket) {
-        return Err(CniError::new(
-            Code::InvalidConfig,
-            format!(
-                "socket path {} is {} bytes, more than a Unix socket address takes (107): use a shorter socketDir",
-                socket.display(),
-                socket.as_os_str().len()
-            ),
-        ));
-    }
-    let dp = DataPlane {
-        socket: &conf.control_socket,
+    // Checked before anything is recorded: what the mode needs.
+    let kind = match (&conf.mode, &conf.sriov) {
+        (Mode::VhostUser, _) => {
+            let dir = pod_dir(conf, env);
+            let socket = dir.join(format!("{}.sock", env.ifname()));
+            if !fits_sun_path(&socket) {
+                return Err(CniError::new(
+                    Code::InvalidConfig,
+                    format!(
+                        "socket path {} is {} bytes, more than a Unix socket address takes (107): use a shorter socketDir",
+                        socket.display(),
+                        socket.as_os_str().len()
+                    ),
+                ));
+            }
+            DataPlane {
+                socket: &conf.control_socket,
+            }
+            .version()?;
+            Kind::VhostUser {
+                port: port_name(conf, env),
+                socket,
+                pod_dir: dir,
+            }
+        }
+        (Mode::Sriov, Some(s)) => Kind::Sriov {
+            device: sriov::device(conf, s)?.to_string(),
+            vfio: s.vfio,
+        },
+        (Mode::Sriov, None) => unreachable!("parsed with the mode"),
     };
-    dp.version()?;
-    let mac = conf
-        .runtime
-        .mac
-        .clone()
-        .or_else(|| conf.mac.clone())
-        .unwrap_or_else(|| derived_mac(conf, env));
     let mut a = Attachment {
         container_id: env.container_id().to_string(),
         ifname: env.ifname().to_string(),
         netns: Some(netns.clone()),
         phase: Phase::Adding,
-        port: port_name(conf, env),
-        socket: socket.clone(),
-        pod_dir: dir.clone(),
         device_info_file: conf.runtime.device_info_file.clone(),
         result: None,
+        kind,
     };
     store.save(&a)?;
     let made = (|| -> CniResult<AddResult> {
-        let mut result = match &ipam {
+        let result = match &ipam {
             Some(d) => d.add(env, &conf.raw, &conf.cni_version)?,
             None => AddResult::default(),
         };
-        fs::create_dir_all(&dir)
-            .map_err(|e| CniError::new(Code::Io, format!("{}: {e}", dir.display())))?;
-        let mut settings = json!({
-            "type": "vhost-user",
-            "socket": socket,
-            "mode": "server",
-            "queues": conf.queues,
-            "mac": mac,
-        });
-        if let Some(m) = conf.mtu {
-            settings["mtu"] = json!(m);
+        match &a.kind {
+            Kind::VhostUser {
+                port,
+                socket,
+                pod_dir,
+            } => add_vhost_user(env, conf, port, socket, pod_dir, result),
+            Kind::Sriov { .. } => add_sriov(env, conf, result),
         }
-        if let Some(v) = conf.vlan {
-            settings["vlan"] = json!(v);
-        }
-        dp.add_port(&a.port, &settings)?;
-        // Chained after another plugin: its result, with our interface and IPs added.
-        let mut out = match &conf.prev_result {
-            Some(p) => AddResult::from_json(p)?,
-            None => AddResult::default(),
-        };
-        let index = out.interfaces.len() as u32;
-        out.interfaces.push(Interface {
-            name: env.ifname().to_string(),
-            mac: Some(mac.clone()),
-            mtu: conf.mtu,
-            sandbox: Some(netns.display().to_string()),
-            socket_path: Some(socket.display().to_string()),
-            pci_id: None,
-        });
-        for ip in &mut result.ips {
-            ip.interface = Some(index);
-        }
-        out.ips.append(&mut result.ips);
-        out.routes.append(&mut result.routes);
-        out.dns = result
-            .dns
-            .or_else(|| out.dns.take())
-            .or_else(|| conf.dns.clone());
-        // What the VM launcher needs to give the VM this interface.
-        write_file(
-            &dir.join(format!("{}.json", env.ifname())),
-            &json!({
-                "ifname": env.ifname(),
-                "type": "vhost-user",
-                "socket": socket,
-                "mode": "client",
-                "mac": mac,
-                "mtu": conf.mtu,
-                "queues": conf.queues,
-                "ips": out.ips.iter().filter(|i| i.interface == Some(index)).collect::<Vec<_>>(),
-                "routes": out.routes,
-                "dns": out.dns,
-            }),
-        )?;
-        if let Some(f) = &conf.runtime.device_info_file {
-            // The Network Plumbing WG device-info format: the pod's side of the socket is the
-            // client (Torii listens).
-            write_file(
-                f,
-                &json!({
-                    "type": "vhost-user",
-                    "version": "1.1.0",
-                    "vhost-user": { "mode": "client", "path": socket },
-                }),
-            )?;
-        }
-        Ok(out)
     })();
     match made {
         Ok(out) => {
@@ -332,30 +280,185 @@ fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
     }
 }
 
-/// Removes everything an attachment may hold, then its record. Every step runs; the first
-/// error is returned (with the record kept, so a later DEL or GC tries again).
-fn undo(env: &Env, conf: &NetConf, a: &Attachment, ipam: Option<&Delegate>) -> CniResult<()> {
+/// The result: a chained plugin's (prevResult) with our interface, and IPAM's addresses on
+/// it, added.
+fn merge_result(conf: &NetConf, iface: Interface, mut ipam: AddResult) -> CniResult<AddResult> {
+    let mut out = match &conf.prev_result {
+        Some(p) => AddResult::from_json(p)?,
+        None => AddResult::default(),
+    };
+    let index = out.interfaces.len() as u32;
+    out.interfaces.push(iface);
+    for ip in &mut ipam.ips {
+        ip.interface = Some(index);
+    }
+    out.ips.append(&mut ipam.ips);
+    out.routes.append(&mut ipam.routes);
+    out.dns = ipam
+        .dns
+        .or_else(|| out.dns.take())
+        .or_else(|| conf.dns.clone());
+    Ok(out)
+}
+
+fn add_vhost_user(
+    env: &Env,
+    conf: &NetConf,
+    port: &str,
+    socket: &Path,
+    dir: &Path,
+    ipam: AddResult,
+) -> CniResult<AddResult> {
     let dp = DataPlane {
         socket: &conf.control_socket,
     };
+    let mac = conf
+        .runtime
+        .mac
+        .clone()
+        .or_else(|| conf.mac.clone())
+        .unwrap_or_else(|| derived_mac(conf, env));
+    fs::create_dir_all(dir)
+        .map_err(|e| CniError::new(Code::Io, format!("{}: {e}", dir.display())))?;
+    let mut settings = json!({
+        "type": "vhost-user",
+        "socket": socket,
+        "mode": "server",
+        "queues": conf.queues,
+        "mac": mac,
+    });
+    if let Some(m) = conf.mtu {
+        settings["mtu"] = json!(m);
+    }
+    if let Some(v) = conf.vlan {
+        settings["vlan"] = json!(v);
+    }
+    dp.add_port(port, &settings)?;
+    let out = merge_result(
+        conf,
+        Interface {
+            name: env.ifname().to_string(),
+            mac: Some(mac.clone()),
+            mtu: conf.mtu,
+            sandbox: env.netns.as_ref().map(|n| n.display().to_string()),
+            socket_path: Some(socket.display().to_string()),
+            pci_id: None,
+        },
+        ipam,
+    )?;
+    let index = out.interfaces.len() as u32 - 1;
+    // What the VM launcher needs to give the VM this interface.
+    write_file(
+        &dir.join(format!("{}.json", env.ifname())),
+        &json!({
+            "ifname": env.ifname(),
+            "type": "vhost-user",
+            "socket": socket,
+            "mode": "client",
+            "mac": mac,
+            "mtu": conf.mtu,
+            "queues": conf.queues,
+            "ips": out.ips.iter().filter(|i| i.interface == Some(index)).collect::<Vec<_>>(),
+            "routes": out.routes,
+            "dns": out.dns,
+        }),
+    )?;
+    if let Some(f) = &conf.runtime.device_info_file {
+        // The Network Plumbing WG device-info format: the pod's side of the socket is the
+        // client (Torii listens).
+        write_file(
+            f,
+            &json!({
+                "type": "vhost-user",
+                "version": "1.1.0",
+                "vhost-user": { "mode": "client", "path": socket },
+            }),
+        )?;
+    }
+    Ok(out)
+}
+
+fn add_sriov(env: &Env, conf: &NetConf, ipam: AddResult) -> CniResult<AddResult> {
+    let s = conf.sriov.as_ref().expect("sriov mode");
+    let device = sriov::device(conf, s)?;
+    let saved = sriov::claim(env, conf, s, device)?;
+    let mac = sriov::setting_mac(&s.settings);
+    let netns = env.netns.as_deref().expect("checked for ADD");
+    if s.vfio {
+        sriov::bind_vfio(device)?;
+    } else {
+        sriov::plug_netdev(netns, &saved, env.ifname(), mac, conf.mtu, &ipam)?;
+    }
+    let mac_text = mac.or(saved.mac).map(|m| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    });
+    if let Some(f) = &conf.runtime.device_info_file {
+        write_file(
+            f,
+            &json!({
+                "type": "pci",
+                "version": "1.1.0",
+                "pci": { "pci-address": device.to_string() },
+            }),
+        )?;
+    }
+    merge_result(
+        conf,
+        Interface {
+            name: env.ifname().to_string(),
+            mac: mac_text,
+            mtu: conf.mtu,
+            sandbox: Some(netns.display().to_string()),
+            socket_path: None,
+            pci_id: Some(device.to_string()),
+        },
+        ipam,
+    )
+}
+
+/// Removes everything an attachment may hold, then its record. Every step runs; the first
+/// error is returned (with the record kept, so a later DEL or GC tries again).
+fn undo(env: &Env, conf: &NetConf, a: &Attachment, ipam: Option<&Delegate>) -> CniResult<()> {
     let mut first: Option<CniError> = None;
     let mut keep = |r: CniResult<()>| {
         if let Err(e) = r {
             first.get_or_insert(e);
         }
     };
-    // The socket path is this attachment's, but only a port of ours made a socket there.
-    match dp.remove_port(&a.port) {
-        Ok(true) => keep(remove_file(&a.socket)),
-        Ok(false) => {}
-        Err(e) => keep(Err(e)),
+    match &a.kind {
+        Kind::VhostUser {
+            port,
+            socket,
+            pod_dir,
+        } => {
+            let dp = DataPlane {
+                socket: &conf.control_socket,
+            };
+            // The socket path is this attachment's, but only a port of ours made a socket
+            // there.
+            match dp.remove_port(port) {
+                Ok(true) => keep(remove_file(socket)),
+                Ok(false) => {}
+                Err(e) => keep(Err(e)),
+            }
+            keep(remove_file(&pod_dir.join(format!("{}.json", a.ifname))));
+            // The pod directory goes with its last interface.
+            let _ = fs::remove_dir(pod_dir);
+        }
+        Kind::Sriov { device, vfio } => keep(sriov::release(
+            conf,
+            a.netns.as_deref(),
+            &a.ifname,
+            device,
+            *vfio,
+        )),
     }
-    keep(remove_file(&a.pod_dir.join(format!("{}.json", a.ifname))));
     if let Some(f) = &a.device_info_file {
         keep(remove_file(f));
     }
-    // The pod directory goes with its last interface.
-    let _ = fs::remove_dir(&a.pod_dir);
     if let Some(d) = ipam {
         keep(
             d.run(
@@ -378,20 +481,32 @@ fn del(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
     let a = match store.load(env.container_id(), env.ifname())? {
         Some(a) => a,
         // No record: clean up what an ADD of this attachment would have made.
-        None => {
-            let dir = pod_dir(conf, env);
-            Attachment {
-                container_id: env.container_id().to_string(),
-                ifname: env.ifname().to_string(),
-                netns: env.netns.clone(),
-                phase: Phase::Adding,
-                port: port_name(conf, env),
-                socket: dir.join(format!("{}.sock", env.ifname())),
-                pod_dir: dir,
-                device_info_file: conf.runtime.device_info_file.clone(),
-                result: None,
-            }
-        }
+        None => Attachment {
+            container_id: env.container_id().to_string(),
+            ifname: env.ifname().to_string(),
+            netns: env.netns.clone(),
+            phase: Phase::Adding,
+            device_info_file: conf.runtime.device_info_file.clone(),
+            result: None,
+            kind: match (&conf.mode, &conf.sriov) {
+                (Mode::Sriov, Some(s)) => match sriov::device(conf, s) {
+                    Ok(d) => Kind::Sriov {
+                        device: d.to_string(),
+                        vfio: s.vfio,
+                    },
+                    // No VF named anywhere: none can have been taken for this attachment.
+                    Err(_) => return release_ipam_only(env, conf),
+                },
+                _ => {
+                    let dir = pod_dir(conf, env);
+                    Kind::VhostUser {
+                        port: port_name(conf, env),
+                        socket: dir.join(format!("{}.sock", env.ifname())),
+                        pod_dir: dir,
+                    }
+                }
+            },
+        },
     };
     // A missing IPAM plugin cannot have allocated anything for us.
     let ipam = match ipam(env, conf) {
@@ -400,6 +515,18 @@ fn del(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
         Err(e) => return Err(e),
     };
     undo(env, conf, &a, ipam.as_ref())
+}
+
+/// DEL of an sriov attachment with no record and no VF: only IPAM may hold something.
+fn release_ipam_only(env: &Env, conf: &NetConf) -> CniResult<()> {
+    match ipam(env, conf) {
+        Ok(Some(d)) => d
+            .run(Command::Del, None, env, &conf.raw, &conf.cni_version)
+            .map(|_| ()),
+        Ok(None) => Ok(()),
+        Err(e) if e.code == Code::NotAvailable as u32 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn check(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
@@ -438,21 +565,26 @@ fn check(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
                 a.ifname, env.netns
             ))
         })?;
-    if conf.cni_version == "1.1.0" && ours.socket_path.as_deref() != a.socket.to_str() {
-        return Err(fail(format!(
-            "prevResult's socketPath {:?} is not {}",
-            ours.socket_path,
-            a.socket.display()
-        )));
-    }
-    let dp = DataPlane {
-        socket: &conf.control_socket,
-    };
-    if dp.port(&a.port)?.is_none() {
-        return Err(fail(format!("torii-dataplane has no port {}", a.port)));
-    }
-    if !a.socket.exists() {
-        return Err(fail(format!("socket {} is missing", a.socket.display())));
+    match &a.kind {
+        Kind::VhostUser { port, socket, .. } => {
+            if conf.cni_version == "1.1.0" && ours.socket_path.as_deref() != socket.to_str() {
+                return Err(fail(format!(
+                    "prevResult's socketPath {:?} is not {}",
+                    ours.socket_path,
+                    socket.display()
+                )));
+            }
+            let dp = DataPlane {
+                socket: &conf.control_socket,
+            };
+            if dp.port(port)?.is_none() {
+                return Err(fail(format!("torii-dataplane has no port {port}")));
+            }
+            if !socket.exists() {
+                return Err(fail(format!("socket {} is missing", socket.display())));
+            }
+        }
+        Kind::Sriov { device, vfio } => sriov::check(conf, env, device, *vfio)?,
     }
     if let Some(d) = ipam(env, conf)? {
         d.run(Command::Check, None, env, &conf.raw, &conf.cni_version)?;

@@ -28,14 +28,29 @@ pub struct Attachment {
     pub ifname: String,
     pub netns: Option<PathBuf>,
     pub phase: Phase,
-    /// The data plane port and its socket.
-    pub port: String,
-    pub socket: PathBuf,
-    /// The pod's directory of sockets and network files.
-    pub pod_dir: PathBuf,
     pub device_info_file: Option<PathBuf>,
     /// The ADD result (1.1.0 form), once there is one.
     pub result: Option<Value>,
+    pub kind: Kind,
+}
+
+/// What the attachment is made of, by mode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum Kind {
+    VhostUser {
+        /// The data plane port and its socket.
+        port: String,
+        socket: PathBuf,
+        /// The pod's directory of sockets and network files.
+        pod_dir: PathBuf,
+    },
+    Sriov {
+        /// The VF's PCI address.
+        device: String,
+        /// Bound to vfio-pci (else its interface is in the pod's namespace).
+        vfio: bool,
+    },
 }
 
 fn io(path: &Path, e: io::Error) -> CniError {

@@ -33,6 +33,7 @@ pub mod guest;
 pub mod prereq;
 pub mod proc_util;
 pub mod qsd;
+pub mod sriov_rig;
 pub mod switch_bench;
 pub mod testpmd;
 

@@ -6,13 +6,21 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 
+use std::net::IpAddr;
+
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_MULTIPART, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+    NLM_F_MULTIPART, NLM_F_REQUEST,
 };
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
     LinkAttribute, LinkExtentMask, LinkMessage, LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoMac,
     VfInfoRate, VfInfoSpoofCheck, VfInfoTrust, VfLinkState, VfVlan, VfVlanInfo, VlanProtocol,
 };
+use netlink_packet_route::route::{
+    RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use serde::{Deserialize, Serialize};
@@ -245,6 +253,57 @@ impl Netlink {
             .map(|_| ())
     }
 
+    /// Adds address `addr/prefix` to link `index`.
+    pub fn add_address(&mut self, index: u32, addr: IpAddr, prefix: u8) -> io::Result<()> {
+        let mut m = AddressMessage::default();
+        m.header.family = family(addr);
+        m.header.prefix_len = prefix;
+        m.header.index = index;
+        if addr.is_ipv4() {
+            m.attributes.push(AddressAttribute::Local(addr));
+        }
+        m.attributes.push(AddressAttribute::Address(addr));
+        self.request(
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(|_| ())
+    }
+
+    /// Adds a route to `dst/prefix` through link `oif`, via `gateway` if given (else on the
+    /// link), in the main table.
+    pub fn add_route(
+        &mut self,
+        dst: IpAddr,
+        prefix: u8,
+        gateway: Option<IpAddr>,
+        oif: u32,
+    ) -> io::Result<()> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = family(dst);
+        m.header.destination_prefix_length = prefix;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::Boot;
+        m.header.scope = if gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+        m.header.kind = RouteType::Unicast;
+        if prefix > 0 {
+            m.attributes.push(RouteAttribute::Destination(dst.into()));
+        }
+        if let Some(g) = gateway {
+            m.attributes.push(RouteAttribute::Gateway(g.into()));
+        }
+        m.attributes.push(RouteAttribute::Oif(oif));
+        self.request(
+            RouteNetlinkMessage::NewRoute(m),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(|_| ())
+    }
+
     /// Sets link `index` up or down.
     pub fn set_up(&mut self, index: u32, up: bool) -> io::Result<()> {
         use netlink_packet_route::link::LinkFlags;
@@ -258,6 +317,14 @@ impl Netlink {
         m.header.change_mask = LinkFlags::Up;
         self.request(RouteNetlinkMessage::SetLink(m), NLM_F_REQUEST | NLM_F_ACK)
             .map(|_| ())
+    }
+}
+
+fn family(a: IpAddr) -> AddressFamily {
+    if a.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
     }
 }
 

@@ -8,94 +8,26 @@
 //! VFIO, proves DMA through the IOMMU with `edu`, and checks that everything is as it was at
 //! the start.
 
-use std::time::Duration;
-
 use serde_json::Value;
-use torii_perf::guest::{Guest, GuestBuilder};
-use torii_perf::{prereq, OrFail};
+use torii_perf::prereq;
+use torii_perf::sriov_rig::SriovRig;
+use torii_perf::OrFail;
 
-const T: Duration = Duration::from_secs(120);
 const BIN: &str = env!("CARGO_BIN_EXE_torii-vfio");
 
-fn boot() -> Guest {
-    let mut g = GuestBuilder::new()
-        .memory_mib(1024)
-        .smp(1)
-        .host_root_share(true)
-        .append("torii.mods=sriov intel_iommu=on iommu=pt")
-        .early_qemu_arg("-machine")
-        .early_qemu_arg("q35")
-        .early_qemu_arg("-device")
-        .early_qemu_arg("intel-iommu,intremap=on")
-        // An igb PF (SR-IOV needs PCIe: a root port) whose link partner reaches nothing.
-        .extra_qemu_arg("-netdev")
-        .extra_qemu_arg("user,id=n1,restrict=on")
-        .extra_qemu_arg("-device")
-        .extra_qemu_arg("pcie-root-port,id=rp1,chassis=1")
-        .extra_qemu_arg("-device")
-        .extra_qemu_arg("igb,bus=rp1,netdev=n1,mac=52:54:00:00:10:01")
-        .extra_qemu_arg("-device")
-        .extra_qemu_arg("edu")
-        .spawn()
-        .or_fail("starting QEMU");
-    g.wait_ready(Duration::from_secs(180)).or_fail("guest boot");
-    let mods = g.run("test -f /mods/sriov.order", T).or_fail("guest");
-    assert_eq!(
-        mods.rc, 0,
-        "the guest image has no igb/igbvf/VFIO modules: run scripts/setup to rebuild it"
-    );
-    // The host's root as the chroot, with the guest's own kernel file systems and a writable
-    // /run (the host's /tmp stays visible: this build may live there).
-    g.run_ok(
-        "mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys && \
-         mount -t devtmpfs devtmpfs /host/dev && mount -t tmpfs tmpfs /host/run && \
-         mkdir -p /host/run/rig",
-        T,
-    )
-    .or_fail("chroot mounts");
-    g
+fn vfio(g: &mut SriovRig, args: &str) -> String {
+    g.ok(&format!("{BIN} {args}"))
 }
 
-/// Runs a shell command in the chroot; returns (exit code, stdout, stderr).
-fn chroot(g: &mut Guest, cmd: &str) -> (i32, String, String) {
-    use base64::Engine as _;
-    let script = base64::engine::general_purpose::STANDARD.encode(cmd);
-    let out = g
-        .run(
-            &format!(
-                "echo {script} | base64 -d > /host/run/rig/c.sh; PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin chroot /host /bin/bash /run/rig/c.sh 2>/tmp/err; rc=$?; echo TORII-STDERR; cat /tmp/err; (exit $rc)"
-            ),
-            T,
-        )
-        .or_fail(cmd);
-    let (stdout, stderr) = out
-        .stdout
-        .split_once("TORII-STDERR\n")
-        .unwrap_or((&out.stdout, ""));
-    (out.rc, stdout.to_string(), stderr.to_string())
-}
-
-fn ok(g: &mut Guest, cmd: &str) -> String {
-    let (rc, out, err) = chroot(g, cmd);
-    assert_eq!(rc, 0, "`{cmd}` failed: {out}\nstderr: {err}");
-    out
-}
-
-fn vfio(g: &mut Guest, args: &str) -> String {
-    ok(g, &format!("{BIN} {args}"))
-}
-
-fn vfio_json(g: &mut Guest, args: &str) -> Value {
+fn vfio_json(g: &mut SriovRig, args: &str) -> Value {
     let out = vfio(g, &format!("--json {args}"));
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args}: not JSON ({e}): {out}"))
 }
 
 /// Everything the test may change: every PCI device's driver and override, the PF's VF
 /// count and VF settings, the interfaces with their MACs, MTUs and state.
-fn snapshot(g: &mut Guest) -> String {
-    ok(
-        g,
-        &format!(
+fn snapshot(g: &mut SriovRig) -> String {
+    g.ok(&format!(
             "{BIN} --json list; for d in /sys/bus/pci/devices/*; do echo $d $(readlink $d/driver) $(cat $d/driver_override); done; ip -d -o link show | sed \"s/ qlen [0-9]*//\""
         ),
     )
@@ -107,7 +39,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
     prereq::require_qemu().or_fail("prerequisite");
     prereq::guest_image().or_fail("prerequisite");
     let _heavy = torii_perf::heavy_test_lock();
-    let mut g = boot();
+    let mut g = SriovRig::boot();
 
     let list = vfio_json(&mut g, "list");
     let pf = list
@@ -120,7 +52,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
     assert_eq!(pf["sriov"]["total_vfs"], 7, "{pf}");
     // The PF up first: bringing it up attaches its queueing discipline, which is not ours to
     // compare.
-    ok(&mut g, &format!("ip link set {pf_if} up"));
+    g.ok(&format!("ip link set {pf_if} up"));
     let before = snapshot(&mut g);
 
     // VFs: created, linked both ways, probed by igbvf; a change of count goes through 0.
@@ -147,16 +79,13 @@ fn sriov_and_vfio_on_a_real_kernel() {
             "for i in $(seq 100); do ls /sys/bus/pci/devices/{}/net 2>/dev/null && break; sleep 0.1; done",
             vfs[1]
         );
-        ok(&mut g, &cmd).trim().to_string()
+        g.ok(&cmd).trim().to_string()
     };
     assert!(!vf1_if.is_empty(), "VF 1 has no interface");
 
     // VF settings: applied and read back, or rejected by igb and reported so.
     let saved = vfio(&mut g, &format!("save {pf_if} 0"));
-    ok(
-        &mut g,
-        &format!("{BIN} save {pf_if} 0 --out /run/rig/vf0.json"),
-    );
+    g.ok(&format!("{BIN} save {pf_if} 0 --out /run/rig/vf0.json"));
     let r = vfio_json(
         &mut g,
         &format!(
@@ -166,7 +95,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
     for s in r["results"].as_array().expect("results") {
         assert_eq!(s["status"], "applied", "{r}");
     }
-    let ip = ok(&mut g, &format!("ip -d link show {pf_if}"));
+    let ip = g.ok(&format!("ip -d link show {pf_if}"));
     let vf0 = ip
         .lines()
         .find(|l| l.trim_start().starts_with("vf 0 "))
@@ -182,7 +111,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
         assert!(vf0.contains(want), "iproute2 does not show {want:?}: {vf0}");
     }
     for (setting, name) in [("state=enable", "state"), ("min_tx_rate=10", "rate")] {
-        let (rc, out, _) = chroot(&mut g, &format!("{BIN} --json set {pf_if} 0 {setting}"));
+        let (rc, out, _) = g.chroot(&format!("{BIN} --json set {pf_if} 0 {setting}"));
         assert_ne!(
             rc, 0,
             "{setting}: igb rejects it, the command must fail: {out}"
@@ -192,10 +121,9 @@ fn sriov_and_vfio_on_a_real_kernel() {
         assert_eq!(v["results"][0]["status"], "rejected", "{out}");
     }
     // 802.1ad: whatever igb does, it is reported as applied or rejected, never silently lost.
-    let (_, out, _) = chroot(
-        &mut g,
-        &format!("{BIN} --json set {pf_if} 0 vlan=200 proto=802.1ad"),
-    );
+    let (_, out, _) = g.chroot(&format!(
+        "{BIN} --json set {pf_if} 0 vlan=200 proto=802.1ad"
+    ));
     let v: Value = serde_json::from_str(&out).unwrap_or_default();
     assert!(
         v["results"][0]["status"] == "applied" || v["results"][0]["status"] == "rejected",
@@ -209,7 +137,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
 
     // Allocation: two VFs to one pod, a third refused; the pod's namespace goes, garbage
     // collection gives both back, with what the tenant changed undone.
-    ok(&mut g, "ip netns add pod1");
+    g.ok("ip netns add pod1");
     let alloc = format!(
         "alloc --state-dir /run/rig/alloc --netns /run/netns/pod1 --tag pod1 --selectors '{{\"pfNames\": [\"{pf_if}\"], \"drivers\": [\"igbvf\"]}}'"
     );
@@ -222,10 +150,10 @@ fn sriov_and_vfio_on_a_real_kernel() {
     );
     let a1 = vfio_json(&mut g, &alloc);
     assert_eq!(a1["addr"], vfs[1].as_str(), "{a1}");
-    let (rc, _, err) = chroot(&mut g, &format!("{BIN} {alloc}"));
+    let (rc, _, err) = g.chroot(&format!("{BIN} {alloc}"));
     assert_ne!(rc, 0);
     assert!(err.contains("no free device"), "{err}");
-    ok(&mut g, "ip netns del pod1");
+    g.ok("ip netns del pod1");
     let gc = vfio(&mut g, "gc --state-dir /run/rig/alloc");
     assert_eq!(gc.lines().count(), 2, "{gc}");
     assert_eq!(
@@ -239,21 +167,21 @@ fn sriov_and_vfio_on_a_real_kernel() {
     );
 
     // VF 1's interface into a network namespace under another name, and back.
-    ok(&mut g, "ip netns add rig");
+    g.ok("ip netns add rig");
     vfio(&mut g, &format!("netns-in {vf1_if} rig --name podnet0"));
-    ok(&mut g, "ip -n rig link show podnet0");
-    let (rc, _, _) = chroot(&mut g, &format!("ip link show {vf1_if}"));
+    g.ok("ip -n rig link show podnet0");
+    let (rc, _, _) = g.chroot(&format!("ip link show {vf1_if}"));
     assert_ne!(rc, 0, "{vf1_if} still in the root namespace");
     vfio(&mut g, &format!("netns-out rig podnet0 {vf1_if}"));
-    ok(&mut g, &format!("ip link show {vf1_if}"));
-    ok(&mut g, "ip netns del rig");
+    g.ok(&format!("ip link show {vf1_if}"));
+    g.ok("ip netns del rig");
 
     // VF 0 to vfio-pci: passthrough spec, VFIO probe (regions, interrupts, BAR 0 mapped).
     let vf0_addr = &vfs[0];
     let b = vfio_json(&mut g, &format!("bind {vf0_addr}"));
     assert_eq!(b["previous_driver"], "igbvf", "{b}");
     let group = b["spec"]["iommu_group"].as_u64().expect("group");
-    ok(&mut g, &format!("test -c /dev/vfio/{group}"));
+    g.ok(&format!("test -c /dev/vfio/{group}"));
     let p = vfio_json(&mut g, &format!("probe {vf0_addr}"));
     let regions = p["regions"].as_array().expect("regions");
     assert!(
@@ -271,15 +199,13 @@ fn sriov_and_vfio_on_a_real_kernel() {
     );
     assert!(p["mapped_bar"].is_array(), "no BAR mapped: {p}");
     // The PF is still on igb: it cannot be handed out.
-    let (rc, _, err) = chroot(&mut g, &format!("{BIN} spec {pf_addr}"));
+    let (rc, _, err) = g.chroot(&format!("{BIN} spec {pf_addr}"));
     assert_ne!(rc, 0);
     assert!(err.contains("bound to igb, not vfio-pci"), "{err}");
 
     // DMA through the IOMMU with edu: a page round trip arrives byte-exact, a write to an
     // unmapped IOVA is blocked (and the kernel logs the DMA fault).
-    let edu = ok(
-        &mut g,
-        "grep -l 0x11e8 /sys/bus/pci/devices/*/device | head -1 | xargs dirname | xargs basename",
+    let edu = g.ok("grep -l 0x11e8 /sys/bus/pci/devices/*/device | head -1 | xargs dirname | xargs basename",
     )
     .trim()
     .to_string();
@@ -288,10 +214,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
     let dma = vfio_json(&mut g, &format!("dma-check {edu}"));
     assert_eq!(dma["round_trip_equal"], true, "{dma}");
     assert_eq!(dma["unmapped_write_blocked"], true, "{dma}");
-    let fault = ok(
-        &mut g,
-        "dmesg | grep -c 'DMAR:.*fault addr 0x300000' || true",
-    );
+    let fault = g.ok("dmesg | grep -c 'DMAR:.*fault addr 0x300000' || true");
     assert_ne!(
         fault.trim(),
         "0",

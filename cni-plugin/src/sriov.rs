@@ -1,0 +1,277 @@
+//! The `sriov` mode: a VF (from `deviceID`, as Multus passes it, or the config), allocated
+//! through torii-vfio (one owner per VF, its state saved), configured on its PF, then either
+//! moved into the pod's namespace as `CNI_IFNAME` with the IPAM addresses (netdev mode) or
+//! bound to vfio-pci for a VM (vfio mode). Undoing puts the VF back exactly as it was.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::Path;
+
+use torii_vfio::alloc::{AllocError, Allocator, Owner};
+use torii_vfio::bind;
+use torii_vfio::netlink::{self, ifindex, Netlink, VfSetting};
+use torii_vfio::pci::{PciAddr, Sysfs};
+use torii_vfio::select::Selectors;
+use torii_vfio::state::VfState;
+
+use crate::config::{Env, NetConf, SriovConf};
+use crate::types::{AddResult, CniError, CniResult, Code};
+
+fn setup(what: String) -> CniError {
+    CniError::new(Code::Setup, what)
+}
+
+fn allocator(conf: &NetConf) -> CniResult<Allocator> {
+    Allocator::new(conf.state_dir.join("vfio")).map_err(|e| setup(e.to_string()))
+}
+
+/// The VF the attachment asks for.
+pub fn device(conf: &NetConf, s: &SriovConf) -> CniResult<PciAddr> {
+    conf.runtime
+        .device_id
+        .as_deref()
+        .map(|d| {
+            d.parse::<PciAddr>().map_err(|e| {
+                CniError::new(Code::InvalidConfig, format!("runtimeConfig.deviceID: {e}"))
+            })
+        })
+        .transpose()?
+        .or(s.device)
+        .ok_or_else(|| {
+            CniError::new(
+                Code::InvalidConfig,
+                "sriov mode needs a VF: deviceID in runtimeConfig (Multus) or in the config",
+            )
+        })
+}
+
+/// Takes the VF for the pod, applies the settings on its PF. Returns the VF's saved state.
+pub fn claim(env: &Env, conf: &NetConf, s: &SriovConf, device: PciAddr) -> CniResult<VfState> {
+    let sys = Sysfs::default();
+    let d = sys.device(device).map_err(|e| setup(e.to_string()))?;
+    if d.physfn.is_none() {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            format!("deviceID {device} is not an SR-IOV VF"),
+        ));
+    }
+    let netns = env.netns.as_deref().expect("checked for ADD");
+    let owner = Owner::of_netns(netns, &format!("{}/{}", env.container_id(), env.ifname()))
+        .map_err(|e| CniError::new(Code::UnknownContainer, e.to_string()))?;
+    let select = Selectors {
+        pci_addresses: vec![device.to_string()],
+        ..Default::default()
+    }
+    .compile()
+    .map_err(|e| CniError::new(Code::InvalidConfig, e))?;
+    let al = allocator(conf)?;
+    let a = al
+        .allocate(&sys, &select, &owner, |d| {
+            VfState::save_device(&sys, d).map_err(|e| e.to_string())
+        })
+        .map_err(|e| match e {
+            AllocError::NoneFree(_) => {
+                let holder = al
+                    .list()
+                    .ok()
+                    .and_then(|l| l.into_iter().find(|a| a.addr == device))
+                    .map(|a| format!("{} ({})", a.owner.netns.display(), a.owner.tag))
+                    .unwrap_or_default();
+                setup(format!("VF {device} is already allocated to {holder}"))
+            }
+            e => setup(e.to_string()),
+        })?;
+    let saved = a
+        .saved
+        .clone()
+        .ok_or_else(|| setup(format!("{device}: no state saved")))?;
+    let mut nl = Netlink::open().map_err(|e| setup(format!("netlink: {e}")))?;
+    let pf = ifindex(&saved.pf_ifname).map_err(|e| setup(e.to_string()))?;
+    for setting in &s.settings {
+        nl.set_vf(pf, saved.vf, *setting).map_err(|e| {
+            setup(format!(
+                "VF {} of {}: the driver refused {}: {e}",
+                saved.vf,
+                saved.pf_ifname,
+                setting.name()
+            ))
+        })?;
+    }
+    Ok(saved)
+}
+
+fn prefix_addr(cidr: &str) -> CniResult<(IpAddr, u8)> {
+    let bad = || CniError::new(Code::Decode, format!("IPAM address {cidr:?} is not CIDR"));
+    let (a, p) = cidr.split_once('/').ok_or_else(bad)?;
+    Ok((a.parse().map_err(|_| bad())?, p.parse().map_err(|_| bad())?))
+}
+
+/// Netdev mode: the VF's interface into the pod's namespace as `ifname`, with its MAC, MTU,
+/// the IPAM addresses and routes, up.
+pub fn plug_netdev(
+    netns: &Path,
+    saved: &VfState,
+    ifname: &str,
+    mac: Option<[u8; 6]>,
+    mtu: Option<u32>,
+    result: &AddResult,
+) -> CniResult<()> {
+    let current = Sysfs::default()
+        .device(saved.addr)
+        .ok()
+        .and_then(|d| d.netdevs.into_iter().next())
+        .ok_or_else(|| {
+            setup(format!(
+                "VF {} has no network interface (driver {})",
+                saved.addr,
+                saved.driver.as_deref().unwrap_or("none")
+            ))
+        })?;
+    let ns = File::open(netns).map_err(|e| setup(format!("{}: {e}", netns.display())))?;
+    netlink::move_to_netns(&current, &ns, ifname)
+        .map_err(|e| setup(format!("moving {current} into {}: {e}", netns.display())))?;
+    let ips: Vec<(IpAddr, u8)> = result
+        .ips
+        .iter()
+        .map(|i| prefix_addr(&i.address))
+        .collect::<CniResult<_>>()?;
+    let routes: Vec<(IpAddr, u8, Option<IpAddr>)> = result
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let (d, p) = prefix_addr(r["dst"].as_str()?).ok()?;
+            let gw = r["gw"].as_str().and_then(|g| g.parse().ok()).or_else(|| {
+                result.ips.iter().find_map(|i| {
+                    i.gateway
+                        .as_deref()
+                        .and_then(|g| g.parse::<IpAddr>().ok())
+                        .filter(|g| g.is_ipv4() == d.is_ipv4())
+                })
+            });
+            Some((d, p, gw))
+        })
+        .collect();
+    let name = ifname.to_string();
+    netlink::in_netns(&ns, move || {
+        let i = ifindex(&name)?;
+        let mut nl = Netlink::open()?;
+        let mut attrs = Vec::new();
+        if let Some(m) = mac {
+            attrs.push(netlink_packet_route::link::LinkAttribute::Address(
+                m.to_vec(),
+            ));
+        }
+        if let Some(t) = mtu {
+            attrs.push(netlink_packet_route::link::LinkAttribute::Mtu(t));
+        }
+        if !attrs.is_empty() {
+            nl.set_link(i, attrs)?;
+        }
+        nl.set_up(i, true)?;
+        for (a, p) in ips {
+            nl.add_address(i, a, p)?;
+        }
+        for (d, p, gw) in routes {
+            nl.add_route(d, p, gw, i)?;
+        }
+        Ok(())
+    })
+    .map_err(|e| setup(format!("configuring {ifname} in {}: {e}", netns.display())))
+}
+
+/// Puts the VF back: its interface out of the pod's namespace (if both still exist; a
+/// namespace that is gone has given it back to the host already), then everything its
+/// allocation saved. An attachment whose VF was never allocated has nothing to undo.
+pub fn release(
+    conf: &NetConf,
+    netns: Option<&Path>,
+    ifname: &str,
+    device: &str,
+    vfio: bool,
+) -> CniResult<()> {
+    let device: PciAddr = device
+        .parse()
+        .map_err(|e: String| CniError::new(Code::Decode, e))?;
+    let al = allocator(conf)?;
+    let Some(a) = al
+        .list()
+        .map_err(|e| setup(e.to_string()))?
+        .into_iter()
+        .find(|a| a.addr == device)
+    else {
+        return Ok(());
+    };
+    if !vfio {
+        if let Some(ns) = netns.and_then(|p| File::open(p).ok()) {
+            // Back under a temporary name; the restore gives it its own.
+            let temp = format!("tv{}", device.to_string().replace([':', '.'], ""));
+            let temp = &temp[..temp.len().min(15)];
+            if let Err(e) = netlink::move_from_netns(&ns, ifname, temp) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(setup(format!("moving {ifname} out of the pod: {e}")));
+                }
+            }
+        }
+    }
+    let sys = Sysfs::default();
+    al.release(a.addr, |a| {
+        a.saved
+            .as_ref()
+            .map_or(Ok(()), |s| s.restore(&sys).map_err(|e| e.to_string()))
+    })
+    .map(|_| ())
+    .map_err(|e| setup(e.to_string()))
+}
+
+/// Vfio mode: the VF to vfio-pci, its group checked.
+pub fn bind_vfio(device: PciAddr) -> CniResult<()> {
+    let sys = Sysfs::default();
+    bind::bind_vfio(&sys, device).map_err(|e| setup(e.to_string()))?;
+    bind::passthrough_spec(&sys, device)
+        .map(|_| ())
+        .map_err(|e| setup(e.to_string()))
+}
+
+/// CHECK: the VF is still this pod's, and where the attachment put it.
+pub fn check(conf: &NetConf, env: &Env, device: &str, vfio: bool) -> CniResult<()> {
+    let device: PciAddr = device
+        .parse()
+        .map_err(|e: String| CniError::new(Code::Decode, e))?;
+    let al = allocator(conf)?;
+    let a = al
+        .list()
+        .map_err(|e| setup(e.to_string()))?
+        .into_iter()
+        .find(|a| a.addr == device)
+        .ok_or_else(|| setup(format!("VF {device} is not allocated")))?;
+    if Some(a.owner.netns.as_path()) != env.netns.as_deref() || !a.owner.is_alive() {
+        return Err(setup(format!(
+            "VF {device} belongs to {}, not this pod",
+            a.owner.netns.display()
+        )));
+    }
+    let sys = Sysfs::default();
+    if vfio {
+        let d = sys.device(device).map_err(|e| setup(e.to_string()))?;
+        if d.driver.as_deref() != Some(bind::VFIO_PCI) {
+            return Err(setup(format!(
+                "VF {device} is bound to {}, not vfio-pci",
+                d.driver.as_deref().unwrap_or("no driver")
+            )));
+        }
+        return Ok(());
+    }
+    let ns = File::open(env.netns.as_deref().expect("checked for CHECK"))
+        .map_err(|e| setup(e.to_string()))?;
+    let name = env.ifname().to_string();
+    netlink::in_netns(&ns, move || ifindex(&name).map(|_| ()))
+        .map_err(|e| setup(format!("{} in the pod: {e}", env.ifname())))
+}
+
+/// The MAC among `settings`, if one is set.
+pub fn setting_mac(settings: &[VfSetting]) -> Option<[u8; 6]> {
+    settings.iter().find_map(|s| match s {
+        VfSetting::Mac(m) => Some(*m),
+        _ => None,
+    })
+}
