@@ -450,6 +450,7 @@ fn undo(env: &Env, conf: &NetConf, a: &Attachment, ipam: Option<&Delegate>) -> C
         }
         Kind::Sriov { device, vfio } => keep(sriov::release(
             conf,
+            &a.container_id,
             a.netns.as_deref(),
             &a.ifname,
             device,

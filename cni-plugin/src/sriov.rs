@@ -21,6 +21,11 @@ fn setup(what: String) -> CniError {
     CniError::new(Code::Setup, what)
 }
 
+/// The tag of this attachment's allocations: only they are this attachment's to release.
+fn owner_tag(conf: &NetConf, container_id: &str, ifname: &str) -> String {
+    format!("{}/{container_id}/{ifname}", conf.name)
+}
+
 fn allocator(conf: &NetConf) -> CniResult<Allocator> {
     Allocator::new(conf.state_dir.join("vfio")).map_err(|e| setup(e.to_string()))
 }
@@ -56,7 +61,7 @@ pub fn claim(env: &Env, conf: &NetConf, s: &SriovConf, device: PciAddr) -> CniRe
         ));
     }
     let netns = env.netns.as_deref().expect("checked for ADD");
-    let owner = Owner::of_netns(netns, &format!("{}/{}", env.container_id(), env.ifname()))
+    let owner = Owner::of_netns(netns, &owner_tag(conf, env.container_id(), env.ifname()))
         .map_err(|e| CniError::new(Code::UnknownContainer, e.to_string()))?;
     let select = Selectors {
         pci_addresses: vec![device.to_string()],
@@ -181,9 +186,11 @@ pub fn plug_netdev(
 
 /// Puts the VF back: its interface out of the pod's namespace (if both still exist; a
 /// namespace that is gone has given it back to the host already), then everything its
-/// allocation saved. An attachment whose VF was never allocated has nothing to undo.
+/// allocation saved. An attachment that never got the VF (another pod holds it, or the ADD
+/// failed first) has nothing to undo.
 pub fn release(
     conf: &NetConf,
+    container_id: &str,
     netns: Option<&Path>,
     ifname: &str,
     device: &str,
@@ -197,7 +204,7 @@ pub fn release(
         .list()
         .map_err(|e| setup(e.to_string()))?
         .into_iter()
-        .find(|a| a.addr == device)
+        .find(|a| a.addr == device && a.owner.tag == owner_tag(conf, container_id, ifname))
     else {
         return Ok(());
     };

@@ -87,7 +87,7 @@ impl SriovRig {
     /// The igb PF: (PCI address, interface), brought up.
     pub fn pf(&mut self) -> (String, String) {
         let out = self.ok(
-            "for n in /sys/class/net/*; do [ \"$(basename $(readlink $n/device/driver) 2>/dev/null)\" = igb ] && echo $(basename $(readlink $n/device)) $(basename $n); done",
+            "for n in /sys/class/net/*; do [ \"$(basename $(readlink $n/device/driver) 2>/dev/null)\" = igb ] && echo $(basename $(readlink $n/device)) $(basename $n); done; true",
         );
         let mut it = out.split_whitespace();
         let (Some(addr), Some(ifname)) = (it.next(), it.next()) else {

@@ -137,22 +137,11 @@ impl VfState {
         VfState::save(sys, pf_if, index).map(Some)
     }
 
-    /// Puts the VF back as it was saved: driver (and override), then what the PF enforces,
-    /// then its interface's name, MAC and MTU. Returns the steps that failed, each named;
+    /// Puts the VF back as it was saved: what the PF enforces, then its driver (and
+    /// override), then its interface's name, MTU, MAC and state. Returns the steps that failed, each named;
     /// every step is tried.
     pub fn restore(&self, sys: &Sysfs) -> Result<(), StateError> {
         let mut failed: Vec<String> = Vec::new();
-        let now = sys.device(self.addr);
-        if now.as_ref().map(|d| d.driver.clone()).ok() != Some(self.driver.clone()) {
-            if let Err(e) = rebind(sys, self.addr, self.driver.as_deref()) {
-                failed.push(format!("driver: {e}"));
-            }
-        }
-        if let Some(o) = &self.driver_override {
-            if let Err(e) = sys.write(&sys.device_dir(self.addr).join("driver_override"), o) {
-                failed.push(format!("driver_override: {e}"));
-            }
-        }
         match (Netlink::open(), ifindex(&self.pf_ifname)) {
             (Ok(mut nl), Ok(pf)) => {
                 let a = &self.admin;
@@ -182,6 +171,20 @@ impl VfState {
                     }
                     if let Err(e) = nl.set_vf(pf, self.vf, s) {
                         failed.push(format!("{}: {e}", s.name()));
+                    }
+                }
+                // The driver after what the PF enforces, so that it probes the VF as it will
+                // stay; the interface it makes last.
+                let now = sys.device(self.addr);
+                if now.as_ref().map(|d| d.driver.clone()).ok() != Some(self.driver.clone()) {
+                    if let Err(e) = rebind(sys, self.addr, self.driver.as_deref()) {
+                        failed.push(format!("driver: {e}"));
+                    }
+                }
+                if let Some(o) = &self.driver_override {
+                    if let Err(e) = sys.write(&sys.device_dir(self.addr).join("driver_override"), o)
+                    {
+                        failed.push(format!("driver_override: {e}"));
                     }
                 }
                 if let Some(name) = &self.ifname {
@@ -221,24 +224,46 @@ impl VfState {
         };
         let i = ifindex(&current)?;
         let (mac, mtu, up) = link_info(nl, &current)?;
+        let mut is_up = up;
+        // The name and MTU while the link is down.
         let mut attrs = Vec::new();
         if current != name {
             attrs.push(LinkAttribute::IfName(name.to_string()));
         }
-        if let Some(m) = self.mac.filter(|m| *m != mac) {
-            attrs.push(LinkAttribute::Address(m.to_vec()));
-        }
         if let Some(t) = self.mtu.filter(|t| *t != mtu) {
             attrs.push(LinkAttribute::Mtu(t));
         }
-        let changed = !attrs.is_empty();
-        if changed {
-            // A name or address changes only while the link is down.
+        if !attrs.is_empty() {
             nl.set_up(i, false)?;
+            is_up = false;
             nl.set_link(i, attrs)?;
         }
-        let (want, is) = (self.up.unwrap_or(false), up && !changed);
-        if want != is {
+        // The MAC with the link up: a VF that its PF has just reconfigured is reset and
+        // refuses a MAC change (EADDRNOTAVAIL) until its driver, running, has talked to the PF
+        // again; retry for a while.
+        if let Some(m) = self.mac.filter(|m| *m != mac) {
+            if !is_up {
+                nl.set_up(i, true)?;
+                is_up = true;
+            }
+            let t0 = Instant::now();
+            loop {
+                match nl.set_link(i, vec![LinkAttribute::Address(m.to_vec())]) {
+                    Ok(()) => break,
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EADDRNOTAVAIL | libc::EBUSY | libc::EAGAIN)
+                        ) && t0.elapsed() < sys.settle_time() =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let want = self.up.unwrap_or(false);
+        if want != is_up {
             nl.set_up(i, want)?;
         }
         Ok(())
