@@ -208,7 +208,7 @@ pub struct NetConf {
 }
 
 /// The keys this plugin knows; anything else is refused with code 2.
-const KNOWN_KEYS: [&str; 30] = [
+const KNOWN_KEYS: [&str; 21] = [
     "cniVersion",
     "cniVersions",
     "name",
@@ -230,6 +230,10 @@ const KNOWN_KEYS: [&str; 30] = [
     "queues",
     "mtu",
     "disableCheck",
+];
+
+/// The keys of the sriov mode (sriov-cni's names), refused in the other modes.
+const SRIOV_KEYS: [&str; 9] = [
     "deviceID",
     "vfio",
     "vlanQoS",
@@ -300,7 +304,8 @@ impl NetConf {
         };
         for (k, v) in m {
             // Keys under cni.dev/ are the runtime's (section 3): taken or ignored, never refused.
-            if !KNOWN_KEYS.contains(&k.as_str()) && !k.starts_with("cni.dev/") {
+            let known = KNOWN_KEYS.contains(&k.as_str()) || SRIOV_KEYS.contains(&k.as_str());
+            if !known && !k.starts_with("cni.dev/") {
                 return Err(CniError::new(
                     Code::UnsupportedField,
                     format!("unknown key {k:?} (value {v})"),
@@ -375,17 +380,7 @@ impl NetConf {
         let sriov = match mode {
             Mode::Sriov => Some(sriov_conf(m, runtime.mac.as_ref().or(mac.as_ref()), vlan)?),
             Mode::VhostUser => {
-                for k in [
-                    "deviceID",
-                    "vfio",
-                    "vlanQoS",
-                    "vlanProto",
-                    "spoofchk",
-                    "trust",
-                    "minTxRate",
-                    "maxTxRate",
-                    "linkState",
-                ] {
+                for k in SRIOV_KEYS {
                     if m.contains_key(k) {
                         return Err(bad(format!("{k} is for mode sriov, not vhost-user")));
                     }
@@ -634,6 +629,55 @@ mod tests {
         ] {
             let e = NetConf::parse(text.as_bytes()).unwrap_err();
             assert_eq!(e.code, code, "{text}: {e}");
+            assert!(e.details.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn sriov_configs_become_vf_settings() {
+        use torii_vfio::netlink::{LinkState, VfSetting, VlanProto};
+        let good = r#"{"cniVersion": "1.1.0", "name": "s", "mode": "sriov", "deviceID": "0000:03:10.2",
+            "mac": "02:00:00:00:00:05", "vlan": 10, "vlanQoS": 3, "vlanProto": "802.1ad",
+            "spoofchk": "off", "trust": "on", "maxTxRate": 500, "linkState": "enable"}"#;
+        let c = NetConf::parse(good.as_bytes()).unwrap();
+        let s = c.sriov.unwrap();
+        assert_eq!(s.device.unwrap().to_string(), "0000:03:10.2");
+        assert!(!s.vfio);
+        assert_eq!(
+            s.settings,
+            [
+                VfSetting::Mac([2, 0, 0, 0, 0, 5]),
+                VfSetting::Vlan(10, 3, VlanProto::Dot1Ad),
+                VfSetting::SpoofChk(false),
+                VfSetting::Trust(true),
+                VfSetting::Rate { min: 0, max: 500 },
+                VfSetting::LinkState(LinkState::Enable),
+            ]
+        );
+        for (text, want) in [
+            (
+                r#"{"cniVersion": "1.1.0", "name": "s", "mode": "sriov", "spoofchk": "maybe"}"#,
+                "spoofchk",
+            ),
+            (
+                r#"{"cniVersion": "1.1.0", "name": "s", "mode": "sriov", "deviceID": "03:10"}"#,
+                "deviceID",
+            ),
+            (
+                r#"{"cniVersion": "1.1.0", "name": "s", "mode": "sriov", "vlanQoS": 9}"#,
+                "vlanQoS",
+            ),
+            (
+                r#"{"cniVersion": "1.1.0", "name": "s", "mode": "sriov", "vfio": "yes"}"#,
+                "vfio",
+            ),
+            (
+                r#"{"cniVersion": "1.1.0", "name": "s", "mode": "vhost-user", "vfio": true}"#,
+                "for mode sriov",
+            ),
+        ] {
+            let e = NetConf::parse(text.as_bytes()).unwrap_err();
+            assert_eq!(e.code, 7, "{text}: {e}");
             assert!(e.details.contains(want), "{text}: {e}");
         }
     }

@@ -1,4 +1,4 @@
-//! The Kubernetes manifests under deploy/ carry configurations that must be valid: the
+//! The Kubernetes manifests under deploy/ carry configurations that must be valid: each
 //! NetworkAttachmentDefinition's CNI configuration parses as torii-cni parses it, and the
 //! ConfigMap's data plane configuration as torii-dataplane reads it.
 
@@ -45,6 +45,18 @@ fn the_network_attachment_definition_is_a_valid_torii_cni_config() {
         .unwrap_or_else(|e| panic!("{e}\n{conf}"));
     assert_eq!(c.name, "torii-fast");
     assert_eq!((c.vlan, c.queues), (Some(100), 2));
+}
+
+#[test]
+fn the_sriov_network_attachment_definitions_are_valid_torii_cni_configs() {
+    for (file, vfio) in [("nad-sriov.yaml", false), ("nad-sriov-vfio.yaml", true)] {
+        let conf = block(&read(file), "config");
+        let c = torii_cni::config::NetConf::parse(conf.as_bytes())
+            .unwrap_or_else(|e| panic!("{file}: {e}\n{conf}"));
+        let s = c.sriov.unwrap_or_else(|| panic!("{file}: not sriov"));
+        assert_eq!(s.vfio, vfio, "{file}");
+        assert!(!s.settings.is_empty(), "{file}");
+    }
 }
 
 #[test]
