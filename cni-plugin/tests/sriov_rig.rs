@@ -132,6 +132,29 @@ fn sriov_attachments_on_a_real_kernel() {
     let (rc, out) = cni(&mut g, "DEL", "pod1", Some("/run/netns/pod1"), &c0);
     assert_eq!(rc, 0, "second DEL: {out}");
 
+    // Four pods asking for the same VF at once: exactly one gets it.
+    g.ok("for p in r1 r2 r3 r4; do ip netns add $p; done");
+    let conf_text = c0.to_string();
+    let out = g.ok(&format!(
+        "for p in r1 r2 r3 r4; do (echo '{conf_text}' | CNI_COMMAND=ADD CNI_CONTAINERID=$p CNI_IFNAME=net1 CNI_NETNS=/run/netns/$p CNI_PATH=/usr/lib/cni {CNI} >/dev/null 2>&1; echo $p $?) & done; wait"
+    ));
+    let winners: Vec<&str> = out
+        .lines()
+        .filter(|l| l.ends_with(" 0"))
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(winners.len(), 1, "parallel ADDs of one VF: {out}");
+    for p in ["r1", "r2", "r3", "r4"] {
+        let (rc, out) = cni(&mut g, "DEL", p, Some(&format!("/run/netns/{p}")), &c0);
+        assert_eq!(rc, 0, "DEL {p}: {out}");
+    }
+    g.ok("for p in r1 r2 r3 r4; do ip netns del $p; done");
+    assert_eq!(
+        snapshot(&mut g, &pf),
+        before,
+        "VF 0 not restored after the race"
+    );
+
     // The pod's namespace goes before DEL: the kernel hands the VF back, DEL restores it.
     let (rc, add) = cni(&mut g, "ADD", "pod2", Some("/run/netns/pod2"), &c0);
     assert_eq!(rc, 0, "{add}");
