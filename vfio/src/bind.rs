@@ -187,7 +187,10 @@ mod tests {
         // A kernel with IOMMUFD shows the device's character device under vfio-dev/.
         std::fs::create_dir_all(s.device_dir(vf).join("vfio-dev/vfio3")).unwrap();
         let spec = passthrough_spec(&s, vf).unwrap();
-        assert_eq!(spec.cdev_path, Some(t.root().join("dev/vfio/devices/vfio3")));
+        assert_eq!(
+            spec.cdev_path,
+            Some(t.root().join("dev/vfio/devices/vfio3"))
+        );
         let e = passthrough_spec(&s, pf).unwrap_err().to_string();
         assert_eq!(e, "0000:03:00.0: bound to igb, not vfio-pci");
     }
