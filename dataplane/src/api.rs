@@ -36,7 +36,7 @@ use torii_vhost_user::daemon::label_value as esc;
 use torii_vhost_user_blk::settings::ExportSettings;
 
 use crate::config::{PortConfig, SwitchPortConfig};
-use crate::daemon::{ControlError, Dataplane, Report};
+use crate::daemon::{ControlError, Dataplane, Disk, Report};
 
 /// The API version this daemon serves (the `/v1` prefix).
 pub const API_VERSION: u32 = 1;
@@ -56,6 +56,10 @@ impl IntoResponse for ControlError {
 }
 
 type ApiResult = Result<Response, ControlError>;
+
+/// Disk changes, one at a time: a disk is checked and started outside the data plane's lock,
+/// and the check must still hold when it is inserted.
+static DISK_CHANGES: Mutex<()> = Mutex::new(());
 
 fn lock(dp: &Shared) -> std::sync::MutexGuard<'_, Dataplane> {
     // A panicked handler leaves the data plane as consistent as any request does (each
@@ -216,10 +220,14 @@ async fn add_disk(State(dp): State<Shared>, Path(name): Path<String>, body: Byte
     let v = named_settings(&body, "disk", &name)?;
     let d = ExportSettings::deserialize(v)
         .map_err(|e| ControlError::BadRequest(format!("disk {name:?}: {e}")))?;
-    // Opening the file and the io_urings, binding the socket: not for the async thread.
+    // Opening the file and the io_urings, binding the socket: not for the async thread, and
+    // not under the data plane's lock (the API and the stats go on meanwhile).
     tokio::task::spawn_blocking(move || {
+        let _serial = DISK_CHANGES.lock().unwrap_or_else(|e| e.into_inner());
+        lock(&dp).check_disk(&d)?;
+        let disk = Disk::start(&d).map_err(ControlError::Failed)?;
         let mut dp = lock(&dp);
-        dp.add_disk(d)?;
+        dp.insert_disk(disk);
         let k = dp.report().disks.into_iter().find(|k| k.name == name);
         Ok((StatusCode::CREATED, Json(k)).into_response())
     })
@@ -229,7 +237,10 @@ async fn add_disk(State(dp): State<Shared>, Path(name): Path<String>, body: Byte
 
 async fn remove_disk(State(dp): State<Shared>, Path(name): Path<String>) -> ApiResult {
     tokio::task::spawn_blocking(move || {
-        lock(&dp).remove_disk(&name)?;
+        let _serial = DISK_CHANGES.lock().unwrap_or_else(|e| e.into_inner());
+        let disk = lock(&dp).take_disk(&name)?;
+        // Waits for its in-flight I/O: outside the data plane's lock.
+        disk.stop();
         Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await

@@ -380,12 +380,15 @@ impl Config {
             }
         }
         let mut names = HashSet::new();
-        let mut sockets = HashSet::new();
+        // The control socket is taken too: no port or disk may listen there.
+        let mut sockets = HashSet::from([d.control_socket.clone()]);
         let mut ifnames = HashSet::new();
         for p in &self.ports {
             let err = |m: String| ConfigError::Port(p.name.clone(), m);
-            if p.name.is_empty() || p.name.len() > 64 {
-                return Err(err("name must be 1..=64 characters".into()));
+            if !torii_vhost_user::valid_device_name(&p.name) {
+                return Err(err(
+                    "name must be 1 to 64 printable characters, no spaces or /".into(),
+                ));
             }
             if !names.insert(p.name.as_str()) {
                 return Err(err("duplicate port name".into()));

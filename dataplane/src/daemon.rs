@@ -102,13 +102,14 @@ pub struct Dataplane {
 
 /// A vhost-user-blk export served by this process: its own queue workers and io_urings,
 /// beside the PMDs.
-struct Disk {
+pub struct Disk {
     settings: ExportSettings,
     export: BlkExport,
 }
 
 impl Disk {
-    fn start(settings: &ExportSettings) -> Result<Disk, String> {
+    /// Opens the file, starts the workers, binds the socket; nothing is left if it fails.
+    pub fn start(settings: &ExportSettings) -> Result<Disk, String> {
         let cfg = settings.to_config()?;
         let export = BlkExport::start(cfg).map_err(|e| format!("disk {:?}: {e}", settings.name))?;
         tracing::info!(disk = %settings.name, socket = %settings.socket.display(), file = %settings.file.display(), "disk started");
@@ -116,6 +117,12 @@ impl Disk {
             settings: settings.clone(),
             export,
         })
+    }
+
+    /// Closes the connection, lets in-flight I/O complete, removes the socket.
+    pub fn stop(mut self) {
+        self.export.stop();
+        tracing::info!(disk = %self.settings.name, "disk removed");
     }
 
     fn report(&self) -> DiskReport {
@@ -586,9 +593,8 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Starts a disk at runtime, checked against the running configuration first (names,
-    /// sockets); nothing is left behind if it cannot start.
-    pub fn add_disk(&mut self, d: ExportSettings) -> Result<(), ControlError> {
+    /// Checks a disk to add at runtime against the running configuration (names, sockets).
+    pub fn check_disk(&self, d: &ExportSettings) -> Result<(), ControlError> {
         if self.disks.iter().any(|k| k.settings.name == d.name) {
             return Err(ControlError::Conflict(format!(
                 "disk {:?} already exists",
@@ -599,26 +605,26 @@ impl Dataplane {
         check.disks.push(d.clone());
         check
             .validate()
-            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
-        let disk = Disk::start(&d).map_err(ControlError::Failed)?;
-        self.disks.push(disk);
-        self.cfg.disks.push(d);
-        Ok(())
+            .map_err(|e| ControlError::BadRequest(e.to_string()))
     }
 
-    /// Stops a disk: its connection is closed, its in-flight I/O completes, its socket is
-    /// removed.
-    pub fn remove_disk(&mut self, name: &str) -> Result<(), ControlError> {
+    /// Adds a disk started with [`Disk::start`] after [`Dataplane::check_disk`] (the API
+    /// serializes disk changes, so the check still holds).
+    pub fn insert_disk(&mut self, disk: Disk) {
+        self.cfg.disks.push(disk.settings.clone());
+        self.disks.push(disk);
+    }
+
+    /// Takes a disk out of the data plane; the caller stops it (outside the data plane's
+    /// lock: its in-flight I/O completes first).
+    pub fn take_disk(&mut self, name: &str) -> Result<Disk, ControlError> {
         let i = self
             .disks
             .iter()
             .position(|k| k.settings.name == name)
             .ok_or_else(|| ControlError::NotFound(format!("no disk named {name:?}")))?;
-        let mut disk = self.disks.remove(i);
         self.cfg.disks.retain(|k| k.name != name);
-        disk.export.stop();
-        tracing::info!(disk = %name, "disk removed");
-        Ok(())
+        Ok(self.disks.remove(i))
     }
 
     /// Every disk's connection state and counters, as the blk daemon's metrics have them.

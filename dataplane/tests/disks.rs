@@ -143,6 +143,14 @@ serial = "torii-d1"
     assert!(err.contains("used twice"), "unclear error: {err}");
     let err = dp.ctl_err(&["disk-add", "d1", &s2, &format!("file={}", img1.display())]);
     assert!(err.contains("already exists"), "unclear error: {err}");
+    // Nobody takes over the control socket.
+    let err = dp.ctl_err(&[
+        "disk-add",
+        "d2",
+        &format!("socket={}", dp.control_socket().display()),
+        &format!("file={}", img1.display()),
+    ]);
+    assert!(err.contains("used twice"), "unclear error: {err}");
     let err = dp.ctl_err(&["disk-add", "d2", &s2, "file=x.img", "queues=99"]);
     assert!(
         err.contains("queues must be between 1"),

@@ -3,11 +3,11 @@
 //! the whole batch); completions are reaped from the shared completion ring without a syscall.
 //! The file is registered with the ring (no fd lookup per request).
 //!
-//! On a memory file system (tmpfs, ramfs) requests are done inline instead, with one
-//! positioned read/write syscall each, and their completions queued for the next reap: such a
-//! file has no non-blocking reads, so io_uring would hand every request to one of its worker
-//! threads (a context switch each way) only for that thread to do the same copy, and the copy
-//! never waits for a device.
+//! For a regular file on a memory file system (tmpfs, ramfs) requests are done inline
+//! instead, with one positioned read/write syscall each, and their completions queued for the
+//! next reap: such a file has no non-blocking reads, so io_uring would hand every request to
+//! one of its worker threads (a context switch each way) only for that thread to do the same
+//! copy, and the copy waits for no device (only for memory, if the pages were swapped out).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -105,17 +105,22 @@ pub struct Engine {
     done: Vec<(u64, i32)>,
 }
 
-/// Whether `file` lives in memory (tmpfs, ramfs), where I/O is done inline.
+/// Whether `file` is a regular file that lives in memory (tmpfs, ramfs), where I/O is done
+/// inline. A block device node is not: the file system that holds the node (devtmpfs, which
+/// reports tmpfs's magic) says nothing of the device behind it.
 fn in_memory(file: &File) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return false;
+    }
     // SAFETY: statfs is plain data that fstatfs fills in; the fd is open for the call.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
         return false;
     }
-    matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+    matches!(st.f_type as u64, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 /// The result of a syscall as io_uring reports it: the value, or minus the errno.
@@ -652,6 +657,15 @@ mod tests {
             assert!(z.iter().all(|&x| x == 0));
             std::fs::remove_file(path).unwrap();
         }
+    }
+
+    #[test]
+    fn only_regular_files_in_memory_are_done_inline() {
+        // /dev is devtmpfs, which reports tmpfs's magic: its device nodes must not count.
+        assert!(!in_memory(&File::open("/dev/null").unwrap()));
+        let (path, f) = scratch(std::path::Path::new("/dev/shm"), 4096);
+        assert!(in_memory(&f));
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

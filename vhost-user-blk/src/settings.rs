@@ -112,8 +112,11 @@ pub struct ExportSettings {
 impl ExportSettings {
     /// The export these settings describe, checked against the export's own limits.
     pub fn to_config(&self) -> Result<ExportConfig, String> {
-        if self.name.is_empty() || self.name.len() > 64 {
-            return Err(format!("export name {:?}: 1 to 64 characters", self.name));
+        if !torii_vhost_user::valid_device_name(&self.name) {
+            return Err(format!(
+                "export name {:?}: 1 to 64 printable characters, no spaces or /",
+                self.name
+            ));
         }
         let poll = match self.poll_mode {
             ModeSetting::Poll => PollMode::Poll,

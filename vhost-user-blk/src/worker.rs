@@ -235,8 +235,9 @@ impl Worker {
                 // completion while completions keep coming within the poll window (lowest
                 // latency); once a spin runs out, wait in the kernel for the next
                 // BLOCKING_WAITS waits. Buffered I/O always waits in the kernel: on file
-                // systems without non-blocking reads (tmpfs among them) it runs in io_uring's
-                // own workers, which spinning on their CPU would only keep from running.
+                // systems without non-blocking reads it runs in io_uring's own workers, which
+                // spinning on their CPU would only keep from running. (On tmpfs requests are
+                // done inline: nothing is ever in flight there.)
                 let spin = match self.mode {
                     PollMode::Adaptive(d) if self.direct && self.blocking_waits == 0 => d,
                     _ => Duration::ZERO,

@@ -45,8 +45,6 @@ impl StopSignals {
     }
 }
 
-/// Serves `render()` as a Prometheus text exposition over HTTP on `addr` (every request gets
-/// it), from a thread of its own. Bound before returning, so a bad address fails here.
 /// A Prometheus label value, escaped as the text format wants (`\\`, `\"`, `\n`).
 pub fn label_value(s: &str) -> String {
     s.replace('\\', "\\\\")
@@ -54,6 +52,8 @@ pub fn label_value(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Serves `render()` as a Prometheus text exposition over HTTP on `addr` (every request gets
+/// it), from a thread of its own. Bound before returning, so a bad address fails here.
 pub fn serve_metrics(
     addr: std::net::SocketAddr,
     render: impl Fn() -> String + Send + 'static,

@@ -456,14 +456,9 @@ fn serve_one<M: DeviceModel>(
     let conn = stream.try_clone().map_err(|e| e.to_string())?;
     let mut session = Session::new(stream, handler);
 
-    shared.broken.lock().unwrap().clear();
-    shared.publish(Some(parts));
-    shared.connections.fetch_add(1, Ordering::AcqRel);
-    shared.connected.store(true, Ordering::Release);
-    tracing::info!(device = %cfg.name, socket = %cfg.socket.display(), "frontend connected");
-
     // A stop request shuts the socket down, which ends the blocking receive in `run`; the
-    // end of the session ends the watcher.
+    // end of the session ends the watcher. Started before the connection is published, so a
+    // failure here leaves nothing published.
     let done = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
     let (stop2, done2) = (stop.clone(), done.clone());
     let watcher = std::thread::Builder::new()
@@ -474,6 +469,13 @@ fn serve_one<M: DeviceModel>(
             }
         })
         .map_err(|e| e.to_string())?;
+
+    shared.broken.lock().unwrap().clear();
+    shared.publish(Some(parts));
+    shared.connections.fetch_add(1, Ordering::AcqRel);
+    shared.connected.store(true, Ordering::Release);
+    tracing::info!(device = %cfg.name, socket = %cfg.socket.display(), "frontend connected");
+
     let end = session.run();
     let result = match end {
         SessionEnd::Closed => Ok(()),
@@ -505,7 +507,7 @@ fn retire<M: DeviceModel>(shared: &EndpointShared<M>) {
 }
 
 /// Waits until one of `fds` is readable (or `timeout`, if given, passes); the index of the
-/// first readable one. Interrupted waits are retried.
+/// first readable one. Failed waits (a signal, no memory) are retried.
 fn wait_readable(fds: &[i32], timeout: Option<Duration>) -> Option<usize> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
@@ -519,7 +521,12 @@ fn wait_readable(fds: &[i32], timeout: Option<Duration>) -> Option<usize> {
     loop {
         // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the duration of the call.
         let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-        if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+        if r < 0 {
+            // Interrupted, or out of memory for the wait (the fds are ours and valid): wait
+            // again, after a pause if it was not a signal.
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             continue;
         }
         return pfds

@@ -64,3 +64,23 @@ pub trait DeviceModel: Send + Sync + 'static {
         Err("the config space is read-only")
     }
 }
+
+/// Whether `name` may name a device (a port, a disk): 1 to 64 printable ASCII characters
+/// without spaces or `/`. It ends up in thread names, socket-adjacent logs, metrics labels
+/// and API paths.
+pub fn valid_device_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn device_names_are_printable_and_short() {
+        for good in ["vm1", "pod.net1.0a1b2c3d", "a_b-c:d", &"x".repeat(64)] {
+            assert!(super::valid_device_name(good), "{good:?}");
+        }
+        for bad in ["", "a b", "a/b", "a\0b", "é", &"x".repeat(65)] {
+            assert!(!super::valid_device_name(bad), "{bad:?}");
+        }
+    }
+}
