@@ -208,7 +208,7 @@ pub struct NetConf {
 }
 
 /// The keys this plugin knows; anything else is refused with code 2.
-const KNOWN_KEYS: [&str; 21] = [
+const KNOWN_KEYS: [&str; 22] = [
     "cniVersion",
     "cniVersions",
     "name",
@@ -230,6 +230,8 @@ const KNOWN_KEYS: [&str; 21] = [
     "queues",
     "mtu",
     "disableCheck",
+    // Multus adds it beside deviceID for resourceName networks; deviceID says the same.
+    "pciBusID",
 ];
 
 /// The keys of the sriov mode (sriov-cni's names), refused in the other modes.
@@ -290,9 +292,8 @@ pub fn check_mac(s: &str) -> Result<(), String> {
 }
 
 impl NetConf {
-    /// Parses and checks stdin. `command` decides what must be present (GC needs no mode,
-    /// for instance, but it is checked all the same: a GC of a config we could not ADD with is
-    /// a mistake to report).
+    /// Parses and checks stdin, whatever the operation: a config that could not serve an ADD
+    /// is a mistake to report in any of them.
     pub fn parse(stdin: &[u8]) -> CniResult<NetConf> {
         let raw: Value = serde_json::from_slice(stdin)
             .map_err(|e| CniError::new(Code::Decode, format!("network configuration: {e}")))?;
@@ -330,7 +331,7 @@ impl NetConf {
             )));
         }
         let mode = match m.get("mode") {
-            None => return Err(bad("mode is missing (vhost-user)".into())),
+            None => return Err(bad("mode is missing (vhost-user or sriov)".into())),
             Some(v) => {
                 Mode::deserialize(v).map_err(|_| bad(format!("mode {v} is not \"vhost-user\"")))?
             }

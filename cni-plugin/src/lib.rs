@@ -8,6 +8,7 @@
 //! - [`state`]: per-attachment records, written atomically before anything is made.
 //! - [`plugin`]: ADD, DEL, CHECK, STATUS, GC, VERSION; the `vhost-user` mode (a port on
 //!   torii-dataplane through its control API).
+//! - [`sriov`]: the `sriov` mode (a VF through torii-vfio: in the pod, or on vfio-pci).
 
 pub mod config;
 pub mod delegate;

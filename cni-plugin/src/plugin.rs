@@ -42,14 +42,32 @@ pub fn port_name(conf: &NetConf, env: &Env) -> String {
     let cid = env.container_id();
     let short = &cid[..cid.len().min(12)];
     let h = fnv1a(&[&conf.name, cid, env.ifname()]) as u32;
-    format!("{short}.{}.{h:08x}", env.ifname())
+    // The name goes into API paths: characters other than these become `_` (the hash keeps
+    // it unique).
+    let ifname: String = env
+        .ifname()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{short}.{ifname}.{h:08x}")
 }
 
 /// The pod's directory of sockets and network files (one per container; the runtime shares
-/// it with the VM launcher).
+/// it with the VM launcher): the container id, or for ids over 32 characters (which would not
+/// leave room in a socket address) their first 24 and a hash of the whole.
 fn pod_dir(conf: &NetConf, env: &Env) -> PathBuf {
     let cid = env.container_id();
-    conf.socket_dir.join(&cid[..cid.len().min(24)])
+    if cid.len() <= 32 {
+        return conf.socket_dir.join(cid);
+    }
+    let h = fnv1a(&[cid]) as u32;
+    conf.socket_dir.join(format!("{}-{h:08x}", &cid[..24]))
 }
 
 /// The data plane's control API.
@@ -183,7 +201,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> CniResult<Option<Value>> {
 }
 
 fn ipam(env: &Env, conf: &NetConf) -> CniResult<Option<Delegate>> {
-    let cache = conf.state_dir.join("delegates");
+    let cache = conf.state_dir.join(".cache");
     conf.ipam_type()
         .map(|t| Delegate::find(env, t, Some(cache.clone())))
         .transpose()
@@ -267,14 +285,19 @@ fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
             a.phase = Phase::Added;
             a.result = Some(out.to_json("1.1.0"));
             if let Err(e) = store.save(&a) {
-                let _ = undo(env, conf, &a, ipam.as_ref());
+                if let Err(u) = undo(env, conf, &a, ipam.as_ref()) {
+                    eprintln!("torii-cni: undoing the failed ADD: {u}");
+                }
                 return Err(e);
             }
             Ok(out.to_json(&conf.cni_version))
         }
         Err(e) => {
-            // Undo what was made; the first error is the one to report.
-            let _ = undo(env, conf, &a, ipam.as_ref());
+            // Undo what was made; the first error is the one to report, the undo's are logged
+            // (the record stays for DEL or GC to finish).
+            if let Err(u) = undo(env, conf, &a, ipam.as_ref()) {
+                eprintln!("torii-cni: undoing the failed ADD: {u}");
+            }
             Err(e)
         }
     }
@@ -294,9 +317,14 @@ fn merge_result(conf: &NetConf, iface: Interface, mut ipam: AddResult) -> CniRes
     }
     out.ips.append(&mut ipam.ips);
     out.routes.append(&mut ipam.routes);
-    out.dns = ipam
-        .dns
-        .or_else(|| out.dns.take())
+    // host-local always gives a "dns" object, empty when it knows none.
+    let given = |d: &Option<Value>| {
+        d.as_ref()
+            .filter(|v| v.as_object().is_none_or(|o| !o.is_empty()))
+            .cloned()
+    };
+    out.dns = given(&ipam.dns)
+        .or_else(|| given(&out.dns))
         .or_else(|| conf.dns.clone());
     Ok(out)
 }
@@ -437,10 +465,12 @@ fn undo(env: &Env, conf: &NetConf, a: &Attachment, ipam: Option<&Delegate>) -> C
             let dp = DataPlane {
                 socket: &conf.control_socket,
             };
-            // The socket path is this attachment's, but only a port of ours made a socket
-            // there.
+            // The socket path is this attachment's, but a socket there is ours only if our
+            // port made it: the port was there, or the ADD got as far as having one (a data
+            // plane that restarted since leaves its socket file behind).
             match dp.remove_port(port) {
                 Ok(true) => keep(remove_file(socket)),
+                Ok(false) if a.phase == Phase::Added => keep(remove_file(socket)),
                 Ok(false) => {}
                 Err(e) => keep(Err(e)),
             }
@@ -594,10 +624,13 @@ fn check(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
 }
 
 fn status(env: &Env, conf: &NetConf) -> CniResult<()> {
-    DataPlane {
-        socket: &conf.control_socket,
+    // Only the vhost-user mode needs the data plane.
+    if conf.mode == Mode::VhostUser {
+        DataPlane {
+            socket: &conf.control_socket,
+        }
+        .version()?;
     }
-    .version()?;
     if let Some(d) = ipam(env, conf)? {
         d.run(Command::Status, None, env, &conf.raw, &conf.cni_version)?;
     }
@@ -605,10 +638,27 @@ fn status(env: &Env, conf: &NetConf) -> CniResult<()> {
 }
 
 fn gc(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
-    let valid = conf.valid_attachments.clone().unwrap_or_default();
-    let ipam = ipam(env, conf)?;
+    // Without the list every attachment would look stale: refuse rather than undo them all.
+    let valid = conf.valid_attachments.clone().ok_or_else(|| {
+        CniError::new(
+            Code::InvalidConfig,
+            "GC needs cni.dev/valid-attachments (the attachments still in use)",
+        )
+    })?;
+    // Go on past every error, report the first at the end.
     let mut first: Option<CniError> = None;
-    for a in store.list()? {
+    let ipam = match ipam(env, conf) {
+        Ok(d) => d,
+        Err(e) => {
+            first = Some(e);
+            None
+        }
+    };
+    let (attachments, unreadable) = store.list()?;
+    for e in unreadable {
+        first.get_or_insert(e);
+    }
+    for a in attachments {
         if valid
             .iter()
             .any(|v| v.container_id == a.container_id && v.ifname == a.ifname)

@@ -26,8 +26,10 @@ fn owner_tag(conf: &NetConf, container_id: &str, ifname: &str) -> String {
     format!("{}/{container_id}/{ifname}", conf.name)
 }
 
+/// VF allocations are the node's, not a network's: kept beside the networks' state (a
+/// leading dot: no network is named so).
 fn allocator(conf: &NetConf) -> CniResult<Allocator> {
-    Allocator::new(conf.state_dir.join("vfio")).map_err(|e| setup(e.to_string()))
+    Allocator::new(conf.state_dir.join(".vfio")).map_err(|e| setup(e.to_string()))
 }
 
 /// The VF the attachment asks for.
@@ -210,18 +212,33 @@ pub fn release(
     };
     if !vfio {
         if let Some(ns) = netns.and_then(|p| File::open(p).ok()) {
-            // Back under a temporary name; the restore gives it its own.
-            let temp = format!("tv{}", device.to_string().replace([':', '.'], ""));
-            let temp = &temp[..temp.len().min(15)];
-            if let Err(e) = netlink::move_from_netns(&ns, ifname, temp) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(setup(format!("moving {ifname} out of the pod: {e}")));
-                }
+            // Back under a temporary name (the restore gives it its own), if the pod's
+            // interface of that name is this VF: an ADD that failed early must not take
+            // another plugin's.
+            let ours = device.to_string();
+            let name = ifname.to_string();
+            let is_ours = netlink::in_netns(&ns, move || {
+                let l = Netlink::open()?.link(ifindex(&name)?)?;
+                Ok(l.attributes.iter().any(|a| {
+                    matches!(a, netlink_packet_route::link::LinkAttribute::ParentDevName(p) if *p == ours)
+                }))
+            })
+            .unwrap_or(false);
+            if is_ours {
+                let temp = format!("tv{}", device.to_string().replace([':', '.'], ""));
+                let temp = &temp[..temp.len().min(15)];
+                netlink::move_from_netns(&ns, ifname, temp)
+                    .map_err(|e| setup(format!("moving {ifname} out of the pod: {e}")))?;
             }
         }
     }
     let sys = Sysfs::default();
+    let tag = a.owner.tag.clone();
     al.release(a.addr, |a| {
+        // Released and handed to another pod since the listing: not ours to restore.
+        if a.owner.tag != tag {
+            return Err(format!("re-allocated to {}", a.owner.tag));
+        }
         a.saved
             .as_ref()
             .map_or(Ok(()), |s| s.restore(&sys).map_err(|e| e.to_string()))

@@ -83,7 +83,7 @@ impl Store {
         }
     }
 
-    /// Writes `a` atomically (and durably: a crash leaves the old record or the new one).
+    /// Writes `a` atomically: a crash leaves the old record or the new one.
     pub fn save(&self, a: &Attachment) -> CniResult<()> {
         fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
         let p = self.path(&a.container_id, &a.ifname);
@@ -105,25 +105,28 @@ impl Store {
         }
     }
 
-    /// Every attachment on record (unreadable files are reported, not skipped).
-    pub fn list(&self) -> CniResult<Vec<Attachment>> {
+    /// Every attachment on record, and the files that could not be read (reported by the
+    /// caller, which goes on with the rest).
+    pub fn list(&self) -> CniResult<(Vec<Attachment>, Vec<CniError>)> {
         let rd = match fs::read_dir(&self.dir) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
             Err(e) => return Err(io(&self.dir, e)),
         };
-        let mut out = Vec::new();
+        let (mut out, mut bad) = (Vec::new(), Vec::new());
         for e in rd {
             let p = e.map_err(|e| io(&self.dir, e))?.path();
             if p.extension().is_some_and(|x| x == "json") {
-                let b = fs::read(&p).map_err(|e| io(&p, e))?;
-                out.push(
-                    serde_json::from_slice(&b).map_err(|e| {
-                        CniError::new(Code::Decode, format!("{}: {e}", p.display()))
-                    })?,
-                );
+                let read = fs::read(&p).map_err(|e| io(&p, e)).and_then(|b| {
+                    serde_json::from_slice::<Attachment>(&b)
+                        .map_err(|e| CniError::new(Code::Decode, format!("{}: {e}", p.display())))
+                });
+                match read {
+                    Ok(a) => out.push(a),
+                    Err(e) => bad.push(e),
+                }
             }
         }
-        Ok(out)
+        Ok((out, bad))
     }
 }

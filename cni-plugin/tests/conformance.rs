@@ -299,6 +299,10 @@ fn status_gc_version_and_chaining() {
         ids.push(cid);
     }
     assert_eq!(r.ports().len(), 3);
+    // A GC without the list of attachments in use removes nothing.
+    let out = r.cni("GC", None, None, None, &conf);
+    assert_eq!(out.code(), Some(7), "{out:?}");
+    assert_eq!(r.ports().len(), 3);
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "gc1", "ifname": "net1"}]);
     let out = r.cni("GC", None, None, None, &gc);
