@@ -44,10 +44,14 @@ impl Owner {
         })
     }
 
-    /// Whether the namespace still exists (same path, same namespace).
+    /// Whether the namespace still exists (same path, same namespace). Only a path that is
+    /// gone, or is now another namespace, counts as dead: an error reading it (permissions, no
+    /// memory) says nothing of the owner, which is then taken as alive.
     pub fn is_alive(&self) -> bool {
-        fs::metadata(&self.netns)
-            .is_ok_and(|m| m.dev() == self.netns_dev && m.ino() == self.netns_ino)
+        match fs::metadata(&self.netns) {
+            Ok(m) => m.dev() == self.netns_dev && m.ino() == self.netns_ino,
+            Err(e) => e.kind() != io::ErrorKind::NotFound,
+        }
     }
 }
 

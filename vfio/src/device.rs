@@ -110,7 +110,7 @@ impl MappedBar {
     /// Reads the 32-bit register at `offset`.
     pub fn read32(&self, offset: usize) -> u32 {
         assert!(
-            offset.is_multiple_of(4) && offset + 4 <= self.len,
+            offset.is_multiple_of(4) && offset.checked_add(4).is_some_and(|end| end <= self.len),
             "offset {offset} outside the BAR"
         );
         // SAFETY: inside the mapping (checked above), 4-byte aligned; device memory is read
@@ -121,7 +121,7 @@ impl MappedBar {
     /// Writes the 32-bit register at `offset`.
     pub fn write32(&self, offset: usize, v: u32) {
         assert!(
-            offset.is_multiple_of(4) && offset + 4 <= self.len,
+            offset.is_multiple_of(4) && offset.checked_add(4).is_some_and(|end| end <= self.len),
             "offset {offset} outside the BAR"
         );
         // SAFETY: as in read32.
@@ -267,9 +267,9 @@ pub struct DmaReport {
     pub iova_dst: u64,
     /// The page DMA'd to the device and back equals the original.
     pub round_trip_equal: bool,
-    /// The IOVA the device was told to write to without a mapping.
+    /// The IOVA the device was told to write to after its mapping was removed.
     pub unmapped_iova: u64,
-    /// The destination page was not touched by that write.
+    /// The page that had been mapped there was not touched by that write.
     pub unmapped_write_blocked: bool,
 }
 
@@ -326,8 +326,8 @@ impl Drop for Pages {
 
 /// DMA through the IOMMU with QEMU's `edu` device at `addr` (bound to vfio-pci): a page
 /// mapped at one IOVA is copied into the device and back to a page mapped at another, and must
-/// arrive byte-exact; a copy to an IOVA that is not mapped must not land anywhere we can see
-/// (the IOMMU blocks it and the kernel logs a DMA fault).
+/// arrive byte-exact; once that page is unmapped, a copy to its IOVA must not reach it (the
+/// IOMMU blocks it and the kernel logs a DMA fault).
 pub fn edu_dma_check(sysfs_dir: &Path, addr: PciAddr) -> Result<DmaReport, VfioError> {
     let o = open(sysfs_dir, addr)?;
     let bar = o.map_bar(0)?;
@@ -343,7 +343,7 @@ pub fn edu_dma_check(sysfs_dir: &Path, addr: PciAddr) -> Result<DmaReport, VfioE
     let (src, dst) = (Pages::new(PAGE).map_err(io)?, Pages::new(PAGE).map_err(io)?);
     src.fill(|i| (i as u8).wrapping_mul(31).wrapping_add(7));
     dst.fill(|_| 0);
-    let (iova_src, iova_dst, unmapped) = (0x10_0000u64, 0x10_1000u64, 0x30_0000u64);
+    let (iova_src, iova_dst) = (0x10_0000u64, 0x10_1000u64);
     for (iova, p) in [(iova_src, &src), (iova_dst, &dst)] {
         // SAFETY: the pages stay mapped until after the unmap below (they are dropped last).
         unsafe { o.container.vfio_dma_map(iova, PAGE, p.ptr) }.map_err(|source| {
@@ -372,17 +372,24 @@ pub fn edu_dma_check(sysfs_dir: &Path, addr: PciAddr) -> Result<DmaReport, VfioE
         transfer(iova_src, u64::from(EDU_BUFFER), 0)?;
         transfer(u64::from(EDU_BUFFER), iova_dst, EDU_CMD_TO_RAM)?;
         let round_trip_equal = dst.read() == src.read();
-        // Now a write to an IOVA nobody mapped, after clearing the destination page: the
-        // data must not show up there (or anywhere else of ours).
+        // Now the destination page unmapped, cleared, and the device told to write there
+        // again: the IOMMU must block it, so the page stays clear.
+        o.container
+            .vfio_dma_unmap(iova_dst, PAGE)
+            .map_err(|source| VfioError::Vfio {
+                addr,
+                what: "unmapping a page",
+                source,
+            })?;
         dst.fill(|_| 0);
-        transfer(u64::from(EDU_BUFFER), unmapped, EDU_CMD_TO_RAM)?;
+        transfer(u64::from(EDU_BUFFER), iova_dst, EDU_CMD_TO_RAM)?;
         let unmapped_write_blocked = dst.read().iter().all(|&b| b == 0);
         Ok(DmaReport {
             id,
             iova_src,
             iova_dst,
             round_trip_equal,
-            unmapped_iova: unmapped,
+            unmapped_iova: iova_dst,
             unmapped_write_blocked,
         })
     })();

@@ -9,7 +9,7 @@ use netlink_packet_route::link::LinkAttribute;
 use serde::{Deserialize, Serialize};
 
 use crate::bind::{driver_override, rebind};
-use crate::netlink::{ifindex, LinkState, Netlink, VfInfoReport, VfSetting};
+use crate::netlink::{ifindex, Netlink, VfInfoReport, VfSetting};
 use crate::pci::{PciAddr, Sysfs};
 
 /// Everything restored of a VF.
@@ -155,12 +155,9 @@ impl VfState {
                 ];
                 settings.extend(a.spoofchk.map(VfSetting::SpoofChk));
                 settings.extend(a.trust.map(VfSetting::Trust));
-                // Drivers that cannot set a link state report "auto": nothing to restore.
-                settings.extend(
-                    a.link_state
-                        .filter(|s| *s != LinkState::Auto)
-                        .map(VfSetting::LinkState),
-                );
+                // Sent only when it differs from what the PF shows now (drivers that cannot set
+                // a link state show the saved "auto").
+                settings.extend(a.link_state.map(VfSetting::LinkState));
                 let current = nl
                     .vfs(pf)
                     .ok()
@@ -181,9 +178,12 @@ impl VfState {
                         failed.push(format!("driver: {e}"));
                     }
                 }
-                if let Some(o) = &self.driver_override {
-                    if let Err(e) = sys.write(&sys.device_dir(self.addr).join("driver_override"), o)
-                    {
+                // The saved override, or none: a leftover one must not stay for the next tenant.
+                let current = driver_override(sys, self.addr).ok().flatten();
+                if current != self.driver_override {
+                    let value = self.driver_override.as_deref().unwrap_or("\n");
+                    let path = sys.device_dir(self.addr).join("driver_override");
+                    if let Err(e) = sys.write(&path, value) {
                         failed.push(format!("driver_override: {e}"));
                     }
                 }

@@ -214,7 +214,7 @@ fn sriov_and_vfio_on_a_real_kernel() {
     let dma = vfio_json(&mut g, &format!("dma-check {edu}"));
     assert_eq!(dma["round_trip_equal"], true, "{dma}");
     assert_eq!(dma["unmapped_write_blocked"], true, "{dma}");
-    let fault = g.ok("dmesg | grep -c 'DMAR:.*fault addr 0x300000' || true");
+    let fault = g.ok("dmesg | grep -c 'DMAR:.*fault addr 0x101000' || true");
     assert_ne!(
         fault.trim(),
         "0",
