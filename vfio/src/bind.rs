@@ -30,6 +30,11 @@ pub struct PassthroughSpec {
 /// Checks that every device in `addr`'s IOMMU group is unbound or held by a driver that lets
 /// VFIO own the group's DMA.
 pub fn check_group_viable(sys: &Sysfs, addr: PciAddr) -> Result<u32> {
+    check_group(sys, addr, false)
+}
+
+/// The group check; `others_only`: `addr` itself is left out (it is about to be bound).
+fn check_group(sys: &Sysfs, addr: PciAddr, others_only: bool) -> Result<u32> {
     let d = sys.device(addr)?;
     let group = d.iommu_group.ok_or_else(|| {
         SysfsError::Invalid(format!(
@@ -37,6 +42,9 @@ pub fn check_group_viable(sys: &Sysfs, addr: PciAddr) -> Result<u32> {
         ))
     })?;
     for other in sys.group_devices(group)? {
+        if others_only && other == addr {
+            continue;
+        }
         let drv = link_name(&sys.device_dir(other).join("driver"));
         if let Some(drv) = drv.filter(|d| !GROUP_SAFE_DRIVERS.contains(&d.as_str())) {
             return Err(SysfsError::Invalid(format!(
@@ -48,12 +56,15 @@ pub fn check_group_viable(sys: &Sysfs, addr: PciAddr) -> Result<u32> {
 }
 
 /// Binds `addr` to vfio-pci (driver_override, unbind, drivers_probe) and returns the driver it
-/// had. On failure the device is given back to that driver.
+/// had (`None`: none, or vfio-pci already). The rest of its IOMMU group is checked first, so a
+/// group that could not be handed to a VM changes nothing; on a failure later the device is
+/// given back to its driver.
 pub fn bind_vfio(sys: &Sysfs, addr: PciAddr) -> Result<Option<String>> {
     let d = sys.device(addr)?;
     if d.driver.as_deref() == Some(VFIO_PCI) {
         return Ok(None);
     }
+    check_group(sys, addr, true)?;
     let original = d.driver.clone();
     let dir = sys.device_dir(addr);
     sys.write(&dir.join("driver_override"), VFIO_PCI)?;
@@ -176,6 +187,13 @@ mod tests {
         });
         let e = check_group_viable(&s, vf).unwrap_err().to_string();
         assert!(e.ends_with("0000:03:10.1 still bound to igb"), "{e}");
+        // Binding into that group is refused before anything is written.
+        t.bind(vf, "igbvf");
+        let e = bind_vfio(&s, vf).unwrap_err().to_string();
+        assert!(e.ends_with("0000:03:10.1 still bound to igb"), "{e}");
+        assert_eq!(driver_override(&s, vf).unwrap(), None);
+        assert_eq!(t.read("sys/bus/pci/drivers/igbvf/unbind"), "");
+        t.bind(vf, VFIO_PCI);
         // Bridges and stubs do not block, nor does an unbound device.
         t.bind("0000:03:10.1".parse().unwrap(), "pcieport");
         assert!(check_group_viable(&s, vf).is_ok());
