@@ -77,11 +77,24 @@ pub fn claim(env: &Env, conf: &NetConf, s: &SriovConf, device: PciAddr) -> CniRe
             VfState::save_device(&sys, d).map_err(|e| e.to_string())
         })
         .map_err(|e| match e {
-            AllocError::NoneFree(_) => {
+            AllocError::NoneFree { busy: 1.., .. } => CniError::new(
+                Code::TryAgainLater,
+                format!("VF {device} is being allocated or released by another call"),
+            ),
+            AllocError::NoneFree {
+                unreadable: 1.., ..
+            } => setup(format!(
+                "VF {device} has an allocation record that cannot be read: {}",
+                al.get(device)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default()
+            )),
+            AllocError::NoneFree { .. } => {
                 let holder = al
-                    .list()
+                    .get(device)
                     .ok()
-                    .and_then(|l| l.into_iter().find(|a| a.addr == device))
+                    .flatten()
                     .map(|a| format!("{} ({})", a.owner.netns.display(), a.owner.tag))
                     .unwrap_or_default();
                 setup(format!("VF {device} is already allocated to {holder}"))
@@ -203,10 +216,9 @@ pub fn release(
         .map_err(|e: String| CniError::new(Code::Decode, e))?;
     let al = allocator(conf)?;
     let Some(a) = al
-        .list()
+        .get(device)
         .map_err(|e| setup(e.to_string()))?
-        .into_iter()
-        .find(|a| a.addr == device && a.owner.tag == owner_tag(conf, container_id, ifname))
+        .filter(|a| a.owner.tag == owner_tag(conf, container_id, ifname))
     else {
         return Ok(());
     };
@@ -263,10 +275,8 @@ pub fn check(conf: &NetConf, env: &Env, device: &str, vfio: bool) -> CniResult<(
         .map_err(|e: String| CniError::new(Code::Decode, e))?;
     let al = allocator(conf)?;
     let a = al
-        .list()
+        .get(device)
         .map_err(|e| setup(e.to_string()))?
-        .into_iter()
-        .find(|a| a.addr == device)
         .ok_or_else(|| setup(format!("VF {device} is not allocated")))?;
     if Some(a.owner.netns.as_path()) != env.netns.as_deref() || !a.owner.is_alive() {
         return Err(setup(format!(

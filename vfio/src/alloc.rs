@@ -70,8 +70,14 @@ pub struct Allocation {
 pub enum AllocError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("no free device matches the selectors ({0} candidates, all allocated)")]
-    NoneFree(usize),
+    #[error("{}", none_free(*.candidates, *.busy, *.unreadable))]
+    NoneFree {
+        candidates: usize,
+        /// Locked by another allocator at the time: may be free a moment later.
+        busy: usize,
+        /// With a record that cannot be read, so taken as allocated.
+        unreadable: usize,
+    },
     #[error("no device matches the selectors")]
     NoMatch,
     #[error("{0} is not allocated")]
@@ -80,6 +86,20 @@ pub enum AllocError {
     Device { addr: PciAddr, what: String },
     #[error(transparent)]
     Sysfs(#[from] crate::pci::SysfsError),
+}
+
+fn none_free(candidates: usize, busy: usize, unreadable: usize) -> String {
+    let mut m = format!(
+        "no free device matches the selectors ({candidates} candidates: {} allocated",
+        candidates - busy - unreadable
+    );
+    if busy > 0 {
+        m += &format!(", {busy} being changed by another allocator, try again");
+    }
+    if unreadable > 0 {
+        m += &format!(", {unreadable} with an unreadable record");
+    }
+    m + ")"
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> AllocError + '_ {
@@ -95,19 +115,35 @@ struct DeviceLock {
 }
 
 impl DeviceLock {
+    /// Waits for the lock: its holder lets go within one save or restore.
     fn take(path: &Path) -> Result<DeviceLock, AllocError> {
+        Self::lock(path, libc::LOCK_EX).map(|l| l.expect("a blocking flock returns with it"))
+    }
+
+    /// The lock if it is free now (`None`: another allocator holds it).
+    fn try_take(path: &Path) -> Result<Option<DeviceLock>, AllocError> {
+        Self::lock(path, libc::LOCK_EX | libc::LOCK_NB)
+    }
+
+    fn lock(path: &Path, op: libc::c_int) -> Result<Option<DeviceLock>, AllocError> {
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
             .map_err(io_at(path))?;
-        // SAFETY: flock on an fd we own; blocks until the holder (another allocator working
-        // on this device) lets go, which it does within one record update.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io_at(path)(io::Error::last_os_error()));
+        loop {
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+                return Ok(Some(DeviceLock { _file: f }));
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) => return Ok(None),
+                _ => return Err(io_at(path)(e)),
+            }
         }
-        Ok(DeviceLock { _file: f })
     }
 }
 
@@ -144,10 +180,16 @@ impl Allocator {
         }
     }
 
-    /// Every allocation on record.
-    pub fn list(&self) -> Result<Vec<Allocation>, AllocError> {
+    /// The allocation of `addr`, if it has one.
+    pub fn get(&self, addr: PciAddr) -> Result<Option<Allocation>, AllocError> {
+        self.read_record(addr)
+    }
+
+    /// Every allocation on record, and the records that could not be read (each error names
+    /// its file); one bad record does not hide the others.
+    pub fn list(&self) -> Result<(Vec<Allocation>, Vec<AllocError>), AllocError> {
         let dir = self.dir.join("alloc");
-        let mut out = Vec::new();
+        let (mut out, mut bad) = (Vec::new(), Vec::new());
         for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
             let name = e.map_err(io_at(&dir))?.file_name();
             let Some(a) = name
@@ -157,15 +199,19 @@ impl Allocator {
             else {
                 continue;
             };
-            out.extend(self.read_record(a)?);
+            match self.read_record(a) {
+                Ok(r) => out.extend(r),
+                Err(e) => bad.push(e),
+            }
         }
         out.sort_by_key(|a| a.addr);
-        Ok(out)
+        Ok((out, bad))
     }
 
     /// Takes the first free device `selector` picks for `owner`. `save` reads the device's
     /// state to restore on release (`None`: nothing to restore); it runs under the device's
-    /// lock, before the record is written.
+    /// lock, before the record is written. A device another allocator is working on is passed
+    /// over rather than waited for, and so is one whose record cannot be read.
     pub fn allocate(
         &self,
         sys: &Sysfs,
@@ -178,10 +224,19 @@ impl Allocator {
         if candidates.is_empty() {
             return Err(AllocError::NoMatch);
         }
+        let (mut busy, mut unreadable) = (0, 0);
         for d in &candidates {
-            let _lock = DeviceLock::take(&self.lock_path(d.addr))?;
-            if self.read_record(d.addr)?.is_some() {
+            let Some(_lock) = DeviceLock::try_take(&self.lock_path(d.addr))? else {
+                busy += 1;
                 continue;
+            };
+            match self.read_record(d.addr) {
+                Ok(None) => {}
+                Ok(Some(_)) => continue,
+                Err(_) => {
+                    unreadable += 1;
+                    continue;
+                }
             }
             let saved = save(d).map_err(|what| AllocError::Device { addr: d.addr, what })?;
             let a = Allocation {
@@ -195,7 +250,11 @@ impl Allocator {
             self.write_record(&a)?;
             return Ok(a);
         }
-        Err(AllocError::NoneFree(candidates.len()))
+        Err(AllocError::NoneFree {
+            candidates: candidates.len(),
+            busy,
+            unreadable,
+        })
     }
 
     /// Writes the record whole or not at all (a temporary file renamed over it).
@@ -228,13 +287,14 @@ impl Allocator {
     }
 
     /// Releases every allocation whose owner is gone; returns what was released and what
-    /// failed.
+    /// failed (unreadable records among them, left in place for an operator to look at).
     pub fn collect_garbage(
         &self,
         restore: impl Fn(&Allocation) -> Result<(), String>,
     ) -> Result<(Vec<Allocation>, Vec<AllocError>), AllocError> {
-        let (mut freed, mut failed) = (Vec::new(), Vec::new());
-        for a in self.list()? {
+        let (records, mut failed) = self.list()?;
+        let mut freed = Vec::new();
+        for a in records {
             if a.owner.is_alive() {
                 continue;
             }
@@ -302,7 +362,7 @@ mod tests {
         assert_eq!(
             results
                 .iter()
-                .filter(|r| matches!(r, Err(AllocError::NoneFree(4))))
+                .filter(|r| matches!(r, Err(AllocError::NoneFree { candidates: 4, .. })))
                 .count(),
             4
         );
@@ -337,7 +397,7 @@ mod tests {
         assert_ne!(a1.addr, a2.addr);
         // A new allocator (a new process) sees both.
         let al = Allocator::new(&dir).unwrap();
-        assert_eq!(al.list().unwrap(), vec![a1.clone(), a2.clone()]);
+        assert_eq!(al.list().unwrap().0, vec![a1.clone(), a2.clone()]);
         assert!(matches!(
             al.allocate(
                 &s,
@@ -345,7 +405,11 @@ mod tests {
                 &Owner::of_netns(&ns1, "c").unwrap(),
                 |_| Ok(None)
             ),
-            Err(AllocError::NoneFree(2))
+            Err(AllocError::NoneFree {
+                candidates: 2,
+                busy: 0,
+                unreadable: 0
+            })
         ));
         // ns1 goes; a namespace of the same path but another identity is another owner.
         fs::remove_file(&ns1).unwrap();
@@ -359,18 +423,81 @@ mod tests {
         assert!(failed.is_empty(), "{failed:?}");
         assert_eq!(freed, vec![a1.clone()]);
         assert_eq!(*restored.lock().unwrap(), vec![a1.addr]);
-        assert_eq!(al.list().unwrap(), vec![a2.clone()]);
+        assert_eq!(al.list().unwrap().0, vec![a2.clone()]);
         // A release whose restore fails keeps the record.
         let e = al
             .release(a2.addr, |_| Err("driver would not bind".into()))
             .unwrap_err();
         assert_eq!(e.to_string(), format!("{}: driver would not bind", a2.addr));
-        assert_eq!(al.list().unwrap().len(), 1);
+        assert_eq!(al.list().unwrap().0.len(), 1);
         al.release(a2.addr, |_| Ok(())).unwrap();
-        assert!(al.list().unwrap().is_empty());
+        assert!(al.list().unwrap().0.is_empty());
         assert!(matches!(
             al.release(a2.addr, |_| Ok(())),
             Err(AllocError::NotAllocated(_))
         ));
+    }
+
+    #[test]
+    fn busy_devices_and_unreadable_records_are_passed_over() {
+        let t = FakeTree::new();
+        t.pf("0000:03:00.0", "ens1f0", 7, 3, 10);
+        let dir = t.root().join("state");
+        let ns = t.root().join("ns");
+        fs::write(&ns, "").unwrap();
+        let owner = Owner::of_netns(&ns, "pod").unwrap();
+        let (s, al) = (t.sysfs(), Allocator::new(&dir).unwrap());
+        let vfs: Vec<PciAddr> = ["0000:03:10.0", "0000:03:10.2", "0000:03:10.4"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        // VF 0 is being changed by another allocator (its lock held), VF 1 has a record
+        // that cannot be read: VF 2 is taken, without waiting.
+        let held = DeviceLock::take(&al.lock_path(vfs[0])).unwrap();
+        fs::write(al.record_path(vfs[1]), "{ not json").unwrap();
+        let a = al
+            .allocate(&s, &selector("ens1f0"), &owner, |_| Ok(None))
+            .unwrap();
+        assert_eq!(a.addr, vfs[2]);
+        let e = al
+            .allocate(&s, &selector("ens1f0"), &owner, |_| Ok(None))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AllocError::NoneFree {
+                    candidates: 3,
+                    busy: 1,
+                    unreadable: 1
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "no free device matches the selectors (3 candidates: 1 allocated, 1 being changed \
+             by another allocator, try again, 1 with an unreadable record)"
+        );
+        // The listing shows the good record and names the bad one; so does GC, which leaves
+        // the bad record where it is.
+        let (good, bad) = al.list().unwrap();
+        assert_eq!(good, vec![a.clone()]);
+        assert_eq!(bad.len(), 1);
+        assert!(
+            bad[0].to_string().contains("0000:03:10.2.json"),
+            "{}",
+            bad[0]
+        );
+        let (_, failed) = al.collect_garbage(|_| Ok(())).unwrap();
+        assert_eq!(failed.len(), 1);
+        assert!(al.record_path(vfs[1]).exists());
+        assert_eq!(al.get(vfs[2]).unwrap(), Some(a));
+        assert_eq!(al.get(vfs[0]).unwrap(), None);
+        // Released by its holder, VF 0 is free again.
+        drop(held);
+        let a0 = al
+            .allocate(&s, &selector("ens1f0"), &owner, |_| Ok(None))
+            .unwrap();
+        assert_eq!(a0.addr, vfs[0]);
     }
 }

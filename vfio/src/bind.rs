@@ -55,14 +55,45 @@ fn check_group(sys: &Sysfs, addr: PciAddr, others_only: bool) -> Result<u32> {
     Ok(group)
 }
 
-/// Binds `addr` to vfio-pci (driver_override, unbind, drivers_probe) and returns the driver it
-/// had (`None`: none, or vfio-pci already). The rest of its IOMMU group is checked first, so a
-/// group that could not be handed to a VM changes nothing; on a failure later the device is
-/// given back to its driver.
-pub fn bind_vfio(sys: &Sysfs, addr: PciAddr) -> Result<Option<String>> {
+/// What binding to vfio-pci changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    /// It was bound to vfio-pci already; nothing changed.
+    Already,
+    /// It was taken from this driver.
+    From(String),
+    /// It had no driver.
+    FromUnbound,
+}
+
+impl Bound {
+    /// The driver to give the device back to (`None`: leave it unbound, or with vfio-pci).
+    pub fn previous_driver(&self) -> Option<&str> {
+        match self {
+            Bound::From(d) => Some(d),
+            Bound::Already | Bound::FromUnbound => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Already => write!(f, "already bound to vfio-pci"),
+            Bound::From(d) => write!(f, "bound to vfio-pci (was {d})"),
+            Bound::FromUnbound => write!(f, "bound to vfio-pci (was unbound)"),
+        }
+    }
+}
+
+/// Binds `addr` to vfio-pci (driver_override, unbind, drivers_probe) and says what it had.
+/// The rest of its IOMMU group is checked first, so a group that could not be handed to a VM
+/// changes nothing; on a failure later the device is given back to its driver.
+pub fn bind_vfio(sys: &Sysfs, addr: PciAddr) -> Result<Bound> {
     let d = sys.device(addr)?;
     if d.driver.as_deref() == Some(VFIO_PCI) {
-        return Ok(None);
+        return Ok(Bound::Already);
     }
     check_group(sys, addr, true)?;
     let original = d.driver.clone();
@@ -83,7 +114,7 @@ pub fn bind_vfio(sys: &Sysfs, addr: PciAddr) -> Result<Option<String>> {
         let _ = rebind(sys, addr, original.as_deref());
         return Err(e);
     }
-    Ok(original)
+    Ok(original.map_or(Bound::FromUnbound, Bound::From))
 }
 
 /// Unbinds `addr` from whatever holds it, clears its driver_override and binds it to
@@ -194,6 +225,10 @@ mod tests {
         assert_eq!(driver_override(&s, vf).unwrap(), None);
         assert_eq!(t.read("sys/bus/pci/drivers/igbvf/unbind"), "");
         t.bind(vf, VFIO_PCI);
+        // Bound already: nothing is written, and the caller is told so.
+        assert_eq!(bind_vfio(&s, vf).unwrap(), Bound::Already);
+        assert_eq!(Bound::Already.previous_driver(), None);
+        assert_eq!(driver_override(&s, vf).unwrap(), None);
         // Bridges and stubs do not block, nor does an unbound device.
         t.bind("0000:03:10.1".parse().unwrap(), "pcieport");
         assert!(check_group_viable(&s, vf).is_ok());

@@ -3,7 +3,7 @@
 //! network namespaces, binds VFs to vfio-pci and probes them through VFIO.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
@@ -39,7 +39,16 @@ enum Cmd {
         selectors: Option<String>,
     },
     /// Set a PF's number of VFs (0 removes them): `vfs ens1f0 4` or `vfs 0000:03:00.0 4`.
-    Vfs { pf: String, count: u32 },
+    Vfs {
+        pf: String,
+        count: u32,
+        /// Where allocations are recorded: allocated VFs are not removed.
+        #[arg(long, default_value = alloc::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Change the count even if VFs it removes are allocated or bound to vfio-pci.
+        #[arg(long)]
+        force: bool,
+    },
     /// Apply VF settings on the PF and read them back: `set ens1f0 0 mac=02:00:00:00:00:01
     /// vlan=100 qos=3 proto=802.1ad spoofchk=off trust=on min_tx_rate=0 max_tx_rate=1000
     /// state=enable`. Each setting is applied alone; one the driver rejects is reported.
@@ -116,6 +125,42 @@ enum Cmd {
         #[arg(long, default_value = alloc::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+}
+
+/// Refuses a VF count change that would remove VFs in use: allocated (or with a record that
+/// cannot be read), or bound to vfio-pci, where a VM may hold them (the kernel would wait for
+/// the VM to let go).
+fn vfs_removable(sys: &Sysfs, pf: PciAddr, n: u32, state_dir: &Path) -> anyhow::Result<()> {
+    let removed = sriov::vfs_removed(&sys.device(pf)?, n);
+    if removed.is_empty() {
+        return Ok(());
+    }
+    let mut in_use = Vec::new();
+    if state_dir.exists() {
+        let (records, bad) = Allocator::new(state_dir)?.list()?;
+        for a in records.iter().filter(|a| removed.contains(&a.addr)) {
+            in_use.push(format!(
+                "{} is allocated to {} ({})",
+                a.addr,
+                a.owner.netns.display(),
+                a.owner.tag
+            ));
+        }
+        in_use.extend(bad.iter().map(|e| format!("unreadable record {e}")));
+    }
+    for a in &removed {
+        if sys.device(*a)?.driver.as_deref() == Some(bind::VFIO_PCI) {
+            in_use.push(format!("{a} is bound to vfio-pci"));
+        }
+    }
+    if in_use.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "{pf}: changing the count to {n} removes every VF, and some are in use: {}; release them or pass --force",
+            in_use.join("; ")
+        )
+    }
 }
 
 /// Restores an allocation's saved state.
@@ -353,8 +398,16 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
-        Cmd::Vfs { pf, count } => {
+        Cmd::Vfs {
+            pf,
+            count,
+            state_dir,
+            force,
+        } => {
             let (addr, _) = resolve_pf(&sys, &pf)?;
+            if !force {
+                vfs_removable(&sys, addr, count, &state_dir)?;
+            }
             let d = sriov::set_num_vfs(&sys, addr, count)?;
             if cli.json {
                 print_json(&d)?;
@@ -455,11 +508,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             let was = bind::bind_vfio(&sys, addr)?;
             let spec = passthrough_spec(&sys, addr)?;
             if cli.json {
-                print_json(&serde_json::json!({ "previous_driver": was, "spec": spec }))?;
+                print_json(&serde_json::json!({
+                    "already_bound": was == bind::Bound::Already,
+                    "previous_driver": was.previous_driver(),
+                    "spec": spec,
+                }))?;
             } else {
                 println!(
-                    "{addr}: bound to vfio-pci (was {}); group {} at {}{}",
-                    was.as_deref().unwrap_or("unbound"),
+                    "{addr}: {was}; group {} at {}{}",
                     spec.iommu_group,
                     spec.group_path.display(),
                     spec.cdev_path
@@ -535,7 +591,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Cmd::Allocations { state_dir } => {
-            let list = Allocator::new(state_dir)?.list()?;
+            let (list, bad) = Allocator::new(state_dir)?.list()?;
+            for e in &bad {
+                eprintln!("torii-vfio: unreadable record {e}");
+            }
             if cli.json {
                 print_json(&list)?;
             } else {
@@ -549,7 +608,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     );
                 }
             }
-            Ok(true)
+            Ok(bad.is_empty())
         }
         Cmd::Gc { state_dir } => {
             let (freed, failed) =

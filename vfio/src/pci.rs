@@ -14,7 +14,8 @@ use serde::{Serialize, Serializer};
 /// A PCI address, `domain:bus:device.function` (`0000:03:10.1`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PciAddr {
-    pub domain: u16,
+    /// 32 bits: VMD and some hypervisors put devices in domains above 0xffff.
+    pub domain: u32,
     pub bus: u8,
     pub device: u8,
     pub function: u8,
@@ -63,12 +64,12 @@ impl FromStr for PciAddr {
             u32::from_str_radix(x, 16).map_err(|_| bad())
         };
         let (domain, bus, device, function) =
-            (hex(domain, 4)?, hex(bus, 2)?, hex(dev, 2)?, hex(func, 1)?);
+            (hex(domain, 8)?, hex(bus, 2)?, hex(dev, 2)?, hex(func, 1)?);
         if device > 0x1f || function > 7 {
             return Err(bad());
         }
         Ok(PciAddr {
-            domain: domain as u16,
+            domain,
             bus: bus as u8,
             device: device as u8,
             function: function as u8,
@@ -381,7 +382,14 @@ mod tests {
             "03:00.0".parse::<PciAddr>().unwrap().to_string(),
             "0000:03:00.0"
         );
+        // A VMD domain has five digits.
+        let v: PciAddr = "10000:e1:00.0".parse().unwrap();
+        assert_eq!(
+            (v.domain, v.to_string().as_str()),
+            (0x10000, "10000:e1:00.0")
+        );
         for bad in [
+            "100000000:03:10.0",
             "",
             "0000:03:10",
             "0000:03:20.0",

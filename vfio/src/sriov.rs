@@ -26,8 +26,14 @@ pub fn set_num_vfs(sys: &Sysfs, pf: PciAddr, n: u32) -> Result<PciDevice> {
     let path = sys.device_dir(pf).join("sriov_numvfs");
     if sr.num_vfs != 0 && n != 0 {
         sys.write(&path, "0")?;
+        sys.write(&path, &n.to_string()).map_err(|e| {
+            SysfsError::Invalid(format!(
+                "{e}; {pf} is left with 0 VFs (the count went through 0)"
+            ))
+        })?;
+    } else {
+        sys.write(&path, &n.to_string())?;
     }
-    sys.write(&path, &n.to_string())?;
     let t0 = Instant::now();
     loop {
         let d = sys.device(pf)?;
@@ -42,6 +48,15 @@ pub fn set_num_vfs(sys: &Sysfs, pf: PciAddr, n: u32) -> Result<PciDevice> {
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The VFs of `pf` that setting its count to `n` removes: all of them, on any change (one
+/// between two non-zero counts goes through 0).
+pub fn vfs_removed(pf: &PciDevice, n: u32) -> Vec<PciAddr> {
+    match &pf.sriov {
+        Some(sr) if sr.num_vfs != n => sr.vfs.iter().map(|(_, a)| *a).collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -66,5 +81,14 @@ mod tests {
         let vf = "0000:03:10.0".parse().unwrap();
         let e = set_num_vfs(&s, vf, 1).unwrap_err().to_string();
         assert!(e.contains("not an SR-IOV physical function"), "{e}");
+        // What a change removes: every VF, up or down; nothing when the count stays.
+        let d = s.device(pf).unwrap();
+        assert_eq!(vfs_removed(&d, 2), Vec::<PciAddr>::new());
+        assert_eq!(vfs_removed(&d, 0).len(), 2);
+        assert_eq!(vfs_removed(&d, 3).len(), 2);
+        assert_eq!(
+            vfs_removed(&s.device(vf).unwrap(), 0),
+            Vec::<PciAddr>::new()
+        );
     }
 }

@@ -138,62 +138,46 @@ impl VfState {
     }
 
     /// Puts the VF back as it was saved: what the PF enforces, then its driver (and
-    /// override), then its interface's name, MTU, MAC and state. Returns the steps that failed, each named;
-    /// every step is tried.
+    /// override), then its interface's name, MTU, MAC and state. Every step is tried, whatever
+    /// failed before it; the error names each step that failed.
+    ///
+    /// igb (and others) report the VF's current MAC as its admin MAC, whichever side set it, so
+    /// a MAC the VF chose itself is put back as an administrative one: the safe way round, as
+    /// it never loosens what the tenant may change.
     pub fn restore(&self, sys: &Sysfs) -> Result<(), StateError> {
         let mut failed: Vec<String> = Vec::new();
-        match (Netlink::open(), ifindex(&self.pf_ifname)) {
-            (Ok(mut nl), Ok(pf)) => {
-                let a = &self.admin;
-                let mut settings = vec![
-                    VfSetting::Mac(a.mac),
-                    VfSetting::Vlan(a.vlan, a.qos, a.vlan_proto),
-                    VfSetting::Rate {
-                        min: a.min_tx_rate,
-                        max: a.max_tx_rate,
-                    },
-                ];
-                settings.extend(a.spoofchk.map(VfSetting::SpoofChk));
-                settings.extend(a.trust.map(VfSetting::Trust));
-                // Sent only when it differs from what the PF shows now (drivers that cannot set
-                // a link state show the saved "auto").
-                settings.extend(a.link_state.map(VfSetting::LinkState));
-                let current = nl
-                    .vfs(pf)
-                    .ok()
-                    .and_then(|v| v.into_iter().find(|r| r.vf == self.vf));
-                for s in settings {
-                    if current.as_ref().is_some_and(|c| s.shown_by(c)) {
-                        continue;
-                    }
-                    if let Err(e) = nl.set_vf(pf, self.vf, s) {
-                        failed.push(format!("{}: {e}", s.name()));
-                    }
-                }
-                // The driver after what the PF enforces, so that it probes the VF as it will
-                // stay; the interface it makes last.
-                let now = sys.device(self.addr);
-                if now.as_ref().map(|d| d.driver.clone()).ok() != Some(self.driver.clone()) {
-                    if let Err(e) = rebind(sys, self.addr, self.driver.as_deref()) {
-                        failed.push(format!("driver: {e}"));
-                    }
-                }
-                // The saved override, or none: a leftover one must not stay for the next tenant.
-                let current = driver_override(sys, self.addr).ok().flatten();
-                if current != self.driver_override {
-                    let value = self.driver_override.as_deref().unwrap_or("\n");
-                    let path = sys.device_dir(self.addr).join("driver_override");
-                    if let Err(e) = sys.write(&path, value) {
-                        failed.push(format!("driver_override: {e}"));
-                    }
-                }
-                if let Some(name) = &self.ifname {
-                    if let Err(e) = self.restore_netdev(sys, &mut nl, name) {
-                        failed.push(format!("interface {name}: {e}"));
-                    }
-                }
+        let mut nl = Netlink::open()
+            .map_err(|e| failed.push(format!("netlink: {e}")))
+            .ok();
+        if let Some(nl) = nl.as_mut() {
+            // The PF by its PCI address: its interface may have been renamed since the save.
+            let pf_ifname = netdev_of(sys, self.pf).unwrap_or_else(|| self.pf_ifname.clone());
+            match ifindex(&pf_ifname) {
+                Ok(pf) => self.restore_admin(nl, pf, &mut failed),
+                Err(e) => failed.push(format!("PF {} ({pf_ifname}): {e}", self.pf)),
             }
-            (Err(e), _) | (_, Err(e)) => failed.push(format!("{}: {e}", self.pf_ifname)),
+        }
+        // The driver after what the PF enforces, so that it probes the VF as it will stay;
+        // the interface it makes last.
+        let now = sys.device(self.addr);
+        if now.as_ref().map(|d| d.driver.clone()).ok() != Some(self.driver.clone()) {
+            if let Err(e) = rebind(sys, self.addr, self.driver.as_deref()) {
+                failed.push(format!("driver: {e}"));
+            }
+        }
+        // The saved override, or none: a leftover one must not stay for the next tenant.
+        let current = driver_override(sys, self.addr).ok().flatten();
+        if current != self.driver_override {
+            let value = self.driver_override.as_deref().unwrap_or("\n");
+            let path = sys.device_dir(self.addr).join("driver_override");
+            if let Err(e) = sys.write(&path, value) {
+                failed.push(format!("driver_override: {e}"));
+            }
+        }
+        if let (Some(name), Some(nl)) = (&self.ifname, nl.as_mut()) {
+            if let Err(e) = self.restore_netdev(sys, nl, name) {
+                failed.push(format!("interface {name}: {e}"));
+            }
         }
         if failed.is_empty() {
             Ok(())
@@ -202,6 +186,35 @@ impl VfState {
                 who: format!("VF {} of {} ({})", self.vf, self.pf_ifname, self.addr),
                 what: format!("restore failed: {}", failed.join("; ")),
             })
+        }
+    }
+
+    /// What the PF enforces, each setting sent only when it differs from what the PF shows now
+    /// (drivers that cannot set a link state show the saved "auto").
+    fn restore_admin(&self, nl: &mut Netlink, pf: u32, failed: &mut Vec<String>) {
+        let a = &self.admin;
+        let mut settings = vec![
+            VfSetting::Mac(a.mac),
+            VfSetting::Vlan(a.vlan, a.qos, a.vlan_proto),
+            VfSetting::Rate {
+                min: a.min_tx_rate,
+                max: a.max_tx_rate,
+            },
+        ];
+        settings.extend(a.spoofchk.map(VfSetting::SpoofChk));
+        settings.extend(a.trust.map(VfSetting::Trust));
+        settings.extend(a.link_state.map(VfSetting::LinkState));
+        let current = nl
+            .vfs(pf)
+            .ok()
+            .and_then(|v| v.into_iter().find(|r| r.vf == self.vf));
+        for s in settings {
+            if current.as_ref().is_some_and(|c| s.shown_by(c)) {
+                continue;
+            }
+            if let Err(e) = nl.set_vf(pf, self.vf, s) {
+                failed.push(format!("{}: {e}", s.name()));
+            }
         }
     }
 

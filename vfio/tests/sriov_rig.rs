@@ -153,6 +153,13 @@ fn sriov_and_vfio_on_a_real_kernel() {
     let (rc, _, err) = g.chroot(&format!("{BIN} {alloc}"));
     assert_ne!(rc, 0);
     assert!(err.contains("no free device"), "{err}");
+    // Allocated VFs are not removed under their owner.
+    let (rc, _, err) = g.chroot(&format!("{BIN} vfs --state-dir /run/rig/alloc {pf_if} 3"));
+    assert_ne!(rc, 0, "VF count changed under allocated VFs");
+    assert!(
+        err.contains(&format!("{} is allocated to /run/netns/pod1", vfs[0])),
+        "{err}"
+    );
     g.ok("ip netns del pod1");
     let gc = vfio(&mut g, "gc --state-dir /run/rig/alloc");
     assert_eq!(gc.lines().count(), 2, "{gc}");
@@ -180,7 +187,15 @@ fn sriov_and_vfio_on_a_real_kernel() {
     let vf0_addr = &vfs[0];
     let b = vfio_json(&mut g, &format!("bind {vf0_addr}"));
     assert_eq!(b["previous_driver"], "igbvf", "{b}");
+    assert_eq!(b["already_bound"], false, "{b}");
     let group = b["spec"]["iommu_group"].as_u64().expect("group");
+    // A VM may hold it: the VFs are not removed from under it.
+    let (rc, _, err) = g.chroot(&format!("{BIN} vfs {pf_if} 0"));
+    assert_ne!(rc, 0, "VFs removed while one is bound to vfio-pci");
+    assert!(
+        err.contains(&format!("{vf0_addr} is bound to vfio-pci")),
+        "{err}"
+    );
     g.ok(&format!("test -c /dev/vfio/{group}"));
     let p = vfio_json(&mut g, &format!("probe {vf0_addr}"));
     let regions = p["regions"].as_array().expect("regions");
@@ -211,6 +226,9 @@ fn sriov_and_vfio_on_a_real_kernel() {
     .to_string();
     let b = vfio_json(&mut g, &format!("bind {edu}"));
     assert!(b["previous_driver"].is_null(), "{b}");
+    assert_eq!(b["already_bound"], false, "{b}");
+    let b = vfio_json(&mut g, &format!("bind {edu}"));
+    assert_eq!(b["already_bound"], true, "{b}");
     let dma = vfio_json(&mut g, &format!("dma-check {edu}"));
     assert_eq!(dma["round_trip_equal"], true, "{dma}");
     assert_eq!(dma["unmapped_write_blocked"], true, "{dma}");
