@@ -148,6 +148,19 @@ pub enum Mode {
     VhostUser,
     /// An SR-IOV VF: its interface in the pod, or bound to vfio-pci for a VM.
     Sriov,
+    /// A tap in the pod for the VM's QEMU, tc-redirected to a veth on a host bridge: the
+    /// kernel's path.
+    Tap,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::VhostUser => "vhost-user",
+            Mode::Sriov => "sriov",
+            Mode::Tap => "tap",
+        }
+    }
 }
 
 /// The `sriov` mode's settings.
@@ -201,6 +214,8 @@ pub struct NetConf {
     pub mtu: Option<u32>,
     pub runtime: RuntimeConfig,
     pub sriov: Option<SriovConf>,
+    /// The tap mode's host bridge.
+    pub bridge: String,
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<ValidAttachment>>,
     /// Everything as received, for delegated plugins.
@@ -234,6 +249,9 @@ const KNOWN_KEYS: [&str; 22] = [
     "pciBusID",
 ];
 
+/// The keys of the tap mode, refused in the other modes.
+const TAP_KEYS: [&str; 1] = ["bridge"];
+
 /// The keys of the sriov mode (sriov-cni's names), refused in the other modes.
 const SRIOV_KEYS: [&str; 9] = [
     "deviceID",
@@ -250,6 +268,7 @@ const SRIOV_KEYS: [&str; 9] = [
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/torii/dataplane.sock";
 pub const DEFAULT_SOCKET_DIR: &str = "/run/torii/pods";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cni/torii";
+pub const DEFAULT_BRIDGE: &str = "torii0";
 
 fn bad(details: String) -> CniError {
     CniError::new(Code::InvalidConfig, details)
@@ -305,7 +324,9 @@ impl NetConf {
         };
         for (k, v) in m {
             // Keys under cni.dev/ are the runtime's (section 3): taken or ignored, never refused.
-            let known = KNOWN_KEYS.contains(&k.as_str()) || SRIOV_KEYS.contains(&k.as_str());
+            let known = KNOWN_KEYS.contains(&k.as_str())
+                || SRIOV_KEYS.contains(&k.as_str())
+                || TAP_KEYS.contains(&k.as_str());
             if !known && !k.starts_with("cni.dev/") {
                 return Err(CniError::new(
                     Code::UnsupportedField,
@@ -331,10 +352,9 @@ impl NetConf {
             )));
         }
         let mode = match m.get("mode") {
-            None => return Err(bad("mode is missing (vhost-user or sriov)".into())),
-            Some(v) => {
-                Mode::deserialize(v).map_err(|_| bad(format!("mode {v} is not \"vhost-user\"")))?
-            }
+            None => return Err(bad("mode is missing (vhost-user, sriov or tap)".into())),
+            Some(v) => Mode::deserialize(v)
+                .map_err(|_| bad(format!("mode {v} is not vhost-user, sriov or tap")))?,
         };
         let ipam = match m.get("ipam") {
             None | Some(Value::Null) => None,
@@ -378,17 +398,31 @@ impl NetConf {
         if mtu.is_some_and(|v| v < 68) {
             return Err(bad("mtu: at least 68".into()));
         }
+        for (keys, owner) in [(&SRIOV_KEYS[..], Mode::Sriov), (&TAP_KEYS[..], Mode::Tap)] {
+            if let Some(k) = keys.iter().find(|k| mode != owner && m.contains_key(**k)) {
+                return Err(bad(format!(
+                    "{k} is for mode {}, not {}",
+                    owner.name(),
+                    mode.name()
+                )));
+            }
+        }
         let sriov = match mode {
             Mode::Sriov => Some(sriov_conf(m, runtime.mac.as_ref().or(mac.as_ref()), vlan)?),
-            Mode::VhostUser => {
-                for k in SRIOV_KEYS {
-                    if m.contains_key(k) {
-                        return Err(bad(format!("{k} is for mode sriov, not vhost-user")));
-                    }
-                }
-                None
-            }
+            Mode::VhostUser | Mode::Tap => None,
         };
+        if mode == Mode::Tap && vlan.is_some() {
+            return Err(bad(
+                "vlan: the tap mode does not tag; use the vhost-user or sriov mode for VLANs"
+                    .into(),
+            ));
+        }
+        let bridge = string(m, "bridge")?.unwrap_or_else(|| DEFAULT_BRIDGE.into());
+        if !valid_ifname(&bridge) {
+            return Err(bad(format!(
+                "bridge {bridge:?} is not a valid interface name (1-15 bytes, no / : or spaces)"
+            )));
+        }
         let valid_attachments = match m.get("cni.dev/valid-attachments") {
             None | Some(Value::Null) => None,
             Some(v) => Some(
@@ -410,6 +444,7 @@ impl NetConf {
             mtu,
             runtime,
             sriov,
+            bridge,
             prev_result: m.get("prevResult").cloned().filter(|v| !v.is_null()),
             valid_attachments,
             cni_version,
@@ -580,6 +615,13 @@ mod tests {
             (Some(100), 2, Some("host-local"))
         );
         assert_eq!(c.runtime.mac.as_deref(), Some("02:00:00:00:00:09"));
+        let t =
+            NetConf::parse(br#"{"cniVersion": "1.1.0", "name": "t", "mode": "tap", "queues": 4}"#)
+                .unwrap();
+        assert_eq!(
+            (t.mode, t.bridge.as_str(), t.queues),
+            (Mode::Tap, "torii0", 4)
+        );
         for (text, code, want) in [
             ("{", 6, "network configuration"),
             (
@@ -626,6 +668,26 @@ mod tests {
                 r#"{"cniVersion": "1.1.0", "name": "n/x", "mode": "vhost-user"}"#,
                 7,
                 "name",
+            ),
+            (
+                r#"{"cniVersion": "1.1.0", "name": "n", "mode": "vhost-user", "bridge": "br0"}"#,
+                7,
+                "bridge is for mode tap, not vhost-user",
+            ),
+            (
+                r#"{"cniVersion": "1.1.0", "name": "n", "mode": "tap", "vlan": 10}"#,
+                7,
+                "the tap mode does not tag",
+            ),
+            (
+                r#"{"cniVersion": "1.1.0", "name": "n", "mode": "tap", "bridge": "a/b"}"#,
+                7,
+                "bridge \"a/b\" is not a valid interface name",
+            ),
+            (
+                r#"{"cniVersion": "1.1.0", "name": "n", "mode": "tap", "deviceID": "0000:03:10.0"}"#,
+                7,
+                "deviceID is for mode sriov, not tap",
             ),
         ] {
             let e = NetConf::parse(text.as_bytes()).unwrap_err();

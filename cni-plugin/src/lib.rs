@@ -9,10 +9,12 @@
 //! - [`plugin`]: ADD, DEL, CHECK, STATUS, GC, VERSION; the `vhost-user` mode (a port on
 //!   torii-dataplane through its control API).
 //! - [`sriov`]: the `sriov` mode (a VF through torii-vfio: in the pod, or on vfio-pci).
+//! - [`tap`]: the `tap` mode (a tap in the pod, tc-redirected to a veth on a host bridge).
 
 pub mod config;
 pub mod delegate;
 pub mod plugin;
 pub mod sriov;
 pub mod state;
+pub mod tap;
 pub mod types;

@@ -12,6 +12,7 @@ use crate::config::{fits_sun_path, Command, Env, Mode, NetConf};
 use crate::delegate::Delegate;
 use crate::sriov;
 use crate::state::{Attachment, Kind, Phase, Store};
+use crate::tap;
 use crate::types::{AddResult, CniError, CniResult, Code, Interface, SUPPORTED_VERSIONS};
 
 /// FNV-1a: a stable hash for names and MACs derived from an attachment (stable across
@@ -68,6 +69,50 @@ fn pod_dir(conf: &NetConf, env: &Env) -> PathBuf {
     }
     let h = fnv1a(&[cid]) as u32;
     conf.socket_dir.join(format!("{}-{h:08x}", &cid[..24]))
+}
+
+/// The tap mode's record: the links named after the attachment (`tvh`/`tvp` and the hash
+/// of the data plane port name, 11 bytes).
+fn tap_kind(conf: &NetConf, env: &Env) -> Kind {
+    let h = fnv1a(&[&conf.name, env.container_id(), env.ifname()]) as u32;
+    Kind::Tap {
+        bridge: conf.bridge.clone(),
+        host_veth: format!("tvh{h:08x}"),
+        pod_veth: format!("tvp{h:08x}"),
+        queues: conf.queues,
+        pod_dir: pod_dir(conf, env),
+    }
+}
+
+/// The link names of a tap attachment's record.
+fn tap_names(a: &Attachment) -> Option<tap::Names> {
+    match &a.kind {
+        Kind::Tap {
+            bridge,
+            host_veth,
+            pod_veth,
+            ..
+        } => Some(tap::Names {
+            bridge: bridge.clone(),
+            host_veth: host_veth.clone(),
+            pod_veth: pod_veth.clone(),
+            tap: a.ifname.clone(),
+        }),
+        _ => None,
+    }
+}
+
+fn tap_err(e: io::Error) -> CniError {
+    CniError::new(Code::Setup, e.to_string())
+}
+
+/// The guest's MAC: the runtime's, the config's, or one derived from the attachment.
+fn guest_mac(conf: &NetConf, env: &Env) -> String {
+    conf.runtime
+        .mac
+        .clone()
+        .or_else(|| conf.mac.clone())
+        .unwrap_or_else(|| derived_mac(conf, env))
 }
 
 /// The data plane's control API.
@@ -255,6 +300,22 @@ fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
             vfio: s.vfio,
         },
         (Mode::Sriov, None) => unreachable!("parsed with the mode"),
+        (Mode::Tap, _) => {
+            let kind = tap_kind(conf, env);
+            let probe = Attachment {
+                container_id: env.container_id().into(),
+                ifname: env.ifname().into(),
+                netns: None,
+                phase: Phase::Adding,
+                device_info_file: None,
+                result: None,
+                kind,
+            };
+            let names = tap_names(&probe).expect("a tap record");
+            tap::precheck(&netns, &names)
+                .map_err(|e| CniError::new(Code::InvalidConfig, e.to_string()))?;
+            probe.kind
+        }
     };
     let mut a = Attachment {
         container_id: env.container_id().to_string(),
@@ -278,6 +339,7 @@ fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
                 pod_dir,
             } => add_vhost_user(env, conf, port, socket, pod_dir, result),
             Kind::Sriov { .. } => add_sriov(env, conf, result),
+            Kind::Tap { .. } => add_tap(env, conf, &a, result),
         }
     })();
     match made {
@@ -340,12 +402,7 @@ fn add_vhost_user(
     let dp = DataPlane {
         socket: &conf.control_socket,
     };
-    let mac = conf
-        .runtime
-        .mac
-        .clone()
-        .or_else(|| conf.mac.clone())
-        .unwrap_or_else(|| derived_mac(conf, env));
+    let mac = guest_mac(conf, env);
     fs::create_dir_all(dir)
         .map_err(|e| CniError::new(Code::Io, format!("{}: {e}", dir.display())))?;
     let mut settings = json!({
@@ -403,6 +460,71 @@ fn add_vhost_user(
             }),
         )?;
     }
+    Ok(out)
+}
+
+fn add_tap(env: &Env, conf: &NetConf, a: &Attachment, ipam: AddResult) -> CniResult<AddResult> {
+    let Kind::Tap {
+        host_veth, pod_dir, ..
+    } = &a.kind
+    else {
+        unreachable!("a tap record")
+    };
+    let names = tap_names(a).expect("a tap record");
+    let netns = env.netns.as_deref().expect("checked for ADD");
+    tap::plug(
+        netns,
+        &tap::Spec {
+            names: &names,
+            queues: conf.queues,
+            mtu: conf.mtu,
+        },
+    )
+    .map_err(tap_err)?;
+    let mac = guest_mac(conf, env);
+    // The host's end first (as the bridge plugin lists its host side), then the pod's tap.
+    let mut out = merge_result(
+        conf,
+        Interface {
+            name: env.ifname().to_string(),
+            mac: Some(mac.clone()),
+            mtu: conf.mtu,
+            sandbox: Some(netns.display().to_string()),
+            socket_path: None,
+            pci_id: None,
+        },
+        ipam,
+    )?;
+    let index = out.interfaces.len() as u32 - 1;
+    out.interfaces.insert(
+        index as usize,
+        Interface {
+            name: host_veth.clone(),
+            mac: None,
+            mtu: conf.mtu,
+            sandbox: None,
+            socket_path: None,
+            pci_id: None,
+        },
+    );
+    for ip in out.ips.iter_mut().filter(|i| i.interface == Some(index)) {
+        ip.interface = Some(index + 1);
+    }
+    write_file(
+        &pod_dir.join(format!("{}.json", env.ifname())),
+        &json!({
+            "ifname": env.ifname(),
+            "type": "tap",
+            "tap": env.ifname(),
+            "netns": netns,
+            "mac": mac,
+            "mtu": conf.mtu,
+            "queues": conf.queues,
+            "ips": out.ips.iter().filter(|i| i.interface == Some(index + 1)).collect::<Vec<_>>(),
+            "routes": out.routes,
+            "dns": out.dns,
+        }),
+    )?;
     Ok(out)
 }
 
@@ -486,6 +608,12 @@ fn undo(env: &Env, conf: &NetConf, a: &Attachment, ipam: Option<&Delegate>) -> C
             device,
             *vfio,
         )),
+        Kind::Tap { pod_dir, .. } => {
+            let names = tap_names(a).expect("a tap record");
+            keep(tap::unplug(a.netns.as_deref(), &names).map_err(tap_err));
+            keep(remove_file(&pod_dir.join(format!("{}.json", a.ifname))));
+            let _ = fs::remove_dir(pod_dir);
+        }
     }
     if let Some(f) = &a.device_info_file {
         keep(remove_file(f));
@@ -528,6 +656,7 @@ fn del(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
                     // No VF named anywhere: none can have been taken for this attachment.
                     Err(_) => return release_ipam_only(env, conf),
                 },
+                (Mode::Tap, _) => tap_kind(conf, env),
                 _ => {
                     let dir = pod_dir(conf, env);
                     Kind::VhostUser {
@@ -616,6 +745,19 @@ fn check(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
             }
         }
         Kind::Sriov { device, vfio } => sriov::check(conf, env, device, *vfio)?,
+        Kind::Tap { queues, .. } => {
+            let names = tap_names(&a).expect("a tap record");
+            let netns = env.netns.as_deref().expect("checked for CHECK");
+            tap::check(
+                netns,
+                &tap::Spec {
+                    names: &names,
+                    queues: *queues,
+                    mtu: conf.mtu,
+                },
+            )
+            .map_err(tap_err)?;
+        }
     }
     if let Some(d) = ipam(env, conf)? {
         d.run(Command::Check, None, env, &conf.raw, &conf.cni_version)?;

@@ -51,6 +51,16 @@ pub enum Kind {
         /// Bound to vfio-pci (else its interface is in the pod's namespace).
         vfio: bool,
     },
+    Tap {
+        /// The host's bridge and the veth's ends (the tap is named like the attachment).
+        bridge: String,
+        host_veth: String,
+        pod_veth: String,
+        /// Queues of the tap.
+        queues: u16,
+        /// The pod's directory of network files.
+        pod_dir: PathBuf,
+    },
 }
 
 fn io(path: &Path, e: io::Error) -> CniError {

@@ -180,6 +180,16 @@ pub struct GuestBuilder {
     early_args: Vec<String>,
     die_with_parent: bool,
     reboot: bool,
+    taps: Vec<TapDev>,
+    netns: Option<PathBuf>,
+}
+
+/// A virtio-net device on a tap that exists already (QEMU's `-netdev tap`, no scripts).
+#[derive(Debug, Clone)]
+struct TapDev {
+    ifname: String,
+    mac: String,
+    queues: u16,
 }
 
 impl Default for GuestBuilder {
@@ -213,6 +223,8 @@ impl GuestBuilder {
             early_args: Vec::new(),
             die_with_parent: true,
             reboot: false,
+            taps: Vec::new(),
+            netns: None,
         }
     }
 
@@ -269,6 +281,28 @@ impl GuestBuilder {
             mode,
             props: Vec::new(),
         });
+        self
+    }
+
+    /// Adds a virtio-net-pci device on the existing tap `ifname` (in QEMU's network namespace:
+    /// see [`GuestBuilder::netns`]); `queues` > 1 opens it multiqueue.
+    pub fn net_tap(
+        mut self,
+        ifname: impl Into<String>,
+        mac: impl Into<String>,
+        queues: u16,
+    ) -> Self {
+        self.taps.push(TapDev {
+            ifname: ifname.into(),
+            mac: mac.into(),
+            queues: queues.max(1),
+        });
+        self
+    }
+
+    /// Runs QEMU in the network namespace at `path` (`/run/netns/NAME`), as a pod's VM runs.
+    pub fn netns(mut self, path: impl Into<PathBuf>) -> Self {
+        self.netns = Some(path.into());
         self
     }
 
@@ -415,6 +449,17 @@ impl GuestBuilder {
             }
             push(&["-chardev", &chr, "-netdev", &netdev, "-device", &dev]);
         }
+        for (i, t) in self.taps.iter().enumerate() {
+            let netdev = format!(
+                "tap,id=t{i},ifname={},script=no,downscript=no,queues={}",
+                t.ifname, t.queues
+            );
+            let mut dev = format!("virtio-net-pci,netdev=t{i},mac={}", t.mac);
+            if t.queues > 1 {
+                dev.push_str(&format!(",mq=on,vectors={}", 2 * u32::from(t.queues) + 2));
+            }
+            push(&["-netdev", &netdev, "-device", &dev]);
+        }
         for (i, b) in self.blks.iter().enumerate() {
             let mut chr = format!("socket,id=b{i},path={}", qemu_opt_escape(&b.sock));
             if let Some(ms) = b.reconnect_ms {
@@ -473,6 +518,26 @@ impl GuestBuilder {
         if self.die_with_parent {
             proc_util::die_with_parent(&mut cmd);
         }
+        // Kept open until QEMU has started.
+        let _netns = match &self.netns {
+            Some(p) => {
+                let f = File::open(p).map_err(io_err(format!("opening netns {}", p.display())))?;
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+                // SAFETY: the closure runs in the child between fork and exec and only calls
+                // setns, which is async-signal-safe, on an fd the parent keeps open until the
+                // spawn returns.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                Some(f)
+            }
+            None => None,
+        };
         tracing::info!(qemu = %qemu.display(), args = ?args, "spawning guest");
         let child = cmd.spawn().map_err(|source| GuestError::Spawn {
             binary: qemu.display().to_string(),

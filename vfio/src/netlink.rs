@@ -162,8 +162,13 @@ impl Netlink {
         Ok(Netlink { sock, seq: 0 })
     }
 
-    /// Sends `msg` and collects the link messages of the reply (or the kernel's error).
-    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<LinkMessage>> {
+    /// Sends `msg` with `flags` and collects the messages of the reply (a dump's parts, the
+    /// answer to a get), or the kernel's error. With `NLM_F_ACK` it waits for the ACK.
+    pub fn call(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let mut nl =
@@ -184,8 +189,8 @@ impl Netlink {
                 let len = msg.header.length as usize;
                 if msg.header.sequence_number == seq {
                     match msg.payload {
-                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
-                            out.push(l);
+                        NetlinkPayload::InnerMessage(m) => {
+                            out.push(m);
                             if msg.header.flags & NLM_F_MULTIPART == 0 && flags & NLM_F_ACK == 0 {
                                 return Ok(out);
                             }
@@ -206,6 +211,38 @@ impl Netlink {
                 off += (len + 3) & !3;
             }
         }
+    }
+
+    /// [`Netlink::call`] for requests answered with links.
+    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<LinkMessage>> {
+        Ok(self
+            .call(msg, flags)?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Creates what `msg` (a `New…` message) describes; one that exists already is an error
+    /// (EEXIST).
+    pub fn create(&mut self, msg: RouteNetlinkMessage) -> io::Result<()> {
+        self.call(msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+            .map(|_| ())
+    }
+
+    /// Creates a link (`ip link add`): `m` carries its name and `LinkInfo`.
+    pub fn new_link(&mut self, m: LinkMessage) -> io::Result<()> {
+        self.create(RouteNetlinkMessage::NewLink(m))
+    }
+
+    /// Deletes link `index`.
+    pub fn del_link(&mut self, index: u32) -> io::Result<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        self.call(RouteNetlinkMessage::DelLink(m), NLM_F_REQUEST | NLM_F_ACK)
+            .map(|_| ())
     }
 
     /// The link `index` with its VF information.
