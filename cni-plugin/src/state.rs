@@ -93,16 +93,17 @@ impl Store {
         }
     }
 
-    /// Writes `a` atomically: a crash leaves the old record or the new one.
+    /// Writes `a` atomically: a crash of the plugin leaves the old record or the new one (the
+    /// rename). Not fsynced: what a record describes (namespaces, ports, taps) does not outlive
+    /// the machine either, and a DEL that finds no record still undoes what the attachment's
+    /// names lead to, IPAM included; an fsync would cost every ADD a journal commit.
     pub fn save(&self, a: &Attachment) -> CniResult<()> {
         fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
         let p = self.path(&a.container_id, &a.ifname);
         let tmp = p.with_extension(format!("tmp{}", std::process::id()));
         let text = serde_json::to_vec_pretty(a).expect("attachment serializes");
         let mut f = fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-        f.write_all(&text)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| io(&tmp, e))?;
+        f.write_all(&text).map_err(|e| io(&tmp, e))?;
         fs::rename(&tmp, &p).map_err(|e| io(&p, e))
     }
 

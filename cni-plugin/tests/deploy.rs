@@ -60,6 +60,15 @@ fn the_sriov_network_attachment_definitions_are_valid_torii_cni_configs() {
 }
 
 #[test]
+fn the_tap_network_attachment_definition_is_a_valid_torii_cni_config() {
+    let conf = block(&read("nad-tap.yaml"), "config");
+    let c = torii_cni::config::NetConf::parse(conf.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}\n{conf}"));
+    assert_eq!(c.mode, torii_cni::config::Mode::Tap);
+    assert_eq!((c.bridge.as_str(), c.queues), ("torii-br", 2));
+}
+
+#[test]
 fn the_daemonset_config_is_a_valid_dataplane_config() {
     let text = block(&read("torii.yaml"), "dataplane.toml");
     // Parsed, not validated: pmd_cpus names the node's CPUs, not this machine's.

@@ -85,12 +85,13 @@ pub fn request(
     })?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
+    // One write (not one per formatted piece: each would wake the server), one read buffer.
+    let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: torii\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
-    let mut raw = Vec::new();
+    );
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::with_capacity(4096);
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
     let (head, rest) = text

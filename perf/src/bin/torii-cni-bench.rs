@@ -1,8 +1,9 @@
 //! `torii-cni-bench`: how long torii-cni takes to ADD and DEL an attachment, run as a runtime
 //! runs it (the `CNI_*` environment, the configuration on stdin, a real network namespace)
-//! against a real torii-dataplane, with host-local IPAM. Prints the median, p90, p99 and max
-//! of each and writes the series as JSON. `perf/run-cni-bench` builds the release binaries
-//! first.
+//! with host-local IPAM, in each mode asked for (vhost-user against a real torii-dataplane;
+//! tap on a host bridge), the modes interleaved cycle by cycle. Prints the median, p90, p99
+//! and max of each and writes the series as JSON. `perf/run-cni-bench` builds the release
+//! binaries first.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,14 +31,29 @@ struct Cli {
     /// Where the reference plugins (host-local) are.
     #[arg(long, default_value = "/usr/lib/cni")]
     cni_path: PathBuf,
+    /// Modes to measure, interleaved: vhost-user, tap, and host-local (the IPAM plugin alone,
+    /// the floor every mode's ADD stands on).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "vhost-user,tap,host-local"
+    )]
+    modes: Vec<String>,
     /// Results file (JSON).
     #[arg(long, default_value = "perf/results/cni-latest.json")]
     out: PathBuf,
 }
 
-fn call(cli: &Cli, command: &str, cid: &str, netns: &str, conf: &[u8]) -> anyhow::Result<Duration> {
+fn call(
+    cli: &Cli,
+    bin: &Path,
+    command: &str,
+    cid: &str,
+    netns: &str,
+    conf: &[u8],
+) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
-    let mut child = Command::new(&cli.cni)
+    let mut child = Command::new(bin)
         .env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", cid)
@@ -48,7 +64,7 @@ fn call(cli: &Cli, command: &str, cid: &str, netns: &str, conf: &[u8]) -> anyhow
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("running {}", cli.cni.display()))?;
+        .with_context(|| format!("running {}", bin.display()))?;
     child.stdin.take().context("stdin")?.write_all(conf)?;
     let out = child.wait_with_output()?;
     let took = t0.elapsed();
@@ -94,44 +110,77 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let ns_name = format!("torii-cni-bench-{}", std::process::id());
     proc_util::sh(&format!("ip netns add {ns_name}"));
     let netns = format!("/run/netns/{ns_name}");
-    let conf = json!({
-        "cniVersion": "1.1.0",
-        "name": "bench",
-        "type": "torii-cni",
-        "mode": "vhost-user",
-        "controlSocket": control,
-        "socketDir": dir.join("pods"),
-        "stateDir": dir.join("state"),
-        "ipam": {"type": "host-local", "subnet": "10.78.0.0/16", "dataDir": dir.join("ipam")},
-    })
-    .to_string();
-    let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    let bridge = format!("tcb{}", std::process::id() % 100_000);
+    let mut confs = Vec::new();
+    for mode in &cli.modes {
+        let mut c = json!({
+            "cniVersion": "1.1.0",
+            "name": format!("bench-{mode}"),
+            "type": "torii-cni",
+            "mode": mode,
+            "stateDir": dir.join("state"),
+            "ipam": {"type": "host-local", "subnet": "10.78.0.0/16", "dataDir": dir.join("ipam")},
+        });
+        match mode.as_str() {
+            "vhost-user" => {
+                c["controlSocket"] = json!(control);
+                c["socketDir"] = json!(dir.join("pods"));
+            }
+            "tap" => {
+                c["bridge"] = json!(bridge);
+                c["socketDir"] = json!(dir.join("pods"));
+            }
+            "host-local" => {
+                c.as_object_mut().expect("object").remove("mode");
+                c["type"] = json!("host-local");
+                // Debian's host-local speaks up to 1.0.0 (torii-cni asks it in that version).
+                c["cniVersion"] = json!("1.0.0");
+                confs.push((cli.cni_path.join("host-local"), c.to_string()));
+                continue;
+            }
+            m => bail!("mode {m}: this bench measures vhost-user, tap and host-local"),
+        }
+        confs.push((cli.cni.clone(), c.to_string()));
+    }
+    let mut series = vec![(Vec::new(), Vec::new()); confs.len()];
     let result = (|| -> anyhow::Result<()> {
         for i in 0..cli.cycles {
             let cid = format!("bench{i}");
-            adds.push(call(cli, "ADD", &cid, &netns, conf.as_bytes())?);
-            dels.push(call(cli, "DEL", &cid, &netns, conf.as_bytes())?);
+            for ((bin, conf), (adds, dels)) in confs.iter().zip(series.iter_mut()) {
+                adds.push(call(cli, bin, "ADD", &cid, &netns, conf.as_bytes())?);
+                dels.push(call(cli, bin, "DEL", &cid, &netns, conf.as_bytes())?);
+            }
         }
         Ok(())
     })();
     let _ = Command::new("ip").args(["netns", "del", &ns_name]).output();
+    let _ = Command::new("ip").args(["link", "del", &bridge]).output();
     result?;
     let root = bench::workspace_root();
     let (commit, dirty) = bench::git_info(&root);
-    let (add, del) = (stats(adds.clone()), stats(dels.clone()));
-    println!("vhost-user ADD: {add}\nvhost-user DEL: {del}");
     let ms = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
+    let mut modes = serde_json::Map::new();
+    for (mode, (adds, dels)) in cli.modes.iter().zip(&series) {
+        let (add, del) = (stats(adds.clone()), stats(dels.clone()));
+        println!("{mode} ADD: {add}\n{mode} DEL: {del}");
+        modes.insert(
+            mode.clone(),
+            json!({
+                "add": add,
+                "del": del,
+                "add_series_ms": ms(adds),
+                "del_series_ms": ms(dels),
+            }),
+        );
+    }
     let report = json!({
         "bench": "torii-cni-bench",
         "commit": commit,
         "dirty": dirty,
         "cycles": cli.cycles,
-        "mode": "vhost-user",
         "ipam": "host-local",
-        "add": add,
-        "del": del,
-        "add_series_ms": ms(&adds),
-        "del_series_ms": ms(&dels),
+        "interleaved": true,
+        "modes": modes,
     });
     if let Some(p) = cli.out.parent() {
         std::fs::create_dir_all(p)?;
