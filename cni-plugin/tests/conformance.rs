@@ -162,11 +162,21 @@ fn bad_requests_get_the_spec_codes_and_leave_nothing() {
             "unknown field",
             {
                 let mut c = conf.clone();
-                c["bridge"] = json!("br0");
+                c["hairpinMode"] = json!(true);
                 r.cni("ADD", Some("c1"), Some("net1"), Some(&ns), &c)
             },
             2,
-            "\"bridge\" (value \"br0\")",
+            "\"hairpinMode\" (value true)",
+        ),
+        (
+            "a key of another mode",
+            {
+                let mut c = conf.clone();
+                c["bridge"] = json!("br0");
+                r.cni("ADD", Some("c1"), Some("net1"), Some(&ns), &c)
+            },
+            7,
+            "bridge is for mode tap, not vhost-user",
         ),
         (
             "unsupported version",
