@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::config::{fits_sun_path, Command, Env, Mode, NetConf};
 use crate::delegate::Delegate;
-use crate::sriov;
+use crate::sriov::{self, Host};
 use crate::state::{Attachment, Kind, Phase, Store};
 use crate::tap;
 use crate::types::{AddResult, CniError, CniResult, Code, Interface, SUPPORTED_VERSIONS};
@@ -214,8 +214,13 @@ fn write_file(p: &Path, v: &Value) -> CniResult<()> {
     fs::rename(&tmp, p).map_err(io)
 }
 
-/// Runs `env.command` with `stdin`; the text to print on success.
+/// Runs `env.command` with `stdin` on this machine; the text to print on success.
 pub fn run(env: &Env, stdin: &[u8]) -> CniResult<Option<Value>> {
+    run_on(&mut Host::kernel(), env, stdin)
+}
+
+/// [`run`] on `host`: the kernel's, or a fake sysfs tree and PF driver for the sriov mode.
+pub fn run_on(host: &mut Host, env: &Env, stdin: &[u8]) -> CniResult<Option<Value>> {
     if env.command == Command::Version {
         let v: Value = serde_json::from_slice(stdin).unwrap_or(Value::Null);
         let version = v["cniVersion"].as_str().unwrap_or("1.1.0");
@@ -236,11 +241,11 @@ pub fn run(env: &Env, stdin: &[u8]) -> CniResult<Option<Value>> {
     }
     let store = Store::new(conf.network_state_dir());
     match env.command {
-        Command::Add => add(env, &conf, &store).map(Some),
-        Command::Del => del(env, &conf, &store).map(|_| None),
-        Command::Check => check(env, &conf, &store).map(|_| None),
+        Command::Add => add(host, env, &conf, &store).map(Some),
+        Command::Del => del(host, env, &conf, &store).map(|_| None),
+        Command::Check => check(host, env, &conf, &store).map(|_| None),
         Command::Status => status(env, &conf).map(|_| None),
-        Command::Gc => gc(env, &conf, &store).map(|_| None),
+        Command::Gc => gc(host, env, &conf, &store).map(|_| None),
         Command::Version => unreachable!("answered above"),
     }
 }
@@ -252,7 +257,7 @@ fn ipam(env: &Env, conf: &NetConf) -> CniResult<Option<Delegate>> {
         .transpose()
 }
 
-fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
+fn add(host: &mut Host, env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
     if let Some(a) = store.load(env.container_id(), env.ifname())? {
         return Err(CniError::new(
             Code::InvalidConfig,
@@ -338,7 +343,7 @@ fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
                 socket,
                 pod_dir,
             } => add_vhost_user(env, conf, port, socket, pod_dir, result),
-            Kind::Sriov { .. } => add_sriov(env, conf, result),
+            Kind::Sriov { .. } => add_sriov(host, env, conf, result),
             Kind::Tap { .. } => add_tap(env, conf, &a, result),
         }
     })();
@@ -347,7 +352,7 @@ fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
             a.phase = Phase::Added;
             a.result = Some(out.to_json("1.1.0"));
             if let Err(e) = store.save(&a) {
-                if let Err(u) = undo(env, conf, &a, ipam.as_ref()) {
+                if let Err(u) = undo(host, env, conf, &a, ipam.as_ref()) {
                     eprintln!("torii-cni: undoing the failed ADD: {u}");
                 }
                 return Err(e);
@@ -357,7 +362,7 @@ fn add(env: &Env, conf: &NetConf, store: &Store) -> CniResult<Value> {
         Err(e) => {
             // Undo what was made; the first error is the one to report, the undo's are logged
             // (the record stays for DEL or GC to finish).
-            if let Err(u) = undo(env, conf, &a, ipam.as_ref()) {
+            if let Err(u) = undo(host, env, conf, &a, ipam.as_ref()) {
                 eprintln!("torii-cni: undoing the failed ADD: {u}");
             }
             Err(e)
@@ -528,16 +533,16 @@ fn add_tap(env: &Env, conf: &NetConf, a: &Attachment, ipam: AddResult) -> CniRes
     Ok(out)
 }
 
-fn add_sriov(env: &Env, conf: &NetConf, ipam: AddResult) -> CniResult<AddResult> {
+fn add_sriov(host: &mut Host, env: &Env, conf: &NetConf, ipam: AddResult) -> CniResult<AddResult> {
     let s = conf.sriov.as_ref().expect("sriov mode");
     let device = sriov::device(conf, s)?;
-    let saved = sriov::claim(env, conf, s, device)?;
+    let saved = sriov::claim(host, env, conf, s, device)?;
     let mac = sriov::setting_mac(&s.settings);
     let netns = env.netns.as_deref().expect("checked for ADD");
     if s.vfio {
-        sriov::bind_vfio(device)?;
+        sriov::bind_vfio(host, device)?;
     } else {
-        sriov::plug_netdev(netns, &saved, env.ifname(), mac, conf.mtu, &ipam)?;
+        sriov::plug_netdev(host, netns, &saved, env.ifname(), mac, conf.mtu, &ipam)?;
     }
     let mac_text = mac.or(saved.mac).map(|m| {
         m.iter()
@@ -571,7 +576,13 @@ fn add_sriov(env: &Env, conf: &NetConf, ipam: AddResult) -> CniResult<AddResult>
 
 /// Removes everything an attachment may hold, then its record. Every step runs; the first
 /// error is returned (with the record kept, so a later DEL or GC tries again).
-fn undo(env: &Env, conf: &NetConf, a: &Attachment, ipam: Option<&Delegate>) -> CniResult<()> {
+fn undo(
+    host: &mut Host,
+    env: &Env,
+    conf: &NetConf,
+    a: &Attachment,
+    ipam: Option<&Delegate>,
+) -> CniResult<()> {
     let mut first: Option<CniError> = None;
     let mut keep = |r: CniResult<()>| {
         if let Err(e) = r {
@@ -601,6 +612,7 @@ fn undo(env: &Env, conf: &NetConf, a: &Attachment, ipam: Option<&Delegate>) -> C
             let _ = fs::remove_dir(pod_dir);
         }
         Kind::Sriov { device, vfio } => keep(sriov::release(
+            host,
             conf,
             &a.container_id,
             a.netns.as_deref(),
@@ -636,7 +648,7 @@ fn undo(env: &Env, conf: &NetConf, a: &Attachment, ipam: Option<&Delegate>) -> C
     }
 }
 
-fn del(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
+fn del(host: &mut Host, env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
     let a = match store.load(env.container_id(), env.ifname())? {
         Some(a) => a,
         // No record: clean up what an ADD of this attachment would have made.
@@ -674,7 +686,7 @@ fn del(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
         Err(e) if e.code == Code::NotAvailable as u32 => None,
         Err(e) => return Err(e),
     };
-    undo(env, conf, &a, ipam.as_ref())
+    undo(host, env, conf, &a, ipam.as_ref())
 }
 
 /// DEL of an sriov attachment with no record and no VF: only IPAM may hold something.
@@ -689,7 +701,7 @@ fn release_ipam_only(env: &Env, conf: &NetConf) -> CniResult<()> {
     }
 }
 
-fn check(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
+fn check(host: &mut Host, env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
     let prev = conf.prev_result.as_ref().ok_or_else(|| {
         CniError::new(
             Code::InvalidConfig,
@@ -744,7 +756,7 @@ fn check(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
                 return Err(fail(format!("socket {} is missing", socket.display())));
             }
         }
-        Kind::Sriov { device, vfio } => sriov::check(conf, env, device, *vfio)?,
+        Kind::Sriov { device, vfio } => sriov::check(host, conf, env, device, *vfio)?,
         Kind::Tap { queues, .. } => {
             let names = tap_names(&a).expect("a tap record");
             let netns = env.netns.as_deref().expect("checked for CHECK");
@@ -779,7 +791,7 @@ fn status(env: &Env, conf: &NetConf) -> CniResult<()> {
     Ok(())
 }
 
-fn gc(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
+fn gc(host: &mut Host, env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
     // Without the list every attachment would look stale: refuse rather than undo them all.
     let valid = conf.valid_attachments.clone().ok_or_else(|| {
         CniError::new(
@@ -807,7 +819,7 @@ fn gc(env: &Env, conf: &NetConf, store: &Store) -> CniResult<()> {
         {
             continue;
         }
-        if let Err(e) = undo(env, conf, &a, ipam.as_ref()) {
+        if let Err(e) = undo(host, env, conf, &a, ipam.as_ref()) {
             first.get_or_insert(e);
         }
     }

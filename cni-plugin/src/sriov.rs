@@ -9,7 +9,7 @@ use std::path::Path;
 
 use torii_vfio::alloc::{AllocError, Allocator, Owner};
 use torii_vfio::bind;
-use torii_vfio::netlink::{self, ifindex, Netlink, VfSetting};
+use torii_vfio::netlink::{self, ifindex, Netlink, VfControl, VfSetting};
 use torii_vfio::pci::{PciAddr, Sysfs};
 use torii_vfio::select::Selectors;
 use torii_vfio::state::VfState;
@@ -19,6 +19,45 @@ use crate::types::{AddResult, CniError, CniResult, Code};
 
 fn setup(what: String) -> CniError {
     CniError::new(Code::Setup, what)
+}
+
+/// What the sriov mode works on: sysfs and the PFs' VF settings. The kernel's
+/// ([`Host::kernel`]), or in tests a fake sysfs tree and a fake PF driver ([`Host::new`]).
+/// The VF's own interface (netdev mode) is always the kernel's.
+pub struct Host {
+    sys: Sysfs,
+    vfs: Option<Box<dyn VfControl>>,
+}
+
+impl Host {
+    /// The running kernel: /sys, and rtnetlink opened when first needed.
+    pub fn kernel() -> Host {
+        Host {
+            sys: Sysfs::default(),
+            vfs: None,
+        }
+    }
+
+    pub fn new(sys: Sysfs, vfs: Box<dyn VfControl>) -> Host {
+        Host {
+            sys,
+            vfs: Some(vfs),
+        }
+    }
+
+    fn sys(&self) -> &Sysfs {
+        &self.sys
+    }
+
+    /// Sysfs and the VF control, borrowed together.
+    fn parts(&mut self) -> CniResult<(&Sysfs, &mut dyn VfControl)> {
+        if self.vfs.is_none() {
+            let nl = Netlink::open().map_err(|e| setup(format!("netlink: {e}")))?;
+            self.vfs = Some(Box::new(nl));
+        }
+        let vfs = self.vfs.as_deref_mut().expect("opened above");
+        Ok((&self.sys, vfs))
+    }
 }
 
 /// The tag of this attachment's allocations: only they are this attachment's to release.
@@ -53,8 +92,14 @@ pub fn device(conf: &NetConf, s: &SriovConf) -> CniResult<PciAddr> {
 }
 
 /// Takes the VF for the pod, applies the settings on its PF. Returns the VF's saved state.
-pub fn claim(env: &Env, conf: &NetConf, s: &SriovConf, device: PciAddr) -> CniResult<VfState> {
-    let sys = Sysfs::default();
+pub fn claim(
+    host: &mut Host,
+    env: &Env,
+    conf: &NetConf,
+    s: &SriovConf,
+    device: PciAddr,
+) -> CniResult<VfState> {
+    let (sys, ctl) = host.parts()?;
     let d = sys.device(device).map_err(|e| setup(e.to_string()))?;
     if d.physfn.is_none() {
         return Err(CniError::new(
@@ -73,8 +118,8 @@ pub fn claim(env: &Env, conf: &NetConf, s: &SriovConf, device: PciAddr) -> CniRe
     .map_err(|e| CniError::new(Code::InvalidConfig, e))?;
     let al = allocator(conf)?;
     let a = al
-        .allocate(&sys, &select, &owner, |d| {
-            VfState::save_device(&sys, d).map_err(|e| e.to_string())
+        .allocate(sys, &select, &owner, |d| {
+            VfState::save_device(sys, &mut *ctl, d).map_err(|e| e.to_string())
         })
         .map_err(|e| match e {
             AllocError::NoneFree { busy: 1.., .. } => CniError::new(
@@ -105,17 +150,16 @@ pub fn claim(env: &Env, conf: &NetConf, s: &SriovConf, device: PciAddr) -> CniRe
         .saved
         .clone()
         .ok_or_else(|| setup(format!("{device}: no state saved")))?;
-    let mut nl = Netlink::open().map_err(|e| setup(format!("netlink: {e}")))?;
-    let pf = ifindex(&saved.pf_ifname).map_err(|e| setup(e.to_string()))?;
     for setting in &s.settings {
-        nl.set_vf(pf, saved.vf, *setting).map_err(|e| {
-            setup(format!(
-                "VF {} of {}: the driver refused {}: {e}",
-                saved.vf,
-                saved.pf_ifname,
-                setting.name()
-            ))
-        })?;
+        ctl.set_pf_vf(&saved.pf_ifname, saved.vf, *setting)
+            .map_err(|e| {
+                setup(format!(
+                    "VF {} of {}: the driver refused {}: {e}",
+                    saved.vf,
+                    saved.pf_ifname,
+                    setting.name()
+                ))
+            })?;
     }
     Ok(saved)
 }
@@ -129,6 +173,7 @@ fn prefix_addr(cidr: &str) -> CniResult<(IpAddr, u8)> {
 /// Netdev mode: the VF's interface into the pod's namespace as `ifname`, with its MAC, MTU,
 /// the IPAM addresses and routes, up.
 pub fn plug_netdev(
+    host: &Host,
     netns: &Path,
     saved: &VfState,
     ifname: &str,
@@ -136,7 +181,8 @@ pub fn plug_netdev(
     mtu: Option<u32>,
     result: &AddResult,
 ) -> CniResult<()> {
-    let current = Sysfs::default()
+    let current = host
+        .sys()
         .device(saved.addr)
         .ok()
         .and_then(|d| d.netdevs.into_iter().next())
@@ -204,6 +250,7 @@ pub fn plug_netdev(
 /// allocation saved. An attachment that never got the VF (another pod holds it, or the ADD
 /// failed first) has nothing to undo.
 pub fn release(
+    host: &mut Host,
     conf: &NetConf,
     container_id: &str,
     netns: Option<&Path>,
@@ -244,7 +291,7 @@ pub fn release(
             }
         }
     }
-    let sys = Sysfs::default();
+    let (sys, ctl) = host.parts()?;
     let tag = a.owner.tag.clone();
     al.release(a.addr, |a| {
         // Released and handed to another pod since the listing: not ours to restore.
@@ -253,23 +300,23 @@ pub fn release(
         }
         a.saved
             .as_ref()
-            .map_or(Ok(()), |s| s.restore(&sys).map_err(|e| e.to_string()))
+            .map_or(Ok(()), |s| s.restore(sys, ctl).map_err(|e| e.to_string()))
     })
     .map(|_| ())
     .map_err(|e| setup(e.to_string()))
 }
 
 /// Vfio mode: the VF to vfio-pci, its group checked.
-pub fn bind_vfio(device: PciAddr) -> CniResult<()> {
-    let sys = Sysfs::default();
-    bind::bind_vfio(&sys, device).map_err(|e| setup(e.to_string()))?;
-    bind::passthrough_spec(&sys, device)
+pub fn bind_vfio(host: &Host, device: PciAddr) -> CniResult<()> {
+    let sys = host.sys();
+    bind::bind_vfio(sys, device).map_err(|e| setup(e.to_string()))?;
+    bind::passthrough_spec(sys, device)
         .map(|_| ())
         .map_err(|e| setup(e.to_string()))
 }
 
 /// CHECK: the VF is still this pod's, and where the attachment put it.
-pub fn check(conf: &NetConf, env: &Env, device: &str, vfio: bool) -> CniResult<()> {
+pub fn check(host: &Host, conf: &NetConf, env: &Env, device: &str, vfio: bool) -> CniResult<()> {
     let device: PciAddr = device
         .parse()
         .map_err(|e: String| CniError::new(Code::Decode, e))?;
@@ -284,7 +331,7 @@ pub fn check(conf: &NetConf, env: &Env, device: &str, vfio: bool) -> CniResult<(
             a.owner.netns.display()
         )));
     }
-    let sys = Sysfs::default();
+    let sys = host.sys();
     if vfio {
         let d = sys.device(device).map_err(|e| setup(e.to_string()))?;
         if d.driver.as_deref() != Some(bind::VFIO_PCI) {

@@ -217,7 +217,7 @@ impl Allocator {
         sys: &Sysfs,
         selector: &Selector,
         owner: &Owner,
-        save: impl Fn(&PciDevice) -> Result<Option<VfState>, String>,
+        mut save: impl FnMut(&PciDevice) -> Result<Option<VfState>, String>,
     ) -> Result<Allocation, AllocError> {
         let all = sys.devices()?;
         let candidates = selector.select(&all);
@@ -274,7 +274,7 @@ impl Allocator {
     pub fn release(
         &self,
         addr: PciAddr,
-        restore: impl Fn(&Allocation) -> Result<(), String>,
+        restore: impl FnOnce(&Allocation) -> Result<(), String>,
     ) -> Result<Allocation, AllocError> {
         let _lock = DeviceLock::take(&self.lock_path(addr))?;
         let a = self
@@ -290,7 +290,7 @@ impl Allocator {
     /// failed (unreadable records among them, left in place for an operator to look at).
     pub fn collect_garbage(
         &self,
-        restore: impl Fn(&Allocation) -> Result<(), String>,
+        mut restore: impl FnMut(&Allocation) -> Result<(), String>,
     ) -> Result<(Vec<Allocation>, Vec<AllocError>), AllocError> {
         let (records, mut failed) = self.list()?;
         let mut freed = Vec::new();

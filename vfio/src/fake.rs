@@ -6,6 +6,10 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+use std::io;
+
+use crate::netlink::{VfControl, VfInfoReport, VfSetting, VlanProto};
 use crate::pci::{PciAddr, Sysfs};
 
 /// A temporary root with a fake `sys/`; removed on drop.
@@ -135,6 +139,19 @@ impl FakeTree {
         self.link(&dir.join("driver"), &format!("../../drivers/{driver}"));
     }
 
+    /// Binds `addr` to vfio-pci as the kernel would after a rebind: the driver link changes
+    /// and the network interface the old driver made goes.
+    pub fn to_vfio(&self, addr: PciAddr) {
+        let net = self.sysfs().device_dir(addr).join("net");
+        if let Ok(rd) = fs::read_dir(&net) {
+            for e in rd.flatten() {
+                let _ = fs::remove_dir_all(self.root.join("sys/class/net").join(e.file_name()));
+            }
+        }
+        let _ = fs::remove_dir_all(net);
+        self.bind(addr, crate::bind::VFIO_PCI);
+    }
+
     /// Unbinds `addr` from its driver.
     pub fn unbind(&self, addr: PciAddr) {
         let _ = fs::remove_file(self.sysfs().device_dir(addr).join("driver"));
@@ -185,5 +202,81 @@ impl FakeTree {
 impl Drop for FakeTree {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A fake PF driver's VF table behind [`VfControl`]: it keeps what each VF is set to, records
+/// every request in order, and refuses the settings named in `refuse` (as igb refuses `state`),
+/// so the code above it can be tested on a fake sysfs tree.
+#[derive(Debug, Default)]
+pub struct FakeVfs {
+    /// (PF interface, VF) → what the PF reports.
+    pub vfs: BTreeMap<(String, u32), VfInfoReport>,
+    /// `"<pf> vf <n> <setting> <value>"`, one per request taken or refused.
+    pub log: Vec<String>,
+    /// Setting names (`VfSetting::name`) the driver refuses.
+    pub refuse: Vec<&'static str>,
+}
+
+impl FakeVfs {
+    /// `n` VFs on PF `pf` as a driver shows them fresh: no MAC, no VLAN, spoof checking on,
+    /// trust off, no rate limit, link state auto.
+    pub fn with_pf(pf: &str, n: u32) -> FakeVfs {
+        let mut f = FakeVfs::default();
+        for vf in 0..n {
+            f.vfs.insert(
+                (pf.to_string(), vf),
+                VfInfoReport {
+                    vf,
+                    mac: [0; 6],
+                    vlan: 0,
+                    qos: 0,
+                    vlan_proto: VlanProto::Dot1Q,
+                    spoofchk: Some(true),
+                    trust: Some(false),
+                    min_tx_rate: 0,
+                    max_tx_rate: 0,
+                    link_state: Some(crate::netlink::LinkState::Auto),
+                },
+            );
+        }
+        f
+    }
+
+    /// The VFs of `pf`, in order.
+    pub fn reports(&self, pf: &str) -> Vec<VfInfoReport> {
+        self.vfs
+            .iter()
+            .filter(|((p, _), _)| p == pf)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+}
+
+impl VfControl for FakeVfs {
+    fn pf_vfs(&mut self, pf: &str) -> io::Result<Vec<VfInfoReport>> {
+        let v = self.reports(pf);
+        if v.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no network interface {pf:?}"),
+            ));
+        }
+        Ok(v)
+    }
+
+    fn set_pf_vf(&mut self, pf: &str, vf: u32, s: VfSetting) -> io::Result<()> {
+        let entry = format!("{pf} vf {vf} {} {s:?}", s.name());
+        if self.refuse.contains(&s.name()) {
+            self.log.push(format!("{entry} refused"));
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        let r = self
+            .vfs
+            .get_mut(&(pf.to_string(), vf))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        s.apply(r);
+        self.log.push(entry);
+        Ok(())
     }
 }

@@ -165,9 +165,10 @@ fn vfs_removable(sys: &Sysfs, pf: PciAddr, n: u32, state_dir: &Path) -> anyhow::
 
 /// Restores an allocation's saved state.
 fn restore_allocation(sys: &Sysfs, a: &Allocation) -> Result<(), String> {
-    a.saved
-        .as_ref()
-        .map_or(Ok(()), |s| s.restore(sys).map_err(|e| e.to_string()))
+    a.saved.as_ref().map_or(Ok(()), |s| {
+        let mut nl = Netlink::open().map_err(|e| format!("netlink: {e}"))?;
+        s.restore(sys, &mut nl).map_err(|e| e.to_string())
+    })
 }
 
 fn main() -> ExitCode {
@@ -468,7 +469,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Cmd::Save { pf, vf, out } => {
             let (_, ifname) = resolve_pf(&sys, &pf)?;
             let ifname = ifname.ok_or_else(|| anyhow!("{pf}: the PF has no network interface"))?;
-            let st = VfState::save(&sys, &ifname, vf)?;
+            let st = VfState::save(&sys, &mut Netlink::open()?, &ifname, vf)?;
             let text = serde_json::to_string_pretty(&st)?;
             match out {
                 Some(p) => std::fs::write(&p, text).with_context(|| p.display().to_string())?,
@@ -481,7 +482,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
             let st: VfState = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not a saved VF state", file.display()))?;
-            st.restore(&sys)?;
+            st.restore(&sys, &mut Netlink::open()?)?;
             Ok(true)
         }
         Cmd::NetnsIn {
@@ -575,8 +576,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 serde_json::from_str(&selectors).context("--selectors is not valid JSON")?;
             let sel = s.compile().map_err(|e| anyhow!(e))?;
             let owner = Owner::of_netns(&netns, &tag)?;
+            let mut nl = Netlink::open()?;
             let a = Allocator::new(state_dir)?.allocate(&sys, &sel, &owner, |d| {
-                VfState::save_device(&sys, d).map_err(|e| e.to_string())
+                VfState::save_device(&sys, &mut nl, d).map_err(|e| e.to_string())
             })?;
             if cli.json {
                 print_json(&a)?;

@@ -92,6 +92,25 @@ impl VfSetting {
         }
     }
 
+    /// `r` as a driver that takes this setting shows it afterwards (what a fake PF does).
+    pub fn apply(&self, r: &mut VfInfoReport) {
+        match *self {
+            VfSetting::Mac(m) => r.mac = m,
+            VfSetting::Vlan(v, q, p) => {
+                r.vlan = v;
+                r.qos = if v == 0 { 0 } else { q };
+                r.vlan_proto = if v == 0 { VlanProto::Dot1Q } else { p };
+            }
+            VfSetting::SpoofChk(b) => r.spoofchk = Some(b),
+            VfSetting::Trust(b) => r.trust = Some(b),
+            VfSetting::Rate { min, max } => {
+                r.min_tx_rate = min;
+                r.max_tx_rate = max;
+            }
+            VfSetting::LinkState(s) => r.link_state = Some(s),
+        }
+    }
+
     /// Whether `r` shows this setting applied.
     pub fn shown_by(&self, r: &VfInfoReport) -> bool {
         match *self {
@@ -419,6 +438,41 @@ fn report(info: &LinkVfInfo) -> Option<VfInfoReport> {
         }
     }
     (r.vf != u32::MAX).then_some(r)
+}
+
+/// The VF settings a PF's driver holds, reached through the PF's interface: [`Netlink`] on a
+/// real kernel; in tests on fake sysfs trees, a fake PF that records what it is asked
+/// (`fake::FakeVfs`).
+pub trait VfControl {
+    /// What the PF whose interface is `pf` reports of its VFs.
+    fn pf_vfs(&mut self, pf: &str) -> io::Result<Vec<VfInfoReport>>;
+    /// Applies one setting to VF `vf` of that PF; the driver's refusal is the error.
+    fn set_pf_vf(&mut self, pf: &str, vf: u32, s: VfSetting) -> io::Result<()>;
+}
+
+/// Shared, so that a test can look at a fake after the code under test has used it.
+impl<T: VfControl + ?Sized> VfControl for std::sync::Arc<std::sync::Mutex<T>> {
+    fn pf_vfs(&mut self, pf: &str) -> io::Result<Vec<VfInfoReport>> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).pf_vfs(pf)
+    }
+
+    fn set_pf_vf(&mut self, pf: &str, vf: u32, s: VfSetting) -> io::Result<()> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_pf_vf(pf, vf, s)
+    }
+}
+
+impl VfControl for Netlink {
+    fn pf_vfs(&mut self, pf: &str) -> io::Result<Vec<VfInfoReport>> {
+        let i = ifindex(pf)?;
+        self.vfs(i)
+    }
+
+    fn set_pf_vf(&mut self, pf: &str, vf: u32, s: VfSetting) -> io::Result<()> {
+        let i = ifindex(pf)?;
+        self.set_vf(i, vf, s)
+    }
 }
 
 /// Runs `f` on a helper thread that has entered the network namespace `ns` (an open

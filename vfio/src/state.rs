@@ -9,7 +9,7 @@ use netlink_packet_route::link::LinkAttribute;
 use serde::{Deserialize, Serialize};
 
 use crate::bind::{driver_override, rebind};
-use crate::netlink::{ifindex, Netlink, VfInfoReport, VfSetting};
+use crate::netlink::{ifindex, Netlink, VfControl, VfInfoReport, VfSetting};
 use crate::pci::{PciAddr, Sysfs};
 
 /// Everything restored of a VF.
@@ -59,8 +59,14 @@ fn link_info(nl: &mut Netlink, ifname: &str) -> std::io::Result<([u8; 6], u32, b
 }
 
 impl VfState {
-    /// Reads VF `vf` of the PF whose interface is `pf_ifname`.
-    pub fn save(sys: &Sysfs, pf_ifname: &str, vf: u32) -> Result<VfState, StateError> {
+    /// Reads VF `vf` of the PF whose interface is `pf_ifname`: what the PF enforces through
+    /// `ctl`, the VF's own interface (if it has one) through the kernel.
+    pub fn save(
+        sys: &Sysfs,
+        ctl: &mut dyn VfControl,
+        pf_ifname: &str,
+        vf: u32,
+    ) -> Result<VfState, StateError> {
         let err0 = |what: String| StateError {
             who: format!("VF {vf} of {pf_ifname}"),
             what,
@@ -79,10 +85,8 @@ impl VfState {
             what,
         };
         let d = sys.device(addr).map_err(|e| fail(e.to_string()))?;
-        let mut nl = Netlink::open().map_err(|e| fail(format!("netlink: {e}")))?;
-        let pf_index = ifindex(pf_ifname).map_err(|e| fail(e.to_string()))?;
-        let admin = nl
-            .vfs(pf_index)
+        let admin = ctl
+            .pf_vfs(pf_ifname)
             .map_err(|e| fail(format!("reading VF info of {pf_ifname}: {e}")))?
             .into_iter()
             .find(|r| r.vf == vf)
@@ -90,6 +94,7 @@ impl VfState {
         let ifname = d.netdevs.first().cloned();
         let (mac, mtu, up) = match &ifname {
             Some(n) => {
+                let mut nl = Netlink::open().map_err(|e| fail(format!("netlink: {e}")))?;
                 let (m, t, u) = link_info(&mut nl, n).map_err(|e| fail(format!("{n}: {e}")))?;
                 (Some(m), Some(t), Some(u))
             }
@@ -114,6 +119,7 @@ impl VfState {
     /// restores on release); `None` for other devices.
     pub fn save_device(
         sys: &Sysfs,
+        ctl: &mut dyn VfControl,
         d: &crate::pci::PciDevice,
     ) -> Result<Option<VfState>, StateError> {
         let Some(pf) = d.physfn else {
@@ -134,7 +140,7 @@ impl VfState {
             .find(|(_, a)| *a == d.addr)
             .map(|(i, _)| *i)
             .ok_or_else(|| err(format!("{pf} does not list it as a VF")))?;
-        VfState::save(sys, pf_if, index).map(Some)
+        VfState::save(sys, ctl, pf_if, index).map(Some)
     }
 
     /// Puts the VF back as it was saved: what the PF enforces, then its driver (and
@@ -144,19 +150,11 @@ impl VfState {
     /// igb (and others) report the VF's current MAC as its admin MAC, whichever side set it, so
     /// a MAC the VF chose itself is put back as an administrative one: the safe way round, as
     /// it never loosens what the tenant may change.
-    pub fn restore(&self, sys: &Sysfs) -> Result<(), StateError> {
+    pub fn restore(&self, sys: &Sysfs, ctl: &mut dyn VfControl) -> Result<(), StateError> {
         let mut failed: Vec<String> = Vec::new();
-        let mut nl = Netlink::open()
-            .map_err(|e| failed.push(format!("netlink: {e}")))
-            .ok();
-        if let Some(nl) = nl.as_mut() {
-            // The PF by its PCI address: its interface may have been renamed since the save.
-            let pf_ifname = netdev_of(sys, self.pf).unwrap_or_else(|| self.pf_ifname.clone());
-            match ifindex(&pf_ifname) {
-                Ok(pf) => self.restore_admin(nl, pf, &mut failed),
-                Err(e) => failed.push(format!("PF {} ({pf_ifname}): {e}", self.pf)),
-            }
-        }
+        // The PF by its PCI address: its interface may have been renamed since the save.
+        let pf_ifname = netdev_of(sys, self.pf).unwrap_or_else(|| self.pf_ifname.clone());
+        self.restore_admin(ctl, &pf_ifname, &mut failed);
         // The driver after what the PF enforces, so that it probes the VF as it will stay;
         // the interface it makes last.
         let now = sys.device(self.addr);
@@ -174,8 +172,10 @@ impl VfState {
                 failed.push(format!("driver_override: {e}"));
             }
         }
-        if let (Some(name), Some(nl)) = (&self.ifname, nl.as_mut()) {
-            if let Err(e) = self.restore_netdev(sys, nl, name) {
+        if let Some(name) = &self.ifname {
+            if let Err(e) =
+                Netlink::open().and_then(|mut nl| self.restore_netdev(sys, &mut nl, name))
+            {
                 failed.push(format!("interface {name}: {e}"));
             }
         }
@@ -191,7 +191,7 @@ impl VfState {
 
     /// What the PF enforces, each setting sent only when it differs from what the PF shows now
     /// (drivers that cannot set a link state show the saved "auto").
-    fn restore_admin(&self, nl: &mut Netlink, pf: u32, failed: &mut Vec<String>) {
+    fn restore_admin(&self, ctl: &mut dyn VfControl, pf: &str, failed: &mut Vec<String>) {
         let a = &self.admin;
         let mut settings = vec![
             VfSetting::Mac(a.mac),
@@ -204,15 +204,18 @@ impl VfState {
         settings.extend(a.spoofchk.map(VfSetting::SpoofChk));
         settings.extend(a.trust.map(VfSetting::Trust));
         settings.extend(a.link_state.map(VfSetting::LinkState));
-        let current = nl
-            .vfs(pf)
-            .ok()
-            .and_then(|v| v.into_iter().find(|r| r.vf == self.vf));
+        let current = match ctl.pf_vfs(pf) {
+            Ok(v) => v.into_iter().find(|r| r.vf == self.vf),
+            Err(e) => {
+                failed.push(format!("PF {} ({pf}): {e}", self.pf));
+                return;
+            }
+        };
         for s in settings {
             if current.as_ref().is_some_and(|c| s.shown_by(c)) {
                 continue;
             }
-            if let Err(e) = nl.set_vf(pf, self.vf, s) {
+            if let Err(e) = ctl.set_pf_vf(pf, self.vf, s) {
                 failed.push(format!("{}: {e}", s.name()));
             }
         }
