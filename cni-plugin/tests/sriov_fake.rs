@@ -167,6 +167,31 @@ fn vfio_mode_applies_the_settings_in_order_and_puts_the_vf_back() {
 }
 
 #[test]
+fn every_version_and_status() {
+    let mut f = Fixture::new();
+    let before = f.vfs();
+    let ns = f.netns("podA");
+    for version in ["0.4.0", "1.0.0", "1.1.0"] {
+        let mut conf = f.conf(json!({"vlan": 5, "trust": "on"}));
+        conf["cniVersion"] = json!(version);
+        let res = f.call("ADD", "podA", Some(&ns), &conf).unwrap().unwrap();
+        assert_eq!(res["cniVersion"], version, "{res}");
+        match version {
+            "1.1.0" => assert_eq!(res["interfaces"][0]["pciID"], VF0, "{res}"),
+            _ => assert!(res["interfaces"][0].get("pciID").is_none(), "{res}"),
+        }
+        let mut check = conf.clone();
+        check["prevResult"] = res;
+        f.call("CHECK", "podA", Some(&ns), &check).unwrap();
+        f.call("DEL", "podA", Some(&ns), &check).unwrap();
+        assert_eq!(f.vfs(), before, "{version}");
+        assert!(f.records().is_empty(), "{version}: {:?}", f.records());
+    }
+    // STATUS needs no data plane in this mode.
+    f.call("STATUS", "", None, &f.conf(json!({}))).unwrap();
+}
+
+#[test]
 fn a_setting_the_driver_refuses_undoes_the_whole_add() {
     let mut f = Fixture::new();
     // As igb does.

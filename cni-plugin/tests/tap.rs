@@ -265,6 +265,12 @@ fn tap_mode_wires_a_vm_to_the_host_bridge() {
     assert_eq!(add.code(), Some(101), "{add:?}");
     assert!(add.stdout.contains("is not a bridge"), "{add:?}");
     assert_eq!(pod_links(&ns).len(), 3, "{:?}", pod_links(&ns));
+    // An IPAM plugin that is not there: code 50 (not available), before anything is made.
+    let mut no_ipam = tap_conf(&r, "1.1.0", &br);
+    no_ipam["ipam"]["type"] = json!("no-such-ipam");
+    let add = r.cni("ADD", Some("clash"), Some("net3"), Some(&ns), &no_ipam);
+    assert_eq!(add.code(), Some(50), "{add:?}");
+    assert_eq!(pod_links(&ns).len(), 3, "{:?}", pod_links(&ns));
     assert!(ip("-o link show").lines().all(|l| !l.contains("tvh")));
     assert!(r.files("pods").is_empty() && r.files("state/tnet").is_empty());
     assert!(r.ipam_leases().is_empty());

@@ -39,6 +39,10 @@ struct Cli {
         default_value = "vhost-user,tap,host-local"
     )]
     modes: Vec<String>,
+    /// Also measure the sriov mode (netdev and vfio), in the SR-IOV rig: a TCG guest with an
+    /// emulated igb, so the times are the emulator's, not a node's. Cycles per mode.
+    #[arg(long, value_name = "CYCLES")]
+    sriov_rig: Option<u32>,
     /// Results file (JSON).
     #[arg(long, default_value = "perf/results/cni-latest.json")]
     out: PathBuf,
@@ -82,6 +86,69 @@ fn stats(mut v: Vec<Duration>) -> serde_json::Value {
     v.sort();
     let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
     json!({ "median_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "max_ms": at(1.0) })
+}
+
+fn stats_ms(v: &[f64]) -> serde_json::Value {
+    stats(v.iter().map(|m| Duration::from_secs_f64(m / 1e3)).collect())
+}
+
+/// ADD/DEL times (ms) of the sriov mode's netdev and vfio variants in the SR-IOV rig, each
+/// call timed inside the guest around the plugin run as a runtime runs it.
+type Series = (Vec<f64>, Vec<f64>);
+
+fn sriov_rig(cli: &Cli, cycles: u32) -> anyhow::Result<Vec<(String, Series)>> {
+    use torii_perf::sriov_rig::SriovRig;
+    let cni = std::fs::canonicalize(&cli.cni)?;
+    let mut g = SriovRig::boot();
+    let (_, pf) = g.pf();
+    g.ok(&format!(
+        "echo 1 > /sys/class/net/{pf}/device/sriov_numvfs; for i in $(seq 100); do ls /sys/class/net/{pf}/device/virtfn0/net >/dev/null 2>&1 && break; sleep 0.1; done; ip netns add pod"
+    ));
+    let vf = g
+        .ok(&format!(
+            "basename $(readlink /sys/class/net/{pf}/device/virtfn0)"
+        ))
+        .trim()
+        .to_string();
+    let mut out = Vec::new();
+    for (mode, vfio) in [("sriov-netdev", false), ("sriov-vfio", true)] {
+        let conf = json!({
+            "cniVersion": "1.1.0",
+            "name": mode,
+            "type": "torii-cni",
+            "mode": "sriov",
+            "deviceID": vf,
+            "vfio": vfio,
+            "vlan": 100,
+            "spoofchk": "off",
+            "stateDir": "/run/rig/state",
+            "ipam": {"type": "host-local", "subnet": "10.88.0.0/24", "dataDir": "/run/rig/ipam"},
+        });
+        let env = format!(
+            "CNI_CONTAINERID=bench CNI_IFNAME=net1 CNI_NETNS=/run/netns/pod CNI_PATH={}",
+            cli.cni_path.display()
+        );
+        let text = g.ok(&format!(
+            "echo '{conf}' > /run/rig/conf.json; for i in $(seq {cycles}); do \
+             a=$(date +%s%N); CNI_COMMAND=ADD {env} {cni} < /run/rig/conf.json > /run/rig/out || {{ cat /run/rig/out; exit 1; }}; \
+             b=$(date +%s%N); CNI_COMMAND=DEL {env} {cni} < /run/rig/conf.json > /run/rig/out || {{ cat /run/rig/out; exit 1; }}; \
+             c=$(date +%s%N); echo $((b-a)) $((c-b)); done",
+            cni = cni.display()
+        ));
+        let mut series: Series = (Vec::new(), Vec::new());
+        for l in text.lines() {
+            let mut w = l.split_whitespace().filter_map(|x| x.parse::<f64>().ok());
+            if let (Some(a), Some(d)) = (w.next(), w.next()) {
+                series.0.push(a / 1e6);
+                series.1.push(d / 1e6);
+            }
+        }
+        if series.0.len() != cycles as usize {
+            bail!("{mode}: expected {cycles} timings from the rig, got: {text}");
+        }
+        out.push((mode.to_string(), series));
+    }
+    Ok(out)
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
@@ -172,6 +239,22 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 "del_series_ms": ms(dels),
             }),
         );
+    }
+    if let Some(n) = cli.sriov_rig {
+        for (mode, ms) in sriov_rig(cli, n)? {
+            let (add, del) = (stats_ms(&ms.0), stats_ms(&ms.1));
+            println!("{mode} ADD (TCG rig): {add}\n{mode} DEL (TCG rig): {del}");
+            modes.insert(
+                mode,
+                json!({
+                    "where": "SR-IOV rig: QEMU TCG guest, emulated igb",
+                    "add": add,
+                    "del": del,
+                    "add_series_ms": ms.0,
+                    "del_series_ms": ms.1,
+                }),
+            );
+        }
     }
     let report = json!({
         "bench": "torii-cni-bench",
