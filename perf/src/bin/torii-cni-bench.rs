@@ -128,25 +128,49 @@ fn sriov_rig(cli: &Cli, cycles: u32) -> anyhow::Result<Vec<(String, Series)>> {
             "CNI_CONTAINERID=bench CNI_IFNAME=net1 CNI_NETNS=/run/netns/pod CNI_PATH={}",
             cli.cni_path.display()
         );
-        let text = g.ok(&format!(
-            "echo '{conf}' > /run/rig/conf.json; for i in $(seq {cycles}); do \
-             a=$(date +%s%N); CNI_COMMAND=ADD {env} {cni} < /run/rig/conf.json > /run/rig/out || {{ cat /run/rig/out; exit 1; }}; \
-             b=$(date +%s%N); CNI_COMMAND=DEL {env} {cni} < /run/rig/conf.json > /run/rig/out || {{ cat /run/rig/out; exit 1; }}; \
-             c=$(date +%s%N); echo $((b-a)) $((c-b)); done",
-            cni = cni.display()
+        // host-local alone on the same IPAM config, in the same cycles: the floor, as on the
+        // host.
+        let mut floor = conf.clone();
+        floor["type"] = json!("host-local");
+        floor["cniVersion"] = json!("1.0.0");
+        let hl = cli.cni_path.join("host-local");
+        g.ok(&format!(
+            "echo '{conf}' > /run/rig/conf.json; echo '{floor}' > /run/rig/floor.json"
         ));
-        let mut series: Series = (Vec::new(), Vec::new());
+        let (cni, hl, cp) = (cni.display(), hl.display(), cli.cni_path.display());
+        let fail = "|| { cat /run/rig/out; exit 1; }";
+        let cycle = format!(
+            "a=$(date +%s%N); CNI_COMMAND=ADD {env} {cni} < /run/rig/conf.json > /run/rig/out {fail}; \
+             b=$(date +%s%N); CNI_COMMAND=DEL {env} {cni} < /run/rig/conf.json > /run/rig/out {fail}; \
+             c=$(date +%s%N); CNI_COMMAND=ADD CNI_CONTAINERID=floor CNI_IFNAME=net1 CNI_NETNS=/run/netns/pod CNI_PATH={cp} {hl} < /run/rig/floor.json > /run/rig/out {fail}; \
+             d=$(date +%s%N); CNI_COMMAND=DEL CNI_CONTAINERID=floor CNI_IFNAME=net1 CNI_NETNS=/run/netns/pod CNI_PATH={cp} {hl} < /run/rig/floor.json > /run/rig/out {fail}; \
+             e=$(date +%s%N); echo $((b-a)) $((c-b)) $((d-c)) $((e-d))"
+        );
+        // In batches: one guest command may take two minutes, a cycle takes seconds in TCG.
+        let mut text = String::new();
+        for batch in (0..cycles).step_by(10) {
+            let n = (cycles - batch).min(10);
+            text += &g.ok(&format!("for i in $(seq {n}); do {cycle}; done"));
+        }
+        let (mut series, mut floor_series): (Series, Series) = Default::default();
         for l in text.lines() {
-            let mut w = l.split_whitespace().filter_map(|x| x.parse::<f64>().ok());
-            if let (Some(a), Some(d)) = (w.next(), w.next()) {
-                series.0.push(a / 1e6);
-                series.1.push(d / 1e6);
+            let w: Vec<f64> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse::<f64>().ok())
+                .map(|ns| ns / 1e6)
+                .collect();
+            if let [a, d, fa, fd] = w[..] {
+                series.0.push(a);
+                series.1.push(d);
+                floor_series.0.push(fa);
+                floor_series.1.push(fd);
             }
         }
         if series.0.len() != cycles as usize {
             bail!("{mode}: expected {cycles} timings from the rig, got: {text}");
         }
         out.push((mode.to_string(), series));
+        out.push((format!("host-local, beside {mode}"), floor_series));
     }
     Ok(out)
 }
