@@ -84,8 +84,8 @@ fn tap_kind(conf: &NetConf, env: &Env) -> Kind {
     }
 }
 
-/// The link names of a tap attachment's record.
-fn tap_names(a: &Attachment) -> Option<tap::Names> {
+/// The link names of a tap attachment's record, and the tag its links carry.
+fn tap_names(conf: &NetConf, a: &Attachment) -> Option<tap::Names> {
     match &a.kind {
         Kind::Tap {
             bridge,
@@ -97,6 +97,7 @@ fn tap_names(a: &Attachment) -> Option<tap::Names> {
             host_veth: host_veth.clone(),
             pod_veth: pod_veth.clone(),
             tap: a.ifname.clone(),
+            owner: format!("torii-cni:{}/{}/{}", conf.name, a.container_id, a.ifname),
         }),
         _ => None,
     }
@@ -316,7 +317,7 @@ fn add(host: &mut Host, env: &Env, conf: &NetConf, store: &Store) -> CniResult<V
                 result: None,
                 kind,
             };
-            let names = tap_names(&probe).expect("a tap record");
+            let names = tap_names(conf, &probe).expect("a tap record");
             tap::precheck(&netns, &names)
                 .map_err(|e| CniError::new(Code::InvalidConfig, e.to_string()))?;
             probe.kind
@@ -475,7 +476,7 @@ fn add_tap(env: &Env, conf: &NetConf, a: &Attachment, ipam: AddResult) -> CniRes
     else {
         unreachable!("a tap record")
     };
-    let names = tap_names(a).expect("a tap record");
+    let names = tap_names(conf, a).expect("a tap record");
     let netns = env.netns.as_deref().expect("checked for ADD");
     tap::plug(
         netns,
@@ -621,7 +622,7 @@ fn undo(
             *vfio,
         )),
         Kind::Tap { pod_dir, .. } => {
-            let names = tap_names(a).expect("a tap record");
+            let names = tap_names(conf, a).expect("a tap record");
             keep(tap::unplug(a.netns.as_deref(), &names).map_err(tap_err));
             keep(remove_file(&pod_dir.join(format!("{}.json", a.ifname))));
             let _ = fs::remove_dir(pod_dir);
@@ -758,7 +759,7 @@ fn check(host: &mut Host, env: &Env, conf: &NetConf, store: &Store) -> CniResult
         }
         Kind::Sriov { device, vfio } => sriov::check(host, conf, env, device, *vfio)?,
         Kind::Tap { queues, .. } => {
-            let names = tap_names(&a).expect("a tap record");
+            let names = tap_names(conf, &a).expect("a tap record");
             let netns = env.netns.as_deref().expect("checked for CHECK");
             tap::check(
                 netns,

@@ -34,6 +34,10 @@ pub struct Names {
     pub pod_veth: String,
     /// The tap, in the pod's namespace.
     pub tap: String,
+    /// Set as the alias of every link the attachment makes (`torii-cni:<net>/<cid>/<ifname>`):
+    /// a link is removed only if it carries it, so another plugin's link of the same name,
+    /// or one left by another attachment, is never taken for ours.
+    pub owner: String,
 }
 
 /// What a tap attachment is made with.
@@ -47,12 +51,14 @@ const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_MULTI_QUEUE: i16 = 0x0100;
 const IFF_VNET_HDR: i16 = 0x4000;
+/// Fail, rather than attach, if a tap of that name exists.
+const IFF_TUN_EXCL: i16 = -0x8000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 /// `IFLA_TUN_MULTI_QUEUE` in the tun link's info data.
 const IFLA_TUN_MULTI_QUEUE: u16 = 7;
-/// `ETH_P_ALL` in network byte order, as `tcm_info` takes a filter's protocol.
-const ETH_P_ALL_BE: u32 = 0x0300;
+/// `ETH_P_ALL` in network byte order, as `tcm_info`'s low 16 bits take a filter's protocol.
+const ETH_P_ALL_BE: u32 = (libc::ETH_P_ALL as u16).to_be() as u32;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name and the flags.
 #[repr(C)]
@@ -77,13 +83,27 @@ fn kind(l: &LinkMessage) -> Option<InfoKind> {
     })
 }
 
-/// Link `name` of the calling thread's namespace, if there is one.
+/// Link `name` of the calling thread's namespace, if there is one (one that goes between
+/// the lookup and the read, as links of a namespace being torn down do, is none).
 fn find(nl: &mut Netlink, name: &str) -> io::Result<Option<(u32, LinkMessage)>> {
-    match ifindex(name) {
-        Ok(i) => Ok(Some((i, nl.link(i)?))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+    let i = match ifindex(name) {
+        Ok(i) => i,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match nl.link(i) {
+        Ok(l) => Ok(Some((i, l))),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Link `l`'s alias, if it has one.
+fn alias(l: &LinkMessage) -> Option<&str> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfAlias(s) => Some(s.as_str()),
+        _ => None,
+    })
 }
 
 /// Makes a persistent tap `name` in the calling thread's namespace; multiqueue when `queues`
@@ -98,7 +118,7 @@ fn make_tap(name: &str, queues: u16) -> io::Result<()> {
         .into();
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL,
         _pad: [0; 22],
     };
     if queues > 1 {
@@ -110,8 +130,8 @@ fn make_tap(name: &str, queues: u16) -> io::Result<()> {
         return Err(other(format!("{name}: name too long for an interface")));
     }
     req.name[..bytes.len()].copy_from_slice(bytes);
-    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` lays out (40 bytes) and
-    // which lives across the call; the fd is ours.
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` lays out (name, flags,
+    // padding to the union's size) and which lives across the call; the fd is ours.
     if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -251,18 +271,27 @@ pub fn plug(netns: &Path, spec: &Spec) -> io::Result<()> {
     nl.new_link(m)
         .map_err(|e| other(format!("creating veth {}: {e}", n.host_veth)))?;
     let host = ifindex(&n.host_veth)?;
-    nl.set_link(host, vec![LinkAttribute::Controller(bridge)])
-        .map_err(|e| other(format!("{} to bridge {}: {e}", n.host_veth, n.bridge)))?;
+    nl.set_link(
+        host,
+        vec![
+            LinkAttribute::IfAlias(n.owner.clone()),
+            LinkAttribute::Controller(bridge),
+        ],
+    )
+    .map_err(|e| other(format!("{} to bridge {}: {e}", n.host_veth, n.bridge)))?;
     nl.set_up(host, true)?;
     let (tap, pod_veth, queues, mtu) = (n.tap.clone(), n.pod_veth.clone(), spec.queues, spec.mtu);
+    let owner = n.owner.clone();
     netlink::in_netns(&ns, move || {
-        make_tap(&tap, queues).map_err(|e| other(format!("creating tap {tap}: {e}")))?;
         let mut nl = Netlink::open()?;
-        let (t, v) = (ifindex(&tap)?, ifindex(&pod_veth)?);
-        if let Some(m) = mtu {
-            nl.set_link(t, vec![LinkAttribute::Mtu(m)])
-                .map_err(|e| other(format!("MTU {m} on {tap}: {e}")))?;
-        }
+        let v = ifindex(&pod_veth)?;
+        nl.set_link(v, vec![LinkAttribute::IfAlias(owner.clone())])?;
+        make_tap(&tap, queues).map_err(|e| other(format!("creating tap {tap}: {e}")))?;
+        let t = ifindex(&tap)?;
+        let mut attrs = vec![LinkAttribute::IfAlias(owner)];
+        attrs.extend(mtu.map(LinkAttribute::Mtu));
+        nl.set_link(t, attrs)
+            .map_err(|e| other(format!("configuring {tap}: {e}")))?;
         for (i, name) in [(t, &tap), (v, &pod_veth)] {
             add_ingress(&mut nl, i).map_err(|e| other(format!("ingress qdisc on {name}: {e}")))?;
         }
@@ -275,60 +304,156 @@ pub fn plug(netns: &Path, spec: &Spec) -> io::Result<()> {
     })
 }
 
-/// Deletes `name` if it is there and of kind `want` (an interface of that name that is
-/// something else is not ours).
-fn remove_if(nl: &mut Netlink, name: &str, want: InfoKind) -> io::Result<()> {
+/// Deletes `name` if it is there, of kind `want` and carries `owner` as its alias.
+fn remove_if(nl: &mut Netlink, name: &str, want: InfoKind, owner: &str) -> io::Result<()> {
     match find(nl, name)? {
-        Some((i, l)) if kind(&l) == Some(want) => match nl.del_link(i) {
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
-            r => r,
-        },
+        Some((i, l)) if kind(&l) == Some(want) && alias(&l) == Some(owner) => {
+            match nl.del_link(i) {
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+                r => r,
+            }
+        }
         _ => Ok(()),
     }
 }
 
 /// Removes whatever of the attachment's links exists: the tap and the veth (in the pod, if
 /// its namespace is still there, and in the host). The bridge stays: other pods use it.
+/// Every step runs; the first error is returned.
 pub fn unplug(netns: Option<&Path>, names: &Names) -> io::Result<()> {
-    if let Some(ns) = netns.and_then(|p| File::open(p).ok()) {
-        let (tap, pod_veth) = (names.tap.clone(), names.pod_veth.clone());
-        netlink::in_netns(&ns, move || {
-            let mut nl = Netlink::open()?;
-            remove_if(&mut nl, &tap, InfoKind::Tun)?;
-            remove_if(&mut nl, &pod_veth, InfoKind::Veth)
-        })?;
+    let mut first: Option<io::Error> = None;
+    match netns.map(File::open) {
+        // No namespace, or gone: the kernel took the pod's links with it.
+        None => {}
+        Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => {}
+        Some(Err(e)) => {
+            first = Some(other(format!(
+                "{}: {e}",
+                netns.unwrap_or(Path::new("")).display()
+            )))
+        }
+        Some(Ok(ns)) => {
+            let (tap, pod_veth, owner) = (
+                names.tap.clone(),
+                names.pod_veth.clone(),
+                names.owner.clone(),
+            );
+            let r = netlink::in_netns(&ns, move || {
+                let mut nl = Netlink::open()?;
+                let t = remove_if(&mut nl, &tap, InfoKind::Tun, &owner);
+                let v = remove_if(&mut nl, &pod_veth, InfoKind::Veth, &owner);
+                t.and(v)
+            });
+            if let Err(e) = r {
+                first = Some(e);
+            }
+        }
     }
     // Gone with its peer if the pod's end went; else it goes now.
-    remove_if(&mut Netlink::open()?, &names.host_veth, InfoKind::Veth)
+    let host = Netlink::open()
+        .and_then(|mut nl| remove_if(&mut nl, &names.host_veth, InfoKind::Veth, &names.owner));
+    match (first, host) {
+        (Some(e), _) | (None, Err(e)) => Err(e),
+        (None, Ok(())) => Ok(()),
+    }
 }
 
-/// CHECK: the tap and the pod's veth end in the pod, the tap multiqueue as asked, the host's
-/// end on the bridge.
+/// The device link `index`'s ingress u32 filter redirects to, if it has one.
+fn redirect_target(nl: &mut Netlink, index: u32) -> io::Result<Option<u32>> {
+    let mut m = TcMessage::default();
+    m.header.index = index as i32;
+    m.header.parent = TcHandle {
+        major: 0xffff,
+        minor: 0,
+    };
+    let msgs = nl.call(
+        RouteNetlinkMessage::GetTrafficFilter(m),
+        netlink_packet_core::NLM_F_REQUEST | netlink_packet_core::NLM_F_DUMP,
+    )?;
+    Ok(msgs.iter().find_map(|msg| {
+        let RouteNetlinkMessage::NewTrafficFilter(f) = msg else {
+            return None;
+        };
+        f.attributes.iter().find_map(|a| match a {
+            TcAttribute::Options(opts) => opts.iter().find_map(|o| match o {
+                TcOption::U32(TcFilterU32Option::Action(acts)) => acts.iter().find_map(|act| {
+                    act.attributes.iter().find_map(|aa| match aa {
+                        TcActionAttribute::Options(ao) => ao.iter().find_map(|x| match x {
+                            TcActionOption::Mirror(TcActionMirrorOption::Parms(p))
+                                if p.eaction == TcMirrorActionType::EgressRedir =>
+                            {
+                                Some(p.ifindex)
+                            }
+                            _ => None,
+                        }),
+                        _ => None,
+                    })
+                }),
+                _ => None,
+            }),
+            _ => None,
+        })
+    }))
+}
+
+/// Link `l`'s MTU.
+fn mtu_of(l: &LinkMessage) -> Option<u32> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+/// CHECK: the tap and the pod's veth end in the pod, ours, the tap multiqueue as asked, the
+/// MTU as asked, each redirecting to the other; the host's end on the bridge, which is one.
 pub fn check(netns: &Path, spec: &Spec) -> io::Result<()> {
     let n = spec.names;
     let ns = File::open(netns).map_err(|e| other(format!("{}: {e}", netns.display())))?;
-    let (tap, pod_veth, queues) = (n.tap.clone(), n.pod_veth.clone(), spec.queues);
+    let (tap, pod_veth, queues, mtu, owner) = (
+        n.tap.clone(),
+        n.pod_veth.clone(),
+        spec.queues,
+        spec.mtu,
+        n.owner.clone(),
+    );
     netlink::in_netns(&ns, move || {
         let mut nl = Netlink::open()?;
-        let (_, l) =
-            find(&mut nl, &tap)?.ok_or_else(|| other(format!("the pod has no interface {tap}")))?;
-        if kind(&l) != Some(InfoKind::Tun) {
-            return Err(other(format!("{tap} is not a tap")));
-        }
-        if (queues > 1) != tun_multi_queue(&l) {
+        let mut ours = |name: &str, want: InfoKind| -> io::Result<(u32, LinkMessage)> {
+            let (i, l) = find(&mut nl, name)?
+                .ok_or_else(|| other(format!("the pod has no interface {name}")))?;
+            if kind(&l) != Some(want.clone()) || alias(&l) != Some(owner.as_str()) {
+                return Err(other(format!("{name} is not this attachment's {want:?}")));
+            }
+            Ok((i, l))
+        };
+        let (t, tl) = ours(&tap, InfoKind::Tun)?;
+        let (v, _) = ours(&pod_veth, InfoKind::Veth)?;
+        if (queues > 1) != tun_multi_queue(&tl) {
             return Err(other(format!(
                 "{tap} is {}multiqueue, {queues} queues asked",
                 if queues > 1 { "not " } else { "" }
             )));
         }
-        find(&mut nl, &pod_veth)?
-            .ok_or_else(|| other(format!("the pod has no interface {pod_veth}")))?;
+        if let Some(m) = mtu.filter(|m| mtu_of(&tl) != Some(*m)) {
+            return Err(other(format!("{tap} has MTU {:?}, {m} asked", mtu_of(&tl))));
+        }
+        for (from, to, what) in [(t, v, &tap), (v, t, &pod_veth)] {
+            if redirect_target(&mut nl, from)? != Some(to) {
+                return Err(other(format!(
+                    "{what}: its frames are not redirected (the ingress filter is missing)"
+                )));
+            }
+        }
         Ok(())
     })?;
     let mut nl = Netlink::open()?;
     let (_, l) = find(&mut nl, &n.host_veth)?
         .ok_or_else(|| other(format!("the host has no interface {}", n.host_veth)))?;
-    let bridge = ifindex(&n.bridge)?;
+    let (bridge, bl) = find(&mut nl, &n.bridge)?
+        .ok_or_else(|| other(format!("the host has no bridge {}", n.bridge)))?;
+    if kind(&bl) != Some(InfoKind::Bridge) {
+        return Err(other(format!("{} is not a bridge", n.bridge)));
+    }
     let on = l
         .attributes
         .iter()

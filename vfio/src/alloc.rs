@@ -19,6 +19,8 @@ use crate::select::Selector;
 use crate::state::VfState;
 
 pub const DEFAULT_STATE_DIR: &str = "/run/torii/vfio";
+/// Where torii-cni records its allocations with its default `stateDir`.
+pub const CNI_STATE_DIR: &str = "/var/lib/cni/torii/.vfio";
 
 /// Who holds a device: a network namespace, known by its path and identity (device and inode
 /// of the namespace file, so a new namespace at the same path is another owner).
@@ -147,6 +149,11 @@ impl DeviceLock {
     }
 }
 
+/// Devices' locks held together (see [`Allocator::hold`]); released on drop.
+pub struct Held {
+    _locks: Vec<DeviceLock>,
+}
+
 /// The allocation records under a state directory.
 pub struct Allocator {
     dir: PathBuf,
@@ -178,6 +185,20 @@ impl Allocator {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_at(&p)(e)),
         }
+    }
+
+    /// Takes the locks of `addrs` (waiting for each), so that none of them is allocated or
+    /// released until the returned guard is dropped: for changes that remove the devices.
+    pub fn hold(&self, addrs: &[PciAddr]) -> Result<Held, AllocError> {
+        let mut sorted = addrs.to_vec();
+        // One order for everyone who takes several: no deadlock between two holders.
+        sorted.sort();
+        sorted.dedup();
+        let locks = sorted
+            .iter()
+            .map(|a| DeviceLock::take(&self.lock_path(*a)))
+            .collect::<Result<_, _>>()?;
+        Ok(Held { _locks: locks })
     }
 
     /// The allocation of `addr`, if it has one.
@@ -493,8 +514,15 @@ mod tests {
         assert!(al.record_path(vfs[1]).exists());
         assert_eq!(al.get(vfs[2]).unwrap(), Some(a));
         assert_eq!(al.get(vfs[0]).unwrap(), None);
-        // Released by its holder, VF 0 is free again.
+        // Held for a change that removes it (as `vfs` does), VF 0 stays busy.
         drop(held);
+        let hold = al.hold(&[vfs[0], vfs[0]]).unwrap();
+        assert!(matches!(
+            al.allocate(&s, &selector("ens1f0"), &owner, |_| Ok(None)),
+            Err(AllocError::NoneFree { busy: 1, .. })
+        ));
+        // Released by its holder, VF 0 is free again.
+        drop(hold);
         let a0 = al
             .allocate(&s, &selector("ens1f0"), &owner, |_| Ok(None))
             .unwrap();

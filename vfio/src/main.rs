@@ -3,7 +3,7 @@
 //! network namespaces, binds VFs to vfio-pci and probes them through VFIO.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
@@ -42,10 +42,11 @@ enum Cmd {
     Vfs {
         pf: String,
         count: u32,
-        /// Where allocations are recorded: allocated VFs are not removed.
-        #[arg(long, default_value = alloc::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
-        /// Change the count even if VFs it removes are allocated or bound to vfio-pci.
+        /// Where allocations are recorded (repeatable): allocated VFs are not removed. Default:
+        /// torii-vfio's own and torii-cni's (its default stateDir).
+        #[arg(long = "state-dir", default_values = [alloc::DEFAULT_STATE_DIR, alloc::CNI_STATE_DIR])]
+        state_dirs: Vec<PathBuf>,
+        /// Change the count even if VFs it removes are in use.
         #[arg(long)]
         force: bool,
     },
@@ -128,33 +129,49 @@ enum Cmd {
 }
 
 /// Refuses a VF count change that would remove VFs in use: allocated (or with a record that
-/// cannot be read), or bound to vfio-pci, where a VM may hold them (the kernel would wait for
-/// the VM to let go).
-fn vfs_removable(sys: &Sysfs, pf: PciAddr, n: u32, state_dir: &Path) -> anyhow::Result<()> {
+/// cannot be read), bound to vfio-pci, where a VM may hold them (the kernel would wait for the
+/// VM to let go), or on a network driver with no interface here (moved into a pod). Returns
+/// the removed VFs' locks in every state directory, to hold until the count is written, so no
+/// allocation slips in between.
+fn vfs_removable(
+    sys: &Sysfs,
+    pf: PciAddr,
+    n: u32,
+    state_dirs: &[PathBuf],
+) -> anyhow::Result<Vec<alloc::Held>> {
     let removed = sriov::vfs_removed(&sys.device(pf)?, n);
+    let mut held = Vec::new();
     if removed.is_empty() {
-        return Ok(());
+        return Ok(held);
     }
     let mut in_use = Vec::new();
-    if state_dir.exists() {
-        let (records, bad) = Allocator::new(state_dir)?.list()?;
-        for a in records.iter().filter(|a| removed.contains(&a.addr)) {
-            in_use.push(format!(
-                "{} is allocated to {} ({})",
-                a.addr,
-                a.owner.netns.display(),
-                a.owner.tag
-            ));
+    for dir in state_dirs.iter().filter(|d| d.exists()) {
+        let al = Allocator::new(dir)?;
+        held.push(al.hold(&removed)?);
+        for a in &removed {
+            match al.get(*a) {
+                Ok(None) => {}
+                Ok(Some(r)) => in_use.push(format!(
+                    "{a} is allocated to {} ({})",
+                    r.owner.netns.display(),
+                    r.owner.tag
+                )),
+                Err(e) => in_use.push(format!("{a} has an unreadable record: {e}")),
+            }
         }
-        in_use.extend(bad.iter().map(|e| format!("unreadable record {e}")));
     }
     for a in &removed {
-        if sys.device(*a)?.driver.as_deref() == Some(bind::VFIO_PCI) {
+        let d = sys.device(*a)?;
+        if d.driver.as_deref() == Some(bind::VFIO_PCI) {
             in_use.push(format!("{a} is bound to vfio-pci"));
+        } else if d.driver.is_some() && d.class >> 16 == 0x02 && d.netdevs.is_empty() {
+            in_use.push(format!(
+                "{a} has no network interface here (moved into a pod's namespace?)"
+            ));
         }
     }
     if in_use.is_empty() {
-        Ok(())
+        Ok(held)
     } else {
         bail!(
             "{pf}: changing the count to {n} removes every VF, and some are in use: {}; release them or pass --force",
@@ -402,13 +419,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Cmd::Vfs {
             pf,
             count,
-            state_dir,
+            state_dirs,
             force,
         } => {
             let (addr, _) = resolve_pf(&sys, &pf)?;
-            if !force {
-                vfs_removable(&sys, addr, count, &state_dir)?;
-            }
+            let _held = match force {
+                false => vfs_removable(&sys, addr, count, &state_dirs)?,
+                true => Vec::new(),
+            };
             let d = sriov::set_num_vfs(&sys, addr, count)?;
             if cli.json {
                 print_json(&d)?;

@@ -130,3 +130,53 @@ fn bad_requests_name_the_device_and_the_cause() {
         "{err}"
     );
 }
+
+#[test]
+fn vfs_refuses_to_remove_vfs_in_use() {
+    use torii_vfio::alloc::{Allocator, Owner};
+    use torii_vfio::select::Selectors;
+    let t = tree();
+    let dir = t.root().join("state");
+    let ns = t.root().join("pod");
+    std::fs::write(&ns, "").unwrap();
+    let select = Selectors {
+        pci_addresses: vec!["0000:03:10.2".into()],
+        ..Default::default()
+    }
+    .compile()
+    .unwrap();
+    Allocator::new(&dir)
+        .unwrap()
+        .allocate(
+            &t.sysfs(),
+            &select,
+            &Owner::of_netns(&ns, "pod/net1").unwrap(),
+            |_| Ok(None),
+        )
+        .unwrap();
+    // VF 0 on a network driver but without its interface here (in a pod), VF 1 allocated.
+    let vf0 = "0000:03:10.0".parse().unwrap();
+    t.to_vfio(vf0);
+    t.bind(vf0, "igbvf");
+    let state = dir.display().to_string();
+    let (ok, _, err) = run(&t, &["vfs", "--state-dir", &state, "tfake0", "3"]);
+    assert!(!ok, "VFs in use were removed");
+    for want in [
+        "0000:03:00.0: changing the count to 3 removes every VF, and some are in use",
+        "0000:03:10.2 is allocated to",
+        "(pod/net1)",
+        "0000:03:10.0 has no network interface here",
+        "pass --force",
+    ] {
+        assert!(err.contains(want), "{err:?} does not say {want:?}");
+    }
+    assert_eq!(
+        t.read("sys/bus/pci/devices/0000:03:00.0/sriov_numvfs"),
+        "2\n"
+    );
+    // On vfio-pci, a VM may hold it.
+    t.to_vfio(vf0);
+    let (ok, _, err) = run(&t, &["vfs", "--state-dir", &state, "tfake0", "0"]);
+    assert!(!ok);
+    assert!(err.contains("0000:03:10.0 is bound to vfio-pci"), "{err}");
+}
