@@ -1,0 +1,15 @@
+//! Torii's guest agent: runs inside the pod's VM (as PID 1 of its initramfs, or as a service)
+//! and answers the host over a framed JSON RPC on any byte stream — virtio-serial here, vsock
+//! or a hybrid vsock where the VMM has them. The protocol is in docs/agent-protocol.md.
+//!
+//! - [`protocol`]: frames, requests, answers; limits on what the host may send.
+//! - [`server`]: one connection: requests handled concurrently, one writer.
+//! - [`process`]: processes with streamed output, stdin, wait and signals; reaping as PID 1.
+//! - [`system`]: guest metrics.
+//! - [`init`]: what PID 1 does first (mounts) and last (power off).
+
+pub mod init;
+pub mod process;
+pub mod protocol;
+pub mod server;
+pub mod system;
