@@ -5,10 +5,12 @@
 //! - [`protocol`]: frames, requests, answers; limits on what the host may send.
 //! - [`server`]: one connection: requests handled concurrently, one writer.
 //! - [`process`]: processes with streamed output, stdin, wait and signals; reaping as PID 1.
+//! - [`net`]: the guest's interfaces, routes and neighbours, through rtnetlink.
 //! - [`system`]: guest metrics.
 //! - [`init`]: what PID 1 does first (mounts) and last (power off).
 
 pub mod init;
+pub mod net;
 pub mod process;
 pub mod protocol;
 pub mod server;

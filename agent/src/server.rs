@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::process::{Emit, Processes, StartParams};
 use crate::protocol::{answer, read_frame, write_frame, FrameError, Request, RpcError};
-use crate::system;
+use crate::{net, system};
 
 /// Requests handled at once on one connection; more are answered `busy`.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -94,6 +94,11 @@ pub fn handle(agent: &Agent, method: &str, p: Value, emit: &Emit) -> Result<Valu
             .processes
             .close_stdin(&params::<ProcessRef>(p)?.process),
         "metrics" => system::metrics(),
+        "list_interfaces" => net::list_interfaces(),
+        "update_interface" => net::update_interface(params(p)?),
+        "list_routes" => net::list_routes(),
+        "update_routes" => net::update_routes(params(p)?),
+        "add_arp_neighbors" => net::add_arp_neighbors(params(p)?),
         "shutdown" if agent.init => {
             // After the answer has gone out.
             std::thread::spawn(|| {

@@ -10,7 +10,9 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use torii_vfio::alloc::{self, Allocation, Allocator, Owner};
 use torii_vfio::bind::{self, passthrough_spec};
-use torii_vfio::netlink::{self, ifindex, LinkState, Netlink, VfInfoReport, VfSetting, VlanProto};
+use torii_vfio::netlink::{
+    self, ifindex, LinkState, Netlink, VfInfoReport, VfLinks, VfSetting, VlanProto,
+};
 use torii_vfio::pci::{PciAddr, PciDevice, Sysfs};
 use torii_vfio::select::Selectors;
 use torii_vfio::state::VfState;

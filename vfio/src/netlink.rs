@@ -1,29 +1,17 @@
 //! VF configuration through rtnetlink on the PF (the attributes `ip link set PF vf N …` sends),
-//! read back through RTM_GETLINK with the VF extension mask; moving interfaces between network
-//! namespaces. A plain blocking NETLINK_ROUTE socket: these are control-path calls.
+//! read back through RTM_GETLINK with the VF extension mask. The client itself, and moves
+//! between network namespaces, are `torii-netlink`'s (re-exported here).
 
-use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
 
-use std::net::IpAddr;
-
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
-    NLM_F_MULTIPART, NLM_F_REQUEST,
-};
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST};
 use netlink_packet_route::link::{
-    LinkAttribute, LinkExtentMask, LinkMessage, LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoMac,
-    VfInfoRate, VfInfoSpoofCheck, VfInfoTrust, VfLinkState, VfVlan, VfVlanInfo, VlanProtocol,
+    LinkAttribute, LinkMessage, LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoMac, VfInfoRate,
+    VfInfoSpoofCheck, VfInfoTrust, VfLinkState, VfVlan, VfVlanInfo, VlanProtocol,
 };
-use netlink_packet_route::route::{
-    RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
-use netlink_packet_route::AddressFamily;
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use serde::{Deserialize, Serialize};
+pub use torii_netlink::{ifindex, in_netns, move_from_netns, move_to_netns, Netlink};
 
 /// A VF's link state as the PF enforces it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,131 +140,16 @@ impl VfSetting {
     }
 }
 
-/// A NETLINK_ROUTE socket in the calling thread's network namespace.
-pub struct Netlink {
-    sock: Socket,
-    seq: u32,
+/// VF requests on a PF's link (an interface index).
+pub trait VfLinks {
+    /// What PF `pf` reports of its VFs.
+    fn vfs(&mut self, pf: u32) -> io::Result<Vec<VfInfoReport>>;
+    /// Applies one setting to VF `vf` of PF `pf`; the kernel's (driver's) refusal is the error.
+    fn set_vf(&mut self, pf: u32, vf: u32, s: VfSetting) -> io::Result<()>;
 }
 
-/// The interface index of `ifname` in the calling thread's network namespace.
-pub fn ifindex(ifname: &str) -> io::Result<u32> {
-    let c = std::ffi::CString::new(ifname)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name with NUL"))?;
-    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no network interface {ifname:?}"),
-        ));
-    }
-    Ok(i)
-}
-
-impl Netlink {
-    pub fn open() -> io::Result<Netlink> {
-        let mut sock = Socket::new(NETLINK_ROUTE)?;
-        sock.bind_auto()?;
-        sock.connect(&SocketAddr::new(0, 0))?;
-        Ok(Netlink { sock, seq: 0 })
-    }
-
-    /// Sends `msg` with `flags` and collects the messages of the reply (a dump's parts, the
-    /// answer to a get), or the kernel's error. With `NLM_F_ACK` it waits for the ACK.
-    pub fn call(
-        &mut self,
-        msg: RouteNetlinkMessage,
-        flags: u16,
-    ) -> io::Result<Vec<RouteNetlinkMessage>> {
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        let mut nl =
-            NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(msg));
-        nl.header.flags = flags;
-        nl.header.sequence_number = seq;
-        nl.finalize();
-        let mut buf = vec![0; nl.buffer_len()];
-        nl.serialize(&mut buf);
-        self.sock.send(&buf, 0)?;
-        let mut out = Vec::new();
-        loop {
-            let (buf, _) = self.sock.recv_from_full()?;
-            let mut off = 0;
-            while off < buf.len() {
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let len = msg.header.length as usize;
-                if msg.header.sequence_number == seq {
-                    match msg.payload {
-                        NetlinkPayload::InnerMessage(m) => {
-                            out.push(m);
-                            if msg.header.flags & NLM_F_MULTIPART == 0 && flags & NLM_F_ACK == 0 {
-                                return Ok(out);
-                            }
-                        }
-                        NetlinkPayload::Error(e) => {
-                            return match e.code {
-                                None => Ok(out),
-                                Some(_) => Err(e.to_io()),
-                            }
-                        }
-                        NetlinkPayload::Done(_) => return Ok(out),
-                        _ => {}
-                    }
-                }
-                if len == 0 {
-                    break;
-                }
-                off += (len + 3) & !3;
-            }
-        }
-    }
-
-    /// [`Netlink::call`] for requests answered with links.
-    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<LinkMessage>> {
-        Ok(self
-            .call(msg, flags)?
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(l),
-                _ => None,
-            })
-            .collect())
-    }
-
-    /// Creates what `msg` (a `New…` message) describes; one that exists already is an error
-    /// (EEXIST).
-    pub fn create(&mut self, msg: RouteNetlinkMessage) -> io::Result<()> {
-        self.call(msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
-            .map(|_| ())
-    }
-
-    /// Creates a link (`ip link add`): `m` carries its name and `LinkInfo`.
-    pub fn new_link(&mut self, m: LinkMessage) -> io::Result<()> {
-        self.create(RouteNetlinkMessage::NewLink(m))
-    }
-
-    /// Deletes link `index`.
-    pub fn del_link(&mut self, index: u32) -> io::Result<()> {
-        let mut m = LinkMessage::default();
-        m.header.index = index;
-        self.call(RouteNetlinkMessage::DelLink(m), NLM_F_REQUEST | NLM_F_ACK)
-            .map(|_| ())
-    }
-
-    /// The link `index` with its VF information.
-    pub fn link(&mut self, index: u32) -> io::Result<LinkMessage> {
-        let mut m = LinkMessage::default();
-        m.header.index = index;
-        m.attributes
-            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::Vf]));
-        self.request(RouteNetlinkMessage::GetLink(m), NLM_F_REQUEST)?
-            .pop()
-            .ok_or_else(|| io::Error::other(format!("no reply for link {index}")))
-    }
-
-    /// What PF `pf` (an interface index) reports of its VFs.
-    pub fn vfs(&mut self, pf: u32) -> io::Result<Vec<VfInfoReport>> {
+impl VfLinks for Netlink {
+    fn vfs(&mut self, pf: u32) -> io::Result<Vec<VfInfoReport>> {
         let l = self.link(pf)?;
         let mut out = Vec::new();
         for a in &l.attributes {
@@ -288,99 +161,15 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Applies one setting to VF `vf` of PF `pf`; the kernel's (driver's) refusal is the error.
-    pub fn set_vf(&mut self, pf: u32, vf: u32, s: VfSetting) -> io::Result<()> {
+    fn set_vf(&mut self, pf: u32, vf: u32, s: VfSetting) -> io::Result<()> {
         let mut m = LinkMessage::default();
         m.header.index = pf;
         m.attributes
             .push(LinkAttribute::VfInfoList(vec![LinkVfInfo(vec![
                 s.attribute(vf)
             ])]));
-        self.request(RouteNetlinkMessage::SetLink(m), NLM_F_REQUEST | NLM_F_ACK)
+        self.call(RouteNetlinkMessage::SetLink(m), NLM_F_REQUEST | NLM_F_ACK)
             .map(|_| ())
-    }
-
-    /// Sets link `index`'s attributes (`IfName`, `Mtu`, `NetNsFd`, …).
-    pub fn set_link(&mut self, index: u32, attrs: Vec<LinkAttribute>) -> io::Result<()> {
-        let mut m = LinkMessage::default();
-        m.header.index = index;
-        m.attributes = attrs;
-        self.request(RouteNetlinkMessage::SetLink(m), NLM_F_REQUEST | NLM_F_ACK)
-            .map(|_| ())
-    }
-
-    /// Adds address `addr/prefix` to link `index`.
-    pub fn add_address(&mut self, index: u32, addr: IpAddr, prefix: u8) -> io::Result<()> {
-        let mut m = AddressMessage::default();
-        m.header.family = family(addr);
-        m.header.prefix_len = prefix;
-        m.header.index = index;
-        if addr.is_ipv4() {
-            m.attributes.push(AddressAttribute::Local(addr));
-        }
-        m.attributes.push(AddressAttribute::Address(addr));
-        self.request(
-            RouteNetlinkMessage::NewAddress(m),
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        )
-        .map(|_| ())
-    }
-
-    /// Adds a route to `dst/prefix` through link `oif`, via `gateway` if given (else on the
-    /// link), in the main table.
-    pub fn add_route(
-        &mut self,
-        dst: IpAddr,
-        prefix: u8,
-        gateway: Option<IpAddr>,
-        oif: u32,
-    ) -> io::Result<()> {
-        let mut m = RouteMessage::default();
-        m.header.address_family = family(dst);
-        m.header.destination_prefix_length = prefix;
-        m.header.table = RouteHeader::RT_TABLE_MAIN;
-        m.header.protocol = RouteProtocol::Boot;
-        m.header.scope = if gateway.is_some() {
-            RouteScope::Universe
-        } else {
-            RouteScope::Link
-        };
-        m.header.kind = RouteType::Unicast;
-        if prefix > 0 {
-            m.attributes.push(RouteAttribute::Destination(dst.into()));
-        }
-        if let Some(g) = gateway {
-            m.attributes.push(RouteAttribute::Gateway(g.into()));
-        }
-        m.attributes.push(RouteAttribute::Oif(oif));
-        self.request(
-            RouteNetlinkMessage::NewRoute(m),
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        )
-        .map(|_| ())
-    }
-
-    /// Sets link `index` up or down.
-    pub fn set_up(&mut self, index: u32, up: bool) -> io::Result<()> {
-        use netlink_packet_route::link::LinkFlags;
-        let mut m = LinkMessage::default();
-        m.header.index = index;
-        m.header.flags = if up {
-            LinkFlags::Up
-        } else {
-            LinkFlags::empty()
-        };
-        m.header.change_mask = LinkFlags::Up;
-        self.request(RouteNetlinkMessage::SetLink(m), NLM_F_REQUEST | NLM_F_ACK)
-            .map(|_| ())
-    }
-}
-
-fn family(a: IpAddr) -> AddressFamily {
-    if a.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
     }
 }
 
@@ -473,52 +262,4 @@ impl VfControl for Netlink {
         let i = ifindex(pf)?;
         self.set_vf(i, vf, s)
     }
-}
-
-/// Runs `f` on a helper thread that has entered the network namespace `ns` (an open
-/// `/proc/<pid>/ns/net` or `/run/netns/<name>`), so the caller's namespace never changes.
-pub fn in_netns<T: Send + 'static>(
-    ns: &File,
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    let fd = ns.as_fd().try_clone_to_owned()?;
-    std::thread::spawn(move || {
-        // SAFETY: setns on this helper thread only, with an fd it owns for the call.
-        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        f()
-    })
-    .join()
-    .map_err(|_| io::Error::other("netns helper thread panicked"))?
-}
-
-/// Moves interface `ifname` of the calling thread's namespace into namespace `to`, renamed
-/// `new_name`.
-pub fn move_to_netns(ifname: &str, to: &File, new_name: &str) -> io::Result<()> {
-    let i = ifindex(ifname)?;
-    let mut nl = Netlink::open()?;
-    nl.set_link(
-        i,
-        vec![
-            LinkAttribute::NetNsFd(to.as_raw_fd()),
-            LinkAttribute::IfName(new_name.to_string()),
-        ],
-    )
-}
-
-/// Moves interface `ifname` of namespace `from` back into the caller's namespace as `name`.
-pub fn move_from_netns(from: &File, ifname: &str, name: &str) -> io::Result<()> {
-    let here = File::open("/proc/thread-self/ns/net")?;
-    let (ifname, name) = (ifname.to_string(), name.to_string());
-    in_netns(from, move || {
-        let i = ifindex(&ifname)?;
-        Netlink::open()?.set_link(
-            i,
-            vec![
-                LinkAttribute::NetNsFd(here.as_raw_fd()),
-                LinkAttribute::IfName(name),
-            ],
-        )
-    })
 }
