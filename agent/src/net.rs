@@ -173,9 +173,12 @@ pub fn update_interface(u: UpdateInterface) -> Result<Value, RpcError> {
     }
     attrs.extend(u.mtu.map(LinkAttribute::Mtu));
     if !attrs.is_empty() {
-        // A rename needs the link down.
-        nl.set_up(index, false)
-            .map_err(|e| failed(&format!("{current} down"), e))?;
+        // A rename needs the link down; an MTU change alone does not (and a link taken down
+        // loses its routes).
+        if u.name.as_ref().is_some_and(|n| *n != current) {
+            nl.set_up(index, false)
+                .map_err(|e| failed(&format!("{current} down"), e))?;
+        }
         nl.set_link(index, attrs)
             .map_err(|e| failed(&format!("configuring {current}"), e))?;
     }

@@ -118,6 +118,15 @@ pub fn handle(agent: &Agent, method: &str, p: Value, emit: &Emit) -> Result<Valu
     }
 }
 
+/// An in-flight slot, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Serves one connection until the host closes it (`Ok`) or sends what cannot be read as
 /// frames (`Err`, after an answer saying why).
 pub fn serve(
@@ -179,13 +188,27 @@ pub fn serve(
             ));
             continue;
         }
-        let (agent, tx, emit, in_flight) =
-            (agent.clone(), tx.clone(), emit.clone(), in_flight.clone());
-        std::thread::spawn(move || {
-            let r = handle(&agent, &req.method, req.params, &emit);
+        let tx_busy = tx.clone();
+        // The slot is given back however the handler ends (or if it never starts); a handler
+        // that panics is answered, not left hanging.
+        let slot = Slot(in_flight.clone());
+        let (agent, tx, emit) = (agent.clone(), tx.clone(), emit.clone());
+        let id = req.id;
+        let spawned = std::thread::Builder::new().spawn(move || {
+            let _slot = slot;
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                handle(&agent, &req.method, req.params, &emit)
+            }))
+            .unwrap_or_else(|_| Err(RpcError::new("failed", "the handler panicked")));
             let _ = tx.send(answer(Some(req.id), r));
-            in_flight.fetch_sub(1, Ordering::AcqRel);
         });
+        if spawned.is_err() {
+            // The closure (and its slot) went with the failed spawn.
+            let _ = tx_busy.send(answer(
+                Some(id),
+                Err(RpcError::new("busy", "no thread for the request")),
+            ));
+        }
     };
     drop(tx);
     drop(emit);
