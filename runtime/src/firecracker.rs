@@ -1,0 +1,159 @@
+//! Firecracker: the VM is described to its API (HTTP/1.1 on `--api-sock`) one resource at a
+//! time — `/machine-config`, `/boot-source`, `/drives/{id}` (vhost-user-blk through `socket`),
+//! `/network-interfaces/{id}` (taps), `/vsock` — then `PUT /actions` `InstanceStart`. The agent
+//! is reached over the hybrid vsock.
+//!
+//! Firecracker has no vhost-user-net and no PCI passthrough: a sandbox that asks for them is
+//! refused before anything starts. It cannot run on a machine without KVM; the requests are
+//! checked against its documented API schema in the tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::cloud_hypervisor::{Paths, GUEST_CID};
+use crate::http::{self, Request};
+use crate::spec::{Backend, HypervisorKind, Sandbox};
+use crate::vmm::{find_binary, Hypervisor, Vm, VmmError, VmmProcess};
+
+pub struct Firecracker;
+
+/// The API requests that describe and start the VM of `sb`.
+pub fn boot_requests(sb: &Sandbox, paths: &Paths) -> Result<Vec<Request>, VmmError> {
+    let vm = &sb.vm;
+    if !vm.pin.is_empty() {
+        return Err(VmmError::Launch(
+            "Firecracker: vCPU pinning is done by a jailer/cgroup, not through its API".into(),
+        ));
+    }
+    let mut machine = json!({ "vcpu_count": vm.vcpus, "mem_size_mib": vm.memory_mib });
+    if vm.hugepages {
+        machine["huge_pages"] = json!("2M");
+    }
+    let mut r = vec![
+        Request::put("/machine-config", Some(machine)),
+        Request::put(
+            "/boot-source",
+            Some(json!({
+                "kernel_image_path": vm.kernel,
+                "initrd_path": vm.initramfs,
+                "boot_args": crate::qemu::kernel_cmdline(sb, &format!("vsock:{}", sb.agent.vsock_port))
+                    .replace("console=ttyS0", "console=ttyS0 reboot=k pci=off"),
+            })),
+        ),
+    ];
+    for (i, d) in sb.disks.iter().enumerate() {
+        if d.queues != 1 {
+            return Err(VmmError::Launch(format!(
+                "disk[{i}]: Firecracker's vhost-user-blk has one queue"
+            )));
+        }
+        let id = format!("disk{i}");
+        r.push(Request::put(
+            format!("/drives/{id}"),
+            Some(json!({
+                "drive_id": id,
+                "is_root_device": false,
+                "is_read_only": d.read_only,
+                "socket": d.socket,
+            })),
+        ));
+    }
+    for (i, n) in sb.nics.iter().enumerate() {
+        let Backend::Tap { ifname } = &n.backend else {
+            return Err(VmmError::Launch(format!(
+                "interface[{i}]: Firecracker takes tap interfaces only (no vhost-user-net, no VFIO)"
+            )));
+        };
+        if n.queues != 1 {
+            return Err(VmmError::Launch(format!(
+                "interface[{i}]: Firecracker's virtio-net has one queue pair"
+            )));
+        }
+        let id = format!("net{i}");
+        let mut v = json!({ "iface_id": id, "host_dev_name": ifname });
+        if let Some(m) = &n.mac {
+            v["guest_mac"] = json!(m);
+        }
+        r.push(Request::put(format!("/network-interfaces/{id}"), Some(v)));
+    }
+    r.push(Request::put(
+        "/vsock",
+        Some(json!({ "guest_cid": GUEST_CID, "uds_path": paths.vsock })),
+    ));
+    r.push(Request::put(
+        "/actions",
+        Some(json!({ "action_type": "InstanceStart" })),
+    ));
+    Ok(r)
+}
+
+struct FcVm {
+    proc: VmmProcess,
+    paths: Paths,
+    port: u32,
+}
+
+impl Hypervisor for Firecracker {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Firecracker
+    }
+
+    fn launch(&self, sb: &Sandbox, dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        let paths = Paths::new(dir);
+        let requests = boot_requests(sb, &paths)?;
+        let bin = match &sb.vm.binary {
+            Some(b) => b.clone(),
+            None => find_binary("firecracker")
+                .ok_or_else(|| VmmError::Launch("firecracker not found in PATH".into()))?,
+        };
+        let mut cmd = Command::new(bin);
+        // The guest's serial console is Firecracker's stdout: it goes to the log.
+        cmd.arg("--api-sock").arg(&paths.api);
+        let mut proc = VmmProcess::spawn(cmd, &paths.log, sb.netns.as_deref())?;
+        proc.wait_socket(&paths.api, Duration::from_secs(10))?;
+        for r in &requests {
+            http::send(&paths.api, r, Duration::from_secs(30))?;
+        }
+        Ok(Box::new(FcVm {
+            proc,
+            paths,
+            port: sb.agent.vsock_port,
+        }))
+    }
+}
+
+impl Vm for FcVm {
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    fn agent_stream(&mut self) -> Result<std::os::unix::net::UnixStream, VmmError> {
+        http::hybrid_vsock_connect(&self.paths.vsock, self.port, Duration::from_secs(60))
+    }
+
+    fn stop(&mut self, timeout: Duration) -> Result<(), VmmError> {
+        // Firecracker has no power-off request for Linux guests on x86 other than
+        // Ctrl-Alt-Del, which the guest's init may ignore: the VMM is ended.
+        let _ = http::send(
+            &self.paths.api,
+            &Request::put("/actions", Some(json!({ "action_type": "SendCtrlAltDel" }))),
+            timeout,
+        );
+        if !self.proc.wait_exit(timeout) {
+            self.proc.kill();
+        }
+        Ok(())
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> bool {
+        self.proc.wait_exit(timeout)
+    }
+
+    fn console_log(&self) -> PathBuf {
+        // Firecracker writes the guest's serial console to its stdout.
+        self.paths.log.clone()
+    }
+}

@@ -1,0 +1,330 @@
+//! A pod VM from start to end: launched, its agent waited for, its guest side configured
+//! through the agent, commands run with their output streamed, and everything torn down (the
+//! VMM stopped and reaped, its folder and sockets removed) on [`Pod::stop`] or on drop.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::agent::{AgentClient, AgentError, Output};
+use crate::spec::{Sandbox, SpecError};
+use crate::vmm::{hypervisor, Vm, VmmError};
+
+/// Where pods keep their sockets and logs: `<RUN_DIR>/<name>/`.
+pub const RUN_DIR: &str = "/run/torii/vms";
+/// How long an agent call that configures the guest may take (TCG is slow).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("{context}: {source}")]
+    Agent {
+        context: String,
+        #[source]
+        source: AgentError,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+fn agent_err(context: impl Into<String>) -> impl FnOnce(AgentError) -> PodError {
+    let context = context.into();
+    move |source| PodError::Agent { context, source }
+}
+
+/// How a guest process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// The exit code, or 128 + the signal.
+    pub code: i32,
+    pub signal: Option<i32>,
+}
+
+/// The folder of a pod: made for it alone, removed when it ends.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create(base: &Path, name: &str) -> Result<RunDir, PodError> {
+        let dir = base.join(name);
+        let io = |e: std::io::Error| PodError::Other(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(base).map_err(io)?;
+        if dir.exists() {
+            // A folder left by a runtime that died: in use only while its VMM lives.
+            let pid: Option<i32> = std::fs::read_to_string(dir.join("vmm.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok());
+            // SAFETY: kill(pid, 0) only checks that the process exists.
+            if pid.is_some_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0) {
+                return Err(PodError::Other(format!(
+                    "a pod named {name} is running ({})",
+                    dir.display()
+                )));
+            }
+            std::fs::remove_dir_all(&dir).map_err(io)?;
+        }
+        std::fs::create_dir(&dir).map_err(io)?;
+        Ok(RunDir(dir))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running pod VM.
+pub struct Pod {
+    pub sandbox: Sandbox,
+    // Field order is drop order: the agent connection, then the VMM, then the folder.
+    agent: Arc<AgentClient>,
+    vm: Box<dyn Vm>,
+    dir: RunDir,
+    /// From the VMM's start to the agent's first answer.
+    pub boot_to_agent: Duration,
+}
+
+impl Pod {
+    /// Launches the VM of `sb` (its folder under `run_dir`) and waits for its agent.
+    pub fn start(sb: Sandbox, run_dir: &Path) -> Result<Pod, PodError> {
+        let dir = RunDir::create(run_dir, &sb.name)?;
+        let t0 = Instant::now();
+        let mut vm = hypervisor(sb.hypervisor).launch(&sb, &dir.0)?;
+        let _ = std::fs::write(dir.0.join("vmm.pid"), vm.pid().to_string());
+        let stream = vm.agent_stream()?;
+        let agent = Arc::new(
+            AgentClient::unix(stream)
+                .map_err(|e| PodError::Other(format!("agent connection: {e}")))?,
+        );
+        let pending = agent
+            .send("version", Value::Null)
+            .map_err(agent_err("agent"))?;
+        let timeout = Duration::from_secs(sb.agent.timeout_s);
+        let console = vm.console_log();
+        let tail = |what: &str| {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!(
+                "{what}; guest console:\n{}",
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            )
+        };
+        let version = loop {
+            if let Some(a) = pending.try_take() {
+                break a.map_err(|e| PodError::Other(tail(&format!("agent: {e}"))))?;
+            }
+            if vm.wait_exit(Duration::ZERO) {
+                return Err(PodError::Other(tail(
+                    "the VM stopped before its agent answered",
+                )));
+            }
+            if t0.elapsed() > timeout {
+                return Err(PodError::Other(tail(&format!(
+                    "the agent did not answer within {timeout:?}"
+                ))));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if version["protocol"] != 1 {
+            return Err(PodError::Other(format!(
+                "the guest agent speaks protocol {}, not 1",
+                version["protocol"]
+            )));
+        }
+        Ok(Pod {
+            sandbox: sb,
+            agent,
+            vm,
+            dir,
+            boot_to_agent: t0.elapsed(),
+        })
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    pub fn vmm_pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    /// The pod's folder (sockets, console log).
+    pub fn dir(&self) -> &Path {
+        &self.dir.0
+    }
+
+    fn call(&self, method: &str, params: Value, what: &str) -> Result<Value, PodError> {
+        self.agent
+            .call(method, params, CALL_TIMEOUT)
+            .map_err(agent_err(what))
+    }
+
+    /// Configures the guest through the agent: each interface (found by MAC: name, MTU,
+    /// addresses, up), the routes, the neighbours, the disks' mounts.
+    pub fn configure(&self) -> Result<(), PodError> {
+        let sb = &self.sandbox;
+        for n in &sb.nics {
+            let Some(mac) = &n.mac else { continue };
+            let mut p = json!({ "mac": mac, "name": n.name, "addresses": n.addresses, "up": true });
+            if let Some(mtu) = n.mtu {
+                p["mtu"] = json!(mtu);
+            }
+            self.call("update_interface", p, &format!("interface {}", n.name))?;
+        }
+        let routes: Vec<Value> = sb
+            .nics
+            .iter()
+            .flat_map(|n| {
+                n.routes
+                    .iter()
+                    .map(|r| json!({ "dest": r.dest, "gateway": r.gateway, "device": n.name }))
+            })
+            .collect();
+        let devices: Vec<&str> = sb
+            .nics
+            .iter()
+            .filter(|n| n.mac.is_some())
+            .map(|n| n.name.as_str())
+            .collect();
+        if !routes.is_empty() {
+            self.call(
+                "update_routes",
+                json!({ "routes": routes, "devices": devices }),
+                "routes",
+            )?;
+        }
+        if !sb.neighbors.is_empty() {
+            self.call(
+                "add_arp_neighbors",
+                json!({ "neighbors": sb.neighbors }),
+                "neighbours",
+            )?;
+        }
+        for d in &sb.disks {
+            let Some(target) = &d.mount else { continue };
+            self.call(
+                "mount_block",
+                json!({
+                    "source": { "pci": d.guest_pci() },
+                    "target": target,
+                    "fstype": d.fstype,
+                    "options": d.options,
+                    "read_only": d.read_only,
+                }),
+                &format!("disk at {target}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs `argv` in the guest; its output goes to `out` as it comes. `stdin`, when given, is
+    /// copied to the process (then closed). While it runs, a signal number stored in `signal`
+    /// is sent to the process (and the slot cleared).
+    pub fn exec(
+        &self,
+        argv: &[String],
+        env: &[String],
+        stdin: Option<Box<dyn Read + Send>>,
+        signal: Option<&AtomicI32>,
+        out: &mut dyn FnMut(Output),
+    ) -> Result<ExitStatus, PodError> {
+        let mut p = json!({ "argv": argv, "stdin": stdin.is_some() });
+        if !env.is_empty() {
+            p["env"] = json!(env);
+        }
+        let started = self.call("start_process", p, "starting the command")?;
+        let id = started["process"]
+            .as_str()
+            .ok_or_else(|| PodError::Other(format!("start_process answered {started}")))?
+            .to_string();
+        let agent = &self.agent;
+        if let Some(input) = stdin {
+            // Detached: host input may never end; the pump stops at its next chunk once the
+            // process is gone.
+            let (a, id) = (self.agent.clone(), id.clone());
+            std::thread::Builder::new()
+                .name("stdin-pump".into())
+                .spawn(move || pump_stdin(&a, &id, input))
+                .map_err(|e| PodError::Other(format!("stdin thread: {e}")))?;
+        }
+        let wait = agent
+            .send("wait_process", json!({ "process": id }))
+            .map_err(agent_err("waiting for the command"))?;
+        {
+            loop {
+                if let Some(a) = wait.try_take() {
+                    // Its output all came before this answer: drain what is queued.
+                    while let Some(o) = agent.next_output(Duration::ZERO) {
+                        if o.process == id {
+                            out(o);
+                        }
+                    }
+                    let v = a.map_err(agent_err("waiting for the command"))?;
+                    let code = v["exit_code"].as_i64().unwrap_or(-1) as i32;
+                    let signal = v["signal"].as_i64().map(|s| s as i32);
+                    return Ok(ExitStatus { code, signal });
+                }
+                if let Some(sig) = signal
+                    .map(|s| s.swap(0, Ordering::Relaxed))
+                    .filter(|&s| s > 0)
+                {
+                    agent
+                        .call(
+                            "kill_process",
+                            json!({ "process": id, "signal": sig }),
+                            CALL_TIMEOUT,
+                        )
+                        .map_err(agent_err("signalling the command"))?;
+                }
+                if let Some(o) = agent.next_output(Duration::from_millis(20)) {
+                    if o.process == id {
+                        out(o);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the pod: the guest powers off through its agent; a VM that does not stop within
+    /// `timeout` is stopped by the VMM, then killed. The folder goes with it.
+    pub fn stop(mut self, timeout: Duration) -> Result<(), PodError> {
+        let asked = self
+            .agent
+            .call("shutdown", Value::Null, Duration::from_secs(5))
+            .is_ok();
+        if !(asked && self.vm.wait_exit(timeout)) {
+            self.vm.stop(Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies host input to a guest process's stdin, then closes it.
+fn pump_stdin(agent: &AgentClient, id: &str, mut input: Box<dyn Read + Send>) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
+        let r = agent.call(
+            "write_stdin",
+            json!({ "process": id, "data": data }),
+            CALL_TIMEOUT,
+        );
+        if r.is_err() {
+            return;
+        }
+    }
+    let _ = agent.call("close_stdin", json!({ "process": id }), CALL_TIMEOUT);
+}

@@ -1,0 +1,328 @@
+//! QEMU: the command line of a sandbox, and QMP (the machine protocol on a Unix socket) to pin
+//! vCPUs and stop the VM. TCG where there is no hardware virtualisation, KVM where there is.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::spec::{Accel, Backend, HypervisorKind, Sandbox, AGENT_SLOT};
+use crate::vmm::{find_binary, io_err, pin_thread, Hypervisor, Vm, VmmError, VmmProcess};
+
+pub struct Qemu;
+
+/// The sockets and logs of one VM in its folder.
+pub struct Paths {
+    pub qmp: PathBuf,
+    pub agent: PathBuf,
+    pub console: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Paths {
+    pub fn new(dir: &Path) -> Paths {
+        Paths {
+            qmp: dir.join("qmp.sock"),
+            agent: dir.join("agent.sock"),
+            console: dir.join("console.log"),
+            log: dir.join("vmm.log"),
+        }
+    }
+}
+
+/// A QEMU option value: commas doubled, as QEMU's option parser expects.
+fn q(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// The kernel command line the guest boots with.
+pub fn kernel_cmdline(sb: &Sandbox, agent: &str) -> String {
+    let mut c = format!("console=ttyS0 panic=-1 quiet torii.agent={agent}");
+    if !sb.vm.cmdline.is_empty() {
+        c.push(' ');
+        c.push_str(&sb.vm.cmdline);
+    }
+    c
+}
+
+/// QEMU's arguments for `sb` with its sockets in `paths`.
+pub fn args(sb: &Sandbox, paths: &Paths) -> Vec<String> {
+    let vm = &sb.vm;
+    let kvm = match vm.accel {
+        Accel::Kvm => true,
+        Accel::Tcg => false,
+        Accel::Auto => kvm_usable(),
+    };
+    let mem = vm.memory_mib;
+    let mut a: Vec<String> = vec![
+        "-name".into(),
+        format!("torii-{},debug-threads=on", sb.name),
+        "-machine".into(),
+        format!("pc,accel={}", if kvm { "kvm" } else { "tcg" }),
+        "-cpu".into(),
+        if kvm { "host" } else { "max" }.into(),
+        "-smp".into(),
+        vm.vcpus.to_string(),
+        "-m".into(),
+        format!("{mem}M"),
+        "-object".into(),
+        if vm.hugepages {
+            format!("memory-backend-memfd,id=mem,size={mem}M,share=on,hugetlb=on,hugetlbsize=2M")
+        } else {
+            format!("memory-backend-memfd,id=mem,size={mem}M,share=on")
+        },
+        "-numa".into(),
+        "node,memdev=mem".into(),
+        "-kernel".into(),
+        vm.kernel.to_string_lossy().into(),
+        "-initrd".into(),
+        vm.initramfs.to_string_lossy().into(),
+        "-append".into(),
+        kernel_cmdline(sb, &format!("serial:{}", sb.agent.port)),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-serial".into(),
+        format!("file:{}", q(&paths.console)),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", q(&paths.qmp)),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            q(&paths.agent)
+        ),
+        "-device".into(),
+        format!("virtio-serial-pci,id=vser0,addr={AGENT_SLOT:#04x}"),
+        "-device".into(),
+        format!(
+            "virtserialport,bus=vser0.0,chardev=agent,name={}",
+            sb.agent.port
+        ),
+    ];
+    for (i, n) in sb.nics.iter().enumerate() {
+        let mq = n.queues > 1;
+        let mut dev = match &n.backend {
+            Backend::VhostUser { socket } => {
+                a.push("-chardev".into());
+                a.push(format!(
+                    "socket,id=nc{i},path={},reconnect-ms=1000",
+                    q(socket)
+                ));
+                a.push("-netdev".into());
+                a.push(format!(
+                    "vhost-user,id=net{i},chardev=nc{i},queues={}",
+                    n.queues
+                ));
+                format!("virtio-net-pci,netdev=net{i}")
+            }
+            Backend::Tap { ifname } => {
+                a.push("-netdev".into());
+                a.push(format!(
+                    "tap,id=net{i},ifname={ifname},script=no,downscript=no,vhost=off,queues={}",
+                    n.queues
+                ));
+                format!("virtio-net-pci,netdev=net{i}")
+            }
+            Backend::Vfio { addr, .. } => format!("vfio-pci,host={addr}"),
+        };
+        if !matches!(n.backend, Backend::Vfio { .. }) {
+            if let Some(m) = &n.mac {
+                dev.push_str(&format!(",mac={m}"));
+            }
+            if mq {
+                dev.push_str(&format!(",mq=on,vectors={}", 2 * n.queues + 2));
+            }
+        }
+        dev.push_str(&format!(",addr={:#04x}", n.slot));
+        a.push("-device".into());
+        a.push(dev);
+    }
+    for (i, d) in sb.disks.iter().enumerate() {
+        a.push("-chardev".into());
+        a.push(format!(
+            "socket,id=dc{i},path={},reconnect-ms=1000",
+            q(&d.socket)
+        ));
+        a.push("-device".into());
+        a.push(format!(
+            "vhost-user-blk-pci,chardev=dc{i},num-queues={},addr={:#04x}",
+            d.queues, d.slot
+        ));
+    }
+    a
+}
+
+/// A QMP connection: the greeting read, capabilities negotiated.
+pub struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, VmmError> {
+        let s = UnixStream::connect(path).map_err(io_err(format!("QMP {}", path.display())))?;
+        s.set_read_timeout(Some(timeout)).map_err(io_err("QMP"))?;
+        let w = s.try_clone().map_err(io_err("QMP"))?;
+        let mut qmp = Qmp {
+            r: BufReader::new(s),
+            w,
+        };
+        let greeting = qmp.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(VmmError::Api(format!("QMP: no greeting but {greeting}")));
+        }
+        qmp.execute("qmp_capabilities", Value::Null)?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> Result<Value, VmmError> {
+        let mut line = String::new();
+        // One QMP message per line; a message of over 1 MiB is not something QEMU sends.
+        let n = std::io::Read::take(&mut self.r, 1 << 20)
+            .read_line(&mut line)
+            .map_err(io_err("QMP read"))?;
+        if n == 0 {
+            return Err(VmmError::Api("QMP: connection closed".into()));
+        }
+        serde_json::from_str(&line).map_err(|e| VmmError::Api(format!("QMP: {e}")))
+    }
+
+    /// Runs a command; events that come before its answer are passed over.
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, VmmError> {
+        let mut msg = json!({ "execute": cmd });
+        if !args.is_null() {
+            msg["arguments"] = args;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.w
+            .write_all(line.as_bytes())
+            .map_err(io_err(format!("QMP {cmd}")))?;
+        loop {
+            let v = self.read()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(VmmError::Api(format!("QMP {cmd}: {}", e["desc"])));
+            }
+        }
+    }
+
+    /// The host thread of each vCPU, in vCPU order.
+    pub fn vcpu_threads(&mut self) -> Result<Vec<i32>, VmmError> {
+        let v = self.execute("query-cpus-fast", Value::Null)?;
+        let mut cpus: Vec<(i64, i32)> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c["cpu-index"].as_i64()?, c["thread-id"].as_i64()? as i32)))
+            .collect();
+        cpus.sort();
+        Ok(cpus.into_iter().map(|(_, t)| t).collect())
+    }
+}
+
+/// A VM QEMU runs.
+pub struct QemuVm {
+    proc: VmmProcess,
+    qmp: Option<Qmp>,
+    paths: Paths,
+}
+
+impl Hypervisor for Qemu {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Qemu
+    }
+
+    fn launch(&self, sb: &Sandbox, dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        let bin = match &sb.vm.binary {
+            Some(b) => b.clone(),
+            None => find_binary("qemu-system-x86_64").ok_or_else(|| {
+                VmmError::Launch(
+                    "qemu-system-x86_64 not found: install QEMU 10 (apt-get install -t \
+                     bookworm-backports qemu-system-x86, or run scripts/setup)"
+                        .into(),
+                )
+            })?,
+        };
+        let paths = Paths::new(dir);
+        let mut cmd = Command::new(bin);
+        cmd.args(args(sb, &paths));
+        let mut proc = VmmProcess::spawn(cmd, &paths.log, sb.netns.as_deref())?;
+        proc.wait_socket(&paths.qmp, Duration::from_secs(20))?;
+        let mut qmp = Qmp::connect(&paths.qmp, Duration::from_secs(10))?;
+        if !sb.vm.pin.is_empty() {
+            let threads = qmp.vcpu_threads()?;
+            if threads.len() != sb.vm.pin.len() {
+                return Err(VmmError::Api(format!(
+                    "QMP reports {} vCPU threads for {} vCPUs",
+                    threads.len(),
+                    sb.vm.pin.len()
+                )));
+            }
+            for (i, (&tid, &cpu)) in threads.iter().zip(&sb.vm.pin).enumerate() {
+                pin_thread(tid, cpu).map_err(io_err(format!("pinning vCPU {i} to CPU {cpu}")))?;
+            }
+        }
+        Ok(Box::new(QemuVm {
+            proc,
+            qmp: Some(qmp),
+            paths,
+        }))
+    }
+}
+
+impl Vm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    fn agent_stream(&mut self) -> Result<UnixStream, VmmError> {
+        self.proc
+            .wait_socket(&self.paths.agent, Duration::from_secs(10))?;
+        UnixStream::connect(&self.paths.agent)
+            .map_err(io_err(format!("agent {}", self.paths.agent.display())))
+    }
+
+    fn stop(&mut self, timeout: Duration) -> Result<(), VmmError> {
+        if self.proc.exited() {
+            return Ok(());
+        }
+        let r = match self.qmp.as_mut() {
+            Some(q) => q.execute("quit", Value::Null).map(|_| ()),
+            None => Err(VmmError::Api("no QMP connection".into())),
+        };
+        self.qmp = None;
+        if !self.proc.wait_exit(timeout) {
+            self.proc.kill();
+        }
+        // QEMU may close QMP before answering `quit`: that is a stop too.
+        match r {
+            Err(VmmError::Api(m)) if m.contains("closed") => Ok(()),
+            Err(VmmError::Io { .. }) => Ok(()),
+            r => r,
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> bool {
+        self.proc.wait_exit(timeout)
+    }
+
+    fn console_log(&self) -> PathBuf {
+        self.paths.console.clone()
+    }
+}

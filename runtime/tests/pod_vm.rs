@@ -1,0 +1,323 @@
+//! Pod VMs end to end on QEMU (TCG): the image scripts/image builds (torii-agent as init), the
+//! network and disks served by a real torii-dataplane, the guest configured through the agent.
+//! Needs root, QEMU 10 and the image (scripts/test builds it; scripts/setup installs the rest).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use torii_perf::proc_util::{self, ChildGuard, TmpDir};
+use torii_runtime::pod::Pod;
+use torii_runtime::spec::SandboxSpec;
+
+fn image_dir() -> PathBuf {
+    let dir = std::env::var_os("TORII_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/torii-image"));
+    assert!(
+        dir.join("initramfs.cpio.gz").is_file() && dir.join("vmlinuz").is_file(),
+        "no pod VM image in {}: build it with scripts/image (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+fn prereqs() -> PathBuf {
+    torii_perf::prereq::require_root().expect("prerequisite");
+    torii_perf::prereq::require_qemu().expect("prerequisite");
+    image_dir()
+}
+
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let b = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join(name))
+        .expect("target directory");
+    assert!(
+        b.is_file(),
+        "{} is missing: build it first (cargo build --workspace, or run scripts/test)",
+        b.display()
+    );
+    b
+}
+
+/// A torii-dataplane serving vhost-user ports and disks from `dir`.
+fn dataplane(dir: &Path, config: &str) -> ChildGuard {
+    let cfg = dir.join("dataplane.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[dataplane]\npmd_mode = \"adaptive\"\ncontrol_socket = \"{}\"\n{config}",
+            dir.join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("dataplane.log")).unwrap();
+    let mut cmd = Command::new(bin("torii-dataplane"));
+    cmd.args(["run", "-c"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    proc_util::die_with_parent(&mut cmd);
+    let child = ChildGuard::new(
+        cmd.spawn().expect("starting torii-dataplane"),
+        "torii-dataplane",
+    );
+    proc_util::wait_for_path(dir.join("control.sock"), Duration::from_secs(20))
+        .expect("torii-dataplane control socket");
+    child
+}
+
+fn spec(dir: &Path, image: &Path, body: &str) -> SandboxSpec {
+    let text = format!(
+        "[vm]\naccel = \"tcg\"\nkernel = \"{}\"\ninitramfs = \"{}\"\n{body}",
+        image.join("vmlinuz").display(),
+        image.join("initramfs.cpio.gz").display()
+    );
+    let p = dir.join(format!("spec-{}.toml", std::process::id()));
+    std::fs::write(&p, text).unwrap();
+    SandboxSpec::load(&p).expect("spec")
+}
+
+/// Runs `argv` in the pod; (exit code, stdout, stderr).
+fn exec(pod: &Pod, argv: &[&str], signal: Option<&AtomicI32>) -> (i32, String, String) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+    let st = pod
+        .exec(
+            &argv,
+            &["PATH=/bin:/sbin:/usr/bin:/usr/sbin".into()],
+            None,
+            signal,
+            &mut |o| {
+                if o.stream == "stderr" {
+                    err.extend(o.data)
+                } else {
+                    out.extend(o.data)
+                }
+            },
+        )
+        .expect("exec");
+    (
+        st.code,
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    )
+}
+
+fn gone(pid: u32) -> bool {
+    // SAFETY: kill(pid, 0) only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) != 0 }
+}
+
+fn tmp(tag: &str) -> TmpDir {
+    proc_util::unique_tmp_dir(tag).expect("tmp dir")
+}
+
+#[test]
+fn pod_is_configured_by_its_agent_runs_commands_and_keeps_data_on_a_torii_disk() {
+    let image = prereqs();
+    let _heavy = torii_perf::heavy_test_lock();
+    let dir = tmp("torii-pod-vm");
+    let disk = dir.join("disk.img");
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(32 << 20).unwrap();
+    let mk = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(mk.success(), "mkfs.ext4 (e2fsprogs)");
+    let _dp = dataplane(
+        dir.path(),
+        &format!(
+            "[[port]]\nname = \"p1\"\ntype = \"vhost-user\"\nsocket = \"{d}/p1.sock\"\n\
+             [[disk]]\nname = \"d1\"\nsocket = \"{d}/d1.sock\"\nfile = \"{d}/disk.img\"\n",
+            d = dir.path().display()
+        ),
+    );
+    let s = spec(
+        dir.path(),
+        &image,
+        &format!(
+            "[[interface]]\ntype = \"vhost-user\"\nsocket = \"{d}/p1.sock\"\nmac = \"52:54:00:12:00:01\"\n\
+             name = \"net0\"\nmtu = 1400\naddresses = [\"10.77.0.2/24\", \"fd77::2/64\"]\n\
+             routes = [{{ dest = \"10.78.0.0/16\", gateway = \"10.77.0.1\" }}, {{ dest = \"default\", gateway = \"10.77.0.254\" }}]\n\
+             [[disk]]\nsocket = \"{d}/d1.sock\"\nmount = \"/data\"\n\
+             [[neighbor]]\nip = \"10.77.0.9\"\nmac = \"52:54:00:12:00:09\"\ndevice = \"net0\"\n",
+            d = dir.path().display()
+        )
+        .replace("[vm]", "name = \"vm-e2e\"\n[vm]"),
+    );
+    let sb = s
+        .resolve(&torii_vfio::pci::Sysfs::default())
+        .expect("resolve");
+    let run_dir = dir.join("run");
+    let pod = Pod::start(sb, &run_dir).expect("pod start");
+    let pid = pod.vmm_pid();
+    assert!(pod.dir().join("agent.sock").exists());
+    pod.configure().expect("configure");
+
+    // The interface, its addresses, MTU, routes and neighbour, as the guest's kernel has them.
+    let (code, out, _) = exec(&pod, &["sh", "-c", "ip -o addr show dev net0; ip -o link show dev net0; ip route; ip -6 route; ip neigh show dev net0"], None);
+    assert_eq!(code, 0, "{out}");
+    for want in [
+        "inet 10.77.0.2/24",
+        "inet6 fd77::2/64",
+        "mtu 1400",
+        "52:54:00:12:00:01",
+        "10.78.0.0/16 via 10.77.0.1 dev net0",
+        "default via 10.77.0.254 dev net0",
+        "10.77.0.9 lladdr 52:54:00:12:00:09 PERMANENT",
+    ] {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
+    let ifs = pod
+        .agent()
+        .call("list_interfaces", json!(null), Duration::from_secs(10))
+        .unwrap();
+    assert!(ifs.to_string().contains("\"net0\""), "{ifs}");
+
+    // Exit codes, stdout and stderr apart.
+    let (code, out, err) = exec(
+        &pod,
+        &["sh", "-c", "echo to-out; echo to-err >&2; exit 7"],
+        None,
+    );
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (7, "to-out\n", "to-err\n")
+    );
+    let (code, _, _) = exec(&pod, &["true"], None);
+    assert_eq!(code, 0);
+    let r = pod.exec(&["/no/such/program".into()], &[], None, None, &mut |_| {});
+    assert!(r.is_err(), "a missing program is an error, not a crash");
+
+    // A signal reaches the command (through the agent's kill_process).
+    let sig = AtomicI32::new(0);
+    let (code, _, _) = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(2));
+            sig.store(libc::SIGTERM, Ordering::Relaxed);
+        });
+        exec(&pod, &["sleep", "60"], Some(&sig))
+    });
+    assert_eq!(code, 128 + libc::SIGTERM);
+
+    // The Torii disk is mounted at /data by the agent; what is written there reaches the file.
+    let (code, out, err) = exec(
+        &pod,
+        &[
+            "sh",
+            "-c",
+            "grep ' /data ' /proc/mounts && echo kept-by-torii > /data/hello && sync",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("/dev/vda /data ext4"), "{out}");
+
+    let vm_dir = pod.dir().to_path_buf();
+    pod.stop(Duration::from_secs(20)).expect("stop");
+    assert!(gone(pid), "QEMU {pid} left running");
+    assert!(!vm_dir.exists(), "{} left behind", vm_dir.display());
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /hello"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "kept-by-torii\n");
+}
+
+#[test]
+fn two_pods_ping_each_other_through_the_switch_and_toriictl_propagates_exit_codes() {
+    let image = prereqs();
+    let _heavy = torii_perf::heavy_test_lock();
+    let dir = tmp("torii-pod-pair");
+    let d = dir.path().display().to_string();
+    let _dp = dataplane(
+        dir.path(),
+        &format!(
+            "[[port]]\nname = \"a\"\ntype = \"vhost-user\"\nsocket = \"{d}/a.sock\"\n\
+             [[port]]\nname = \"b\"\ntype = \"vhost-user\"\nsocket = \"{d}/b.sock\"\n"
+        ),
+    );
+    let pod_spec = |name: &str, sock: &str, mac: &str, ip: &str| {
+        format!(
+            "name = \"{name}\"\n[vm]\naccel = \"tcg\"\nkernel = \"{k}\"\ninitramfs = \"{i}\"\n\
+             [[interface]]\ntype = \"vhost-user\"\nsocket = \"{d}/{sock}\"\nmac = \"{mac}\"\naddresses = [\"{ip}/24\"]\n",
+            k = image.join("vmlinuz").display(),
+            i = image.join("initramfs.cpio.gz").display(),
+        )
+    };
+    std::fs::write(
+        dir.join("a.toml"),
+        pod_spec("pod-a", "a.sock", "52:54:00:34:00:0a", "10.79.0.10"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("b.toml"),
+        pod_spec("pod-b", "b.sock", "52:54:00:34:00:0b", "10.79.0.11"),
+    )
+    .unwrap();
+    let run_dir = dir.join("run");
+    let toriictl = |spec: &str, cmd: &str| {
+        Command::new(bin("toriictl"))
+            .arg("run")
+            .arg(dir.join(spec))
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .args(["--", "sh", "-c", cmd])
+            .output()
+            .expect("toriictl")
+    };
+    // pod-b answers pings for 60 s; pod-a pings it through torii-dataplane's switch, then
+    // exits with a code of its own.
+    let (a, b) = std::thread::scope(|s| {
+        let b = s.spawn(|| toriictl("b.toml", "sleep 45; echo b-done"));
+        let a = s.spawn(|| {
+            toriictl(
+                "a.toml",
+                "for i in $(seq 30); do ping -c 1 -W 1 10.79.0.11 >/dev/null && break; done; \
+                 ping -c 3 -W 2 10.79.0.11 && exit 42",
+            )
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let a_out = String::from_utf8_lossy(&a.stdout);
+    assert_eq!(
+        a.status.code(),
+        Some(42),
+        "pod-a: {a_out}\n{}",
+        String::from_utf8_lossy(&a.stderr)
+    );
+    assert!(
+        a_out.contains("3 packets transmitted, 3 packets received"),
+        "{a_out}"
+    );
+    assert_eq!(
+        b.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&b.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&b.stdout), "b-done\n");
+    // Nothing is left: no pod folder (sockets, logs), no QEMU.
+    let left: Vec<_> = std::fs::read_dir(&run_dir)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let ps = proc_util::sh("pgrep -f 'torii-pod-[ab]' || true");
+    assert!(ps.trim().is_empty(), "QEMU left running: {ps}");
+
+    // A spec that cannot work fails before anything starts, with the field named.
+    std::fs::write(dir.join("bad.toml"), "name = \"bad\"\n[vm]\nvcpus = 0\n").unwrap();
+    let bad = toriictl("bad.toml", "true");
+    assert_eq!(bad.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("vm.vcpus"));
+}
