@@ -326,3 +326,63 @@ impl Vm for QemuVm {
         self.paths.console.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::SandboxSpec;
+    use torii_vfio::fake::FakeTree;
+
+    #[test]
+    fn every_device_kind_is_on_the_command_line_in_its_slot() {
+        let t = FakeTree::new();
+        t.pf("0000:03:00.0", "ens1f0", 7, 1, 10);
+        let vf = "0000:03:10.0".parse().unwrap();
+        t.to_vfio(vf);
+        let d = t.root().join("img");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("k"), b"k").unwrap();
+        std::fs::write(d.join("i"), b"i").unwrap();
+        let text = format!(
+            "name = \"p\"\n[vm]\nvcpus = 2\nmemory_mib = 512\nhugepages = true\naccel = \"tcg\"\n\
+             kernel = \"{0}/k\"\ninitramfs = \"{0}/i\"\ncmdline = \"loglevel=4\"\n\
+             [[interface]]\ntype = \"vhost-user\"\nsocket = \"/run/a,b.sock\"\nmac = \"02:00:00:00:00:01\"\nqueues = 2\n\
+             [[interface]]\ntype = \"tap\"\ntap = \"tap0\"\n\
+             [[interface]]\ntype = \"vfio\"\npci = \"0000:03:10.0\"\n\
+             [[disk]]\nsocket = \"/run/d.sock\"\nqueues = 4\n",
+            d.display()
+        );
+        std::fs::write(d.join("s.toml"), text).unwrap();
+        let sb = SandboxSpec::load(&d.join("s.toml"))
+            .unwrap()
+            .resolve(&t.sysfs())
+            .unwrap();
+        let a = args(&sb, &Paths::new(Path::new("/run/torii/vms/p"))).join(" ");
+        for want in [
+            "-machine pc,accel=tcg -cpu max -smp 2 -m 512M",
+            "memory-backend-memfd,id=mem,size=512M,share=on,hugetlb=on,hugetlbsize=2M",
+            "torii.agent=serial:agent.0 loglevel=4",
+            // A comma in a path is doubled for QEMU's option parser.
+            "socket,id=nc0,path=/run/a,,b.sock,reconnect-ms=1000",
+            "vhost-user,id=net0,chardev=nc0,queues=2",
+            "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01,mq=on,vectors=6,addr=0x04",
+            "tap,id=net1,ifname=tap0,script=no,downscript=no,vhost=off,queues=1",
+            "virtio-net-pci,netdev=net1,addr=0x05",
+            "vfio-pci,host=0000:03:10.0,addr=0x06",
+            "vhost-user-blk-pci,chardev=dc0,num-queues=4,addr=0x10",
+            "virtio-serial-pci,id=vser0,addr=0x03",
+            "virtserialport,bus=vser0.0,chardev=agent,name=agent.0",
+            "-qmp unix:/run/torii/vms/p/qmp.sock,server=on,wait=off",
+        ] {
+            assert!(a.contains(want), "no {want:?} in {a}");
+        }
+        // A VF still on its netdev driver cannot be passed through.
+        t.bind(vf, "igbvf");
+        let e = SandboxSpec::load(&d.join("s.toml"))
+            .unwrap()
+            .resolve(&t.sysfs())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("interface[2]") && e.contains("igbvf"), "{e}");
+    }
+}
