@@ -38,6 +38,9 @@ impl Paths {
     }
 }
 
+/// The smallest MTU Cloud Hypervisor's virtio-net takes (`virtio_devices::net::MIN_MTU`).
+pub const CH_MIN_MTU: u32 = 1280;
+
 /// The `VmConfig` of `sb`.
 pub fn vm_config(sb: &Sandbox, paths: &Paths) -> Result<Value, VmmError> {
     let vm = &sb.vm;
@@ -79,13 +82,17 @@ pub fn vm_config(sb: &Sandbox, paths: &Paths) -> Result<Value, VmmError> {
             }
         };
         v["id"] = json!(format!("net{i}"));
-        // Cloud Hypervisor counts queues, not pairs.
-        v["num_queues"] = json!(2 * n.queues);
+        // Cloud Hypervisor counts queues, not pairs, and refuses more pairs than boot vCPUs
+        // (`TooManyQueues`): the guest then uses fewer pairs than the backend offers, as a
+        // guest that does not enable multiqueue would.
+        v["num_queues"] = json!(2 * u32::from(n.queues).min(vm.vcpus));
         v["queue_size"] = json!(256);
         if let Some(m) = &n.mac {
             v["mac"] = json!(m);
         }
-        if let Some(mtu) = n.mtu {
+        // Cloud Hypervisor refuses an MTU under virtio's 1280 (`InvalidMtu`); a smaller one is
+        // set by the agent in the guest only.
+        if let Some(mtu) = n.mtu.filter(|&m| m >= CH_MIN_MTU) {
             v["mtu"] = json!(mtu);
         }
         net.push(v);
@@ -99,7 +106,8 @@ pub fn vm_config(sb: &Sandbox, paths: &Paths) -> Result<Value, VmmError> {
                 "id": format!("disk{i}"),
                 "vhost_user": true,
                 "vhost_socket": d.socket,
-                "num_queues": d.queues,
+                // At most one queue per boot vCPU (`TooManyQueues`).
+                "num_queues": u32::from(d.queues).min(vm.vcpus),
                 "queue_size": 128,
                 "readonly": d.read_only,
             })

@@ -20,6 +20,9 @@ use crate::vmm::{find_binary, Hypervisor, Vm, VmmError, VmmProcess};
 
 pub struct Firecracker;
 
+/// The most vCPUs Firecracker takes (`MachineConfiguration.vcpu_count`, maximum 32).
+pub const MAX_VCPUS: u32 = 32;
+
 /// The API requests that describe and start the VM of `sb`.
 pub fn boot_requests(sb: &Sandbox, paths: &Paths) -> Result<Vec<Request>, VmmError> {
     let vm = &sb.vm;
@@ -27,6 +30,12 @@ pub fn boot_requests(sb: &Sandbox, paths: &Paths) -> Result<Vec<Request>, VmmErr
         return Err(VmmError::Launch(
             "Firecracker: vCPU pinning is done by a jailer/cgroup, not through its API".into(),
         ));
+    }
+    if vm.vcpus > MAX_VCPUS {
+        return Err(VmmError::Launch(format!(
+            "vm.vcpus: Firecracker takes at most {MAX_VCPUS} vCPUs, not {}",
+            vm.vcpus
+        )));
     }
     let mut machine = json!({ "vcpu_count": vm.vcpus, "mem_size_mib": vm.memory_mib });
     if vm.hugepages {
@@ -51,12 +60,14 @@ pub fn boot_requests(sb: &Sandbox, paths: &Paths) -> Result<Vec<Request>, VmmErr
             )));
         }
         let id = format!("disk{i}");
+        // A vhost-user drive has `socket` and none of the virtio-block fields: Firecracker
+        // refuses `is_read_only` with `socket` (`InvalidBlockConfig`). A read-only disk is
+        // read-only through its backend (VIRTIO_BLK_F_RO) and the agent's read-only mount.
         r.push(Request::put(
             format!("/drives/{id}"),
             Some(json!({
                 "drive_id": id,
                 "is_root_device": false,
-                "is_read_only": d.read_only,
                 "socket": d.socket,
             })),
         ));
@@ -88,6 +99,11 @@ pub fn boot_requests(sb: &Sandbox, paths: &Paths) -> Result<Vec<Request>, VmmErr
         Some(json!({ "action_type": "InstanceStart" })),
     ));
     Ok(r)
+}
+
+/// The request that asks the guest to stop (Ctrl-Alt-Del: the only power request for x86).
+pub fn stop_request() -> Request {
+    Request::put("/actions", Some(json!({ "action_type": "SendCtrlAltDel" })))
 }
 
 struct FcVm {
@@ -137,11 +153,7 @@ impl Vm for FcVm {
     fn stop(&mut self, timeout: Duration) -> Result<(), VmmError> {
         // Firecracker has no power-off request for Linux guests on x86 other than
         // Ctrl-Alt-Del, which the guest's init may ignore: the VMM is ended.
-        let _ = http::send(
-            &self.paths.api,
-            &Request::put("/actions", Some(json!({ "action_type": "SendCtrlAltDel" }))),
-            timeout,
-        );
+        let _ = http::send(&self.paths.api, &stop_request(), timeout);
         if !self.proc.wait_exit(timeout) {
             self.proc.kill();
         }
