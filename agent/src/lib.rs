@@ -4,14 +4,22 @@
 //!
 //! - [`protocol`]: frames, requests, answers; limits on what the host may send.
 //! - [`server`]: one connection: requests handled concurrently, one writer.
+//! - [`transport`]: the virtio-serial port (served connection after connection), Unix sockets.
 //! - [`process`]: processes with streamed output, stdin, wait and signals; reaping as PID 1.
 //! - [`net`]: the guest's interfaces, routes and neighbours, through rtnetlink.
+//! - [`block`]: the host's disks, found by serial or PCI address, mounted.
+//! - [`hugepages`]: the huge page pool and hugetlbfs.
 //! - [`system`]: guest metrics.
-//! - [`init`]: what PID 1 does first (mounts) and last (power off).
+//! - [`init`]: what PID 1 does first (mounts, kernel modules) and last (power off).
+//! - [`mounts`]: mount(2) and the mount table.
 
+pub mod block;
+pub mod hugepages;
 pub mod init;
+pub mod mounts;
 pub mod net;
 pub mod process;
 pub mod protocol;
 pub mod server;
 pub mod system;
+pub mod transport;

@@ -3,28 +3,39 @@
 //! all their output has been sent) and signalled.
 //!
 //! Exit statuses come from one place. As PID 1 the agent must reap every orphan the guest
-//! makes, so one reaper thread calls `waitpid(-1)` and hands the statuses of our processes
-//! over; otherwise (a service, or a test) a thread per process waits for exactly that pid, so
-//! children of whoever else shares the process are left alone.
+//! makes, so one reaper thread waits for any child; otherwise (a service, or a test) a thread
+//! per process waits for exactly that pid, so children of whoever else shares the process are
+//! left alone. Either way a child is first seen to have exited without being reaped
+//! (`waitid(WNOWAIT)`), then reaped with the table's lock held: a pid in the table with no exit
+//! recorded is a live child or a zombie, never a reused pid. The table's lock is not held
+//! across a spawn: the slot is reserved, the child spawned, then entered in the table; until
+//! then the reaper leaves a child it does not know unreaped (so a quick exit is not lost, and
+//! std's own wait for a child that failed to exec finds it).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::protocol::RpcError;
+use crate::protocol::{quote, RpcError};
 
 /// How many processes the agent keeps track of at once (running, or exited and not yet
 /// waited for).
 pub const MAX_PROCESSES: usize = 1024;
 /// The largest chunk of output sent in one event.
 const CHUNK: usize = 64 << 10;
+/// Where programs are looked up when the request's environment has no PATH (and the PATH
+/// such a process gets).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Sends an event to the host.
 pub type Emit = Arc<dyn Fn(Value) + Send + Sync>;
@@ -53,9 +64,13 @@ impl Exit {
     }
 }
 
+/// A process's stdin pipe while it is open. Writes and the close take its lock in turn: a
+/// close waits for a write under way.
+type Stdin = Arc<Mutex<Option<ChildStdin>>>;
+
 struct Proc {
     pid: i32,
-    stdin: Option<ChildStdin>,
+    stdin: Stdin,
     exit: Option<Exit>,
     /// Output pipes still being read.
     readers: u32,
@@ -65,6 +80,8 @@ struct Proc {
 struct Table {
     procs: HashMap<String, Proc>,
     by_pid: HashMap<i32, String>,
+    /// Spawns under way: their slots are reserved, their children not in the table yet.
+    spawning: usize,
 }
 
 struct Inner {
@@ -86,7 +103,7 @@ pub struct Processes {
 pub struct StartParams {
     /// Program and arguments; the program is looked up in PATH.
     pub argv: Vec<String>,
-    /// `KEY=VALUE` entries: the whole environment (default: PATH only).
+    /// `KEY=VALUE` entries: the whole environment (PATH added if missing).
     #[serde(default)]
     pub env: Option<Vec<String>>,
     #[serde(default)]
@@ -100,14 +117,83 @@ fn bad(msg: impl Into<String>) -> RpcError {
     RpcError::new("bad_params", msg)
 }
 
+fn failed(msg: impl Into<String>) -> RpcError {
+    RpcError::new("failed", msg)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether `p` is a regular file with an execute bit (following symlinks); why not.
+fn executable(p: &Path) -> Result<(), String> {
+    let m = std::fs::metadata(p).map_err(|e| e.to_string())?;
+    if !m.is_file() {
+        return Err("not a regular file".into());
+    }
+    if m.permissions().mode() & 0o111 == 0 {
+        return Err("not executable".into());
+    }
+    Ok(())
+}
+
+/// The executable `program` names: a path if it holds a `/` (relative to `dir`, which is
+/// absolute), else the first executable `program` in `path`'s absolute entries. The path is
+/// not canonicalised: a multi-call binary still sees the name it was called by.
+pub fn resolve_program(program: &str, path: &str, dir: &Path) -> Result<PathBuf, String> {
+    if program.is_empty() {
+        return Err("the program name is empty".into());
+    }
+    if program.contains('/') {
+        let p = dir.join(program);
+        return executable(&p)
+            .map(|()| p)
+            .map_err(|e| format!("{}: {e}", quote(program)));
+    }
+    path.split(':')
+        .filter(|d| d.starts_with('/'))
+        .map(|d| Path::new(d).join(program))
+        .find(|p| executable(p).is_ok())
+        .ok_or_else(|| format!("{}: not found in PATH {}", quote(program), quote(path)))
+}
+
+/// Blocks until a child (`P_PID` `id`, or `P_ALL`) has exited, leaving it unreaped; its pid.
+fn exited(idtype: libc::idtype_t, id: libc::id_t) -> io::Result<i32> {
+    loop {
+        // SAFETY: siginfo_t is plain data, for which all zeroes is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid(2) writes into `info`, which outlives the call; WNOWAIT leaves the
+        // child as it is.
+        let r = unsafe { libc::waitid(idtype, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r == 0 {
+            // SAFETY: waitid(WEXITED) without WNOHANG returned a child: si_pid is set.
+            return Ok(unsafe { info.si_pid() });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Reaps `pid` if it has exited (without blocking); its exit. Called with the table's lock
+/// held.
+fn reap(pid: i32) -> Option<Exit> {
+    let mut st = 0;
+    // SAFETY: waitpid(2) writes the status into `st`, which outlives the call.
+    let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+    (r == pid).then(|| Exit::from_wait_status(st))
+}
+
 impl Processes {
     /// `reap_all`: reap every child of this process (the agent is PID 1).
-    pub fn new(reap_all: bool) -> Processes {
+    pub fn new(reap_all: bool) -> io::Result<Processes> {
         let p = Processes {
             inner: Arc::new(Inner {
                 table: Mutex::new(Table {
                     procs: HashMap::new(),
                     by_pid: HashMap::new(),
+                    spawning: 0,
                 }),
                 changed: Condvar::new(),
                 next: AtomicU64::new(1),
@@ -115,17 +201,20 @@ impl Processes {
             }),
         };
         if reap_all {
-            let inner = p.inner.clone();
+            let me = p.clone();
             std::thread::Builder::new()
                 .name("reaper".into())
-                .spawn(move || reap_all_children(&inner))
-                .expect("reaper thread");
+                .spawn(move || me.reap_all_children())?;
         }
-        p
+        Ok(p)
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
-        self.inner.table.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner.table)
+    }
+
+    fn notify(&self) {
+        self.inner.changed.notify_all();
     }
 
     /// Starts a process; its output goes to `emit` as `output` events. Returns its name and
@@ -137,8 +226,41 @@ impl Processes {
         if p.argv.iter().any(|a| a.contains('\0')) {
             return Err(bad("argv holds a NUL byte"));
         }
-        let mut cmd = Command::new(program);
-        cmd.args(&p.argv[1..])
+        let mut env = Vec::new();
+        for kv in p.env.iter().flatten() {
+            let (k, v) = kv
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty() && !kv.contains('\0'))
+                .ok_or_else(|| bad(format!("env entry {} is not KEY=VALUE", quote(kv))))?;
+            env.push((k, v));
+        }
+        // The last PATH counts, as for any environment.
+        let path = match env.iter().rev().find(|(k, _)| *k == "PATH") {
+            Some((_, v)) => *v,
+            None => {
+                env.push(("PATH", DEFAULT_PATH));
+                DEFAULT_PATH
+            }
+        };
+        let here = std::env::current_dir().map_err(|e| failed(format!("the agent's cwd: {e}")))?;
+        let dir = match &p.cwd {
+            Some(d) if d.contains('\0') => return Err(bad("cwd holds a NUL byte")),
+            Some(d) => {
+                let dir = here.join(d);
+                match std::fs::metadata(&dir) {
+                    Ok(m) if m.is_dir() => dir,
+                    Ok(_) => return Err(failed(format!("cwd {}: not a directory", quote(d)))),
+                    Err(e) => return Err(failed(format!("cwd {}: {e}", quote(d)))),
+                }
+            }
+            None => here,
+        };
+        // Resolved here, so that the spawn itself should not fail: a failed exec makes std
+        // wait for the child, which as PID 1 is the reaper's business.
+        let exe = resolve_program(program, path, &dir).map_err(failed)?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg0(program)
+            .args(&p.argv[1..])
             .stdin(if p.stdin {
                 Stdio::piped()
             } else {
@@ -146,54 +268,61 @@ impl Processes {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .env_clear();
-        match &p.env {
-            Some(env) => {
-                for kv in env {
-                    let (k, v) = kv
-                        .split_once('=')
-                        .filter(|(k, _)| !k.is_empty())
-                        .ok_or_else(|| bad(format!("env entry {kv:?} is not KEY=VALUE")))?;
-                    cmd.env(k, v);
+            .env_clear()
+            .envs(env)
+            .current_dir(&dir)
+            // Its own process group, so that a signal for it reaches what it starts too.
+            .process_group(0);
+
+        // Reserve the slot, spawn without the lock, then enter the child in the table.
+        {
+            let mut t = self.lock();
+            if t.procs.len() + t.spawning >= MAX_PROCESSES {
+                // Forget the ones that are done and were waited for.
+                t.procs.retain(|_, p| !(p.waited && p.exit.is_some()));
+                if t.procs.len() + t.spawning >= MAX_PROCESSES {
+                    return Err(RpcError::new(
+                        "busy",
+                        format!("{MAX_PROCESSES} processes are tracked already"),
+                    ));
                 }
             }
-            None => {
-                cmd.env(
-                    "PATH",
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                );
-            }
+            t.spawning += 1;
         }
-        if let Some(d) = &p.cwd {
-            cmd.current_dir(d);
-        }
-        // Its own process group, so that a signal for it reaches what it starts too.
-        cmd.process_group(0);
+        let spawned = cmd.spawn();
         let mut t = self.lock();
-        if t.procs.len() >= MAX_PROCESSES {
-            // Forget the ones that are done and were waited for.
-            t.procs.retain(|_, p| !(p.waited && p.exit.is_some()));
-            if t.procs.len() >= MAX_PROCESSES {
-                return Err(RpcError::new(
-                    "busy",
-                    format!("{MAX_PROCESSES} processes are tracked already"),
-                ));
+        t.spawning -= 1;
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                drop(t);
+                self.notify();
+                return Err(failed(format!("{}: {e}", quote(program))));
             }
-        }
-        // Spawned under the table's lock: the reaper, which takes it to hand over a status,
-        // cannot see the pid before it is in the table.
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| RpcError::new("failed", format!("{program}: {e}")))?;
+        };
         let pid = child.id() as i32;
         let name = format!("p{}", self.inner.next.fetch_add(1, Ordering::Relaxed));
-        let out = child.stdout.take().expect("piped");
-        let err = child.stderr.take().expect("piped");
+        let pipes = [
+            (
+                "stdout",
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            ),
+            (
+                "stderr",
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            ),
+        ];
         t.procs.insert(
             name.clone(),
             Proc {
                 pid,
-                stdin: child.stdin.take(),
+                stdin: Arc::new(Mutex::new(child.stdin.take())),
                 exit: None,
                 readers: 2,
                 waited: false,
@@ -201,35 +330,46 @@ impl Processes {
         );
         t.by_pid.insert(pid, name.clone());
         drop(t);
-        // The Child is dropped without a wait: its status is collected below, by pid.
+        self.notify();
+        // The Child is dropped without a wait: its status is collected by pid.
         drop(child);
-        for (stream, pipe) in [
-            ("stdout", Box::new(out) as Box<dyn Read + Send>),
-            ("stderr", Box::new(err)),
-        ] {
-            let (me, name, emit) = (self.clone(), name.clone(), emit.clone());
-            std::thread::spawn(move || me.pump(&name, stream, pipe, &emit));
+
+        let mut lost = false;
+        for (stream, pipe) in pipes {
+            let (me, n, emit) = (self.clone(), name.clone(), emit.clone());
+            let spawned = pipe.map(|pipe| {
+                std::thread::Builder::new()
+                    .name(format!("{name}-{stream}"))
+                    .spawn(move || me.pump(&n, stream, pipe, &emit))
+            });
+            if !matches!(spawned, Some(Ok(_))) {
+                // The pipe went with the closure: nobody reads that stream.
+                self.reader_done(&name);
+                lost = true;
+            }
         }
+        let mut unwaited = false;
         if !self.inner.reap_all {
             let me = self.clone();
-            std::thread::spawn(move || {
-                let mut st = 0;
-                loop {
-                    // SAFETY: waitpid on a pid this process spawned and nobody else waits for
-                    // (not PID 1: no reaper); `st` outlives the call.
-                    let r = unsafe { libc::waitpid(pid, &mut st, 0) };
-                    if r == pid {
-                        me.finish(pid, Exit::from_wait_status(st));
-                        return;
-                    }
-                    if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)
-                    {
-                        // Reaped by someone else: the status is lost; say so as a signal 0.
-                        me.finish(pid, Exit::Signal(0));
-                        return;
-                    }
-                }
-            });
+            unwaited = std::thread::Builder::new()
+                .name(format!("{name}-wait"))
+                .spawn(move || me.wait_for(pid))
+                .is_err();
+        }
+        if lost || unwaited {
+            let _ = self.kill(&name, libc::SIGKILL);
+            if unwaited {
+                // Nobody else would reap it.
+                self.wait_for(pid);
+            }
+            if let Some(p) = self.lock().procs.get_mut(&name) {
+                // Nobody will wait for it: forget it once it is gone.
+                p.waited = true;
+            }
+            return Err(failed(format!(
+                "{}: no thread to follow it (killed)",
+                quote(program)
+            )));
         }
         Ok(json!({ "process": name, "pid": pid }))
     }
@@ -240,44 +380,96 @@ impl Processes {
         loop {
             match pipe.read(&mut buf) {
                 Ok(0) => break,
+                // Blocks while the connection's queue is full.
                 Ok(n) => emit(json!({
                     "event": "output",
                     "process": name,
                     "stream": stream,
                     "data": base64::engine::general_purpose::STANDARD.encode(&buf[..n]),
                 })),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
         }
-        let mut t = self.lock();
-        if let Some(p) = t.procs.get_mut(name) {
-            p.readers -= 1;
-        }
-        drop(t);
-        self.inner.changed.notify_all();
+        self.reader_done(name);
     }
 
-    fn finish(&self, pid: i32, exit: Exit) {
-        let mut t = self.lock();
-        if let Some(name) = t.by_pid.remove(&pid) {
-            if let Some(p) = t.procs.get_mut(&name) {
-                p.exit = Some(exit);
-                p.stdin = None;
+    fn reader_done(&self, name: &str) {
+        if let Some(p) = self.lock().procs.get_mut(name) {
+            p.readers = p.readers.saturating_sub(1);
+        }
+        self.notify();
+    }
+
+    /// Records `pid`'s exit (if it is one of ours). Called with the table's lock held, right
+    /// after the reap.
+    fn record(t: &mut Table, pid: i32, exit: Exit) {
+        let Some(name) = t.by_pid.remove(&pid) else {
+            return;
+        };
+        if let Some(p) = t.procs.get_mut(&name) {
+            p.exit = Some(exit);
+            // Its stdin is closed now, or after the write under way.
+            if let Ok(mut s) = p.stdin.try_lock() {
+                *s = None;
             }
         }
+    }
+
+    /// Not PID 1: waits for our child `pid` and records its exit.
+    fn wait_for(&self, pid: i32) {
+        let seen = exited(libc::P_PID, pid as libc::id_t);
+        let mut t = self.lock();
+        // Reaped by someone else (a status lost): said as signal 0.
+        let exit = seen.ok().and_then(reap).unwrap_or(Exit::Signal(0));
+        Self::record(&mut t, pid, exit);
         drop(t);
-        self.inner.changed.notify_all();
+        self.notify();
+    }
+
+    /// As PID 1: reaps every child, recording our processes' exits.
+    fn reap_all_children(&self) {
+        loop {
+            match exited(libc::P_ALL, 0) {
+                Ok(pid) => {
+                    let mut t = self.lock();
+                    // It may be the child of a spawn under way: leave it until it is in the
+                    // table or the spawns are over.
+                    while t.spawning > 0 && !t.by_pid.contains_key(&pid) {
+                        t = match self
+                            .inner
+                            .changed
+                            .wait_timeout(t, Duration::from_millis(100))
+                        {
+                            Ok((t, _)) => t,
+                            Err(e) => e.into_inner().0,
+                        };
+                    }
+                    // Gone already if its spawn's own wait took it.
+                    if let Some(exit) = reap(pid) {
+                        Self::record(&mut t, pid, exit);
+                    }
+                    drop(t);
+                    self.notify();
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                    // No children: wait for a spawn (or look again shortly).
+                    let t = self.lock();
+                    let _ = self
+                        .inner
+                        .changed
+                        .wait_timeout(t, Duration::from_millis(100));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 
     /// Waits until `name` has exited and all its output was sent; its exit.
     pub fn wait(&self, name: &str) -> Result<Value, RpcError> {
         let mut t = self.lock();
         loop {
-            let p = t
-                .procs
-                .get_mut(name)
-                .ok_or_else(|| RpcError::new("not_found", format!("no process {name}")))?;
+            let p = t.procs.get_mut(name).ok_or_else(|| not_found(name))?;
             if let (Some(e), 0) = (p.exit, p.readers) {
                 p.waited = true;
                 return Ok(e.to_json());
@@ -290,80 +482,103 @@ impl Processes {
         }
     }
 
-    /// Sends `signal` to `name`'s process group (a process that has exited: nothing to do).
+    /// Sends `signal` to `name`'s process group: while it runs, or after it exited while
+    /// what it started still holds its output pipes.
     pub fn kill(&self, name: &str, signal: i32) -> Result<Value, RpcError> {
         if !(1..=64).contains(&signal) {
             return Err(bad(format!("signal {signal} is not 1..64")));
         }
         let t = self.lock();
-        let p = t
-            .procs
-            .get(name)
-            .ok_or_else(|| RpcError::new("not_found", format!("no process {name}")))?;
-        if p.exit.is_none() {
-            // SAFETY: kill(2) on the process group we made for this child, still ours: it has
-            // not been reaped (the table's lock is held, and reaping takes it).
+        let p = t.procs.get(name).ok_or_else(|| not_found(name))?;
+        // The group's id is its leader's pid. While no exit is recorded the leader is not
+        // reaped (reaping happens under the lock held here), so the id is still its own. Once
+        // reaped, the id stays its group's as long as a member is left — and members may be
+        // what still holds the pipes (`readers`). Nobody left: ESRCH, nothing to do.
+        if p.exit.is_none() || p.readers > 0 {
+            // SAFETY: kill(2) takes no pointers.
             if unsafe { libc::kill(-p.pid, signal) } != 0 {
-                return Err(RpcError::new(
-                    "failed",
-                    format!("kill {name}: {}", std::io::Error::last_os_error()),
-                ));
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    return Err(failed(format!("kill {name}: {e}")));
+                }
             }
         }
         Ok(json!({}))
     }
 
-    /// Writes `data` to `name`'s stdin.
-    pub fn write_stdin(&self, name: &str, data: &[u8]) -> Result<Value, RpcError> {
-        // The pipe is taken out for the write, so a process that does not read blocks only
-        // this request, not the table.
-        let mut pipe = {
-            let mut t = self.lock();
-            let p = t
-                .procs
-                .get_mut(name)
-                .ok_or_else(|| RpcError::new("not_found", format!("no process {name}")))?;
-            p.stdin
-                .take()
-                .ok_or_else(|| RpcError::new("failed", format!("{name} has no open stdin")))?
-        };
-        let r = pipe.write_all(data);
-        if let Some(p) = self.lock().procs.get_mut(name).filter(|p| p.exit.is_none()) {
-            p.stdin = Some(pipe);
-        }
-        r.map(|_| json!({}))
-            .map_err(|e| RpcError::new("failed", format!("{name} stdin: {e}")))
+    fn stdin_of(&self, name: &str) -> Result<Stdin, RpcError> {
+        let t = self.lock();
+        Ok(t.procs
+            .get(name)
+            .ok_or_else(|| not_found(name))?
+            .stdin
+            .clone())
     }
 
-    /// Closes `name`'s stdin.
+    /// Writes `data` to `name`'s stdin (after any write or close under way). A process that
+    /// does not read blocks only this request, and a close that comes meanwhile.
+    pub fn write_stdin(&self, name: &str, data: &[u8]) -> Result<Value, RpcError> {
+        let stdin = self.stdin_of(name)?;
+        let mut s = lock(&stdin);
+        let pipe = s
+            .as_mut()
+            .ok_or_else(|| failed(format!("{name} has no open stdin")))?;
+        let r = pipe.write_all(data);
+        let exited = self.lock().procs.get(name).is_none_or(|p| p.exit.is_some());
+        if r.is_err() || exited {
+            // Nobody reads it any more.
+            *s = None;
+        }
+        r.map(|()| json!({}))
+            .map_err(|e| failed(format!("{name} stdin: {e}")))
+    }
+
+    /// Closes `name`'s stdin, after a write under way.
     pub fn close_stdin(&self, name: &str) -> Result<Value, RpcError> {
-        let mut t = self.lock();
-        let p = t
-            .procs
-            .get_mut(name)
-            .ok_or_else(|| RpcError::new("not_found", format!("no process {name}")))?;
-        p.stdin = None;
+        let stdin = self.stdin_of(name)?;
+        *lock(&stdin) = None;
         Ok(json!({}))
     }
 }
 
-/// As PID 1: reaps every child, handing our processes' statuses over.
-fn reap_all_children(inner: &Arc<Inner>) {
-    let me = Processes {
-        inner: inner.clone(),
-    };
-    loop {
-        let mut st = 0;
-        // SAFETY: waitpid(-1) as the init process, the only waiter in it; `st` outlives it.
-        let pid = unsafe { libc::waitpid(-1, &mut st, 0) };
-        if pid > 0 {
-            me.finish(pid, Exit::from_wait_status(st));
-        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
-            // No children: wait for a spawn (or look again shortly).
-            let t = me.lock();
-            let _ = inner
-                .changed
-                .wait_timeout(t, std::time::Duration::from_millis(100));
+fn not_found(name: &str) -> RpcError {
+    RpcError::new("not_found", format!("no process {}", quote(name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_resolved_to_executables() {
+        let root = Path::new("/");
+        let sh = resolve_program("sh", DEFAULT_PATH, root).unwrap();
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{sh:?}");
+        // Relative entries of PATH are skipped.
+        assert!(resolve_program("sh", "bin:usr/bin", root).is_err());
+        let e = resolve_program("no-such-program", DEFAULT_PATH, root).unwrap_err();
+        assert!(e.contains("not found in PATH"), "{e}");
+        let dir = std::env::temp_dir().join(format!("torii-agent-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("data"), "").unwrap();
+        std::fs::write(dir.join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(dir.join("tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let found = resolve_program("tool", &format!("/no/such:{}", dir.display()), root);
+        let data = resolve_program("data", &dir.display().to_string(), root);
+        let not_exe = resolve_program(&dir.join("data").display().to_string(), "", root);
+        let a_dir = resolve_program(&dir.display().to_string(), "", root);
+        // A path with a `/` is taken relative to the directory given.
+        let relative = resolve_program("./tool", "", &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(found.unwrap(), dir.join("tool"));
+        assert!(data.unwrap_err().contains("not found"));
+        assert!(not_exe.unwrap_err().contains("not executable"));
+        assert!(a_dir.unwrap_err().contains("not a regular file"));
+        assert_eq!(relative.unwrap(), dir.join("./tool"));
+        assert!(resolve_program("/no/such", "", root).is_err());
+        assert!(resolve_program("", DEFAULT_PATH, root).is_err());
+        for d in ["/bin", "/sbin", "/usr/bin", "/usr/sbin"] {
+            assert!(DEFAULT_PATH.split(':').any(|x| x == d), "{d}");
         }
     }
 }

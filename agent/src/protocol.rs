@@ -12,6 +12,10 @@ use serde_json::Value;
 
 /// The largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 4 << 20;
+/// The most characters of an error message.
+pub const MAX_MESSAGE: usize = 1024;
+/// The most characters of the host's input quoted in an error message.
+pub const MAX_QUOTE: usize = 256;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -88,11 +92,31 @@ pub struct RpcError {
 }
 
 impl RpcError {
+    /// An error; `message` is cut to [`MAX_MESSAGE`] characters.
     pub fn new(code: &str, message: impl Into<String>) -> RpcError {
+        let message = message.into();
         RpcError {
             code: code.into(),
-            message: message.into(),
+            message: match cut(&message, MAX_MESSAGE) {
+                Some(short) => short,
+                None => message,
+            },
         }
+    }
+}
+
+/// `s` cut to `n` characters and marked as such, if it is longer.
+fn cut(s: &str, n: usize) -> Option<String> {
+    s.char_indices()
+        .nth(n)
+        .map(|(i, _)| format!("{}…", &s[..i]))
+}
+
+/// The host's `s`, quoted for an error message: cut to [`MAX_QUOTE`] characters, escaped.
+pub fn quote(s: &str) -> String {
+    match cut(s, MAX_QUOTE) {
+        Some(short) => format!("{short:?}"),
+        None => format!("{s:?}"),
     }
 }
 
@@ -104,9 +128,57 @@ pub fn answer(id: Option<u64>, r: Result<Value, RpcError>) -> Value {
     }
 }
 
+/// The payload of the frame that sends `v`. An answer too large for a frame is replaced by a
+/// `failed` answer for its id; an event too large for one is dropped (`None`).
+pub fn encode(v: &Value) -> Option<Vec<u8>> {
+    let why = match serde_json::to_vec(v) {
+        Ok(b) if b.len() <= MAX_FRAME => return Some(b),
+        Ok(b) => format!(
+            "the answer ({} bytes) is over the frame limit of {MAX_FRAME}",
+            b.len()
+        ),
+        Err(e) => format!("the answer could not be encoded: {e}"),
+    };
+    // Answers have an id (null for a frame whose id could not be read); events have none.
+    let id = v.as_object()?.get("id")?.as_u64();
+    serde_json::to_vec(&answer(id, Err(RpcError::new("failed", why)))).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_and_quotes_are_bounded() {
+        let long = "é".repeat(5000);
+        let e = RpcError::new("failed", long.clone());
+        assert_eq!(e.message.chars().count(), MAX_MESSAGE + 1);
+        assert!(e.message.ends_with('…'));
+        let q = quote(&format!("\"{long}"));
+        assert!(q.chars().count() < MAX_QUOTE + 10, "{q}");
+        assert!(q.starts_with("\"\\\"é"), "{q}");
+        assert_eq!(quote("eth0"), "\"eth0\"");
+        assert_eq!(RpcError::new("failed", "short").message, "short");
+    }
+
+    #[test]
+    fn an_answer_over_the_frame_limit_becomes_an_error() {
+        let ok = serde_json::json!({"id": 3, "result": {}});
+        assert_eq!(encode(&ok).unwrap(), serde_json::to_vec(&ok).unwrap());
+        let big = "x".repeat(MAX_FRAME);
+        let a: Value = serde_json::from_slice(
+            &encode(&answer(Some(9), Ok(Value::String(big.clone())))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(a["id"], 9);
+        assert_eq!(a["error"]["code"], "failed");
+        assert!(a["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("over the frame limit"));
+        // An event too large is dropped.
+        assert!(encode(&serde_json::json!({"event": "output", "data": big})).is_none());
+    }
 
     #[test]
     fn frames_round_trip_and_bad_lengths_are_refused() {

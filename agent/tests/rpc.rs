@@ -8,6 +8,7 @@ mod common;
 use base64::Engine as _;
 use common::Host;
 use serde_json::{json, Value};
+use torii_agent::protocol::{read_frame, write_frame};
 
 #[test]
 fn version_health_and_processes() {
@@ -167,4 +168,341 @@ fn a_cut_connection_ends_the_session_cleanly() {
     // The host goes away between frames: the session ends without error.
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert!(served.join().unwrap().is_ok());
+}
+
+fn b64(d: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(d)
+}
+
+/// A directory for one test, removed at the end.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("torii-agent-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn programs_and_directories_are_checked_before_the_spawn() {
+    let mut h = Host::start();
+    let d = TempDir::new("exe");
+    std::fs::write(d.0.join("data"), "not a program").unwrap();
+    for (params, says) in [
+        (json!({"argv": ["no-such-program"]}), "not found in PATH"),
+        // The request's PATH is the one searched.
+        (
+            json!({"argv": ["sh", "-c", "true"], "env": [format!("PATH={}", d.0.display())]}),
+            "not found in PATH",
+        ),
+        (json!({"argv": [d.0.join("data")]}), "not executable"),
+        (json!({"argv": [&d.0]}), "not a regular file"),
+        (json!({"argv": ["true"], "cwd": "/no/such/dir"}), "cwd"),
+        (
+            json!({"argv": ["true"], "cwd": d.0.join("data")}),
+            "not a directory",
+        ),
+    ] {
+        let e = h.call_err("start_process", params.clone());
+        assert_eq!(e["code"], "failed", "{params}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().contains(says),
+            "{params}: {e}"
+        );
+    }
+    // A relative program is taken in cwd; a process whose env has no PATH gets the default.
+    std::fs::write(d.0.join("tool"), "#!/bin/sh\necho \"tool $PATH\"\n").unwrap();
+    std::fs::set_permissions(
+        d.0.join("tool"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let p = h.call(
+        "start_process",
+        json!({"argv": ["./tool"], "cwd": d.0, "env": ["A=1"]}),
+    );
+    let name = p["process"].as_str().unwrap().to_string();
+    h.call("wait_process", json!({"process": name}));
+    let (out, _) = h.output(&name);
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.starts_with("tool /"), "{out}");
+    for dir in ["/bin", "/sbin", "/usr/bin", "/usr/sbin"] {
+        assert!(out.trim().split(':').any(|x| x == dir), "{out}");
+    }
+    // The program runs from where it was found, with argv[0] as given (multi-call binaries
+    // go by it).
+    let (out, _, _) = h.run(&["cat", "/proc/self/cmdline"], None);
+    assert_eq!(out, "cat\0/proc/self/cmdline\0");
+}
+
+#[test]
+fn kill_reaches_what_the_process_left_holding_its_output() {
+    let mut h = Host::start();
+    // The shell exits at once; the sleep it started keeps stdout open, so the wait lasts.
+    let p = h.call(
+        "start_process",
+        json!({"argv": ["sh", "-c", "sleep 30 & echo started"]}),
+    );
+    let name = p["process"].as_str().unwrap().to_string();
+    let pid = p["pid"].as_i64().unwrap();
+    // Until the shell is gone (its /proc entry with it, once reaped).
+    let t = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(t.elapsed() < common::T, "the shell did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let w = h.send("wait_process", json!({"process": name}));
+    h.call("kill_process", json!({"process": name, "signal": 9}));
+    // The shell's own exit, once the group's output is closed.
+    assert_eq!(
+        h.answer(w)["result"],
+        json!({"exit_code": 0, "signal": null})
+    );
+    assert_eq!(h.output(&name).0, b"started\n");
+    // All gone now: killing is no error.
+    h.call("kill_process", json!({"process": name}));
+}
+
+#[test]
+fn close_stdin_waits_for_a_blocked_write() {
+    let mut h = Host::start();
+    // Reads nothing for a while: a write of more than the pipe holds blocks meanwhile.
+    let p = h.call(
+        "start_process",
+        json!({"argv": ["sh", "-c", "sleep 1; wc -c"], "stdin": true}),
+    );
+    let name = p["process"].as_str().unwrap().to_string();
+    let data = vec![b'x'; 1 << 20];
+    let w = h.send("write_stdin", json!({"process": name, "data": b64(&data)}));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Sent while the write is blocked: applied after it, not lost.
+    let c = h.send("close_stdin", json!({"process": name}));
+    let (w, c) = (h.answer(w), h.answer(c));
+    assert!(w.get("error").is_none(), "{w}");
+    assert!(c.get("error").is_none(), "{c}");
+    assert_eq!(
+        h.call("wait_process", json!({"process": name}))["exit_code"],
+        0
+    );
+    assert_eq!(
+        String::from_utf8(h.output(&name).0).unwrap().trim(),
+        "1048576"
+    );
+    // Closed: a write now is refused.
+    assert_eq!(
+        h.call_err("write_stdin", json!({"process": name, "data": "eA=="}))["code"],
+        "failed"
+    );
+}
+
+#[test]
+fn echoed_input_is_cut_and_a_dead_writer_ends_the_reads() {
+    let mut h = Host::start();
+    // A method name that, quoted whole, would make an answer over the frame limit.
+    let huge = "\"".repeat(3 << 19);
+    let e = h.call_err(&huge, json!({}));
+    assert_eq!(e["code"], "unknown_method");
+    assert!(
+        e["message"].as_str().unwrap().len() < 2048,
+        "{}",
+        e["message"].as_str().unwrap().len()
+    );
+    let e = h.call_err("start_process", json!({"argv": [huge]}));
+    assert_eq!(e["code"], "failed");
+    assert!(e["message"].as_str().unwrap().len() < 2048);
+    assert_eq!(h.call("health", json!({}))["status"], "serving");
+    // The host stops reading: the agent's next write fails, and it stops reading requests too
+    // (the session ends) instead of reading what it cannot answer.
+    h.s.shutdown(std::net::Shutdown::Read).unwrap();
+    h.send("health", json!({}));
+    let Host { served, .. } = h;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(served.join().unwrap()));
+    let r = rx.recv_timeout(common::T).expect("the session to end");
+    assert!(r.unwrap_err().contains("Broken pipe"));
+}
+
+#[test]
+fn a_slow_host_slows_the_output_down() {
+    // A bare connection: nothing is read until the test says so.
+    let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let agent = torii_agent::server::Agent::new(false).unwrap();
+    let served = std::thread::spawn(move || torii_agent::transport::serve_unix(agent, b));
+    let d = TempDir::new("slow");
+    let mark = d.0.join("done");
+    let total = 20_000_000;
+    let req = json!({"id": 1, "method": "start_process", "params": {"argv": ["sh", "-c",
+        format!("head -c {total} /dev/zero; touch {}", mark.display())]}});
+    write_frame(&mut a, &serde_json::to_vec(&req).unwrap()).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // With the host not reading, the queue filled and the output stopped being read.
+    assert!(!mark.exists(), "all the output was buffered");
+    let req = json!({"id": 2, "method": "wait_process", "params": {"process": "p1"}});
+    write_frame(&mut a, &serde_json::to_vec(&req).unwrap()).unwrap();
+    let mut got = 0;
+    loop {
+        let v: Value = serde_json::from_slice(&read_frame(&mut a).unwrap()).unwrap();
+        if v["id"] == 2 {
+            assert_eq!(v["result"]["exit_code"], 0, "{v}");
+            break;
+        }
+        if v["event"] == "output" {
+            got += base64::engine::general_purpose::STANDARD
+                .decode(v["data"].as_str().unwrap())
+                .unwrap()
+                .len();
+        }
+    }
+    assert_eq!(got, total);
+    assert!(mark.exists());
+    a.shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(served.join().unwrap().is_ok());
+}
+
+/// Starts a process that writes a line every 10 ms, forever.
+fn chatty(h: &mut Host) -> String {
+    let p = h.call(
+        "start_process",
+        json!({"argv": ["sh", "-c", "while :; do echo tick; sleep 0.01; done"]}),
+    );
+    let name = p["process"].as_str().unwrap().to_string();
+    h.expect(|v| v["event"] == "output" && v["process"] == name.as_str());
+    name
+}
+
+#[test]
+fn a_new_connection_after_one_went_away_while_a_process_runs() {
+    let d = TempDir::new("listen");
+    let path = d.0.join("agent.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let agent = torii_agent::server::Agent::new(false).unwrap();
+    std::thread::spawn(move || torii_agent::transport::serve_listener(&agent, &l, &|_| {}));
+    let connect = || {
+        let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        Host::connect(s, std::thread::spawn(|| Ok(())))
+    };
+    let mut h = connect();
+    let name = chatty(&mut h);
+    // The host goes away while the process runs and writes.
+    drop(h);
+    let mut h = connect();
+    assert_eq!(h.call("health", json!({}))["status"], "serving");
+    h.call("kill_process", json!({"process": name}));
+    assert_eq!(
+        h.call("wait_process", json!({"process": name})),
+        json!({"exit_code": 143, "signal": 15})
+    );
+    // Its output went to the connection that started it, and is dropped with it.
+    assert!(h.output(&name).0.is_empty());
+}
+
+#[test]
+fn a_port_serves_one_host_after_another() {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Two FIFOs behave as a virtio-serial port does: reads end (EOF, hang-up) while no host
+    // is connected, and the agent opens them once.
+    let d = TempDir::new("port");
+    let (to_agent, from_agent) = (d.0.join("in"), d.0.join("out"));
+    for f in [&to_agent, &from_agent] {
+        let c = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path that lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+    let open = |p: &std::path::Path, read: bool, write: bool, flags: i32| {
+        std::fs::OpenOptions::new()
+            .read(read)
+            .write(write)
+            .custom_flags(flags)
+            .open(p)
+            .unwrap()
+    };
+    let port = torii_agent::transport::Port::from_files(
+        open(&to_agent, true, false, libc::O_NONBLOCK),
+        open(&from_agent, true, true, 0),
+    )
+    .unwrap();
+    let agent = torii_agent::server::Agent::new(false).unwrap();
+    std::thread::spawn(move || port.serve(&agent, &|_| {}));
+    // The host reads everything the agent writes, across its connections.
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let mut out = open(&from_agent, true, false, 0);
+    std::thread::spawn(move || {
+        while let Ok(f) = read_frame(&mut out) {
+            if tx.send(serde_json::from_slice(&f).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut next_id = 0;
+    let mut call = |w: &mut std::fs::File, method: &str, params: Value| -> Value {
+        next_id += 1;
+        let req = json!({"id": next_id, "method": method, "params": params});
+        write_frame(w, &serde_json::to_vec(&req).unwrap()).unwrap();
+        loop {
+            let v = rx.recv_timeout(common::T).expect("an answer");
+            if v["id"] == next_id {
+                return v;
+            }
+            // Output after the second host's first answer would have leaked across.
+            assert!(
+                next_id <= 3 || v["event"] != "output",
+                "output of the first host's process on the second: {v}"
+            );
+        }
+    };
+    let mut host = open(&to_agent, false, true, 0);
+    let p = call(
+        &mut host,
+        "start_process",
+        json!({"argv": ["sh", "-c", "while :; do echo tick; sleep 0.01; done"]}),
+    );
+    let name = p["result"]["process"].as_str().unwrap().to_string();
+    assert_eq!(
+        call(&mut host, "health", json!({}))["result"]["status"],
+        "serving"
+    );
+    // The first host goes away; the next one is served on the same port.
+    drop(host);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut host = open(&to_agent, false, true, 0);
+    assert_eq!(
+        call(&mut host, "health", json!({}))["result"]["status"],
+        "serving"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    call(&mut host, "kill_process", json!({"process": name}));
+    assert_eq!(
+        call(&mut host, "wait_process", json!({"process": name}))["result"]["signal"],
+        15
+    );
+}
+
+#[test]
+fn the_binary_says_ready_once_its_socket_listens() {
+    use std::io::BufRead;
+    let d = TempDir::new("bin");
+    let path = d.0.join("agent.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_torii-agent"))
+        .args(["--unix", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    err.read_line(&mut line).unwrap();
+    assert_eq!(line, "torii-agent: ready\n");
+    let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let mut h = Host::connect(s, std::thread::spawn(|| Ok(())));
+    assert_eq!(h.call("version", json!({}))["protocol"], 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

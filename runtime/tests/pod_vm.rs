@@ -73,9 +73,9 @@ fn dataplane(dir: &Path, config: &str) -> ChildGuard {
     child
 }
 
-fn spec(dir: &Path, image: &Path, body: &str) -> SandboxSpec {
+fn spec(dir: &Path, image: &Path, name: &str, body: &str) -> SandboxSpec {
     let text = format!(
-        "[vm]\naccel = \"tcg\"\nkernel = \"{}\"\ninitramfs = \"{}\"\n{body}",
+        "name = \"{name}\"\n[vm]\naccel = \"tcg\"\nkernel = \"{}\"\ninitramfs = \"{}\"\n{body}",
         image.join("vmlinuz").display(),
         image.join("initramfs.cpio.gz").display()
     );
@@ -144,6 +144,7 @@ fn pod_is_configured_by_its_agent_runs_commands_and_keeps_data_on_a_torii_disk()
     let s = spec(
         dir.path(),
         &image,
+        "vm-e2e",
         &format!(
             "[[interface]]\ntype = \"vhost-user\"\nsocket = \"{d}/p1.sock\"\nmac = \"52:54:00:12:00:01\"\n\
              name = \"net0\"\nmtu = 1400\naddresses = [\"10.77.0.2/24\", \"fd77::2/64\"]\n\
@@ -151,8 +152,7 @@ fn pod_is_configured_by_its_agent_runs_commands_and_keeps_data_on_a_torii_disk()
              [[disk]]\nsocket = \"{d}/d1.sock\"\nmount = \"/data\"\n\
              [[neighbor]]\nip = \"10.77.0.9\"\nmac = \"52:54:00:12:00:09\"\ndevice = \"net0\"\n",
             d = dir.path().display()
-        )
-        .replace("[vm]", "name = \"vm-e2e\"\n[vm]"),
+        ),
     );
     let sb = s
         .resolve(&torii_vfio::pci::Sysfs::default())
@@ -165,6 +165,7 @@ fn pod_is_configured_by_its_agent_runs_commands_and_keeps_data_on_a_torii_disk()
 
     // The interface, its addresses, MTU, routes and neighbour, as the guest's kernel has them.
     let (code, out, _) = exec(&pod, &["sh", "-c", "ip -o addr show dev net0; ip -o link show dev net0; ip route; ip -6 route; ip neigh show dev net0"], None);
+    eprintln!("guest network:\n{out}");
     assert_eq!(code, 0, "{out}");
     for want in [
         "inet 10.77.0.2/24",
@@ -173,7 +174,8 @@ fn pod_is_configured_by_its_agent_runs_commands_and_keeps_data_on_a_torii_disk()
         "52:54:00:12:00:01",
         "10.78.0.0/16 via 10.77.0.1 dev net0",
         "default via 10.77.0.254 dev net0",
-        "10.77.0.9 lladdr 52:54:00:12:00:09 PERMANENT",
+        "10.77.0.9 lladdr 52:54:00:12:00:09",
+        "PERMANENT",
     ] {
         assert!(out.contains(want), "no {want:?} in:\n{out}");
     }

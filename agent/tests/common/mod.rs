@@ -7,13 +7,14 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
 use torii_agent::protocol::{read_frame, write_frame};
-use torii_agent::server::{serve, Agent};
+use torii_agent::server::Agent;
+use torii_agent::transport::serve_unix;
 
 pub const T: Duration = Duration::from_secs(20);
 
@@ -35,9 +36,12 @@ impl Host {
     /// The agent served in the network namespace open at `netns` (its handler threads are
     /// made by the serving thread, so they are in it too).
     pub fn start_in(netns: Option<std::fs::File>) -> Host {
+        Host::serving(Agent::new(false).unwrap(), netns)
+    }
+
+    /// `agent` served on a thread (in the network namespace open at `netns`, if any).
+    pub fn serving(agent: Arc<Agent>, netns: Option<std::fs::File>) -> Host {
         let (a, b) = UnixStream::pair().unwrap();
-        let agent = Agent::new(false);
-        let w = b.try_clone().unwrap();
         let served = std::thread::spawn(move || {
             if let Some(ns) = netns {
                 // SAFETY: setns on this thread only, with an fd it owns for the call.
@@ -45,8 +49,13 @@ impl Host {
                     return Err(format!("setns: {}", std::io::Error::last_os_error()));
                 }
             }
-            serve(agent, b, w).map_err(|e| e.to_string())
+            serve_unix(agent, b).map_err(|e| e.to_string())
         });
+        Host::connect(a, served)
+    }
+
+    /// The host's side of connection `a`, served by `served`.
+    pub fn connect(a: UnixStream, served: std::thread::JoinHandle<Result<(), String>>) -> Host {
         let (tx, rx) = mpsc::channel();
         let mut r = a.try_clone().unwrap();
         std::thread::spawn(move || {
@@ -107,6 +116,26 @@ impl Host {
         let a = self.answer(id);
         assert!(a.get("result").is_none(), "{method} succeeded: {a}");
         a["error"].clone()
+    }
+
+    /// The output of `name` seen so far (taken out of `seen`): stdout and stderr.
+    pub fn output(&mut self, name: &str) -> (Vec<u8>, Vec<u8>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(i) = self
+            .seen
+            .iter()
+            .position(|v| v["event"] == "output" && v["process"] == name)
+        {
+            let v = self.seen.remove(i);
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(v["data"].as_str().unwrap())
+                .unwrap();
+            match v["stream"].as_str() {
+                Some("stdout") => out.extend(data),
+                _ => err.extend(data),
+            }
+        }
+        (out, err)
     }
 
     /// Runs argv to its end: (stdout, stderr, exit).

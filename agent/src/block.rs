@@ -1,0 +1,382 @@
+//! The host's disks: a virtio-blk disk found by its serial or its PCI address (or a device
+//! path), waited for, and mounted where the host says; and unmounted.
+
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::mounts;
+use crate::protocol::{quote, RpcError};
+use crate::server::Roots;
+
+/// The longest virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
+pub const MAX_SERIAL: usize = 20;
+
+/// Which disk.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Source {
+    /// A virtio-blk disk's serial (`/sys/block/*/serial`).
+    Serial(String),
+    /// The PCI address of a virtio-blk device (`0000:00:05.0`; the domain may be left out).
+    Pci(String),
+    /// A block device node.
+    Path(String),
+}
+
+/// `mount_block` parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountBlock {
+    pub source: Source,
+    pub target: String,
+    #[serde(default = "ext4")]
+    pub fstype: String,
+    /// Mount options, as mount(8) takes them: the generic ones (`noatime`, `nodev`, …)
+    /// become flags, the rest goes to the file system.
+    #[serde(default)]
+    pub options: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+fn ext4() -> String {
+    "ext4".into()
+}
+
+/// `unmount` parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unmount {
+    pub target: String,
+}
+
+fn bad(msg: impl Into<String>) -> RpcError {
+    RpcError::new("bad_params", msg)
+}
+
+fn failed(msg: impl Into<String>) -> RpcError {
+    RpcError::new("failed", msg)
+}
+
+/// `s`, if it is an absolute path with no NUL.
+fn absolute<'a>(what: &str, s: &'a str) -> Result<&'a Path, RpcError> {
+    if !s.starts_with('/') || s.contains('\0') {
+        return Err(bad(format!("{what} {} is not an absolute path", quote(s))));
+    }
+    Ok(Path::new(s))
+}
+
+/// A PCI address in sysfs's form (`0000:00:05.0`), from that or `00:05.0`.
+pub fn pci_address(s: &str) -> Option<String> {
+    let s = s.to_ascii_lowercase();
+    let full = if s.len() == 7 { format!("0000:{s}") } else { s };
+    let b = full.as_bytes();
+    let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
+    let ok = b.len() == 12
+        && hex(0..4)
+        && b[4] == b':'
+        && hex(5..7)
+        && b[7] == b':'
+        && hex(8..10)
+        && b[10] == b'.'
+        && (b'0'..=b'7').contains(&b[11]);
+    ok.then_some(full)
+}
+
+/// The entries of `dir`, sorted (none if it cannot be read).
+fn entries(dir: &Path) -> Vec<OsString> {
+    let mut v: Vec<OsString> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| Some(e.ok()?.file_name())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// `src` for a message.
+fn describe(src: &Source) -> String {
+    match src {
+        Source::Serial(s) => format!("serial {}", quote(s)),
+        Source::Pci(a) => format!("PCI address {}", quote(a)),
+        Source::Path(p) => quote(p),
+    }
+}
+
+/// One look for the disk `src` names (checked already): its device node, if it is there.
+pub fn find_disk(src: &Source, roots: &Roots) -> Result<Option<PathBuf>, RpcError> {
+    let disks: Vec<OsString> = match src {
+        Source::Path(p) => return Ok(Path::new(p).exists().then(|| PathBuf::from(p))),
+        Source::Serial(serial) => {
+            let block = roots.sys.join("block");
+            entries(&block)
+                .into_iter()
+                .filter(|d| {
+                    std::fs::read_to_string(block.join(d).join("serial"))
+                        .is_ok_and(|s| s.trim_end_matches('\n') == serial)
+                })
+                .collect()
+        }
+        Source::Pci(addr) => {
+            let dev = roots.sys.join("bus/pci/devices").join(addr);
+            entries(&dev)
+                .into_iter()
+                .filter(|v| v.to_string_lossy().starts_with("virtio"))
+                .flat_map(|v| entries(&dev.join(v).join("block")))
+                .collect()
+        }
+    };
+    match &disks[..] {
+        [] => Ok(None),
+        // The node comes with the disk (devtmpfs), maybe a moment after sysfs shows it.
+        [disk] => Ok(Some(roots.dev.join(disk)).filter(|n| n.exists())),
+        _ => Err(failed(format!(
+            "{} disks match {}: {}",
+            disks.len(),
+            describe(src),
+            disks
+                .iter()
+                .map(|d| d.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// The disk `src` names, waited for up to `roots.patience`.
+pub fn resolve(src: &Source, roots: &Roots) -> Result<PathBuf, RpcError> {
+    let src = match src {
+        Source::Serial(s) if s.is_empty() || s.len() > MAX_SERIAL => {
+            return Err(bad(format!(
+                "serial {}: a virtio-blk serial has 1 to {MAX_SERIAL} bytes",
+                quote(s)
+            )))
+        }
+        Source::Pci(a) => Source::Pci(
+            pci_address(a)
+                .ok_or_else(|| bad(format!("{} is not a PCI address (0000:00:05.0)", quote(a))))?,
+        ),
+        Source::Path(p) => Source::Path(absolute("source path", p)?.display().to_string()),
+        Source::Serial(s) => Source::Serial(s.clone()),
+    };
+    let deadline = Instant::now() + roots.patience;
+    loop {
+        if let Some(d) = find_disk(&src, roots)? {
+            return Ok(d);
+        }
+        if Instant::now() >= deadline {
+            return Err(RpcError::new(
+                "not_found",
+                format!("no disk for {} after {:?}", describe(&src), roots.patience),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// mount(8)'s generic options as mount(2) flags, and what is left for the file system.
+pub fn mount_options(options: &str, read_only: bool) -> (libc::c_ulong, String) {
+    let mut flags: libc::c_ulong = 0;
+    let mut data = Vec::new();
+    for o in options.split(',').filter(|o| !o.is_empty()) {
+        match o {
+            "ro" => flags |= libc::MS_RDONLY,
+            "rw" => flags &= !libc::MS_RDONLY,
+            "nosuid" => flags |= libc::MS_NOSUID,
+            "nodev" => flags |= libc::MS_NODEV,
+            "noexec" => flags |= libc::MS_NOEXEC,
+            "sync" => flags |= libc::MS_SYNCHRONOUS,
+            "dirsync" => flags |= libc::MS_DIRSYNC,
+            "noatime" => flags |= libc::MS_NOATIME,
+            "nodiratime" => flags |= libc::MS_NODIRATIME,
+            "relatime" => flags |= libc::MS_RELATIME,
+            "strictatime" => flags |= libc::MS_STRICTATIME,
+            "lazytime" => flags |= libc::MS_LAZYTIME,
+            "defaults" | "suid" | "dev" | "exec" | "async" | "atime" => {}
+            other => data.push(other),
+        }
+    }
+    if read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    (flags, data.join(","))
+}
+
+/// `mount_block`.
+pub fn mount_block(m: MountBlock, roots: &Roots) -> Result<Value, RpcError> {
+    let target = absolute("target", &m.target)?;
+    if m.fstype.is_empty()
+        || m.fstype.len() > 32
+        || !m
+            .fstype
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(bad(format!(
+            "{} is not a file system type",
+            quote(&m.fstype)
+        )));
+    }
+    if m.options.contains('\0') {
+        return Err(bad("options hold a NUL byte"));
+    }
+    let (flags, data) = mount_options(&m.options, m.read_only);
+    let device = resolve(&m.source, roots)?;
+    let answer = json!({ "device": device, "target": m.target });
+    std::fs::create_dir_all(target)
+        .map_err(|e| failed(format!("creating {}: {e}", quote(&m.target))))?;
+    // This disk mounted there already (a request sent again): done.
+    let shown = quote(&device.to_string_lossy());
+    let rdev = std::fs::metadata(&device)
+        .map_err(|e| failed(format!("{shown}: {e}")))?
+        .rdev();
+    let here =
+        std::fs::canonicalize(target).map_err(|e| failed(format!("{}: {e}", quote(&m.target))))?;
+    let mountinfo = std::fs::read_to_string(&roots.mountinfo).unwrap_or_default();
+    if mounts::mounted_at(&mountinfo, &here)
+        .is_some_and(|x| x.dev == format!("{}:{}", libc::major(rdev), libc::minor(rdev)))
+    {
+        return Ok(answer);
+    }
+    mounts::mount(&device.to_string_lossy(), target, &m.fstype, flags, &data).map_err(|e| {
+        failed(format!(
+            "mounting {shown} on {} ({}): {e}",
+            quote(&m.target),
+            m.fstype
+        ))
+    })?;
+    Ok(answer)
+}
+
+/// `unmount`.
+pub fn unmount(u: Unmount) -> Result<Value, RpcError> {
+    let target = absolute("target", &u.target)?;
+    match mounts::umount(target) {
+        Ok(()) => Ok(json!({})),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {
+            Err(RpcError::new(
+                "not_found",
+                format!("nothing is mounted at {}", quote(&u.target)),
+            ))
+        }
+        Err(e) => Err(failed(format!("unmounting {}: {e}", quote(&u.target)))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A fake sysfs and /dev: vda (serial "root"), vdb (serial "disk1", PCI 0000:00:05.0),
+    /// vdc and vdd (both serial "twin"), and vde whose node is missing.
+    fn fake() -> (PathBuf, Roots) {
+        let root = std::env::temp_dir().join(format!(
+            "torii-agent-block-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let (sys, dev) = (root.join("sys"), root.join("dev"));
+        for (disk, serial) in [
+            ("vda", "root"),
+            ("vdb", "disk1"),
+            ("vdc", "twin"),
+            ("vdd", "twin"),
+            ("vde", "late"),
+        ] {
+            std::fs::create_dir_all(sys.join("block").join(disk)).unwrap();
+            std::fs::write(sys.join("block").join(disk).join("serial"), serial).unwrap();
+        }
+        let pci = sys.join("bus/pci/devices/0000:00:05.0");
+        std::fs::create_dir_all(pci.join("virtio3/block/vdb")).unwrap();
+        std::fs::create_dir_all(pci.join("driver")).unwrap();
+        std::fs::create_dir_all(sys.join("bus/pci/devices/0000:00:06.0/virtio4")).unwrap();
+        std::fs::create_dir_all(&dev).unwrap();
+        for d in ["vda", "vdb", "vdc", "vdd"] {
+            std::fs::write(dev.join(d), "").unwrap();
+        }
+        let roots = Roots {
+            sys,
+            dev,
+            mountinfo: root.join("mountinfo"),
+            patience: Duration::from_millis(200),
+        };
+        (root, roots)
+    }
+
+    #[test]
+    fn disks_are_found_by_serial_pci_address_or_path() {
+        let (root, roots) = fake();
+        let find = |s: Source| resolve(&s, &roots);
+        let serial = find(Source::Serial("disk1".into()));
+        let pci = find(Source::Pci("00:05.0".into()));
+        let path = find(Source::Path(roots.dev.join("vda").display().to_string()));
+        let twin = find(Source::Serial("twin".into()));
+        let t = Instant::now();
+        let late = find(Source::Serial("late".into()));
+        let waited = t.elapsed();
+        let none = find(Source::Pci("0000:00:06.0".into()));
+        let missing = find(Source::Serial("nope".into()));
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(serial.unwrap(), roots.dev.join("vdb"));
+        assert_eq!(pci.unwrap(), roots.dev.join("vdb"));
+        assert_eq!(path.unwrap(), roots.dev.join("vda"));
+        let e = twin.unwrap_err();
+        assert_eq!(e.code, "failed");
+        assert!(e.message.contains("vdc, vdd"), "{e}");
+        // A disk without its node is waited for, then not found.
+        assert_eq!(late.unwrap_err().code, "not_found");
+        assert!(waited >= roots.patience, "{waited:?}");
+        assert_eq!(none.unwrap_err().code, "not_found");
+        assert_eq!(missing.unwrap_err().code, "not_found");
+    }
+
+    #[test]
+    fn bad_sources_and_targets_are_refused() {
+        let roots = Roots::default();
+        for s in [
+            Source::Serial("".into()),
+            Source::Serial("x".repeat(21)),
+            Source::Pci("0000:00:05".into()),
+            Source::Pci("../../../../etc".into()),
+            Source::Pci("0000:00:05.8".into()),
+            Source::Path("vdb".into()),
+        ] {
+            assert_eq!(resolve(&s, &roots).unwrap_err().code, "bad_params", "{s:?}");
+        }
+        assert_eq!(pci_address("0000:00:1F.7").as_deref(), Some("0000:00:1f.7"));
+        let m = |target: &str, fstype: &str| MountBlock {
+            source: Source::Path("/dev/null".into()),
+            target: target.into(),
+            fstype: fstype.into(),
+            options: String::new(),
+            read_only: false,
+        };
+        for (t, f) in [("mnt", "ext4"), ("/mnt", "ext4 -o x"), ("/mnt", "")] {
+            assert_eq!(
+                mount_block(m(t, f), &roots).unwrap_err().code,
+                "bad_params",
+                "{t} {f}"
+            );
+        }
+        assert_eq!(
+            unmount(Unmount {
+                target: "relative".into()
+            })
+            .unwrap_err()
+            .code,
+            "bad_params"
+        );
+    }
+
+    #[test]
+    fn generic_options_become_flags() {
+        let (f, d) = mount_options("noatime,data=ordered,nodev,,errors=remount-ro", true);
+        assert_eq!(f, libc::MS_NOATIME | libc::MS_NODEV | libc::MS_RDONLY);
+        assert_eq!(d, "data=ordered,errors=remount-ro");
+        assert_eq!(mount_options("ro,rw,defaults", false), (0, String::new()));
+    }
+}
