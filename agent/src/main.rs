@@ -4,11 +4,13 @@
 //!                                      its device; opened once, each host connection served
 //!                                      in turn
 //!     torii-agent --unix PATH          listen on a Unix socket, one connection at a time
+//!     torii-agent --vsock PORT         listen on a vsock port (vhost-vsock, or the hybrid
+//!                                      vsock of Cloud Hypervisor and Firecracker)
 //!     torii-agent --stdio              stdin/stdout (tests, debugging)
 //!
 //! As PID 1 it mounts the kernel file systems, loads the kernel modules listed in
 //! /lib/modules/torii.order, reaps every orphan, takes its transport from the kernel command
-//! line (`torii.agent=serial:NAME`, default `serial:agent.0`) and powers the VM off when asked
+//! line (`torii.agent=serial:NAME`, `vsock:PORT` or `unix:PATH`; default `serial:agent.0`) and powers the VM off when asked
 //! to (`shutdown`) or when it can no longer serve. Once its transport is open it says
 //! `torii-agent: ready` on stderr (the console).
 
@@ -24,6 +26,7 @@ use torii_agent::{init, transport};
 enum Transport {
     Serial(String),
     Unix(PathBuf),
+    Vsock(u32),
     Stdio,
 }
 
@@ -34,8 +37,14 @@ fn parse(args: &[String]) -> Result<Transport, String> {
     match args {
         [flag, v] if flag == "--serial" => Ok(Transport::Serial(v.clone())),
         [flag, v] if flag == "--unix" => Ok(Transport::Unix(PathBuf::from(v))),
+        [flag, v] if flag == "--vsock" => v
+            .parse()
+            .map(Transport::Vsock)
+            .map_err(|_| format!("--vsock {v}: not a port number")),
         [flag] if flag == "--stdio" => Ok(Transport::Stdio),
-        _ => Err("usage: torii-agent --serial NAME|PATH | --unix PATH | --stdio".into()),
+        _ => Err(
+            "usage: torii-agent --serial NAME|PATH | --unix PATH | --vsock PORT | --stdio".into(),
+        ),
     }
 }
 
@@ -55,6 +64,12 @@ fn run(agent: Arc<Agent>, t: Transport) -> Result<(), String> {
             let l = UnixListener::bind(&p).map_err(|e| format!("{}: {e}", p.display()))?;
             log("ready");
             Err(transport::serve_listener(&agent, &l, &log).to_string())
+        }
+        Transport::Vsock(port) => {
+            let l = transport::VsockListener::bind(port)
+                .map_err(|e| format!("vsock port {port}: {e}"))?;
+            log("ready");
+            Err(format!("vsock port {port}: {}", l.serve(&agent, &log)))
         }
         Transport::Serial(name) => {
             let port =
@@ -83,9 +98,12 @@ fn main() -> ExitCode {
         match spec.split_once(':') {
             Some(("serial", name)) => Transport::Serial(name.into()),
             Some(("unix", path)) => Transport::Unix(PathBuf::from(path)),
+            Some(("vsock", port)) if port.parse::<u32>().is_ok() => {
+                Transport::Vsock(port.parse().unwrap_or(1024))
+            }
             _ => {
                 log(&format!(
-                    "torii.agent={spec}: expected serial:NAME or unix:PATH"
+                    "torii.agent={spec}: expected serial:NAME, vsock:PORT or unix:PATH"
                 ));
                 Transport::Serial("agent.0".into())
             }

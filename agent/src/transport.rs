@@ -355,6 +355,98 @@ pub fn serve_listener(agent: &Arc<Agent>, l: &UnixListener, log: &dyn Fn(&str)) 
     }
 }
 
+/// A listening vsock socket: the host reaches it through vhost-vsock, or through Cloud
+/// Hypervisor's and Firecracker's hybrid vsock (`CONNECT <port>` on their Unix socket).
+pub struct VsockListener(std::os::fd::OwnedFd);
+
+impl VsockListener {
+    /// Listens on `port` for any CID.
+    pub fn bind(port: u32) -> io::Result<VsockListener> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: socket(2) with constant arguments; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new socket that nothing else owns.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_vm is plain old data: all zeroes is a valid value.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        addr.svm_port = port;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: bind and listen on the socket we own, with an address of the given length.
+        let r = unsafe {
+            let r = libc::bind(
+                fd,
+                &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
+                len,
+            );
+            if r == 0 {
+                libc::listen(fd, 4)
+            } else {
+                r
+            }
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(VsockListener(owned))
+    }
+
+    /// The next connection, as a file (a stream socket's reads and writes).
+    fn accept(&self) -> io::Result<File> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: accept4 on the listening socket we own; no peer address is asked for.
+        let fd = unsafe {
+            libc::accept4(
+                self.0.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new connection that nothing else owns.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Serves the connections it accepts, one at a time; returns only if it fails.
+    pub fn serve(&self, agent: &Arc<Agent>, log: &dyn Fn(&str)) -> io::Error {
+        loop {
+            let c = match self.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBADF | libc::EINVAL)) => return e,
+                Err(e) => {
+                    log(&format!("accept: {e}"));
+                    std::thread::sleep(IDLE);
+                    continue;
+                }
+            };
+            let r = c.try_clone().and_then(|r| Ok((r, c.try_clone()?)));
+            let (r, w) = match r {
+                Ok(rw) => rw,
+                Err(e) => {
+                    log(&format!("connection: {e}"));
+                    continue;
+                }
+            };
+            let res = serve(agent.clone(), r, w, move || {
+                // SAFETY: shutdown(2) on the connection, which the closure owns (`c`), so
+                // the descriptor is open.
+                unsafe { libc::shutdown(c.as_raw_fd(), libc::SHUT_RDWR) };
+            });
+            if let Err(e) = res {
+                log(&format!("connection ended: {e}"));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -211,6 +211,48 @@ fn pod_is_configured_by_its_agent_runs_commands_and_keeps_data_on_a_torii_disk()
     });
     assert_eq!(code, 128 + libc::SIGTERM);
 
+    // The agent's vsock transport (Cloud Hypervisor's and Firecracker's channel) binds on the
+    // guest kernel: a second instance of /init listening on a vsock port says it is ready.
+    let (code, out, err) = exec(
+        &pod,
+        &[
+            "sh",
+            "-c",
+            "/init --vsock 2000 2>/tmp/v & sleep 2; cat /tmp/v; kill $!",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("torii-agent: ready"), "{out}{err}");
+
+    // Hugepages for an in-guest DPDK app: reserved, counted and hugetlbfs mounted.
+    let hp = pod
+        .agent()
+        .call(
+            "setup_hugepages",
+            json!({ "count": 16, "mount": "/dev/hugepages" }),
+            Duration::from_secs(30),
+        )
+        .expect("setup_hugepages");
+    assert_eq!(
+        (hp["total"].as_u64(), hp["free"].as_u64()),
+        (Some(16), Some(16)),
+        "{hp}"
+    );
+    let (_, out, _) = exec(
+        &pod,
+        &[
+            "sh",
+            "-c",
+            "grep -i hugepages_total /proc/meminfo; grep hugetlbfs /proc/mounts",
+        ],
+        None,
+    );
+    assert!(
+        out.contains("HugePages_Total:      16") && out.contains("/dev/hugepages hugetlbfs"),
+        "{out}"
+    );
+
     // The Torii disk is mounted at /data by the agent; what is written there reaches the file.
     let (code, out, err) = exec(
         &pod,
