@@ -320,15 +320,21 @@ fn two_pods_ping_each_other_through_the_switch_and_toriictl_propagates_exit_code
             .output()
             .expect("toriictl")
     };
-    // pod-b answers pings for 60 s; pod-a pings it through torii-dataplane's switch, then
-    // exits with a code of its own.
+    // pod-b waits for a TCP message; pod-a pings it through torii-dataplane's switch, sends it
+    // the message, then exits with a code of its own.
     let (a, b) = std::thread::scope(|s| {
-        let b = s.spawn(|| toriictl("b.toml", "sleep 45; echo b-done"));
+        let b = s.spawn(|| {
+            toriictl(
+                "b.toml",
+                "printf '#!/bin/sh\\ncat > /tmp/msg\\n' > /tmp/rx.sh && chmod +x /tmp/rx.sh && \
+                 timeout 120 nc -l -p 7000 -e /tmp/rx.sh && cat /tmp/msg",
+            )
+        });
         let a = s.spawn(|| {
             toriictl(
                 "a.toml",
                 "for i in $(seq 30); do ping -c 1 -W 1 10.79.0.11 >/dev/null && break; done; \
-                 ping -c 3 -W 2 10.79.0.11 && exit 42",
+                 ping -c 3 -W 2 10.79.0.11 && echo hello-b | nc 10.79.0.11 7000 && exit 42",
             )
         });
         (a.join().unwrap(), b.join().unwrap())
@@ -350,7 +356,8 @@ fn two_pods_ping_each_other_through_the_switch_and_toriictl_propagates_exit_code
         "{}",
         String::from_utf8_lossy(&b.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&b.stdout), "b-done\n");
+    // What pod-a sent over TCP through the switch.
+    assert_eq!(String::from_utf8_lossy(&b.stdout), "hello-b\n");
     // Nothing is left: no pod folder (sockets, logs), no QEMU.
     let left: Vec<_> = std::fs::read_dir(&run_dir)
         .map(|r| r.flatten().map(|e| e.path()).collect())
@@ -359,9 +366,114 @@ fn two_pods_ping_each_other_through_the_switch_and_toriictl_propagates_exit_code
     let ps = proc_util::sh("pgrep -f 'torii-pod-[ab]' || true");
     assert!(ps.trim().is_empty(), "QEMU left running: {ps}");
 
+    // SIGTERM to toriictl reaches the command; the VM is still torn down.
+    let mut child = Command::new(bin("toriictl"))
+        .arg("run")
+        .arg("-v")
+        .arg(dir.join("a.toml"))
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .args(["--", "sh", "-c", "echo started; exec sleep 120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("toriictl");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "started\n");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM));
+    let left: Vec<_> = std::fs::read_dir(&run_dir)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
     // A spec that cannot work fails before anything starts, with the field named.
     std::fs::write(dir.join("bad.toml"), "name = \"bad\"\n[vm]\nvcpus = 0\n").unwrap();
     let bad = toriictl("bad.toml", "true");
     assert_eq!(bad.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("vm.vcpus"));
+}
+
+#[test]
+fn a_pod_on_a_tap_in_its_network_namespace_with_pinned_vcpus() {
+    let image = prereqs();
+    let _heavy = torii_perf::heavy_test_lock();
+    let dir = tmp("torii-pod-tap");
+    let ns = format!("torii-pod-tap-{}", std::process::id());
+    struct Netns(String);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    let netns = Netns(ns.clone());
+    for args in [
+        vec!["netns", "add", &ns],
+        vec!["-n", &ns, "tuntap", "add", "dev", "tpod", "mode", "tap"],
+        vec!["-n", &ns, "addr", "add", "10.81.0.1/24", "dev", "tpod"],
+        vec!["-n", &ns, "link", "set", "tpod", "up"],
+    ] {
+        let st = Command::new("ip").args(&args).status().unwrap();
+        assert!(st.success(), "ip {args:?}");
+    }
+    let s = spec(
+        dir.path(),
+        &image,
+        "vm-tap",
+        &format!(
+            "vcpus = 2\npin = [1, 0]\n\
+             [[interface]]\ntype = \"tap\"\ntap = \"tpod\"\nmac = \"52:54:00:56:00:01\"\naddresses = [\"10.81.0.2/24\"]\n"
+        ),
+    );
+    // (The vcpus and pin keys above land in the [vm] table `spec` starts with.)
+    let mut s = s;
+    s.netns = Some(PathBuf::from(format!("/run/netns/{}", netns.0)));
+    let sb = s
+        .resolve(&torii_vfio::pci::Sysfs::default())
+        .expect("resolve");
+    let pod = Pod::start(sb, &dir.join("run")).expect("pod start");
+    pod.configure().expect("configure");
+    // The guest reaches the tap's end in the pod's namespace: QEMU opened it there.
+    let (code, out, err) = exec(&pod, &["ping", "-c", "2", "-W", "3", "10.81.0.1"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = exec(
+        &pod,
+        &["sh", "-c", "grep -c ^processor /proc/cpuinfo"],
+        None,
+    );
+    assert_eq!((code, out.trim()), (0, "2"));
+    // Each vCPU thread runs on the host CPU the spec gave it (QEMU names them "CPU n/TCG").
+    let pid = pod.vmm_pid();
+    let mut pinned = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if let Some(n) = comm.strip_prefix("CPU ").and_then(|c| c.split('/').next()) {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_string();
+            pinned.push((n.to_string(), cpus));
+        }
+    }
+    pinned.sort();
+    assert_eq!(
+        pinned,
+        [("0".to_string(), "1".to_string()), ("1".into(), "0".into())]
+    );
+    pod.stop(Duration::from_secs(20)).expect("stop");
+    assert!(gone(pid));
 }
