@@ -428,10 +428,8 @@ fn a_pod_on_a_tap_in_its_network_namespace_with_pinned_vcpus() {
         dir.path(),
         &image,
         "vm-tap",
-        &format!(
-            "vcpus = 2\npin = [1, 0]\n\
-             [[interface]]\ntype = \"tap\"\ntap = \"tpod\"\nmac = \"52:54:00:56:00:01\"\naddresses = [\"10.81.0.2/24\"]\n"
-        ),
+        "vcpus = 2\npin = [1, 0]\n\
+         [[interface]]\ntype = \"tap\"\ntap = \"tpod\"\nmac = \"52:54:00:56:00:01\"\naddresses = [\"10.81.0.2/24\"]\n",
     );
     // (The vcpus and pin keys above land in the [vm] table `spec` starts with.)
     let mut s = s;
