@@ -160,6 +160,9 @@ pub struct InterfaceSpec {
     pub addresses: Vec<String>,
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// From a tap's pod network file: the namespace its tap is in.
+    #[serde(skip)]
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +246,9 @@ pub struct Nic {
     pub routes: Vec<RouteSpec>,
     /// The guest PCI slot on bus 0.
     pub slot: u8,
+    /// The network namespace the backend is in (a tap from torii-cni's tap mode).
+    #[serde(skip)]
+    pub netns: Option<PathBuf>,
 }
 
 /// One disk, resolved.
@@ -416,10 +422,27 @@ impl SandboxSpec {
                 ));
             }
         }
+        // The VMM opens taps in their namespace: the spec's, or the one torii-cni's tap mode
+        // made them in (all the same).
+        let mut netns = self.netns.clone();
+        for (i, n) in nics.iter().enumerate() {
+            match (&netns, &n.netns) {
+                (_, None) => {}
+                (None, Some(ns)) => netns = Some(ns.clone()),
+                (Some(a), Some(b)) if a == b => {}
+                (Some(a), Some(b)) => {
+                    return err(format!(
+                        "interface[{i}]: its tap is in {}, the VMM runs in {}",
+                        b.display(),
+                        a.display()
+                    ))
+                }
+            }
+        }
         Ok(Sandbox {
             name: self.name.clone(),
             hypervisor: self.hypervisor,
-            netns: self.netns.clone(),
+            netns,
             vm: vm.clone(),
             nics,
             disks,
@@ -606,6 +629,7 @@ fn resolve_nic(
         addresses: s.addresses.clone(),
         routes: s.routes.clone(),
         slot,
+        netns: s.netns.clone(),
     })
 }
 
@@ -676,6 +700,11 @@ pub fn from_pod_network(file: &Path) -> Result<InterfaceSpec, String> {
         name: s("ifname"),
         addresses,
         routes,
+        netns: if kind == InterfaceKind::Tap {
+            s("netns").map(PathBuf::from)
+        } else {
+            None
+        },
     })
 }
 
@@ -754,6 +783,51 @@ mod tests {
             ]
         );
         assert_eq!(n.slot, 4);
+    }
+
+    #[test]
+    fn a_tap_pod_network_file_brings_its_namespace() {
+        let d = dir("tapns");
+        std::fs::create_dir_all(d.0.join("ns")).unwrap();
+        let ns = d.0.join("ns/pod");
+        std::fs::write(&ns, b"").unwrap();
+        std::fs::write(
+            d.0.join("net1.json"),
+            format!(
+                r#"{{"ifname": "net1", "type": "tap", "tap": "net1", "netns": "{}",
+                    "mac": "02:00:00:aa:bb:02", "mtu": null, "queues": 2, "ips": [], "routes": []}}"#,
+                ns.display()
+            ),
+        )
+        .unwrap();
+        let iface = format!(
+            "[[interface]]\ntype = \"pod-network\"\nfile = \"{}/net1.json\"\n",
+            d.0.display()
+        );
+        let sb = resolve(&d, &iface).unwrap();
+        assert_eq!(sb.netns.as_deref(), Some(ns.as_path()));
+        assert_eq!(
+            sb.nics[0].backend,
+            Backend::Tap {
+                ifname: "net1".into()
+            }
+        );
+        // A spec naming another namespace for the VMM is refused.
+        let other = d.0.join("ns/other");
+        std::fs::write(&other, b"").unwrap();
+        let e = resolve(&d, &iface)
+            .and_then(|_| {
+                let text = format!(
+                    "name = \"p\"\nnetns = \"{}\"\n[vm]\nkernel = \"{1}/vmlinuz\"\ninitramfs = \"{1}/initrd\"\n{iface}",
+                    other.display(),
+                    d.0.display()
+                );
+                std::fs::write(d.0.join("o.toml"), text).unwrap();
+                SandboxSpec::load(&d.0.join("o.toml"))?.resolve(&torii_vfio::pci::Sysfs::default())
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("its tap is in"), "{e}");
     }
 
     #[test]
