@@ -1,14 +1,14 @@
 //! The host's side of the torii-agent protocol (docs/agent-protocol.md) on any byte stream.
 //!
 //! One reader thread takes frames in order: answers go to the caller waiting for that id,
-//! `output` events into one bounded channel (a guest that floods output is slowed down, not
-//! buffered without bound). The guest is untrusted: frames over the protocol's limit, bad JSON
+//! `output` events into one channel bounded in bytes (a guest that floods output is held back,
+//! not buffered without bound). The guest is untrusted: frames over the protocol's limit, bad JSON
 //! or an answer to an id never asked end the connection with an error, never a panic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -17,8 +17,14 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use torii_agent::protocol::{read_frame, write_frame, FrameError, RpcError};
 
-/// Output events buffered before the reader waits for the consumer.
-const EVENT_BACKLOG: usize = 256;
+/// Output bytes buffered before the reader waits for the consumer (a hostile guest's flood
+/// is held back in the guest, not in the host's memory).
+const EVENT_BYTES: usize = 8 << 20;
+/// Requests whose caller stopped waiting, remembered so that their late answers are passed
+/// over (older ones are forgotten: their answers then end the connection).
+const ABANDONED: usize = 1024;
+/// How long a write to the agent may block (a guest that stops reading).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -44,10 +50,49 @@ pub struct Output {
 
 type Answer = Result<Value, AgentError>;
 
-struct Shared {
-    pending: Mutex<HashMap<u64, mpsc::Sender<Answer>>>,
+#[derive(Default)]
+struct Calls {
+    pending: HashMap<u64, mpsc::Sender<Answer>>,
+    abandoned: VecDeque<u64>,
     /// Why the connection ended, once it has.
-    closed: Mutex<Option<String>>,
+    closed: Option<String>,
+}
+
+struct Shared {
+    calls: Mutex<Calls>,
+    /// Output bytes in the event channel.
+    queued: AtomicUsize,
+    shutdown: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Shared {
+    fn calls(&self) -> std::sync::MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the connection: every caller still waiting is told why, later sends fail.
+    fn fail_all(&self, why: String) {
+        let pending = {
+            let mut c = self.calls();
+            c.closed.get_or_insert(why.clone());
+            std::mem::take(&mut c.pending)
+        };
+        for (_, tx) in pending {
+            let _ = tx.send(Err(AgentError::Closed(why.clone())));
+        }
+        (self.shutdown)();
+    }
+
+    /// Forgets request `id`, whose caller no longer waits.
+    fn abandon(&self, id: u64) {
+        let mut c = self.calls();
+        if c.pending.remove(&id).is_some() {
+            if c.abandoned.len() == ABANDONED {
+                c.abandoned.pop_front();
+            }
+            c.abandoned.push_back(id);
+        }
+    }
 }
 
 /// A connection to one agent.
@@ -57,13 +102,14 @@ pub struct AgentClient {
     next_id: AtomicU64,
     events: Mutex<Receiver<Output>>,
     reader: Option<JoinHandle<()>>,
-    shutdown: Box<dyn Fn() + Send + Sync>,
 }
 
 /// An answer still to come.
 pub struct Pending {
+    id: u64,
     method: String,
     rx: Receiver<Answer>,
+    shared: Arc<Shared>,
 }
 
 impl Pending {
@@ -71,10 +117,13 @@ impl Pending {
     pub fn wait(self, timeout: Duration) -> Result<Value, AgentError> {
         match self.rx.recv_timeout(timeout) {
             Ok(a) => a,
-            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout {
-                method: self.method,
-                timeout,
-            }),
+            Err(RecvTimeoutError::Timeout) => {
+                self.shared.abandon(self.id);
+                Err(AgentError::Timeout {
+                    method: self.method,
+                    timeout,
+                })
+            }
             Err(RecvTimeoutError::Disconnected) => {
                 Err(AgentError::Closed("the reader stopped".into()))
             }
@@ -90,14 +139,6 @@ impl Pending {
                 Some(Err(AgentError::Closed("the reader stopped".into())))
             }
         }
-    }
-}
-
-fn fail_all(shared: &Shared, why: String) {
-    *shared.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
-    let pending = std::mem::take(&mut *shared.pending.lock().unwrap_or_else(|e| e.into_inner()));
-    for (_, tx) in pending {
-        let _ = tx.send(Err(AgentError::Closed(why.clone())));
     }
 }
 
@@ -122,12 +163,31 @@ fn reader_loop(mut r: impl Read, shared: Arc<Shared>, events: SyncSender<Output>
                 else {
                     break "the agent sent a malformed output event".to_string();
                 };
-                // The consumer may be gone (nothing runs): output then has no reader.
-                let _ = events.send(Output {
+                // Held back while the consumer is behind (the guest's output waits in the
+                // guest), unless the connection is being torn down.
+                while shared.queued.load(Ordering::Acquire) > EVENT_BYTES {
+                    if shared.calls().closed.is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                shared.queued.fetch_add(data.len(), Ordering::AcqRel);
+                let mut o = Output {
                     process: process.into(),
                     stream: stream.into(),
                     data,
-                });
+                };
+                // Held back too while the channel is full of small events; dropped once the
+                // connection is being torn down or nobody reads.
+                loop {
+                    match events.try_send(o) {
+                        Err(TrySendError::Full(back)) if shared.calls().closed.is_none() => {
+                            o = back;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        _ => break,
+                    }
+                }
             }
             continue;
         }
@@ -135,14 +195,18 @@ fn reader_loop(mut r: impl Read, shared: Arc<Shared>, events: SyncSender<Output>
             // An answer to a frame the agent could not read: ours are all well-formed.
             break format!("the agent refused a frame: {}", v["error"]);
         };
-        let tx = shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        let Some(tx) = tx else {
-            break format!("the agent answered request {id}, which is not in flight");
+        let tx = {
+            let mut c = shared.calls();
+            match c.pending.remove(&id) {
+                Some(tx) => Some(tx),
+                None if c.abandoned.contains(&id) => None,
+                None => {
+                    drop(c);
+                    break format!("the agent answered request {id}, which is not in flight");
+                }
+            }
         };
+        let Some(tx) = tx else { continue };
         let a = match v.get("error") {
             None => Ok(v.get("result").cloned().unwrap_or(Value::Null)),
             Some(e) => match serde_json::from_value::<RpcError>(e.clone()) {
@@ -156,21 +220,25 @@ fn reader_loop(mut r: impl Read, shared: Arc<Shared>, events: SyncSender<Output>
         };
         let _ = tx.send(a);
     };
-    fail_all(&shared, why);
+    shared.fail_all(why);
 }
 
+/// Events the channel holds at most (each also counts against [`EVENT_BYTES`]).
+const EVENT_SLOTS: usize = 4096;
+
 impl AgentClient {
-    /// Talks to an agent over `stream`; `shutdown` ends the stream (wakes the reader).
+    /// Talks to an agent over `r` and `w`; `shutdown` ends the stream (wakes the reader).
     pub fn new<R, W>(r: R, w: W, shutdown: impl Fn() + Send + Sync + 'static) -> io::Result<Self>
     where
         R: Read + Send + 'static,
         W: Write + Send + 'static,
     {
         let shared = Arc::new(Shared {
-            pending: Mutex::new(HashMap::new()),
-            closed: Mutex::new(None),
+            calls: Mutex::new(Calls::default()),
+            queued: AtomicUsize::new(0),
+            shutdown: Box::new(shutdown),
         });
-        let (tx, rx) = mpsc::sync_channel(EVENT_BACKLOG);
+        let (tx, rx) = mpsc::sync_channel(EVENT_SLOTS);
         let s = shared.clone();
         let reader = std::thread::Builder::new()
             .name("agent-reader".into())
@@ -181,12 +249,13 @@ impl AgentClient {
             next_id: AtomicU64::new(1),
             events: Mutex::new(rx),
             reader: Some(reader),
-            shutdown: Box::new(shutdown),
         })
     }
 
-    /// Over a Unix stream (QEMU's chardev socket, a hybrid vsock connection).
+    /// Over a Unix stream (QEMU's chardev socket, a hybrid vsock connection). A write that
+    /// blocks for [`WRITE_TIMEOUT`] (a guest that stops reading) ends the connection.
     pub fn unix(s: std::os::unix::net::UnixStream) -> io::Result<Self> {
+        s.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let r = s.try_clone()?;
         let w = s.try_clone()?;
         AgentClient::new(r, w, move || {
@@ -196,22 +265,16 @@ impl AgentClient {
 
     /// Sends a request; the answer comes through the returned [`Pending`].
     pub fn send(&self, method: &str, params: Value) -> Result<Pending, AgentError> {
-        if let Some(why) = self
-            .shared
-            .closed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            return Err(AgentError::Closed(why));
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+        {
+            // Checked and entered under one lock: the reader's end cannot come in between.
+            let mut c = self.shared.calls();
+            if let Some(why) = c.closed.clone() {
+                return Err(AgentError::Closed(why));
+            }
+            c.pending.insert(id, tx);
+        }
         let frame = json!({ "id": id, "method": method, "params": params });
         let bytes = serde_json::to_vec(&frame).map_err(|e| io::Error::other(e.to_string()))?;
         let r = write_frame(
@@ -219,16 +282,16 @@ impl AgentClient {
             &bytes,
         );
         if let Err(e) = r {
-            self.shared
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            self.shared.calls().pending.remove(&id);
+            // A write that failed or timed out leaves the stream mid-frame: it is over.
+            self.shared.fail_all(format!("writing to the agent: {e}"));
             return Err(e.into());
         }
         Ok(Pending {
+            id,
             method: method.into(),
             rx,
+            shared: self.shared.clone(),
         })
     }
 
@@ -244,35 +307,28 @@ impl AgentClient {
 
     /// The next output event, waiting up to `timeout`.
     pub fn next_output(&self, timeout: Duration) -> Option<Output> {
-        self.events
+        let o = self
+            .events
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .recv_timeout(timeout)
-            .ok()
+            .ok()?;
+        self.shared.queued.fetch_sub(o.data.len(), Ordering::AcqRel);
+        Some(o)
     }
 
     /// Whether the connection has ended, and why.
     pub fn closed(&self) -> Option<String> {
-        self.shared
-            .closed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.calls().closed.clone()
     }
 }
 
 impl Drop for AgentClient {
     fn drop(&mut self) {
-        (self.shutdown)();
-        // The reader may be blocked handing an event over: drain until it ends.
+        self.shared
+            .fail_all("the host closed the connection".into());
+        // The reader may be holding an event back: the connection's end releases it.
         if let Some(h) = self.reader.take() {
-            while !h.is_finished() {
-                let _ = self
-                    .events
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .recv_timeout(Duration::from_millis(10));
-            }
             let _ = h.join();
         }
     }
@@ -376,8 +432,36 @@ mod tests {
     #[test]
     fn a_flood_of_output_is_held_back_and_dropping_the_client_does_not_hang() {
         let (c, mut g) = pair();
+        // 64 KiB events: the host holds 8 MiB of them, then stops reading the stream.
+        let chunk = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 64 << 10]);
+        let sent = Arc::new(AtomicUsize::new(0));
+        let n = sent.clone();
         let flood = std::thread::spawn(move || {
-            for _ in 0..10 * EVENT_BACKLOG {
+            for _ in 0..1000 {
+                let ev =
+                    json!({"event": "output", "process": "p", "stream": "stdout", "data": chunk});
+                if write_frame(&mut g, ev.to_string().as_bytes()).is_err() {
+                    return;
+                }
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        // 8 MiB held, plus what the socket buffers: far from the 1000 events (64 MB) sent.
+        let held = sent.load(Ordering::Relaxed);
+        assert!(held < 400, "{held} events taken while nobody read");
+        // Reading lets the rest through.
+        let mut got = 0;
+        while got < 1000 {
+            let o = c.next_output(T).expect("output");
+            assert_eq!(o.data.len(), 64 << 10);
+            got += 1;
+        }
+        flood.join().unwrap();
+        // And a client dropped while a flood is held back does not hang.
+        let (c, mut g) = pair();
+        let flood = std::thread::spawn(move || {
+            for _ in 0..1000 {
                 let ev =
                     json!({"event": "output", "process": "p", "stream": "stdout", "data": "eA=="});
                 if write_frame(&mut g, ev.to_string().as_bytes()).is_err() {
@@ -388,6 +472,22 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         drop(c);
         flood.join().unwrap();
+    }
+
+    #[test]
+    fn late_answers_to_abandoned_requests_are_passed_over() {
+        let (c, mut g) = pair();
+        assert!(matches!(
+            c.call("slow", Value::Null, Duration::from_millis(50)),
+            Err(AgentError::Timeout { .. })
+        ));
+        let r1 = request(&mut g);
+        send(&mut g, json!({"id": r1["id"], "result": {}}));
+        let p = c.send("version", Value::Null).unwrap();
+        let r2 = request(&mut g);
+        send(&mut g, json!({"id": r2["id"], "result": {"protocol": 1}}));
+        assert_eq!(p.wait(T).unwrap()["protocol"], 1);
+        assert!(c.closed().is_none());
     }
 
     #[test]

@@ -189,8 +189,14 @@ impl Vm for ChVm {
         self.proc.pid()
     }
 
-    fn agent_stream(&mut self) -> Result<std::os::unix::net::UnixStream, VmmError> {
-        crate::http::hybrid_vsock_connect(&self.paths.vsock, self.port, Duration::from_secs(60))
+    fn agent_stream(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<std::os::unix::net::UnixStream, VmmError> {
+        let proc = &mut self.proc;
+        http::hybrid_vsock_connect(&self.paths.vsock, self.port, timeout, &mut || {
+            !proc.exited()
+        })
     }
 
     fn stop(&mut self, timeout: Duration) -> Result<(), VmmError> {
@@ -208,7 +214,7 @@ impl Vm for ChVm {
         self.proc.wait_exit(timeout)
     }
 
-    fn console_log(&self) -> PathBuf {
-        self.paths.console.clone()
+    fn console_tail(&mut self) -> String {
+        crate::vmm::file_tail(&self.paths.console, 20)
     }
 }

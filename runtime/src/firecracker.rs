@@ -7,7 +7,7 @@
 //! refused before anything starts. It cannot run on a machine without KVM; the requests are
 //! checked against its documented API schema in the tests.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -146,8 +146,14 @@ impl Vm for FcVm {
         self.proc.pid()
     }
 
-    fn agent_stream(&mut self) -> Result<std::os::unix::net::UnixStream, VmmError> {
-        http::hybrid_vsock_connect(&self.paths.vsock, self.port, Duration::from_secs(60))
+    fn agent_stream(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<std::os::unix::net::UnixStream, VmmError> {
+        let proc = &mut self.proc;
+        http::hybrid_vsock_connect(&self.paths.vsock, self.port, timeout, &mut || {
+            !proc.exited()
+        })
     }
 
     fn stop(&mut self, timeout: Duration) -> Result<(), VmmError> {
@@ -164,8 +170,7 @@ impl Vm for FcVm {
         self.proc.wait_exit(timeout)
     }
 
-    fn console_log(&self) -> PathBuf {
-        // Firecracker writes the guest's serial console to its stdout.
-        self.paths.log.clone()
+    fn console_tail(&mut self) -> String {
+        crate::vmm::file_tail(&self.paths.log, 20)
     }
 }

@@ -103,11 +103,13 @@ pub fn send(socket: &Path, r: &Request, timeout: Duration) -> Result<String, Vmm
 }
 
 /// Connects to guest vsock `port` through the VMM's hybrid vsock socket (`CONNECT <port>\n`,
-/// answered `OK <host port>\n`), retrying while the guest has nobody listening yet.
+/// answered `OK <host port>\n`), retrying while the guest has nobody listening yet and
+/// `alive()` (the VMM still runs).
 pub fn hybrid_vsock_connect(
     socket: &Path,
     port: u32,
     timeout: Duration,
+    alive: &mut dyn FnMut() -> bool,
 ) -> Result<UnixStream, VmmError> {
     let end = Instant::now() + timeout;
     loop {
@@ -126,6 +128,11 @@ pub fn hybrid_vsock_connect(
         })();
         if let Ok(Some(s)) = r {
             return Ok(s);
+        }
+        if !alive() {
+            return Err(VmmError::Launch(format!(
+                "the VMM exited before its guest's agent listened on vsock port {port}"
+            )));
         }
         if Instant::now() >= end {
             return Err(VmmError::Launch(format!(

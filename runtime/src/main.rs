@@ -16,7 +16,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use torii_runtime::image::{self, ImageConfig};
-use torii_runtime::pod::{Pod, RUN_DIR};
+use torii_runtime::pod::{ExitStatus, Pod, PodError, RUN_DIR};
 use torii_runtime::spec::{HypervisorKind, SandboxSpec, DEFAULT_IMAGE_DIR};
 use torii_runtime::{cloud_hypervisor, firecracker, qemu};
 
@@ -153,7 +153,11 @@ fn run(
         .map_err(|e| e.to_string())?;
     forward_signals();
     say(&format!("booting {} ({:?})", sb.name, sb.hypervisor));
-    let pod = Pod::start(sb, run_dir).map_err(|e| e.to_string())?;
+    let pod = match Pod::start(sb, run_dir, Some(&SIGNAL)) {
+        Ok(p) => p,
+        Err(PodError::Interrupted(sig)) => return Ok(128 + sig),
+        Err(e) => return Err(e.to_string()),
+    };
     say(&format!(
         "agent ready {:.2} s after launch (VMM pid {})",
         pod.boot_to_agent.as_secs_f64(),
@@ -162,6 +166,14 @@ fn run(
     let result = (|| {
         pod.configure().map_err(|e| e.to_string())?;
         say("guest configured");
+        // A signal that came while the guest was being configured: the command never starts.
+        let sig = SIGNAL.swap(0, Ordering::Relaxed);
+        if sig > 0 {
+            return Ok(ExitStatus {
+                code: 128 + sig,
+                signal: Some(sig),
+            });
+        }
         let mut env = env;
         if !env.iter().any(|e| e.starts_with("PATH=")) {
             env.push("PATH=/bin:/sbin:/usr/bin:/usr/sbin".into());

@@ -2,7 +2,10 @@
 //! through the agent, commands run with their output streamed, and everything torn down (the
 //! VMM stopped and reaped, its folder and sockets removed) on [`Pod::stop`] or on drop.
 
+use std::fs::File;
 use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
@@ -19,6 +22,8 @@ use crate::vmm::{hypervisor, Vm, VmmError};
 pub const RUN_DIR: &str = "/run/torii/vms";
 /// How long an agent call that configures the guest may take (TCG is slow).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Output taken while waiting for `start_process`'s answer, at most.
+const MAX_EARLY_OUTPUT: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -34,6 +39,9 @@ pub enum PodError {
     },
     #[error("{0}")]
     Other(String),
+    /// A signal came while the pod was being made ready.
+    #[error("interrupted by signal {0}")]
+    Interrupted(i32),
 }
 
 fn agent_err(context: impl Into<String>) -> impl FnOnce(AgentError) -> PodError {
@@ -49,36 +57,55 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
 }
 
-/// The folder of a pod: made for it alone, removed when it ends.
-struct RunDir(PathBuf);
+/// The folder of a pod: made for it alone (a lock inside it is held for the pod's life),
+/// removed when it ends.
+struct RunDir {
+    path: PathBuf,
+    _lock: File,
+}
+
+fn flock(f: &File, how: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: flock(2) on a descriptor `f` owns.
+    if unsafe { libc::flock(f.as_raw_fd(), how) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 impl RunDir {
     fn create(base: &Path, name: &str) -> Result<RunDir, PodError> {
-        let dir = base.join(name);
-        let io = |e: std::io::Error| PodError::Other(format!("{}: {e}", dir.display()));
+        let path = base.join(name);
+        let io = |e: std::io::Error| PodError::Other(format!("{}: {e}", path.display()));
         std::fs::create_dir_all(base).map_err(io)?;
-        if dir.exists() {
-            // A folder left by a runtime that died: in use only while its VMM lives.
-            let pid: Option<i32> = std::fs::read_to_string(dir.join("vmm.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse().ok());
-            // SAFETY: kill(pid, 0) only checks that the process exists.
-            if pid.is_some_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0) {
+        // Pods are made and found stale one at a time.
+        let base_lock = File::open(base).map_err(io)?;
+        flock(&base_lock, libc::LOCK_EX).map_err(io)?;
+        if path.exists() {
+            // Left by a runtime that died, unless its lock is still held.
+            let held = File::open(path.join("lock"))
+                .map(|f| flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_err())
+                .unwrap_or(false);
+            if held {
                 return Err(PodError::Other(format!(
                     "a pod named {name} is running ({})",
-                    dir.display()
+                    path.display()
                 )));
             }
-            std::fs::remove_dir_all(&dir).map_err(io)?;
+            std::fs::remove_dir_all(&path).map_err(io)?;
         }
-        std::fs::create_dir(&dir).map_err(io)?;
-        Ok(RunDir(dir))
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(io)?;
+        let lock = File::create(path.join("lock")).map_err(io)?;
+        flock(&lock, libc::LOCK_EX | libc::LOCK_NB).map_err(io)?;
+        Ok(RunDir { path, _lock: lock })
     }
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -94,13 +121,15 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// Launches the VM of `sb` (its folder under `run_dir`) and waits for its agent.
-    pub fn start(sb: Sandbox, run_dir: &Path) -> Result<Pod, PodError> {
+    /// Launches the VM of `sb` (its folder under `run_dir`) and waits for its agent. A signal
+    /// number stored in `abort` meanwhile gives up (the VM is torn down).
+    pub fn start(sb: Sandbox, run_dir: &Path, abort: Option<&AtomicI32>) -> Result<Pod, PodError> {
+        sb.check_backends()?;
         let dir = RunDir::create(run_dir, &sb.name)?;
         let t0 = Instant::now();
-        let mut vm = hypervisor(sb.hypervisor).launch(&sb, &dir.0)?;
-        let _ = std::fs::write(dir.0.join("vmm.pid"), vm.pid().to_string());
-        let stream = vm.agent_stream()?;
+        let timeout = Duration::from_secs(sb.agent.timeout_s);
+        let mut vm = hypervisor(sb.hypervisor).launch(&sb, &dir.path)?;
+        let stream = vm.agent_stream(timeout)?;
         let agent = Arc::new(
             AgentClient::unix(stream)
                 .map_err(|e| PodError::Other(format!("agent connection: {e}")))?,
@@ -108,29 +137,24 @@ impl Pod {
         let pending = agent
             .send("version", Value::Null)
             .map_err(agent_err("agent"))?;
-        let timeout = Duration::from_secs(sb.agent.timeout_s);
-        let console = vm.console_log();
-        let tail = |what: &str| {
-            let text = std::fs::read_to_string(&console).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            format!(
-                "{what}; guest console:\n{}",
-                lines[lines.len().saturating_sub(20)..].join("\n")
-            )
-        };
         let version = loop {
+            let tail = |vm: &mut Box<dyn Vm>, what: &str| {
+                PodError::Other(format!("{what}; guest console:\n{}", vm.console_tail()))
+            };
             if let Some(a) = pending.try_take() {
-                break a.map_err(|e| PodError::Other(tail(&format!("agent: {e}"))))?;
+                break a.map_err(|e| tail(&mut vm, &format!("agent: {e}")))?;
             }
             if vm.wait_exit(Duration::ZERO) {
-                return Err(PodError::Other(tail(
-                    "the VM stopped before its agent answered",
-                )));
+                return Err(tail(&mut vm, "the VM stopped before its agent answered"));
             }
             if t0.elapsed() > timeout {
-                return Err(PodError::Other(tail(&format!(
-                    "the agent did not answer within {timeout:?}"
-                ))));
+                return Err(tail(
+                    &mut vm,
+                    &format!("the agent did not answer within {timeout:?}"),
+                ));
+            }
+            if let Some(sig) = abort.map(|a| a.load(Ordering::Relaxed)).filter(|&s| s > 0) {
+                return Err(PodError::Interrupted(sig));
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -159,7 +183,7 @@ impl Pod {
 
     /// The pod's folder (sockets, console log).
     pub fn dir(&self) -> &Path {
-        &self.dir.0
+        &self.dir.path
     }
 
     fn call(&self, method: &str, params: Value, what: &str) -> Result<Value, PodError> {
@@ -241,12 +265,41 @@ impl Pod {
         if !env.is_empty() {
             p["env"] = json!(env);
         }
-        let started = self.call("start_process", p, "starting the command")?;
+        // Nothing here blocks on an answer: output keeps being taken meanwhile, or the guest's
+        // output could hold the answer back behind it.
+        let agent = &self.agent;
+        let start = agent
+            .send("start_process", p)
+            .map_err(agent_err("starting the command"))?;
+        let (mut early, mut early_bytes) = (Vec::new(), 0usize);
+        let t0 = Instant::now();
+        let started = loop {
+            if let Some(a) = start.try_take() {
+                break a.map_err(agent_err("starting the command"))?;
+            }
+            if t0.elapsed() > CALL_TIMEOUT {
+                return Err(PodError::Other(format!(
+                    "the agent did not answer start_process within {CALL_TIMEOUT:?}"
+                )));
+            }
+            if let Some(o) = agent.next_output(Duration::from_millis(20)) {
+                // Output may come before the answer that names its process.
+                early_bytes += o.data.len();
+                if early_bytes > MAX_EARLY_OUTPUT {
+                    return Err(PodError::Other(
+                        "the agent sent output for no known process".into(),
+                    ));
+                }
+                early.push(o);
+            }
+        };
         let id = started["process"]
             .as_str()
             .ok_or_else(|| PodError::Other(format!("start_process answered {started}")))?
             .to_string();
-        let agent = &self.agent;
+        for o in early.into_iter().filter(|o| o.process == id) {
+            out(o);
+        }
         if let Some(input) = stdin {
             // Detached: host input may never end; the pump stops at its next chunk once the
             // process is gone.
@@ -259,36 +312,41 @@ impl Pod {
         let wait = agent
             .send("wait_process", json!({ "process": id }))
             .map_err(agent_err("waiting for the command"))?;
-        {
-            loop {
-                if let Some(a) = wait.try_take() {
-                    // Its output all came before this answer: drain what is queued.
-                    while let Some(o) = agent.next_output(Duration::ZERO) {
-                        if o.process == id {
-                            out(o);
-                        }
-                    }
-                    let v = a.map_err(agent_err("waiting for the command"))?;
-                    let code = v["exit_code"].as_i64().unwrap_or(-1) as i32;
-                    let signal = v["signal"].as_i64().map(|s| s as i32);
-                    return Ok(ExitStatus { code, signal });
-                }
-                if let Some(sig) = signal
-                    .map(|s| s.swap(0, Ordering::Relaxed))
-                    .filter(|&s| s > 0)
-                {
-                    agent
-                        .call(
-                            "kill_process",
-                            json!({ "process": id, "signal": sig }),
-                            CALL_TIMEOUT,
-                        )
-                        .map_err(agent_err("signalling the command"))?;
-                }
-                if let Some(o) = agent.next_output(Duration::from_millis(20)) {
+        let mut kills = Vec::new();
+        loop {
+            if let Some(a) = wait.try_take() {
+                // Its output all came before this answer: drain what is queued.
+                while let Some(o) = agent.next_output(Duration::ZERO) {
                     if o.process == id {
                         out(o);
                     }
+                }
+                let v = a.map_err(agent_err("waiting for the command"))?;
+                let code = v["exit_code"]
+                    .as_i64()
+                    .filter(|c| (0..=255).contains(c))
+                    .ok_or_else(|| PodError::Other(format!("wait_process answered {v}")))?;
+                let signal = v["signal"].as_i64().map(|s| s as i32);
+                return Ok(ExitStatus {
+                    code: code as i32,
+                    signal,
+                });
+            }
+            if let Some(sig) = signal
+                .map(|s| s.swap(0, Ordering::Relaxed))
+                .filter(|&s| s > 0)
+            {
+                let k = agent
+                    .send("kill_process", json!({ "process": id, "signal": sig }))
+                    .map_err(agent_err("signalling the command"))?;
+                kills.push(k);
+            }
+            // A refused signal (the process had just ended) changes nothing: the wait says how
+            // it ended.
+            kills.retain(|k| k.try_take().is_none());
+            if let Some(o) = agent.next_output(Duration::from_millis(20)) {
+                if o.process == id {
+                    out(o);
                 }
             }
         }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::spec::{Accel, Backend, HypervisorKind, Sandbox, AGENT_SLOT};
-use crate::vmm::{find_binary, io_err, pin_thread, Hypervisor, Vm, VmmError, VmmProcess};
+use crate::vmm::{
+    connect_unix, find_binary, io_err, pin_thread, Hypervisor, Vm, VmmError, VmmProcess,
+};
 
 pub struct Qemu;
 
@@ -18,6 +20,9 @@ pub struct Qemu;
 pub struct Paths {
     pub qmp: PathBuf,
     pub agent: PathBuf,
+    /// The serial console's pipe pair (`console.in`, `console.out`): QEMU writes the guest's
+    /// console into a FIFO whose last 64 KiB the runtime keeps, so a guest writing without end
+    /// costs no host memory or disk.
     pub console: PathBuf,
     pub log: PathBuf,
 }
@@ -27,9 +32,84 @@ impl Paths {
         Paths {
             qmp: dir.join("qmp.sock"),
             agent: dir.join("agent.sock"),
-            console: dir.join("console.log"),
+            console: dir.join("console"),
             log: dir.join("vmm.log"),
         }
+    }
+}
+
+/// The guest console's last bytes, kept by a thread reading QEMU's console FIFO.
+pub struct ConsoleTail {
+    buf: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>,
+    // Writer ends held until the VM is gone, so that QEMU's opens never block and the reader
+    // sees the end of the stream only once QEMU closed its end too.
+    _keep_out: std::fs::File,
+    _input: std::fs::File,
+}
+
+const CONSOLE_KEEP: usize = 64 << 10;
+
+impl ConsoleTail {
+    /// Makes the FIFO pair at `base` (.in, .out) and starts reading `.out`.
+    pub fn start(base: &Path) -> std::io::Result<ConsoleTail> {
+        use std::io::Read;
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        let (pin, pout) = (base.with_extension("in"), base.with_extension("out"));
+        for p in [&pin, &pout] {
+            let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| std::io::Error::other("a NUL in the path"))?;
+            // SAFETY: mkfifo(3) with a NUL-terminated path that lives across the call.
+            if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        // Read-only without waiting for a writer, then back to blocking reads.
+        let mut out = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&pout)?;
+        // SAFETY: fcntl(2) on a descriptor `out` owns.
+        unsafe {
+            use std::os::fd::AsRawFd;
+            let fl = libc::fcntl(out.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(out.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+        let keep_out = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pout)?;
+        let input = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pin)?;
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let b = buf.clone();
+        std::thread::Builder::new()
+            .name("vm-console".into())
+            .spawn(move || {
+                let mut chunk = [0u8; 4096];
+                // Ends when every writer (QEMU, the guard) has closed the FIFO.
+                while let Ok(n @ 1..) = out.read(&mut chunk) {
+                    let mut q = b.lock().unwrap_or_else(|e| e.into_inner());
+                    q.extend(&chunk[..n]);
+                    let over = q.len().saturating_sub(CONSOLE_KEEP);
+                    q.drain(..over);
+                }
+            })?;
+        Ok(ConsoleTail {
+            buf,
+            _keep_out: keep_out,
+            _input: input,
+        })
+    }
+
+    /// The last `lines` lines.
+    pub fn tail(&self, lines: usize) -> String {
+        let q = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let (a, b) = q.as_slices();
+        let text = String::from_utf8_lossy(&[a, b].concat()).into_owned();
+        crate::vmm::tail_lines(&text, lines)
     }
 }
 
@@ -95,8 +175,10 @@ pub fn args(sb: &Sandbox, paths: &Paths) -> Vec<String> {
         "-display".into(),
         "none".into(),
         "-no-reboot".into(),
+        "-chardev".into(),
+        format!("pipe,id=console,path={}", q(&paths.console)),
         "-serial".into(),
-        format!("file:{}", q(&paths.console)),
+        "chardev:console".into(),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", q(&paths.qmp)),
         "-chardev".into(),
@@ -173,7 +255,7 @@ pub struct Qmp {
 
 impl Qmp {
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, VmmError> {
-        let s = UnixStream::connect(path).map_err(io_err(format!("QMP {}", path.display())))?;
+        let s = connect_unix(path, timeout).map_err(io_err(format!("QMP {}", path.display())))?;
         s.set_read_timeout(Some(timeout)).map_err(io_err("QMP"))?;
         let w = s.try_clone().map_err(io_err("QMP"))?;
         let mut qmp = Qmp {
@@ -239,8 +321,8 @@ impl Qmp {
 /// A VM QEMU runs.
 pub struct QemuVm {
     proc: VmmProcess,
-    qmp: Option<Qmp>,
     paths: Paths,
+    console: ConsoleTail,
 }
 
 impl Hypervisor for Qemu {
@@ -260,6 +342,7 @@ impl Hypervisor for Qemu {
             })?,
         };
         let paths = Paths::new(dir);
+        let console = ConsoleTail::start(&paths.console).map_err(io_err("the console FIFOs"))?;
         let mut cmd = Command::new(bin);
         cmd.args(args(sb, &paths));
         let mut proc = VmmProcess::spawn(cmd, &paths.log, sb.netns.as_deref())?;
@@ -278,10 +361,12 @@ impl Hypervisor for Qemu {
                 pin_thread(tid, cpu).map_err(io_err(format!("pinning vCPU {i} to CPU {cpu}")))?;
             }
         }
+        // Not kept open: QMP events the guest can cause would pile up in QEMU unread.
+        drop(qmp);
         Ok(Box::new(QemuVm {
             proc,
-            qmp: Some(qmp),
             paths,
+            console,
         }))
     }
 }
@@ -291,10 +376,9 @@ impl Vm for QemuVm {
         self.proc.pid()
     }
 
-    fn agent_stream(&mut self) -> Result<UnixStream, VmmError> {
-        self.proc
-            .wait_socket(&self.paths.agent, Duration::from_secs(10))?;
-        UnixStream::connect(&self.paths.agent)
+    fn agent_stream(&mut self, timeout: Duration) -> Result<UnixStream, VmmError> {
+        self.proc.wait_socket(&self.paths.agent, timeout)?;
+        connect_unix(&self.paths.agent, timeout)
             .map_err(io_err(format!("agent {}", self.paths.agent.display())))
     }
 
@@ -302,19 +386,16 @@ impl Vm for QemuVm {
         if self.proc.exited() {
             return Ok(());
         }
-        let r = match self.qmp.as_mut() {
-            Some(q) => q.execute("quit", Value::Null).map(|_| ()),
-            None => Err(VmmError::Api("no QMP connection".into())),
-        };
-        self.qmp = None;
+        let r =
+            Qmp::connect(&self.paths.qmp, timeout).and_then(|mut q| q.execute("quit", Value::Null));
         if !self.proc.wait_exit(timeout) {
             self.proc.kill();
         }
-        // QEMU may close QMP before answering `quit`: that is a stop too.
+        // QEMU may close QMP before answering `quit`: that is a stop too; and one that cannot
+        // be asked was killed.
         match r {
-            Err(VmmError::Api(m)) if m.contains("closed") => Ok(()),
-            Err(VmmError::Io { .. }) => Ok(()),
-            r => r,
+            Err(VmmError::Api(_)) | Err(VmmError::Io { .. }) => Ok(()),
+            r => r.map(|_| ()),
         }
     }
 
@@ -322,8 +403,8 @@ impl Vm for QemuVm {
         self.proc.wait_exit(timeout)
     }
 
-    fn console_log(&self) -> PathBuf {
-        self.paths.console.clone()
+    fn console_tail(&mut self) -> String {
+        self.console.tail(20)
     }
 }
 
@@ -367,12 +448,17 @@ mod tests {
             "vhost-user,id=net0,chardev=nc0,queues=2",
             "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01,mq=on,vectors=6,addr=0x04",
             "tap,id=net1,ifname=tap0,script=no,downscript=no,vhost=off,queues=1",
-            "virtio-net-pci,netdev=net1,addr=0x05",
+            // No MAC given: one derived from the pod's name and the slot's index.
+            &format!(
+                "virtio-net-pci,netdev=net1,mac={},addr=0x05",
+                crate::spec::derived_mac("p", 1)
+            ),
             "vfio-pci,host=0000:03:10.0,addr=0x06",
             "vhost-user-blk-pci,chardev=dc0,num-queues=4,addr=0x10",
             "virtio-serial-pci,id=vser0,addr=0x03",
             "virtserialport,bus=vser0.0,chardev=agent,name=agent.0",
             "-qmp unix:/run/torii/vms/p/qmp.sock,server=on,wait=off",
+            "-chardev pipe,id=console,path=/run/torii/vms/p/console -serial chardev:console",
         ] {
             assert!(a.contains(want), "no {want:?} in {a}");
         }

@@ -288,6 +288,22 @@ pub struct Sandbox {
     pub agent: AgentSpec,
 }
 
+impl Sandbox {
+    /// What must hold when the VM starts, not when the spec is written: every vhost-user
+    /// backend listens on its socket already (the VMM connects at start).
+    pub fn check_backends(&self) -> Result<(), SpecError> {
+        for (i, n) in self.nics.iter().enumerate() {
+            if let Backend::VhostUser { socket } = &n.backend {
+                check_socket(socket).map_err(|e| SpecError(format!("interface[{i}]: {e}")))?;
+            }
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            check_socket(&d.socket).map_err(|e| SpecError(format!("disk[{i}]: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 impl SandboxSpec {
     /// Reads a spec: JSON when the file ends in `.json`, else TOML.
     pub fn load(path: &Path) -> Result<SandboxSpec, SpecError> {
@@ -315,9 +331,10 @@ impl SandboxSpec {
                 vm.vcpus
             ));
         }
-        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if let Some(c) = vm.pin.iter().find(|&&c| c >= ncpu * 64) {
-            return err(format!("vm.pin: host CPU {c} does not exist"));
+        if let Some(c) = vm.pin.iter().find(|&&c| !host_cpu_usable(c)) {
+            return err(format!(
+                "vm.pin: host CPU {c} is not one this process may run on"
+            ));
         }
         if vm.memory_mib < 64 || vm.memory_mib > 1 << 20 {
             return err(format!(
@@ -367,8 +384,11 @@ impl SandboxSpec {
             let slot = NIC_SLOTS.clone().nth(i).ok_or_else(|| {
                 SpecError(format!("{what}: at most {} interfaces", NIC_SLOTS.len()))
             })?;
-            let nic =
+            let mut nic =
                 resolve_nic(s, i, slot, sys).map_err(|e| SpecError(format!("{what}: {e}")))?;
+            if nic.mac.is_none() && !matches!(nic.backend, Backend::Vfio { .. }) {
+                nic.mac = Some(derived_mac(&self.name, i));
+            }
             if nics.iter().any(|n: &Nic| n.name == nic.name) {
                 return err(format!("{what}: guest name {} is used twice", nic.name));
             }
@@ -453,17 +473,48 @@ impl SandboxSpec {
 }
 
 fn check_name(what: &str, s: &str) -> Result<(), SpecError> {
+    // It names the pod's folder: `.`, `..` and hidden names are not pods.
     if s.is_empty()
         || s.len() > 64
+        || s.starts_with('.')
         || !s
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     {
         return err(format!(
-            "{what}: {s:?} must be 1 to 64 letters, digits, '.', '_' or '-'"
+            "{what}: {s:?} must be 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'"
         ));
     }
     Ok(())
+}
+
+/// Whether this process may run on host CPU `cpu` (its affinity mask, which also leaves out
+/// CPUs that do not exist).
+fn host_cpu_usable(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: as above; pid 0 is this thread.
+    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 || cpu >= 8 * size {
+        return false;
+    }
+    // SAFETY: `cpu` is inside the set (checked above).
+    unsafe { libc::CPU_ISSET(cpu, &set) }
+}
+
+/// A stable, locally administered unicast MAC for interface `index` of pod `name`: two pods
+/// without configured MACs never share QEMU's default one.
+pub fn derived_mac(name: &str, index: usize) -> String {
+    // FNV-1a over the name and the index.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in name.bytes().chain((index as u64).to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+    }
+    let b = h.to_le_bytes();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4]
+    )
 }
 
 /// Parses a unicast MAC `aa:bb:cc:dd:ee:ff`.
@@ -474,7 +525,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         return Err(format!("{s:?} is not a MAC address"));
     }
     for (o, p) in m.iter_mut().zip(&parts) {
-        if p.len() != 2 {
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(format!("{s:?} is not a MAC address"));
         }
         *o = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
@@ -509,6 +560,19 @@ fn check_route(r: &RouteSpec) -> Result<(), String> {
             .map_err(|_| format!("route gateway {g:?} is not an IP"))?;
     }
     Ok(())
+}
+
+/// A vhost-user backend listens on `p` already (the VMM connects at start).
+fn check_socket(p: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(p) {
+        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(_) => Err(format!("{} is not a socket", p.display())),
+        Err(e) => Err(format!(
+            "{}: {e} (is the vhost-user backend serving it?)",
+            p.display()
+        )),
+    }
 }
 
 fn only(kind: &str, fields: &[(&str, bool)]) -> Result<(), String> {
@@ -848,6 +912,7 @@ mod tests {
             ("[[disk]]\nsocket = \"/x\"\nfstype = \"ext4,foo\"\n", "fstype"),
             ("[[neighbor]]\nip = \"10.0.0.1\"\nmac = \"02:00:00:00:00:01\"\ndevice = \"eth0\"\n", "no interface named eth0"),
             ("[agent]\nport = \"a b\"\n", "agent.port"),
+            ("[[interface]]\ntype = \"vhost-user\"\nsocket = \"/x\"\nmac = \"+2:00:00:00:00:01\"\n", "not a MAC"),
         ];
         for (body, want) in cases {
             let e = resolve(&d, body).unwrap_err().to_string();
@@ -864,6 +929,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("vm.pin"), "{e}");
+        let text = format!(
+            "name = \"p\"\n[vm]\npin = [1000]\nkernel = \"{0}/vmlinuz\"\ninitramfs = \"{0}/initrd\"\n",
+            d.0.display()
+        );
+        std::fs::write(d.0.join("pin.toml"), text).unwrap();
+        let e = SandboxSpec::load(&d.0.join("pin.toml"))
+            .unwrap()
+            .resolve(&torii_vfio::pci::Sysfs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host CPU 1000"), "{e}");
         let e = resolve(&d, "").map(|_| ()).and_then(|_| {
             let p = d.0.join("nokernel.toml");
             std::fs::write(&p, "name = \"p\"\n[vm]\nkernel = \"/nonexistent\"\n").unwrap();
@@ -872,6 +948,49 @@ mod tests {
                 .map(|_| ())
         });
         assert!(e.unwrap_err().to_string().contains("toriictl image build"));
+    }
+
+    #[test]
+    fn pod_names_cannot_climb_out_of_the_run_folder() {
+        let d = dir("names");
+        for name in [".", "..", ".hidden", "a/b", ""] {
+            let text = format!(
+                "name = \"{name}\"\n[vm]\nkernel = \"{0}/vmlinuz\"\ninitramfs = \"{0}/initrd\"\n",
+                d.0.display()
+            );
+            std::fs::write(d.0.join("n.toml"), text).unwrap();
+            let e = SandboxSpec::load(&d.0.join("n.toml"))
+                .unwrap()
+                .resolve(&torii_vfio::pci::Sysfs::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("name:"), "{name:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_missing_backend_socket_is_named_before_launch_and_macs_are_given() {
+        let d = dir("sock");
+        let sb = resolve(
+            &d,
+            "[[interface]]\ntype = \"vhost-user\"\nsocket = \"/nonexistent.sock\"\n\
+             [[interface]]\ntype = \"tap\"\ntap = \"t0\"\n",
+        )
+        .unwrap();
+        let e = sb.check_backends().unwrap_err().to_string();
+        assert!(
+            e.contains("interface[0]") && e.contains("/nonexistent.sock"),
+            "{e}"
+        );
+        // Interfaces without a MAC get a stable, locally administered one each.
+        let (a, b) = (
+            sb.nics[0].mac.clone().unwrap(),
+            sb.nics[1].mac.clone().unwrap(),
+        );
+        assert_ne!(a, b);
+        assert!(a.starts_with("02:"), "{a}");
+        assert_eq!(a, derived_mac("p", 0));
+        parse_mac(&a).unwrap();
     }
 
     #[test]

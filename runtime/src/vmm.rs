@@ -41,16 +41,17 @@ pub trait Hypervisor {
 /// A running VM.
 pub trait Vm: Send {
     fn pid(&self) -> u32;
-    /// A byte stream to the guest agent (the guest may not have opened its end yet: the VMM
-    /// holds what is sent until it does).
-    fn agent_stream(&mut self) -> Result<UnixStream, VmmError>;
+    /// A byte stream to the guest agent, waiting up to `timeout` for one (on virtio-serial the
+    /// guest may not have opened its end yet: QEMU holds what is sent until it does; over a
+    /// hybrid vsock the connection is retried until the agent listens).
+    fn agent_stream(&mut self, timeout: Duration) -> Result<UnixStream, VmmError>;
     /// Asks the VMM to stop the VM at once (the guest has been asked to power off already, or
     /// could not be); waits up to `timeout` and kills the VMM after that.
     fn stop(&mut self, timeout: Duration) -> Result<(), VmmError>;
     /// Waits up to `timeout` for the VMM to exit by itself (the guest powered off).
     fn wait_exit(&mut self, timeout: Duration) -> bool;
-    /// The guest console's log.
-    fn console_log(&self) -> PathBuf;
+    /// The end of the guest's console output (bounded), for error messages.
+    fn console_tail(&mut self) -> String;
 }
 
 /// The hypervisor of `kind`.
@@ -77,7 +78,10 @@ pub struct VmmProcess {
 }
 
 impl VmmProcess {
-    /// Starts `cmd` with its output in `log`, in `netns` when given; it dies with this process.
+    /// Starts `cmd` with its output in `log`, in `netns` when given, in a session of its own
+    /// (a terminal's Ctrl-C is the runtime's to handle, not the VMM's). It is killed when the
+    /// thread that spawned it ends (PR_SET_PDEATHSIG: the runtime's main thread, for toriictl),
+    /// or when this guard is dropped.
     pub fn spawn(mut cmd: Command, log: &Path, netns: Option<&Path>) -> Result<Self, VmmError> {
         let out = File::create(log).map_err(io_err(format!("{}", log.display())))?;
         let err = out.try_clone().map_err(io_err("log"))?;
@@ -89,24 +93,40 @@ impl VmmProcess {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
         let ns_fd = ns.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: getpid(2) has no preconditions.
+        let me = unsafe { libc::getpid() };
         // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe calls (prctl, setns) on values captured by copy; `ns` (the fd's
-        // owner) lives until after spawn returns.
+        // async-signal-safe calls (setsid, prctl, getppid, setns) on values captured by copy;
+        // `ns` (the fd's owner) lives until after spawn returns.
         unsafe {
             cmd.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(io::Error::last_os_error());
                 }
+                // The parent died before the death signal was asked for: nobody will stop us.
+                if libc::getppid() != me {
+                    return Err(io::Error::other("the runtime went away"));
+                }
                 if let Some(fd) = ns_fd {
                     if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(io::Error::last_os_error());
+                        let e = io::Error::last_os_error();
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("entering the pod's network namespace: {e}"),
+                        ));
                     }
                 }
                 Ok(())
             });
         }
         let prog = cmd.get_program().to_string_lossy().into_owned();
-        let child = cmd.spawn().map_err(io_err(format!("starting {prog}")))?;
+        let child = cmd.spawn().map_err(io_err(match netns {
+            Some(ns) => format!("starting {prog} in {}", ns.display()),
+            None => format!("starting {prog}"),
+        }))?;
         drop(ns);
         Ok(VmmProcess {
             child: Some(child),
@@ -142,9 +162,7 @@ impl VmmProcess {
 
     /// The last lines of its log, for error messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        file_tail(&self.log, 15)
     }
 
     /// Waits for `socket` to appear while the VMM runs.
@@ -202,4 +220,39 @@ pub fn pin_thread(tid: i32, cpu: usize) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The last `lines` lines of a file, read from its last 64 KiB (the file may be large, and the
+/// guest writes what it likes into consoles: decoded lossily).
+pub fn file_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    if let Ok(mut f) = File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+        let _ = f.take(64 << 10).read_to_end(&mut buf);
+    }
+    tail_lines(&String::from_utf8_lossy(&buf), lines)
+}
+
+/// The last `n` lines of `text`.
+pub fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Connects to `path`, retrying while the VMM has bound it but does not listen yet.
+pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let end = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ECONNREFUSED | libc::ENOENT))
+                    && Instant::now() < end =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }

@@ -158,7 +158,7 @@ fn pod_is_configured_by_its_agent_runs_commands_and_keeps_data_on_a_torii_disk()
         .resolve(&torii_vfio::pci::Sysfs::default())
         .expect("resolve");
     let run_dir = dir.join("run");
-    let pod = Pod::start(sb, &run_dir).expect("pod start");
+    let pod = Pod::start(sb, &run_dir, None).expect("pod start");
     let pid = pod.vmm_pid();
     assert!(pod.dir().join("agent.sock").exists());
     pod.configure().expect("configure");
@@ -218,7 +218,7 @@ fn pod_is_configured_by_its_agent_runs_commands_and_keeps_data_on_a_torii_disk()
         &[
             "sh",
             "-c",
-            "/init --vsock 2000 2>/tmp/v & sleep 2; cat /tmp/v; kill $!",
+            "/init --vsock 2000 2>/tmp/v & for i in $(seq 300); do grep -q ready /tmp/v && break; sleep 0.1; done; cat /tmp/v; kill $!",
         ],
         None,
     );
@@ -334,7 +334,8 @@ fn two_pods_ping_each_other_through_the_switch_and_toriictl_propagates_exit_code
             toriictl(
                 "a.toml",
                 "for i in $(seq 30); do ping -c 1 -W 1 10.79.0.11 >/dev/null && break; done; \
-                 ping -c 3 -W 2 10.79.0.11 && echo hello-b | nc 10.79.0.11 7000 && exit 42",
+                 ping -c 3 -W 2 10.79.0.11 && \
+                 for i in $(seq 50); do echo hello-b | nc 10.79.0.11 7000 && exit 42; sleep 0.2; done",
             )
         });
         (a.join().unwrap(), b.join().unwrap())
@@ -366,7 +367,10 @@ fn two_pods_ping_each_other_through_the_switch_and_toriictl_propagates_exit_code
     let ps = proc_util::sh("pgrep -f 'torii-pod-[ab]' || true");
     assert!(ps.trim().is_empty(), "QEMU left running: {ps}");
 
-    // SIGTERM to toriictl reaches the command; the VM is still torn down.
+    // SIGINT to toriictl reaches the command; the VM is still torn down.
+    // Sent to toriictl's whole process group, as a terminal's Ctrl-C would be: QEMU runs in a
+    // session of its own, so the signal goes through the agent, not to the VMM.
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new(bin("toriictl"))
         .arg("run")
         .arg("-v")
@@ -376,6 +380,7 @@ fn two_pods_ping_each_other_through_the_switch_and_toriictl_propagates_exit_code
         .args(["--", "sh", "-c", "echo started; exec sleep 120"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .expect("toriictl");
     let mut first = String::new();
@@ -385,10 +390,12 @@ fn two_pods_ping_each_other_through_the_switch_and_toriictl_propagates_exit_code
     )
     .unwrap();
     assert_eq!(first, "started\n");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // SAFETY: kill(2) on our own child's process group.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
     let st = child.wait().unwrap();
-    assert_eq!(st.code(), Some(128 + libc::SIGTERM));
+    assert_eq!(st.code(), Some(128 + libc::SIGINT));
+    let ps = proc_util::sh("pgrep -f 'torii-pod-[a]' || true");
+    assert!(ps.trim().is_empty(), "QEMU left running: {ps}");
     let left: Vec<_> = std::fs::read_dir(&run_dir)
         .map(|r| r.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -437,7 +444,7 @@ fn a_pod_on_a_tap_in_its_network_namespace_with_pinned_vcpus() {
     let sb = s
         .resolve(&torii_vfio::pci::Sysfs::default())
         .expect("resolve");
-    let pod = Pod::start(sb, &dir.join("run")).expect("pod start");
+    let pod = Pod::start(sb, &dir.join("run"), None).expect("pod start");
     pod.configure().expect("configure");
     // The guest reaches the tap's end in the pod's namespace: QEMU opened it there.
     let (code, out, err) = exec(&pod, &["ping", "-c", "2", "-W", "3", "10.81.0.1"], None);

@@ -1602,7 +1602,8 @@ fn hybrid_vsock_connect_hands_over_the_stream_after_the_ok_line() {
         s.read_exact(&mut buf).unwrap();
         buf
     });
-    let mut s = http::hybrid_vsock_connect(&sock, 1024, Duration::from_secs(10)).unwrap();
+    let mut s =
+        http::hybrid_vsock_connect(&sock, 1024, Duration::from_secs(10), &mut || true).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = [0u8; 20];
     s.read_exact(&mut buf).unwrap();
@@ -1614,8 +1615,13 @@ fn hybrid_vsock_connect_hands_over_the_stream_after_the_ok_line() {
 #[test]
 fn hybrid_vsock_connect_gives_up_after_its_timeout() {
     let d = dir();
-    let e = http::hybrid_vsock_connect(&d.0.join("none.sock"), 1024, Duration::from_millis(300))
-        .unwrap_err()
-        .to_string();
+    let e = http::hybrid_vsock_connect(
+        &d.0.join("none.sock"),
+        1024,
+        Duration::from_millis(300),
+        &mut || true,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("vsock port 1024"), "{e}");
 }

@@ -75,12 +75,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .resolve(&torii_vfio::pci::Sysfs::default())
         .context("sandbox")?;
     let run_dir = std::env::temp_dir().join(format!("torii-boot-bench-{}", std::process::id()));
+    // Removed however the run ends.
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(run_dir.clone());
     let qemu_bin = torii_runtime::vmm::find_binary("qemu-system-x86_64")
         .context("qemu-system-x86_64 not found: run scripts/setup")?;
     let (mut agent_ms, mut bare_ms, mut rss_kib) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=cli.rounds {
         // The pod VM: launch to the agent's first answer.
-        let pod = Pod::start(sb.clone(), &run_dir).context("pod VM")?;
+        let pod = Pod::start(sb.clone(), &run_dir, None).context("pod VM")?;
         agent_ms.push(pod.boot_to_agent.as_secs_f64() * 1e3);
         // Idle RSS: after its first answers, as a pod sees it between requests.
         std::thread::sleep(Duration::from_millis(500));
@@ -124,7 +132,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rss.map_or("?".into(), |r| r.to_string())
         );
     }
-    let _ = std::fs::remove_dir_all(&run_dir);
     let (a, b) = (
         bench::median(&agent_ms).unwrap_or(0.0),
         bench::median(&bare_ms).unwrap_or(0.0),
