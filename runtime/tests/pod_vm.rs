@@ -420,7 +420,10 @@ fn a_pod_on_a_tap_in_its_network_namespace_with_pinned_vcpus() {
             let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
         }
     }
-    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", &ns])
+        .stderr(Stdio::null())
+        .status();
     let netns = Netns(ns.clone());
     for args in [
         vec!["netns", "add", &ns],
