@@ -150,41 +150,45 @@ pub fn shutdown_request() -> Request {
     Request::put("/api/v1/vmm.shutdown", None)
 }
 
-struct ChVm {
+/// A VM whose VMM is driven through a REST API and reached over a hybrid vsock (Cloud
+/// Hypervisor, Firecracker): the VMM started with `api_flag <socket>`, `requests` sent in
+/// order; `stop` is what asks the VMM to end it; `console` where the guest's console goes.
+pub(crate) struct RestVm {
     proc: VmmProcess,
     paths: Paths,
     port: u32,
+    stop: Request,
+    console: PathBuf,
 }
 
-impl Hypervisor for CloudHypervisor {
-    fn kind(&self) -> HypervisorKind {
-        HypervisorKind::CloudHypervisor
-    }
-
-    fn launch(&self, sb: &Sandbox, dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
-        let bin = match &sb.vm.binary {
-            Some(b) => b.clone(),
-            None => find_binary("cloud-hypervisor")
-                .ok_or_else(|| VmmError::Launch("cloud-hypervisor not found in PATH".into()))?,
-        };
-        let paths = Paths::new(dir);
-        let requests = boot_requests(sb, &paths)?;
+impl RestVm {
+    pub(crate) fn launch(
+        bin: PathBuf,
+        api_flag: &str,
+        sb: &Sandbox,
+        paths: Paths,
+        requests: &[Request],
+        stop: Request,
+        console: PathBuf,
+    ) -> Result<RestVm, VmmError> {
         let mut cmd = Command::new(bin);
-        cmd.arg("--api-socket").arg(&paths.api);
+        cmd.arg(api_flag).arg(&paths.api);
         let mut proc = VmmProcess::spawn(cmd, &paths.log, sb.netns.as_deref())?;
         proc.wait_socket(&paths.api, Duration::from_secs(10))?;
-        for r in &requests {
+        for r in requests {
             http::send(&paths.api, r, Duration::from_secs(30))?;
         }
-        Ok(Box::new(ChVm {
+        Ok(RestVm {
             proc,
             paths,
             port: sb.agent.vsock_port,
-        }))
+            stop,
+            console,
+        })
     }
 }
 
-impl Vm for ChVm {
+impl Vm for RestVm {
     fn pid(&self) -> u32 {
         self.proc.pid()
     }
@@ -200,10 +204,11 @@ impl Vm for ChVm {
     }
 
     fn stop(&mut self, timeout: Duration) -> Result<(), VmmError> {
-        let r = http::send(&self.paths.api, &shutdown_request(), timeout).map(|_| ());
+        let r = http::send(&self.paths.api, &self.stop, timeout).map(|_| ());
         if !self.proc.wait_exit(timeout) {
             self.proc.kill();
         }
+        // A VMM that cannot be asked any more was killed: stopped all the same.
         r.or_else(|e| match e {
             VmmError::Io { .. } => Ok(()),
             e => Err(e),
@@ -215,6 +220,32 @@ impl Vm for ChVm {
     }
 
     fn console_tail(&mut self) -> String {
-        crate::vmm::file_tail(&self.paths.console, 20)
+        crate::vmm::file_tail(&self.console, 20)
+    }
+}
+
+impl Hypervisor for CloudHypervisor {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::CloudHypervisor
+    }
+
+    fn launch(&self, sb: &Sandbox, dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        let bin = match &sb.vm.binary {
+            Some(b) => b.clone(),
+            None => find_binary("cloud-hypervisor")
+                .ok_or_else(|| VmmError::Launch("cloud-hypervisor not found in PATH".into()))?,
+        };
+        let paths = Paths::new(dir);
+        let requests = boot_requests(sb, &paths)?;
+        let console = paths.console.clone();
+        Ok(Box::new(RestVm::launch(
+            bin,
+            "--api-socket",
+            sb,
+            paths,
+            &requests,
+            shutdown_request(),
+            console,
+        )?))
     }
 }

@@ -8,15 +8,13 @@
 //! checked against its documented API schema in the tests.
 
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
 use serde_json::json;
 
-use crate::cloud_hypervisor::{Paths, GUEST_CID};
-use crate::http::{self, Request};
+use crate::cloud_hypervisor::{Paths, RestVm, GUEST_CID};
+use crate::http::Request;
 use crate::spec::{Backend, HypervisorKind, Sandbox};
-use crate::vmm::{find_binary, Hypervisor, Vm, VmmError, VmmProcess};
+use crate::vmm::{find_binary, Hypervisor, Vm, VmmError};
 
 pub struct Firecracker;
 
@@ -106,12 +104,6 @@ pub fn stop_request() -> Request {
     Request::put("/actions", Some(json!({ "action_type": "SendCtrlAltDel" })))
 }
 
-struct FcVm {
-    proc: VmmProcess,
-    paths: Paths,
-    port: u32,
-}
-
 impl Hypervisor for Firecracker {
     fn kind(&self) -> HypervisorKind {
         HypervisorKind::Firecracker
@@ -125,52 +117,16 @@ impl Hypervisor for Firecracker {
             None => find_binary("firecracker")
                 .ok_or_else(|| VmmError::Launch("firecracker not found in PATH".into()))?,
         };
-        let mut cmd = Command::new(bin);
         // The guest's serial console is Firecracker's stdout: it goes to the log.
-        cmd.arg("--api-sock").arg(&paths.api);
-        let mut proc = VmmProcess::spawn(cmd, &paths.log, sb.netns.as_deref())?;
-        proc.wait_socket(&paths.api, Duration::from_secs(10))?;
-        for r in &requests {
-            http::send(&paths.api, r, Duration::from_secs(30))?;
-        }
-        Ok(Box::new(FcVm {
-            proc,
+        let console = paths.log.clone();
+        Ok(Box::new(RestVm::launch(
+            bin,
+            "--api-sock",
+            sb,
             paths,
-            port: sb.agent.vsock_port,
-        }))
-    }
-}
-
-impl Vm for FcVm {
-    fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    fn agent_stream(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<std::os::unix::net::UnixStream, VmmError> {
-        let proc = &mut self.proc;
-        http::hybrid_vsock_connect(&self.paths.vsock, self.port, timeout, &mut || {
-            !proc.exited()
-        })
-    }
-
-    fn stop(&mut self, timeout: Duration) -> Result<(), VmmError> {
-        // Firecracker has no power-off request for Linux guests on x86 other than
-        // Ctrl-Alt-Del, which the guest's init may ignore: the VMM is ended.
-        let _ = http::send(&self.paths.api, &stop_request(), timeout);
-        if !self.proc.wait_exit(timeout) {
-            self.proc.kill();
-        }
-        Ok(())
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> bool {
-        self.proc.wait_exit(timeout)
-    }
-
-    fn console_tail(&mut self) -> String {
-        crate::vmm::file_tail(&self.paths.log, 20)
+            &requests,
+            stop_request(),
+            console,
+        )?))
     }
 }

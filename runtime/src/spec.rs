@@ -793,8 +793,13 @@ mod tests {
     }
 
     fn resolve(d: &Dir, body: &str) -> Result<Sandbox, SpecError> {
+        resolve_with(d, "p", "", body)
+    }
+
+    /// A spec named `name`, with `vm` lines in its [vm] table and `body` after it.
+    fn resolve_with(d: &Dir, name: &str, vm: &str, body: &str) -> Result<Sandbox, SpecError> {
         let text = format!(
-            "name = \"p\"\n[vm]\nkernel = \"{0}/vmlinuz\"\ninitramfs = \"{0}/initrd\"\n{body}",
+            "name = \"{name}\"\n[vm]\n{vm}kernel = \"{0}/vmlinuz\"\ninitramfs = \"{0}/initrd\"\n{body}",
             d.0.display()
         );
         let p = d.0.join("spec.toml");
@@ -918,28 +923,10 @@ mod tests {
             let e = resolve(&d, body).unwrap_err().to_string();
             assert!(e.contains(want), "{body:?}: {e}");
         }
-        let text = format!(
-            "name = \"p\"\n[vm]\nvcpus = 2\npin = [0]\nkernel = \"{0}/vmlinuz\"\ninitramfs = \"{0}/initrd\"\n",
-            d.0.display()
-        );
-        std::fs::write(d.0.join("pin.toml"), text).unwrap();
-        let e = SandboxSpec::load(&d.0.join("pin.toml"))
-            .unwrap()
-            .resolve(&torii_vfio::pci::Sysfs::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("vm.pin"), "{e}");
-        let text = format!(
-            "name = \"p\"\n[vm]\npin = [1000]\nkernel = \"{0}/vmlinuz\"\ninitramfs = \"{0}/initrd\"\n",
-            d.0.display()
-        );
-        std::fs::write(d.0.join("pin.toml"), text).unwrap();
-        let e = SandboxSpec::load(&d.0.join("pin.toml"))
-            .unwrap()
-            .resolve(&torii_vfio::pci::Sysfs::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("host CPU 1000"), "{e}");
+        let e = resolve_with(&d, "p", "vcpus = 2\npin = [0]\n", "").unwrap_err();
+        assert!(e.to_string().contains("vm.pin"), "{e}");
+        let e = resolve_with(&d, "p", "pin = [1000]\n", "").unwrap_err();
+        assert!(e.to_string().contains("host CPU 1000"), "{e}");
         let e = resolve(&d, "").map(|_| ()).and_then(|_| {
             let p = d.0.join("nokernel.toml");
             std::fs::write(&p, "name = \"p\"\n[vm]\nkernel = \"/nonexistent\"\n").unwrap();
@@ -954,16 +941,7 @@ mod tests {
     fn pod_names_cannot_climb_out_of_the_run_folder() {
         let d = dir("names");
         for name in [".", "..", ".hidden", "a/b", ""] {
-            let text = format!(
-                "name = \"{name}\"\n[vm]\nkernel = \"{0}/vmlinuz\"\ninitramfs = \"{0}/initrd\"\n",
-                d.0.display()
-            );
-            std::fs::write(d.0.join("n.toml"), text).unwrap();
-            let e = SandboxSpec::load(&d.0.join("n.toml"))
-                .unwrap()
-                .resolve(&torii_vfio::pci::Sysfs::default())
-                .unwrap_err()
-                .to_string();
+            let e = resolve_with(&d, name, "", "").unwrap_err().to_string();
             assert!(e.starts_with("name:"), "{name:?}: {e}");
         }
     }
