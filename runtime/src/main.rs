@@ -114,18 +114,25 @@ fn plan(spec: &Path) -> Result<(), String> {
         .resolve(&torii_vfio::pci::Sysfs::default())
         .map_err(|e| e.to_string())?;
     let dir = PathBuf::from(RUN_DIR).join(&sb.name);
+    let api = |r: Vec<torii_runtime::http::Request>| {
+        let r: Vec<_> = r
+            .iter()
+            .map(|r| json!({ "method": r.method, "path": r.path, "body": r.body }))
+            .collect();
+        json!({ "requests": r })
+    };
     let vmm = match sb.hypervisor {
         HypervisorKind::Qemu => json!({ "args": qemu::args(&sb, &qemu::Paths::new(&dir)) }),
-        HypervisorKind::CloudHypervisor => {
-            let r = cloud_hypervisor::boot_requests(&sb, &cloud_hypervisor::Paths::new(&dir))
-                .map_err(|e| e.to_string())?;
-            json!({ "requests": r.iter().map(|r| json!({"method": r.method, "path": r.path, "body": r.body})).collect::<Vec<_>>() })
-        }
-        HypervisorKind::Firecracker => {
-            let r = firecracker::boot_requests(&sb, &cloud_hypervisor::Paths::new(&dir))
-                .map_err(|e| e.to_string())?;
-            json!({ "requests": r.iter().map(|r| json!({"method": r.method, "path": r.path, "body": r.body})).collect::<Vec<_>>() })
-        }
+        HypervisorKind::CloudHypervisor => api(cloud_hypervisor::boot_requests(
+            &sb,
+            &cloud_hypervisor::Paths::new(&dir),
+        )
+        .map_err(|e| e.to_string())?),
+        HypervisorKind::Firecracker => api(firecracker::boot_requests(
+            &sb,
+            &cloud_hypervisor::Paths::new(&dir),
+        )
+        .map_err(|e| e.to_string())?),
     };
     let out = json!({ "sandbox": sb, "vmm": vmm });
     println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
