@@ -212,9 +212,9 @@ fn reader_loop(mut r: impl Read, shared: Arc<Shared>, events: SyncSender<Output>
             Some(e) => match serde_json::from_value::<RpcError>(e.clone()) {
                 Ok(e) => Err(AgentError::Rpc(e)),
                 Err(_) => {
-                    let why = "the agent sent a malformed error answer".to_string();
-                    let _ = tx.send(Err(AgentError::Closed(why.clone())));
-                    break why;
+                    // Its caller hears why with everyone else's, once the end is recorded.
+                    shared.calls().pending.insert(id, tx);
+                    break "the agent sent a malformed error answer".to_string();
                 }
             },
         };

@@ -388,7 +388,6 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ImageError> {
 
 /// Builds the image into `cfg.out`: `vmlinuz`, `initramfs.cpio.gz`, `manifest.json`.
 pub fn build(cfg: &ImageConfig) -> Result<Manifest, ImageError> {
-    std::fs::create_dir_all(&cfg.out).map_err(io(cfg.out.display()))?;
     let agent = read_static(
         "torii-agent",
         &cfg.agent,
@@ -472,6 +471,8 @@ pub fn build(cfg: &ImageConfig) -> Result<Manifest, ImageError> {
         busybox_sha256: sha256(&busybox),
         modules: names,
     };
+    // Only now, with everything read and checked, is the output folder touched.
+    std::fs::create_dir_all(&cfg.out).map_err(io(cfg.out.display()))?;
     write_atomic(&cfg.out.join("vmlinuz"), &kernel)?;
     write_atomic(&cfg.out.join("initramfs.cpio.gz"), &initramfs)?;
     let mut m = serde_json::to_vec_pretty(&manifest).expect("JSON");

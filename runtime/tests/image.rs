@@ -67,6 +67,41 @@ fn the_image_is_reproducible_and_boots_the_agent_as_init() {
         serde_json::from_slice(&std::fs::read(tmp.join("a/manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["initramfs_sha256"], a.initramfs_sha256.as_str());
 
+    // No time anywhere: gzip's MTIME is zero, and so is every cpio entry's mtime (bytes
+    // 46..54 of each 110-byte newc header), owner and group.
+    let gz = bytes("a");
+    assert_eq!(&gz[4..8], &[0, 0, 0, 0], "gzip MTIME");
+    let out = Command::new("gzip")
+        .arg("-dc")
+        .arg(tmp.join("a/initramfs.cpio.gz"))
+        .output()
+        .unwrap();
+    let mut off = 0;
+    let raw = out.stdout;
+    let field = |h: &[u8], i: usize| {
+        u32::from_str_radix(std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap()
+            as usize
+    };
+    let mut entries = 0;
+    loop {
+        let h = &raw[off..off + 110];
+        assert_eq!(&h[..6], b"070701");
+        assert_eq!(
+            (field(h, 2), field(h, 3), field(h, 5)),
+            (0, 0, 0),
+            "uid, gid, mtime of entry {entries}"
+        );
+        let (size, namesize) = (field(h, 6), field(h, 11));
+        let name = &raw[off + 110..off + 110 + namesize - 1];
+        entries += 1;
+        if name == b"TRAILER!!!" {
+            break;
+        }
+        off = (off + 110 + namesize).div_ceil(4) * 4;
+        off = (off + size).div_ceil(4) * 4;
+    }
+    assert!(entries > 100, "{entries} entries");
+
     let names = listing(&tmp.join("a/initramfs.cpio.gz"));
     for want in [
         "init",
