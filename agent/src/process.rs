@@ -111,6 +111,10 @@ pub struct StartParams {
     /// Keep a pipe to its stdin (fed with `write_stdin`); else it reads /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// A directory to run it in as its root (chroot): a container's root file system. The
+    /// program is looked up in PATH inside it, and `cwd` is inside it (default `/`).
+    #[serde(default)]
+    pub root: Option<String>,
 }
 
 fn bad(msg: impl Into<String>) -> RpcError {
@@ -155,6 +159,16 @@ pub fn resolve_program(program: &str, path: &str, dir: &Path) -> Result<PathBuf,
         .map(|d| Path::new(d).join(program))
         .find(|p| executable(p).is_ok())
         .ok_or_else(|| format!("{}: not found in PATH {}", quote(program), quote(path)))
+}
+
+/// `path` with each absolute entry moved under `root` (relative entries are dropped, as
+/// [`resolve_program`] drops them).
+fn rooted_path(root: &Path, path: &str) -> String {
+    path.split(':')
+        .filter(|d| d.starts_with('/'))
+        .map(|d| root.join(&d[1..]).to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Blocks until a child (`P_PID` `id`, or `P_ALL`) has exited, leaving it unreaped; its pid.
@@ -242,12 +256,34 @@ impl Processes {
                 DEFAULT_PATH
             }
         };
-        let here = std::env::current_dir().map_err(|e| failed(format!("the agent's cwd: {e}")))?;
+        // With a root, paths are checked under it here and used as they are inside it.
+        let root = match &p.root {
+            None => None,
+            Some(r) if r.contains(['\0', ':']) => {
+                return Err(bad(format!("root {} holds a NUL byte or ':'", quote(r))))
+            }
+            Some(r) if !r.starts_with('/') => {
+                return Err(bad(format!("root {} is not an absolute path", quote(r))))
+            }
+            Some(r) => match std::fs::metadata(r) {
+                Ok(m) if m.is_dir() => Some(PathBuf::from(r)),
+                Ok(_) => return Err(failed(format!("root {}: not a directory", quote(r)))),
+                Err(e) => return Err(failed(format!("root {}: {e}", quote(r)))),
+            },
+        };
+        let under = |p: &Path| match &root {
+            Some(r) => r.join(p.strip_prefix("/").unwrap_or(p)),
+            None => p.to_path_buf(),
+        };
+        let here = match root {
+            Some(_) => PathBuf::from("/"),
+            None => std::env::current_dir().map_err(|e| failed(format!("the agent's cwd: {e}")))?,
+        };
         let dir = match &p.cwd {
             Some(d) if d.contains('\0') => return Err(bad("cwd holds a NUL byte")),
             Some(d) => {
                 let dir = here.join(d);
-                match std::fs::metadata(&dir) {
+                match std::fs::metadata(under(&dir)) {
                     Ok(m) if m.is_dir() => dir,
                     Ok(_) => return Err(failed(format!("cwd {}: not a directory", quote(d)))),
                     Err(e) => return Err(failed(format!("cwd {}: {e}", quote(d)))),
@@ -257,7 +293,15 @@ impl Processes {
         };
         // Resolved here, so that the spawn itself should not fail: a failed exec makes std
         // wait for the child, which as PID 1 is the reaper's business.
-        let exe = resolve_program(program, path, &dir).map_err(failed)?;
+        let exe = match &root {
+            None => resolve_program(program, path, &dir).map_err(failed)?,
+            Some(r) => {
+                let inside = resolve_program(program, &rooted_path(r, path), &under(&dir))
+                    .map_err(|e| failed(format!("in root {}: {e}", r.display())))?;
+                // Back to the path as the process sees it after the chroot.
+                Path::new("/").join(inside.strip_prefix(r).unwrap_or(&inside))
+            }
+        };
         let mut cmd = Command::new(&exe);
         cmd.arg0(program)
             .args(&p.argv[1..])
@@ -270,9 +314,31 @@ impl Processes {
             .stderr(Stdio::piped())
             .env_clear()
             .envs(env)
-            .current_dir(&dir)
             // Its own process group, so that a signal for it reaches what it starts too.
             .process_group(0);
+        match &root {
+            None => {
+                cmd.current_dir(&dir);
+            }
+            Some(r) => {
+                let c = |p: &Path| {
+                    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()))
+                        .map_err(|_| bad("a path holds a NUL byte"))
+                };
+                let (croot, cdir) = (c(r)?, c(&dir)?);
+                // SAFETY: the closure runs in the child between fork and exec and only calls
+                // chroot(2) and chdir(2), which are async-signal-safe, on C strings made before
+                // the fork.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::chroot(croot.as_ptr()) != 0 || libc::chdir(cdir.as_ptr()) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+        }
 
         // Reserve the slot, spawn without the lock, then enter the child in the table.
         {

@@ -506,3 +506,46 @@ fn the_binary_says_ready_once_its_socket_listens() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn a_process_runs_in_a_root_of_its_own() {
+    let mut h = Host::start();
+    // A minimal root: static busybox as /bin/busybox and /bin/sh, and an empty /work.
+    let root = std::env::temp_dir().join(format!("torii-agent-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("work")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    std::fs::write(root.join("work/marker"), "inside\n").unwrap();
+    let r = root.to_str().unwrap();
+    let (out, err, exit) = h.run_with(
+        json!({"argv": ["sh", "-c", "pwd; /bin/busybox cat marker; /bin/busybox ls /"], "root": r, "cwd": "/work",
+               "env": ["PATH=/bin"]}),
+        None,
+    );
+    assert_eq!(exit["exit_code"], 0, "{err}");
+    // Its / is the root given: only what was put there.
+    assert_eq!(out, "/work\ninside\nbin\nwork\n");
+    // The program is looked up inside the root, not on the host.
+    let e = h.call_err(
+        "start_process",
+        json!({"argv": ["ip", "link"], "root": r, "env": ["PATH=/bin:/sbin:/usr/bin"]}),
+    );
+    assert_eq!(e["code"], "failed");
+    assert!(e["message"].as_str().unwrap().contains("not found"), "{e}");
+    // A relative root, one that is not there, a cwd outside what exists in it.
+    let e = h.call_err("start_process", json!({"argv": ["sh"], "root": "rel"}));
+    assert_eq!(e["code"], "bad_params");
+    let e = h.call_err(
+        "start_process",
+        json!({"argv": ["sh"], "root": "/nonexistent-root"}),
+    );
+    assert_eq!(e["code"], "failed");
+    let e = h.call_err(
+        "start_process",
+        json!({"argv": ["sh"], "root": r, "cwd": "/tmp"}),
+    );
+    assert_eq!(e["code"], "failed");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -140,10 +140,13 @@ impl Host {
 
     /// Runs argv to its end: (stdout, stderr, exit).
     pub fn run(&mut self, argv: &[&str], stdin: Option<&[u8]>) -> (String, String, Value) {
-        let p = self.call(
-            "start_process",
-            json!({"argv": argv, "stdin": stdin.is_some()}),
-        );
+        self.run_with(json!({ "argv": argv }), stdin)
+    }
+
+    /// [`Host::run`] with any `start_process` parameters (`stdin` is set from `stdin`).
+    pub fn run_with(&mut self, mut params: Value, stdin: Option<&[u8]>) -> (String, String, Value) {
+        params["stdin"] = json!(stdin.is_some());
+        let p = self.call("start_process", params);
         let name = p["process"].as_str().unwrap().to_string();
         if let Some(data) = stdin {
             self.call(
