@@ -1,5 +1,5 @@
 //! The host's disks: a virtio-blk disk found by its serial or its PCI address (or a device
-//! path), waited for, and mounted where the host says; and unmounted.
+//! path), waited for, and mounted where the host says (`unmount` is in [`crate::filesystems`]).
 
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
@@ -46,13 +46,6 @@ pub struct MountBlock {
 
 fn ext4() -> String {
     "ext4".into()
-}
-
-/// `unmount` parameters.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Unmount {
-    pub target: String,
 }
 
 fn bad(msg: impl Into<String>) -> RpcError {
@@ -177,34 +170,6 @@ pub fn resolve(src: &Source, roots: &Roots) -> Result<PathBuf, RpcError> {
     }
 }
 
-/// mount(8)'s generic options as mount(2) flags, and what is left for the file system.
-pub fn mount_options(options: &str, read_only: bool) -> (libc::c_ulong, String) {
-    let mut flags: libc::c_ulong = 0;
-    let mut data = Vec::new();
-    for o in options.split(',').filter(|o| !o.is_empty()) {
-        match o {
-            "ro" => flags |= libc::MS_RDONLY,
-            "rw" => flags &= !libc::MS_RDONLY,
-            "nosuid" => flags |= libc::MS_NOSUID,
-            "nodev" => flags |= libc::MS_NODEV,
-            "noexec" => flags |= libc::MS_NOEXEC,
-            "sync" => flags |= libc::MS_SYNCHRONOUS,
-            "dirsync" => flags |= libc::MS_DIRSYNC,
-            "noatime" => flags |= libc::MS_NOATIME,
-            "nodiratime" => flags |= libc::MS_NODIRATIME,
-            "relatime" => flags |= libc::MS_RELATIME,
-            "strictatime" => flags |= libc::MS_STRICTATIME,
-            "lazytime" => flags |= libc::MS_LAZYTIME,
-            "defaults" | "suid" | "dev" | "exec" | "async" | "atime" => {}
-            other => data.push(other),
-        }
-    }
-    if read_only {
-        flags |= libc::MS_RDONLY;
-    }
-    (flags, data.join(","))
-}
-
 /// `mount_block`.
 pub fn mount_block(m: MountBlock, roots: &Roots) -> Result<Value, RpcError> {
     let target = absolute("target", &m.target)?;
@@ -223,7 +188,15 @@ pub fn mount_block(m: MountBlock, roots: &Roots) -> Result<Value, RpcError> {
     if m.options.contains('\0') {
         return Err(bad("options hold a NUL byte"));
     }
-    let (flags, data) = mount_options(&m.options, m.read_only);
+    let o = mounts::parse_options([m.options.as_str()]);
+    if o.flags & libc::MS_BIND != 0 || !o.propagation.is_empty() {
+        return Err(bad(format!(
+            "options {}: bind and propagation options are for `mount`",
+            quote(&m.options)
+        )));
+    }
+    let flags = o.flags | if m.read_only { libc::MS_RDONLY } else { 0 };
+    let data = o.data;
     let device = resolve(&m.source, roots)?;
     let answer = json!({ "device": device, "target": m.target });
     std::fs::create_dir_all(target)
@@ -249,21 +222,6 @@ pub fn mount_block(m: MountBlock, roots: &Roots) -> Result<Value, RpcError> {
         ))
     })?;
     Ok(answer)
-}
-
-/// `unmount`.
-pub fn unmount(u: Unmount) -> Result<Value, RpcError> {
-    let target = absolute("target", &u.target)?;
-    match mounts::umount(target) {
-        Ok(()) => Ok(json!({})),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {
-            Err(RpcError::new(
-                "not_found",
-                format!("nothing is mounted at {}", quote(&u.target)),
-            ))
-        }
-        Err(e) => Err(failed(format!("unmounting {}: {e}", quote(&u.target)))),
-    }
 }
 
 #[cfg(test)]
@@ -362,21 +320,14 @@ mod tests {
                 "{t} {f}"
             );
         }
-        assert_eq!(
-            unmount(Unmount {
-                target: "relative".into()
-            })
-            .unwrap_err()
-            .code,
-            "bad_params"
-        );
-    }
-
-    #[test]
-    fn generic_options_become_flags() {
-        let (f, d) = mount_options("noatime,data=ordered,nodev,,errors=remount-ro", true);
-        assert_eq!(f, libc::MS_NOATIME | libc::MS_NODEV | libc::MS_RDONLY);
-        assert_eq!(d, "data=ordered,errors=remount-ro");
-        assert_eq!(mount_options("ro,rw,defaults", false), (0, String::new()));
+        for o in ["noatime,bind", "rbind", "shared"] {
+            let mut b = m("/mnt", "ext4");
+            b.options = o.into();
+            assert_eq!(
+                mount_block(b, &roots).unwrap_err().code,
+                "bad_params",
+                "{o}"
+            );
+        }
     }
 }

@@ -8,12 +8,14 @@
 //! - [`process`]: processes with streamed output, stdin, wait and signals; reaping as PID 1.
 //! - [`net`]: the guest's interfaces, routes and neighbours, through rtnetlink.
 //! - [`block`]: the host's disks, found by serial or PCI address, mounted.
+//! - [`filesystems`]: kernel file systems and binds in containers' roots; unmounting trees.
 //! - [`hugepages`]: the huge page pool and hugetlbfs.
 //! - [`system`]: guest metrics.
 //! - [`init`]: what PID 1 does first (mounts, kernel modules) and last (power off).
-//! - [`mounts`]: mount(2) and the mount table.
+//! - [`mounts`]: mount(2), mount options, paths inside a root, and the mount table.
 
 pub mod block;
+pub mod filesystems;
 pub mod hugepages;
 pub mod init;
 pub mod mounts;

@@ -18,7 +18,7 @@ use crate::process::{Emit, Processes, StartParams};
 use crate::protocol::{
     answer, encode, quote, read_frame, write_frame, FrameError, Request, RpcError,
 };
-use crate::{block, hugepages, net, system};
+use crate::{block, filesystems, hugepages, net, system};
 
 /// Requests handled at once on one connection; more are answered `busy`.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -137,7 +137,8 @@ pub fn handle(agent: &Agent, method: &str, p: Value, emit: &Emit) -> Result<Valu
         "update_routes" => net::update_routes(params(p)?),
         "add_arp_neighbors" => net::add_arp_neighbors(params(p)?),
         "mount_block" => block::mount_block(params(p)?, &agent.roots),
-        "unmount" => block::unmount(params(p)?),
+        "mount" => filesystems::mount(params(p)?),
+        "unmount" => filesystems::unmount(params(p)?, &agent.roots),
         "setup_hugepages" => hugepages::setup(params(p)?, &agent.roots),
         "shutdown" if agent.init => {
             // After the answer has gone out.

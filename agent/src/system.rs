@@ -54,6 +54,15 @@ pub fn interface_counters(text: &str) -> Map<String, Value> {
     m
 }
 
+/// /proc/vmstat's `oom_kill`: processes the kernel's OOM killer has killed since boot.
+pub fn oom_kills(vmstat: &str) -> u64 {
+    vmstat
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The `metrics` answer.
 pub fn metrics() -> Result<Value, RpcError> {
     let mem = kib_fields(
@@ -65,6 +74,7 @@ pub fn metrics() -> Result<Value, RpcError> {
         "memory": mem,
         "agent": me,
         "interfaces": interface_counters(&read("/proc/net/dev")?),
+        "oom_kills": oom_kills(&read("/proc/vmstat")?),
         "loadavg": read("/proc/loadavg")?.split_whitespace().take(3).collect::<Vec<_>>(),
     }))
 }
@@ -81,5 +91,11 @@ mod tests {
         assert_eq!(m["eth0"]["tx_dropped"], 4);
         assert_eq!(m["lo"]["tx_bytes"], 100);
         assert!(interface_counters("garbage\n\nx: 1 2\n").is_empty());
+    }
+
+    #[test]
+    fn oom_kills_parse() {
+        assert_eq!(oom_kills("pgfault 10\noom_kill 3\nx 1\n"), 3);
+        assert_eq!(oom_kills("pgfault 10\n"), 0);
     }
 }

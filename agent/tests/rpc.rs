@@ -549,3 +549,336 @@ fn a_process_runs_in_a_root_of_its_own() {
     assert_eq!(e["code"], "failed");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The agent's binary in a mount namespace of its own, private (nothing it mounts reaches the
+/// host, and all of it goes with the process), serving on a Unix socket; killed on drop.
+struct Isolated {
+    child: std::process::Child,
+    _dir: TempDir,
+}
+
+impl Drop for Isolated {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Isolated {
+    /// The agent in a mount namespace of its own (the tests run as root: scripts/test).
+    fn start(tag: &str) -> (Isolated, Host) {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let dir = TempDir::new(tag);
+        let path = dir.0.join("agent.sock");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_torii-agent"));
+        cmd.arg("--unix")
+            .arg(&path)
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: between fork and exec the child only calls unshare(2) and mount(2), which
+        // are async-signal-safe, with static C strings.
+        unsafe {
+            cmd.pre_exec(|| {
+                let private = libc::MS_REC | libc::MS_PRIVATE;
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        c"none".as_ptr(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        private,
+                        std::ptr::null(),
+                    ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("the agent in a mount namespace of its own (run as root): {e}")
+        });
+        let mut line = String::new();
+        std::io::BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "torii-agent: ready\n");
+        let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let h = Host::connect(s, std::thread::spawn(|| Ok(())));
+        (Isolated { child, _dir: dir }, h)
+    }
+
+    /// The agent's mounts at or below `dir`: (mount point, fstype, mount options, super
+    /// options), in the order of its /proc/PID/mountinfo.
+    fn mounts(&self, dir: &std::path::Path) -> Vec<(String, String, String, String)> {
+        let dir = dir.to_str().unwrap();
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", self.child.id()))
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let (a, b) = l.split_once(" - ")?;
+                let a: Vec<&str> = a.split(' ').collect();
+                let b: Vec<&str> = b.split(' ').collect();
+                let point = a[4];
+                (point == dir || point.starts_with(&format!("{dir}/"))).then(|| {
+                    (
+                        point.to_string(),
+                        b[0].to_string(),
+                        a[5].to_string(),
+                        b.get(2).unwrap_or(&"").to_string(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// `path` as the agent sees it (through its mount namespace).
+    fn seen(&self, path: &std::path::Path) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!("/proc/{}/root{}", self.child.id(), path.display()))
+    }
+}
+
+#[test]
+fn kernel_file_systems_and_binds_are_mounted_in_a_root_and_taken_down_together() {
+    let (agent, mut h) = Isolated::start("mounts");
+    let d = TempDir::new("mount-root");
+    let top = std::fs::canonicalize(&d.0).unwrap();
+    let rootfs = top.join("rootfs");
+    let src = top.join("src");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::create_dir_all(rootfs.join("run")).unwrap();
+    std::fs::create_dir_all(rootfs.join("var")).unwrap();
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello"), "hi\n").unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static");
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    // As in many images: /var/run is a symlink to /run.
+    std::os::unix::fs::symlink("/run", rootfs.join("var/run")).unwrap();
+    let (r, s) = (rootfs.to_str().unwrap(), src.to_str().unwrap());
+
+    // The root file system is a mount of its own (as `mount_block` makes it): here a bind of
+    // itself.
+    let a = h.call("mount", json!({"source": r, "target": r, "fstype": "bind"}));
+    assert_eq!(a, json!({"target": r}));
+    // The OCI spec's mounts: the target given whole, or inside `root`.
+    let proc_target = format!("{r}/proc");
+    let a = h.call(
+        "mount",
+        json!({"source": "proc", "target": proc_target, "fstype": "proc",
+               "options": ["nosuid", "noexec", "nodev"]}),
+    );
+    assert_eq!(a, json!({"target": proc_target}));
+    for (source, target, fstype, options) in [
+        (
+            "tmpfs",
+            "/dev",
+            "tmpfs",
+            json!(["nosuid", "strictatime", "mode=755", "size=65536k"]),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            json!([
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+                "gid=5"
+            ]),
+        ),
+        (
+            "shm",
+            "/dev/shm",
+            "tmpfs",
+            json!(["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+        ),
+        (
+            "mqueue",
+            "/dev/mqueue",
+            "mqueue",
+            json!(["nosuid", "noexec", "nodev"]),
+        ),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            json!(["nosuid", "noexec", "nodev", "ro"]),
+        ),
+        (s, "/data", "none", json!(["rbind", "ro", "rprivate"])),
+    ] {
+        let a = h.call(
+            "mount",
+            json!({"source": source, "target": target, "fstype": fstype, "options": options, "root": r}),
+        );
+        assert_eq!(a, json!({"target": format!("{r}{target}")}));
+    }
+    // A file bound on a file: the target is made as an empty file.
+    let hello = src.join("hello");
+    h.call(
+        "mount",
+        json!({"source": hello, "target": "/etc/hostname", "fstype": "bind",
+               "options": ["bind", "ro"], "root": r}),
+    );
+    // Through the image's symlink, inside the root: not the agent's own /run.
+    let a = h.call(
+        "mount",
+        json!({"source": "tmpfs", "target": "/var/run/secrets", "fstype": "tmpfs", "root": r}),
+    );
+    assert_eq!(a, json!({"target": format!("{r}/run/secrets")}));
+
+    let m = agent.mounts(&top);
+    let find = |p: &str| {
+        m.iter()
+            .find(|x| x.0 == format!("{r}{p}"))
+            .unwrap_or_else(|| panic!("{p} is not mounted: {m:?}"))
+            .clone()
+    };
+    let (_, fstype, opts, _) = find("/proc");
+    assert_eq!(fstype, "proc");
+    assert!(opts.contains("nosuid,nodev,noexec"), "{opts}");
+    let (_, fstype, _, sup) = find("/dev");
+    assert_eq!(fstype, "tmpfs");
+    assert!(
+        sup.contains("size=65536k") && sup.contains("mode=755"),
+        "{sup}"
+    );
+    let (_, fstype, _, sup) = find("/dev/pts");
+    assert_eq!(fstype, "devpts");
+    assert!(
+        sup.contains("gid=5") && sup.contains("ptmxmode=666"),
+        "{sup}"
+    );
+    assert_eq!(find("/dev/shm").1, "tmpfs");
+    assert_eq!(find("/dev/mqueue").1, "mqueue");
+    let (_, fstype, opts, _) = find("/sys");
+    assert!(
+        fstype == "sysfs" && opts.starts_with("ro,"),
+        "{fstype} {opts}"
+    );
+    // The binds are read-only: the remount after the bind made them so.
+    let (_, _, opts, _) = find("/data");
+    assert!(opts.starts_with("ro,"), "{opts}");
+    assert!(find("/etc/hostname").2.starts_with("ro,"));
+    assert_eq!(find("/run/secrets").1, "tmpfs");
+    assert_eq!(m.len(), 10, "{m:?}");
+    let e = std::fs::write(agent.seen(&rootfs.join("data/new")), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    assert!(!src.join("new").exists());
+    // A process in the root sees them.
+    let (out, err, exit) = h.run_with(
+        json!({"argv": ["sh", "-c", "cat /etc/hostname /data/hello; ls /dev/pts; test -d /proc/self/fd && echo proc"],
+               "root": r, "env": ["PATH=/bin"]}),
+        None,
+    );
+    assert_eq!(exit["exit_code"], 0, "{err}");
+    assert_eq!(out, "hi\nhi\nptmx\nproc\n");
+
+    // Checked before anything is done: nothing made for a request refused.
+    for (params, code) in [
+        (
+            json!({"source": "x", "target": "/never", "fstype": "ext4", "root": r}),
+            "bad_params",
+        ),
+        (
+            json!({"source": "proc", "target": "/x/../never", "fstype": "proc", "root": r}),
+            "bad_params",
+        ),
+        (
+            json!({"source": "proc", "target": "never", "fstype": "proc", "root": r}),
+            "bad_params",
+        ),
+        (
+            json!({"source": s, "target": "/never", "fstype": "none", "root": r}),
+            "bad_params",
+        ),
+        (
+            json!({"source": format!("{s}/nope"), "target": "/never", "fstype": "bind", "root": r}),
+            "not_found",
+        ),
+    ] {
+        let e = h.call_err("mount", params.clone());
+        assert_eq!(e["code"], code, "{params}: {e}");
+    }
+    assert!(!agent.seen(&rootfs.join("never")).exists());
+    // The kernel's refusal, with its reason.
+    let e = h.call_err(
+        "mount",
+        json!({"source": "tmpfs", "target": "/bad", "fstype": "tmpfs", "options": ["size=lots"], "root": r}),
+    );
+    assert_eq!(e["code"], "failed");
+    assert!(
+        e["message"].as_str().unwrap().contains("Invalid argument"),
+        "{e}"
+    );
+    // Without mkdir, a missing target is not made.
+    let e = h.call_err(
+        "mount",
+        json!({"source": "tmpfs", "target": "/missing", "fstype": "tmpfs", "mkdir": false, "root": r}),
+    );
+    assert_eq!(e["code"], "failed");
+
+    // /dev has mounts on it: alone, it is busy.
+    let dev = format!("{r}/dev");
+    let e = h.call_err("unmount", json!({"target": dev}));
+    assert_eq!(e["code"], "failed", "{e}");
+    // Another tmpfs on top of /dev hides what is mounted on the first: those come out after
+    // it.
+    h.call(
+        "mount",
+        json!({"source": "tmpfs", "target": "/dev", "fstype": "tmpfs", "root": r}),
+    );
+    assert_eq!(agent.mounts(&top).len(), 11);
+    // The whole tree, deepest first.
+    assert_eq!(
+        h.call("unmount", json!({"target": r, "recursive": true})),
+        json!({})
+    );
+    assert_eq!(agent.mounts(&top), vec![]);
+    for recursive in [true, false] {
+        let e = h.call_err("unmount", json!({"target": r, "recursive": recursive}));
+        assert_eq!(e["code"], "not_found", "{e}");
+    }
+    let e = h.call_err(
+        "unmount",
+        json!({"target": format!("{r}/nope"), "recursive": true}),
+    );
+    assert_eq!(e["code"], "not_found", "{e}");
+}
+
+#[test]
+fn a_busy_tree_is_detached() {
+    let (agent, mut h) = Isolated::start("detach");
+    let d = TempDir::new("detach-root");
+    let top = std::fs::canonicalize(&d.0).unwrap();
+    let rootfs = top.join("rootfs");
+    let r = rootfs.to_str().unwrap();
+    // The root: a tmpfs, which busybox is put in through the agent's view.
+    h.call(
+        "mount",
+        json!({"source": "tmpfs", "target": r, "fstype": "tmpfs"}),
+    );
+    std::fs::create_dir_all(agent.seen(&rootfs.join("bin"))).unwrap();
+    std::fs::copy("/bin/busybox", agent.seen(&rootfs.join("bin/busybox"))).expect("busybox-static");
+    h.call(
+        "mount",
+        json!({"source": "proc", "target": "/proc", "fstype": "proc", "root": r}),
+    );
+    // A process working in the root keeps it busy.
+    let p = h.call(
+        "start_process",
+        json!({"argv": ["/bin/busybox", "sleep", "30"], "root": r, "cwd": "/proc"}),
+    );
+    let name = p["process"].as_str().unwrap().to_string();
+    let e = h.call_err("unmount", json!({"target": r, "recursive": true}));
+    assert_eq!(e["code"], "failed", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("busy"), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("left"), "{e}");
+    h.call(
+        "unmount",
+        json!({"target": r, "recursive": true, "detach": true}),
+    );
+    assert_eq!(agent.mounts(&top), vec![]);
+    h.call("kill_process", json!({"process": name, "signal": 9}));
+    h.call("wait_process", json!({"process": name}));
+}
