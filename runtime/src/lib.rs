@@ -16,5 +16,6 @@ pub mod http;
 pub mod image;
 pub mod pod;
 pub mod qemu;
+pub mod shim;
 pub mod spec;
 pub mod vmm;

@@ -177,6 +177,11 @@ impl Pod {
         &self.agent
     }
 
+    /// The agent connection, to share with threads that outlive a borrow of the pod.
+    pub fn agent_handle(&self) -> Arc<AgentClient> {
+        self.agent.clone()
+    }
+
     pub fn vmm_pid(&self) -> u32 {
         self.vm.pid()
     }
@@ -367,7 +372,7 @@ impl Pod {
 }
 
 /// Copies host input to a guest process's stdin, then closes it.
-fn pump_stdin(agent: &AgentClient, id: &str, mut input: Box<dyn Read + Send>) {
+pub(crate) fn pump_stdin(agent: &AgentClient, id: &str, mut input: Box<dyn Read + Send>) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = match input.read(&mut buf) {

@@ -347,7 +347,16 @@ impl Hypervisor for Qemu {
         cmd.args(args(sb, &paths));
         let mut proc = VmmProcess::spawn(cmd, &paths.log, sb.netns.as_deref())?;
         proc.wait_socket(&paths.qmp, Duration::from_secs(20))?;
-        let mut qmp = Qmp::connect(&paths.qmp, Duration::from_secs(10))?;
+        let mut qmp = match Qmp::connect(&paths.qmp, Duration::from_secs(10)) {
+            Ok(q) => q,
+            Err(_) if proc.wait_exit(Duration::from_millis(500)) => {
+                return Err(VmmError::Launch(format!(
+                    "QEMU exited while starting:\n{}",
+                    proc.log_tail()
+                )))
+            }
+            Err(e) => return Err(e),
+        };
         if !sb.vm.pin.is_empty() {
             let threads = qmp.vcpu_threads()?;
             if threads.len() != sb.vm.pin.len() {

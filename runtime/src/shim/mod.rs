@@ -1,0 +1,126 @@
+//! `containerd-shim-torii-v2`: containerd's shim v2 for Torii pod VMs.
+//!
+//! containerd runs `containerd-shim-torii-v2 start` for each container; the first container of
+//! a sandbox (grouped by the `io.kubernetes.cri.sandbox-id` annotation) starts a shim server,
+//! later ones get its address. The server answers the Task API v2 over ttrpc
+//! ([`service::Service`]); `delete` cleans up after a shim that died. See docs/containerd.md.
+
+pub mod config;
+pub mod io;
+pub mod oci;
+pub mod rootfs;
+pub mod service;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{api, Config, ExitSignal, Flags, StartOpts};
+
+use config::{ShimConfig, SANDBOX_ID};
+
+/// The runtime's name: `ctr run --runtime io.containerd.torii.v2`.
+pub const RUNTIME: &str = "io.containerd.torii.v2";
+
+struct Shim {
+    namespace: String,
+    id: String,
+    exit: Arc<ExitSignal>,
+}
+
+/// The sandbox of the container whose bundle is `bundle`.
+fn sandbox_of(bundle: &Path, id: &str) -> Result<String, String> {
+    let spec = oci::Spec::load(bundle)?;
+    let sandbox = spec.annotations.get(SANDBOX_ID).cloned();
+    let sandbox = sandbox.unwrap_or_else(|| id.to_string());
+    service::check_id(SANDBOX_ID, &sandbox)?;
+    Ok(sandbox)
+}
+
+fn shim_err(e: impl std::fmt::Display) -> containerd_shim::Error {
+    containerd_shim::Error::Other(e.to_string())
+}
+
+impl containerd_shim::Shim for Shim {
+    type T = service::Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Shim {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
+        // containerd runs `start` in the container's bundle.
+        let grouping = sandbox_of(Path::new("."), &opts.id).map_err(shim_err)?;
+        let (_, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        containerd_shim::util::write_address(&address)?;
+        Ok(address)
+    }
+
+    /// After a shim died: what it left of this container on the host goes.
+    fn delete_shim(&mut self) -> Result<api::DeleteResponse, containerd_shim::Error> {
+        let bundle = Path::new(".");
+        let root = oci::Spec::load(bundle)
+            .map(|s| s.root_path(bundle))
+            .unwrap_or_else(|_| bundle.join("rootfs"));
+        if let Err(e) = rootfs::unmount(&root) {
+            containerd_shim::warn!("{e}");
+        }
+        if let (Ok(cfg), Ok(sandbox)) = (ShimConfig::load(), sandbox_of(bundle, &self.id)) {
+            let dir = cfg.state_dir.join(sandbox);
+            for ext in ["img", "sock", "log"] {
+                let _ = std::fs::remove_file(dir.join(format!("{}.{ext}", self.id)));
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(api::DeleteResponse {
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: containerd_shim_protos::protobuf::MessageField::some(
+                containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp {
+                    seconds: now.as_secs() as i64,
+                    nanos: now.subsec_nanos() as i32,
+                    ..Default::default()
+                },
+            ),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let sandbox = sandbox_of(Path::new("."), &self.id).unwrap_or_else(|_| self.id.clone());
+        service::Service::new(&self.namespace, &sandbox, publisher, self.exit.clone())
+    }
+}
+
+/// The binary's entry point.
+pub fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args
+        .iter()
+        .any(|a| a == "-v" || a == "--version" || a == "-version")
+    {
+        println!(
+            "containerd-shim-torii-v2:\n  Runtime: {RUNTIME}\n  Version: {}",
+            env!("CARGO_PKG_VERSION")
+        );
+        return;
+    }
+    let config = Config {
+        // The shim reaps its own children (the VMM, the disk backends): a reaper of every
+        // child would take their exits from under them.
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    containerd_shim::run::<Shim>(RUNTIME, Some(config));
+}
