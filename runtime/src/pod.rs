@@ -15,7 +15,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::agent::{AgentClient, AgentError, Output};
-use crate::spec::{Sandbox, SpecError};
+use crate::spec::{check_backend_socket, free_disk_slot, Disk, DiskSpec, Sandbox, SpecError};
 use crate::vmm::{hypervisor, Vm, VmmError};
 
 /// Where pods keep their sockets and logs: `<RUN_DIR>/<name>/`.
@@ -239,19 +239,71 @@ impl Pod {
             )?;
         }
         for d in &sb.disks {
-            let Some(target) = &d.mount else { continue };
-            self.call(
-                "mount_block",
-                json!({
-                    "source": { "pci": d.guest_pci() },
-                    "target": target,
-                    "fstype": d.fstype,
-                    "options": d.options,
-                    "read_only": d.read_only,
-                }),
-                &format!("disk at {target}"),
-            )?;
+            self.mount_disk(d)?;
         }
+        Ok(())
+    }
+
+    /// Hot-plugs the vhost-user-blk disk `spec` (its backend listening) into the first free
+    /// disk slot and, when it has a mount point, mounts it in the guest. On failure nothing of
+    /// it is left in the VM.
+    pub fn add_disk(&mut self, spec: &DiskSpec) -> Result<Disk, PodError> {
+        let taken: Vec<u8> = self.sandbox.disks.iter().map(|d| d.slot).collect();
+        let slot = free_disk_slot(&taken)
+            .ok_or_else(|| PodError::Other(format!("no free disk slot ({} disks)", taken.len())))?;
+        let disk = spec
+            .resolve(slot)
+            .map_err(|e| PodError::Other(format!("disk{e}")))?;
+        check_backend_socket(&disk.socket)?;
+        self.vm.add_disk(&disk)?;
+        if let Err(e) = self.mount_disk(&disk) {
+            if let Err(u) = self.vm.remove_disk(&disk) {
+                return Err(PodError::Other(format!("{e}; and unplugging it: {u}")));
+            }
+            return Err(e);
+        }
+        self.sandbox.disks.push(disk.clone());
+        Ok(disk)
+    }
+
+    /// Unmounts disk `disk` in the guest (when it was mounted) and hot-unplugs it.
+    pub fn remove_disk(&mut self, disk: &Disk) -> Result<(), PodError> {
+        let i = self
+            .sandbox
+            .disks
+            .iter()
+            .position(|d| d.slot == disk.slot)
+            .ok_or_else(|| PodError::Other(format!("no disk in slot {:#04x}", disk.slot)))?;
+        if let Some(target) = &disk.mount {
+            match self
+                .agent
+                .call("unmount", json!({ "target": target }), CALL_TIMEOUT)
+            {
+                Ok(_) => {}
+                Err(AgentError::Rpc(e)) if e.code == "not_found" => {}
+                Err(e) => return Err(agent_err(format!("unmounting {target}"))(e)),
+            }
+        }
+        self.vm.remove_disk(disk)?;
+        self.sandbox.disks.remove(i);
+        Ok(())
+    }
+
+    fn mount_disk(&self, d: &Disk) -> Result<(), PodError> {
+        let Some(target) = &d.mount else {
+            return Ok(());
+        };
+        self.call(
+            "mount_block",
+            json!({
+                "source": { "pci": d.guest_pci() },
+                "target": target,
+                "fstype": d.fstype,
+                "options": d.options,
+                "read_only": d.read_only,
+            }),
+            &format!("disk at {target}"),
+        )?;
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::spec::{Accel, Backend, HypervisorKind, Sandbox, AGENT_SLOT};
+use crate::spec::{Accel, Backend, Disk, HypervisorKind, Sandbox, AGENT_SLOT};
 use crate::vmm::{
     connect_unix, find_binary, io_err, pin_thread, Hypervisor, Vm, VmmError, VmmProcess,
 };
@@ -232,20 +232,30 @@ pub fn args(sb: &Sandbox, paths: &Paths) -> Vec<String> {
         a.push("-device".into());
         a.push(dev);
     }
-    for (i, d) in sb.disks.iter().enumerate() {
+    for d in &sb.disks {
+        let (chardev, device) = disk_ids(d);
         a.push("-chardev".into());
         a.push(format!(
-            "socket,id=dc{i},path={},reconnect-ms=1000",
+            "socket,id={chardev},path={},reconnect-ms=1000",
             q(&d.socket)
         ));
         a.push("-device".into());
         a.push(format!(
-            "vhost-user-blk-pci,chardev=dc{i},num-queues={},addr={:#04x}",
+            "vhost-user-blk-pci,id={device},chardev={chardev},num-queues={},addr={:#04x}",
             d.queues, d.slot
         ));
     }
     a
 }
+
+/// The QEMU ids of a disk's chardev and device, named by its slot: the same whether it was
+/// given at launch or hot-plugged, so either can be removed.
+fn disk_ids(d: &Disk) -> (String, String) {
+    (format!("dc{:02x}", d.slot), format!("disk{:02x}", d.slot))
+}
+
+/// How long the guest may take to let go of an unplugged disk (ACPI eject, under TCG).
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A QMP connection: the greeting read, capabilities negotiated.
 pub struct Qmp {
@@ -300,6 +310,46 @@ impl Qmp {
             }
             if let Some(e) = v.get("error") {
                 return Err(VmmError::Api(format!("QMP {cmd}: {}", e["desc"])));
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for event `name` whose data matches `data` (its other fields
+    /// aside); other events are passed over.
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        data: &Value,
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(VmmError::Api(format!(
+                    "QMP: no {name} {data} within {timeout:?}"
+                )));
+            }
+            self.w.set_read_timeout(Some(left)).map_err(io_err("QMP"))?;
+            let v = match self.read() {
+                Ok(v) => v,
+                Err(VmmError::Io { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            let matches = data
+                .as_object()
+                .into_iter()
+                .flatten()
+                .all(|(k, want)| &v["data"][k] == want);
+            if v["event"] == name && matches {
+                return Ok(());
             }
         }
     }
@@ -414,6 +464,50 @@ impl Vm for QemuVm {
 
     fn console_tail(&mut self) -> String {
         self.console.tail(20)
+    }
+
+    fn add_disk(&mut self, d: &Disk) -> Result<(), VmmError> {
+        let (chardev, device) = disk_ids(d);
+        let mut qmp = Qmp::connect(&self.paths.qmp, Duration::from_secs(10))?;
+        qmp.execute(
+            "chardev-add",
+            json!({
+                "id": chardev,
+                "backend": { "type": "socket", "data": {
+                    "addr": { "type": "unix", "data": { "path": d.socket } },
+                    "server": false,
+                    "reconnect-ms": 1000,
+                }},
+            }),
+        )?;
+        let r = qmp.execute(
+            "device_add",
+            json!({
+                "driver": "vhost-user-blk-pci",
+                "id": device,
+                "chardev": chardev,
+                "num-queues": d.queues,
+                "addr": format!("{:#04x}", d.slot),
+            }),
+        );
+        if let Err(e) = r {
+            let _ = qmp.execute("chardev-remove", json!({ "id": chardev }));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn remove_disk(&mut self, d: &Disk) -> Result<(), VmmError> {
+        let (chardev, device) = disk_ids(d);
+        let mut qmp = Qmp::connect(&self.paths.qmp, Duration::from_secs(10))?;
+        qmp.execute("device_del", json!({ "id": device }))?;
+        qmp.wait_event(
+            "DEVICE_DELETED",
+            &json!({ "device": device }),
+            UNPLUG_TIMEOUT,
+        )?;
+        qmp.execute("chardev-remove", json!({ "id": chardev }))?;
+        Ok(())
     }
 }
 

@@ -190,6 +190,45 @@ pub struct DiskSpec {
     pub read_only: bool,
 }
 
+impl DiskSpec {
+    /// The disk in guest PCI slot `slot`, checked (errors start with the field: `.queues: …`).
+    pub fn resolve(&self, slot: u8) -> Result<Disk, String> {
+        if self.queues == 0 || self.queues > 64 {
+            return Err(format!(".queues: {} is not in 1..=64", self.queues));
+        }
+        if let Some(m) = &self.mount {
+            if !m.starts_with('/') || m.contains('\0') || m.split('/').any(|c| c == "..") {
+                return Err(format!(".mount: {m:?} is not an absolute path"));
+            }
+        }
+        if self.fstype.is_empty() || !self.fstype.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(format!(
+                ".fstype: {:?} is not a file system type",
+                self.fstype
+            ));
+        }
+        Ok(Disk {
+            socket: self.socket.clone(),
+            queues: self.queues,
+            mount: self.mount.clone(),
+            fstype: self.fstype.clone(),
+            options: self.options.clone(),
+            read_only: self.read_only,
+            slot,
+        })
+    }
+}
+
+/// The first disk slot none of `taken` holds.
+pub fn free_disk_slot(taken: &[u8]) -> Option<u8> {
+    DISK_SLOTS.clone().find(|s| !taken.contains(s))
+}
+
+/// Checks that a vhost-user backend serves `socket`.
+pub fn check_backend_socket(socket: &Path) -> Result<(), SpecError> {
+    check_socket(socket).map_err(SpecError)
+}
+
 fn one() -> u16 {
     1
 }
@@ -407,29 +446,10 @@ impl SandboxSpec {
                 .clone()
                 .nth(i)
                 .ok_or_else(|| SpecError(format!("{what}: at most {} disks", DISK_SLOTS.len())))?;
-            if d.queues == 0 || d.queues > 64 {
-                return err(format!("{what}.queues: {} is not in 1..=64", d.queues));
-            }
-            if let Some(m) = &d.mount {
-                if !m.starts_with('/') || m.contains('\0') || m.split('/').any(|c| c == "..") {
-                    return err(format!("{what}.mount: {m:?} is not an absolute path"));
-                }
-            }
-            if d.fstype.is_empty() || !d.fstype.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                return err(format!(
-                    "{what}.fstype: {:?} is not a file system type",
-                    d.fstype
-                ));
-            }
-            disks.push(Disk {
-                socket: d.socket.clone(),
-                queues: d.queues,
-                mount: d.mount.clone(),
-                fstype: d.fstype.clone(),
-                options: d.options.clone(),
-                read_only: d.read_only,
-                slot,
-            });
+            disks.push(
+                d.resolve(slot)
+                    .map_err(|e| SpecError(format!("{what}{e}")))?,
+            );
         }
         for (i, n) in self.neighbors.iter().enumerate() {
             n.ip.parse::<IpAddr>()

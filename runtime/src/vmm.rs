@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::spec::{HypervisorKind, Sandbox};
+use crate::spec::{Disk, HypervisorKind, Sandbox};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -52,6 +52,21 @@ pub trait Vm: Send {
     fn wait_exit(&mut self, timeout: Duration) -> bool;
     /// The end of the guest's console output (bounded), for error messages.
     fn console_tail(&mut self) -> String;
+    /// Hot-plugs vhost-user-blk disk `disk` into its slot (its backend listens already).
+    fn add_disk(&mut self, disk: &Disk) -> Result<(), VmmError> {
+        let _ = disk;
+        Err(VmmError::Launch(
+            "this hypervisor cannot hot-plug vhost-user-blk disks here".into(),
+        ))
+    }
+    /// Hot-unplugs `disk` (hot-plugged or given at launch): returns once the guest has let go
+    /// of it and the VMM has removed it.
+    fn remove_disk(&mut self, disk: &Disk) -> Result<(), VmmError> {
+        let _ = disk;
+        Err(VmmError::Launch(
+            "this hypervisor cannot hot-unplug vhost-user-blk disks here".into(),
+        ))
+    }
 }
 
 /// The hypervisor of `kind`.

@@ -19,17 +19,13 @@ pub fn mount(mounts: &[Mount], target: &Path) -> Result<bool, String> {
         [] => Ok(false),
         [m] => {
             std::fs::create_dir_all(target).map_err(|e| format!("{}: {e}", target.display()))?;
-            let fstype = (!m.type_.is_empty()).then_some(m.type_.as_str());
-            let source = (!m.source.is_empty()).then_some(m.source.as_str());
-            containerd_shim::mount::mount_rootfs(fstype, source, &m.options, target).map_err(
-                |e| {
-                    format!(
-                        "mounting the rootfs ({}) at {}: {e}",
-                        m.type_,
-                        target.display()
-                    )
-                },
-            )?;
+            mount_one(m, target).map_err(|e| {
+                format!(
+                    "mounting the rootfs ({}) at {}: {e}",
+                    m.type_,
+                    target.display()
+                )
+            })?;
             Ok(true)
         }
         _ => Err(format!(
@@ -37,6 +33,96 @@ pub fn mount(mounts: &[Mount], target: &Path) -> Result<bool, String> {
             mounts.len()
         )),
     }
+}
+
+/// Flags of containerd's mount options; the others are the file system's data.
+fn mount_flag(o: &str) -> Option<(libc::c_ulong, bool)> {
+    Some(match o {
+        "ro" => (libc::MS_RDONLY, true),
+        "rw" => (libc::MS_RDONLY, false),
+        "nosuid" => (libc::MS_NOSUID, true),
+        "nodev" => (libc::MS_NODEV, true),
+        "noexec" => (libc::MS_NOEXEC, true),
+        "noatime" => (libc::MS_NOATIME, true),
+        "relatime" => (libc::MS_RELATIME, true),
+        "bind" => (libc::MS_BIND, true),
+        "rbind" => (libc::MS_BIND | libc::MS_REC, true),
+        _ => return None,
+    })
+}
+
+/// mount(2) of one containerd mount (an overlay's layers, or a bind of a folder). Done here
+/// rather than by the containerd-shim crate, whose helper forks and waits through a reaper
+/// this shim does not run.
+fn mount_one(m: &Mount, target: &Path) -> Result<(), String> {
+    use std::ffi::CString;
+    let mut flags: libc::c_ulong = 0;
+    let mut data = Vec::new();
+    for o in &m.options {
+        match mount_flag(o) {
+            Some((f, true)) => flags |= f,
+            Some((f, false)) => flags &= !f,
+            None => data.push(o.as_str()),
+        }
+    }
+    let data = data.join(",");
+    // The kernel takes one page of options; an overlay of very many layers needs more.
+    if data.len() >= 4096 {
+        return Err(format!(
+            "{} bytes of mount options (at most 4095)",
+            data.len()
+        ));
+    }
+    let c = |s: &str| CString::new(s).map_err(|_| format!("NUL in {s:?}"));
+    let source = c(if m.source.is_empty() {
+        "none"
+    } else {
+        &m.source
+    })?;
+    let fstype = c(if m.type_.is_empty() || m.type_ == "bind" {
+        "none"
+    } else {
+        &m.type_
+    })?;
+    let target_c = CString::new(target.as_os_str().as_bytes()).map_err(|_| "NUL in the target")?;
+    let data_c = c(&data)?;
+    let ro_bind = flags & libc::MS_BIND != 0 && flags & libc::MS_RDONLY != 0;
+    let first = if ro_bind {
+        flags & !libc::MS_RDONLY
+    } else {
+        flags
+    };
+    let data_p = if data.is_empty() {
+        std::ptr::null()
+    } else {
+        data_c.as_ptr().cast()
+    };
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target_c.as_ptr(),
+            fstype.as_ptr(),
+            first,
+            data_p,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    if ro_bind {
+        // A bind is read-only only through a remount.
+        let remount = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+        let none = std::ptr::null();
+        // SAFETY: as above, with no source, type or data.
+        let r = unsafe { libc::mount(none, target_c.as_ptr(), none, remount, std::ptr::null()) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            let _ = unmount(target);
+            return Err(format!("read-only remount: {e}"));
+        }
+    }
+    Ok(())
 }
 
 /// Unmounts `target` (lazily when busy).

@@ -1086,17 +1086,3 @@ fn metrics(m: &Value) -> containerd_shim_protos::cgroups::metrics::Metrics {
         ..Default::default()
     }
 }
-
-// TEMPORARY until Pod gains hot-plug.
-trait PodDisks {
-    fn add_disk(&mut self, _: &DiskSpec) -> Result<Disk, String>;
-    fn remove_disk(&mut self, _: &Disk) -> Result<(), String>;
-}
-impl PodDisks for Pod {
-    fn add_disk(&mut self, _: &DiskSpec) -> Result<Disk, String> {
-        Err("hot-plug: not yet".into())
-    }
-    fn remove_disk(&mut self, _: &Disk) -> Result<(), String> {
-        Err("hot-plug: not yet".into())
-    }
-}

@@ -1,0 +1,521 @@
+//! containerd-shim-torii-v2 under a real containerd (Debian's 1.6, started by each test with
+//! its own configuration, root, state and sockets): a busybox OCI image built here and
+//! imported, containers run in pod VMs (QEMU TCG, the image scripts/image builds), their
+//! output, exit codes, execs, signals, states, sandboxes shared by two containers, the NFV
+//! annotations, and nothing left behind afterwards. Needs root, containerd, QEMU 10 and the
+//! image (scripts/setup, scripts/test).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use torii_perf::proc_util::{self, ChildGuard, TmpDir};
+
+const RUNTIME: &str = "io.containerd.torii.v2";
+const IMAGE: &str = "docker.io/torii/busybox:test";
+const NAMESPACE: &str = "torii-test";
+
+fn image_dir() -> PathBuf {
+    let dir = std::env::var_os("TORII_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/torii-image"));
+    assert!(
+        dir.join("initramfs.cpio.gz").is_file() && dir.join("vmlinuz").is_file(),
+        "no pod VM image in {}: build it with scripts/image (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A binary of this workspace's build.
+fn bin(name: &str) -> PathBuf {
+    let b = Path::new(env!("CARGO_BIN_EXE_containerd-shim-torii-v2"))
+        .parent()
+        .map(|d| d.join(name))
+        .expect("target directory");
+    assert!(
+        b.is_file(),
+        "{} is missing: build it first (cargo build --workspace, or run scripts/test)",
+        b.display()
+    );
+    b
+}
+
+/// A containerd of the test's own, its shims configured to boot Torii pod VMs.
+struct Containerd {
+    dir: TmpDir,
+    _daemon: ChildGuard,
+}
+
+impl Containerd {
+    fn start(tag: &str) -> Containerd {
+        torii_perf::prereq::require_root().expect("prerequisite");
+        torii_perf::prereq::require_qemu().expect("prerequisite");
+        for b in ["containerd", "ctr"] {
+            torii_perf::prereq::require_binary(b, "apt-get install containerd (scripts/setup)")
+                .expect("prerequisite");
+        }
+        let image = image_dir();
+        let dir = proc_util::unique_tmp_dir(&format!("torii-cd-{tag}")).unwrap();
+        let d = dir.path().display().to_string();
+        std::fs::write(
+            dir.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
+                 [debug]\n  level = \"debug\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("shim.toml"),
+            format!(
+                "kernel = \"{}\"\ninitramfs = \"{}\"\nvcpus = 1\nmemory_mib = 384\n\
+                 blk_backend = \"{}\"\nstate_dir = \"{d}/shim\"\n\
+                 [sandbox.vm]\naccel = \"tcg\"\n",
+                image.join("vmlinuz").display(),
+                image.join("initramfs.cpio.gz").display(),
+                bin("torii-vhost-user-blk").display(),
+            ),
+        )
+        .unwrap();
+        let shim_dir = bin("containerd-shim-torii-v2")
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(dir.join("config.toml"))
+            .env("PATH", path)
+            .env("TORII_SHIM_CONFIG", dir.join("shim.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        proc_util::die_with_parent(&mut cmd);
+        let daemon = ChildGuard::new(cmd.spawn().expect("containerd"), "containerd");
+        proc_util::wait_for_path(dir.join("containerd.sock"), Duration::from_secs(20))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "containerd did not start: {e}\n{}",
+                    proc_util::file_tail(dir.join("containerd.log"), 20)
+                )
+            });
+        let cd = Containerd {
+            dir,
+            _daemon: daemon,
+        };
+        cd.import_busybox();
+        cd
+    }
+
+    fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(self.dir.join("containerd.sock"))
+            .args(["--namespace", NAMESPACE])
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `ctr ARGS`, within 120 s.
+    fn ctr(&self, args: &[&str]) -> Output {
+        let mut child = self
+            .ctr_cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ctr");
+        let end = Instant::now() + Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > end {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "ctr {args:?} did not end within 120 s: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// `ctr ARGS`, which must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn log_tail(&self) -> String {
+        format!(
+            "containerd log:\n{}",
+            proc_util::file_tail(self.dir.join("containerd.log"), 30)
+        )
+    }
+
+    /// The task's status in `ctr task ls` (None: no task).
+    fn status(&self, id: &str) -> Option<String> {
+        self.ok(&["task", "ls"]).lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&id)).then(|| f.get(2).unwrap_or(&"").to_string())
+        })
+    }
+
+    fn wait_status(&self, id: &str, want: &str) {
+        let ok = proc_util::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            self.status(id).as_deref() == Some(want)
+        });
+        assert!(ok, "{id} is {:?}, not {want}", self.status(id));
+    }
+
+    /// Builds a busybox OCI image layout (one layer: the host's static busybox and its applet
+    /// links), packs it and imports it as [`IMAGE`].
+    fn import_busybox(&self) {
+        let rootfs = self.dir.join("busybox-rootfs");
+        for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "run"] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.is_file())
+            .expect("busybox (apt-get install busybox-static: scripts/setup)");
+        std::fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+        std::fs::set_permissions(
+            rootfs.join("bin/busybox"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        for a in [
+            "sh", "echo", "cat", "sleep", "nproc", "ls", "true", "false", "uname", "mount", "ps",
+            "head", "grep", "wc", "kill", "id", "env", "pwd", "touch", "stat",
+        ] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
+        }
+        let oci = self.dir.join("oci");
+        let blobs = oci.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let layer = self.dir.join("layer.tar");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .args([
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+                "--sort=name",
+                "-cf",
+            ])
+            .arg(&layer)
+            .arg(".")
+            .status()
+            .expect("tar");
+        assert!(st.success());
+        let blob = |data: &[u8]| -> (String, usize) {
+            let digest = format!("{:x}", Sha256::digest(data));
+            std::fs::write(blobs.join(&digest), data).unwrap();
+            (format!("sha256:{digest}"), data.len())
+        };
+        let (layer_digest, layer_size) = blob(&std::fs::read(&layer).unwrap());
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"] },
+            "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
+        });
+        let (config_digest, config_size) = blob(config.to_string().as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest, "size": config_size,
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": layer_digest, "size": layer_size,
+            }],
+        });
+        let (manifest_digest, manifest_size) = blob(manifest.to_string().as_bytes());
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest, "size": manifest_size,
+                "platform": { "architecture": "amd64", "os": "linux" },
+                "annotations": { "io.containerd.image.name": IMAGE },
+            }],
+        });
+        std::fs::write(oci.join("index.json"), index.to_string()).unwrap();
+        std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let tarball = self.dir.join("busybox-oci.tar");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&oci)
+            .arg("-cf")
+            .arg(&tarball)
+            .arg(".")
+            .status()
+            .expect("tar");
+        assert!(st.success());
+        self.ok(&["image", "import", &tarball.display().to_string()]);
+        let images = self.ok(&["image", "ls", "-q"]);
+        assert!(images.lines().any(|l| l == IMAGE), "imported: {images}");
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.join("shim")
+    }
+
+    /// Processes of this test's pods still running: QEMU, the disk backends, the shims.
+    fn leftovers(&self) -> Vec<String> {
+        let mark = self.dir.path().display().to_string();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let ours = [
+                "qemu-system",
+                "torii-vhost-user-blk",
+                "containerd-shim-torii-v2",
+            ]
+            .iter()
+            .any(|p| cmd.split(' ').next().unwrap_or("").contains(p));
+            // A shim's command line names containerd's socket; QEMU's and a backend's name
+            // the shim's state folder.
+            if ours && cmd.contains(&mark) {
+                found.push(cmd);
+            }
+        }
+        found
+    }
+
+    /// Everything of the pods is gone: processes, the shim's folder's content, mounts and
+    /// sockets under this test's folder (containerd's own aside).
+    fn assert_clean(&self) {
+        let gone =
+            proc_util::wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+                self.leftovers().is_empty()
+            });
+        assert!(gone, "left running: {:#?}", self.leftovers());
+        let state: Vec<_> = std::fs::read_dir(self.state_dir())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(state.is_empty(), "left in the shim's folder: {state:?}");
+        let mark = self.dir.path().display().to_string();
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&mark))
+            .map(str::to_string)
+            .collect();
+        assert!(mounts.is_empty(), "left mounted: {mounts:#?}");
+        let sockets: Vec<String> = std::fs::read_to_string("/proc/net/unix")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&mark) && !l.contains("containerd.sock"))
+            .map(str::to_string)
+            .collect();
+        assert!(sockets.is_empty(), "sockets left: {sockets:#?}");
+    }
+}
+
+fn run_args<'a>(id: &'a str, extra: &[&'a str], cmd: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["run", "--runtime", RUNTIME];
+    a.extend_from_slice(extra);
+    a.push(IMAGE);
+    a.push(id);
+    a.extend_from_slice(cmd);
+    a
+}
+
+#[test]
+fn a_container_runs_in_a_pod_vm_and_its_exit_code_comes_back() {
+    let _heavy = torii_perf::heavy_test_lock();
+    let cd = Containerd::start("run");
+    let out = cd.ctr(&run_args("c1", &["--rm"], &["echo", "hello"]));
+    assert!(out.status.success(), "{out:?}\n{}", cd.log_tail());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    // The guest's kernel, not the host's; stderr apart from stdout; the exit code.
+    let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+    let out = cd.ctr(&run_args(
+        "c2",
+        &["--rm"],
+        &["sh", "-c", "uname -r; echo oops >&2; exit 7"],
+    ));
+    assert_eq!(out.status.code(), Some(7), "{out:?}\n{}", cd.log_tail());
+    let guest = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !guest.is_empty() && guest != host,
+        "guest {guest:?}, host {host:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr)
+            .trim_end()
+            .lines()
+            .next_back(),
+        Some("oops")
+    );
+    // stdin reaches the process, and its end closes the process's stdin.
+    let mut child = cd
+        .ctr_cmd(&run_args(
+            "c3",
+            &["--rm"],
+            &["sh", "-c", "wc -l; cat /proc/1/comm"],
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"a\nb\nc\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", cd.log_tail());
+    // The container sees its own /proc: the guest's init is the agent.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "3\ninit\n");
+    // A program that does not exist fails the start, and nothing stays.
+    let out = cd.ctr(&run_args("c4", &["--rm"], &["/bin/nonesuch"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nonesuch"), "{err}");
+    let _ = cd.ctr(&["container", "rm", "c4"]);
+    cd.assert_clean();
+}
+
+#[test]
+fn a_detached_task_takes_execs_and_signals_and_shows_its_state() {
+    let _heavy = torii_perf::heavy_test_lock();
+    let cd = Containerd::start("detached");
+    cd.ok(&run_args("d1", &["-d"], &["sleep", "1000"]));
+    cd.wait_status("d1", "RUNNING");
+    let out = cd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "d1",
+        "sh",
+        "-c",
+        "echo in-vm; ls /; exit 5",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}\n{}", cd.log_tail());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("in-vm\n"), "{stdout}");
+    assert!(
+        stdout.contains("lost+found"),
+        "the root is the container's ext4: {stdout}"
+    );
+    // The task's processes: the sleep and nothing else now.
+    let ps = cd.ok(&["task", "ps", "d1"]);
+    assert_eq!(ps.lines().count(), 2, "{ps}");
+    let metrics = cd.ok(&["task", "metrics", "d1"]);
+    assert!(metrics.contains("memory.usage_in_bytes"), "{metrics}");
+    // Not deletable while it runs; SIGTERM stops it, then it is.
+    let out = cd.ctr(&["task", "delete", "d1"]);
+    assert!(!out.status.success());
+    cd.ok(&["task", "kill", "d1"]);
+    cd.wait_status("d1", "STOPPED");
+    let out = cd.ctr(&["task", "kill", "d1"]);
+    assert!(!out.status.success(), "a stopped task cannot be signalled");
+    cd.ok(&["task", "delete", "d1"]);
+    assert_eq!(cd.status("d1"), None);
+    cd.ok(&["container", "rm", "d1"]);
+    cd.assert_clean();
+}
+
+#[test]
+fn containers_of_one_sandbox_share_its_vm_with_their_own_root_file_systems() {
+    let _heavy = torii_perf::heavy_test_lock();
+    let cd = Containerd::start("sandbox");
+    let group = ["--annotation", "io.kubernetes.cri.sandbox-id=s1"];
+    cd.ok(&run_args(
+        "s1",
+        &[&["-d"][..], &group].concat(),
+        &["sleep", "1000"],
+    ));
+    cd.ok(&run_args(
+        "s1b",
+        &[&["-d"][..], &group].concat(),
+        &["sleep", "1000"],
+    ));
+    cd.wait_status("s1", "RUNNING");
+    cd.wait_status("s1b", "RUNNING");
+    let qemus: Vec<String> = cd
+        .leftovers()
+        .into_iter()
+        .filter(|c| c.contains("qemu-system"))
+        .collect();
+    assert_eq!(qemus.len(), 1, "{qemus:#?}");
+    let exec = |id: &str, script: &str| {
+        let out = cd.ctr(&["task", "exec", "--exec-id", "x", id, "sh", "-c", script]);
+        assert!(out.status.success(), "{out:?}\n{}", cd.log_tail());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let boot = "cat /proc/sys/kernel/random/boot_id";
+    assert_eq!(exec("s1", boot), exec("s1b", boot));
+    exec("s1", "echo mine > /tmp/mark");
+    assert_eq!(exec("s1", "cat /tmp/mark"), "mine\n");
+    assert_eq!(exec("s1b", "ls /tmp"), "");
+    // The second one goes first: its disk is unplugged from the running VM.
+    cd.ok(&["task", "kill", "-s", "KILL", "s1b"]);
+    cd.wait_status("s1b", "STOPPED");
+    cd.ok(&["task", "delete", "s1b"]);
+    cd.ok(&["container", "rm", "s1b"]);
+    assert_eq!(exec("s1", "cat /tmp/mark"), "mine\n");
+    let files: Vec<String> = std::fs::read_dir(cd.state_dir().join("s1"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!files.iter().any(|f| f.starts_with("s1b")), "{files:?}");
+    cd.ok(&["task", "kill", "s1"]);
+    cd.wait_status("s1", "STOPPED");
+    cd.ok(&["task", "delete", "s1"]);
+    cd.ok(&["container", "rm", "s1"]);
+    cd.assert_clean();
+}
+
+#[test]
+fn annotations_size_the_vm_and_bad_ones_are_refused_whole() {
+    let _heavy = torii_perf::heavy_test_lock();
+    let cd = Containerd::start("knobs");
+    let out = cd.ctr(&run_args(
+        "k1",
+        &["--rm", "--annotation", "io.torii.vcpus=2"],
+        &["nproc"],
+    ));
+    assert!(out.status.success(), "{out:?}\n{}", cd.log_tail());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2\n");
+    let out = cd.ctr(&run_args(
+        "k2",
+        &["--rm", "--annotation", "io.torii.vcpu=2"],
+        &["true"],
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown annotation io.torii.vcpu"), "{err}");
+    let _ = cd.ctr(&["container", "rm", "k2"]);
+    cd.assert_clean();
+}
