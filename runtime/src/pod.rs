@@ -82,10 +82,7 @@ impl RunDir {
         flock(&base_lock, libc::LOCK_EX).map_err(io)?;
         if path.exists() {
             // Left by a runtime that died, unless its lock is still held.
-            let held = File::open(path.join("lock"))
-                .map(|f| flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_err())
-                .unwrap_or(false);
-            if held {
+            if pod_alive(base, name) {
                 return Err(PodError::Other(format!(
                     "a pod named {name} is running ({})",
                     path.display()
@@ -101,6 +98,13 @@ impl RunDir {
         flock(&lock, libc::LOCK_EX | libc::LOCK_NB).map_err(io)?;
         Ok(RunDir { path, _lock: lock })
     }
+}
+
+/// Whether pod `name` of `run_dir` runs: the lock its runtime holds for its life is held.
+pub fn pod_alive(run_dir: &Path, name: &str) -> bool {
+    File::open(run_dir.join(name).join("lock"))
+        .map(|f| flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_err())
+        .unwrap_or(false)
 }
 
 impl Drop for RunDir {

@@ -311,33 +311,44 @@ impl Containerd {
         found
     }
 
-    /// Everything of the pods is gone: processes, the shim's folder's content, mounts and
-    /// sockets under this test's folder (containerd's own aside).
-    fn assert_clean(&self) {
-        let gone =
-            proc_util::wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
-                self.leftovers().is_empty()
-            });
-        assert!(gone, "left running: {:#?}", self.leftovers());
-        let state: Vec<_> = std::fs::read_dir(self.state_dir())
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        assert!(state.is_empty(), "left in the shim's folder: {state:?}");
+    /// What of the pods is left: processes, the shim's folder's content, mounts and sockets
+    /// under this test's folder (containerd's own aside).
+    fn left(&self) -> Vec<String> {
+        let mut left = self.leftovers();
+        left.extend(
+            std::fs::read_dir(self.state_dir())
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.path().display().to_string())
+                        .collect()
+                })
+                .unwrap_or_else(|_| Vec::new()),
+        );
         let mark = self.dir.path().display().to_string();
-        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(&mark))
-            .map(str::to_string)
-            .collect();
-        assert!(mounts.is_empty(), "left mounted: {mounts:#?}");
-        let sockets: Vec<String> = std::fs::read_to_string("/proc/net/unix")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(&mark) && !l.contains("containerd.sock"))
-            .map(str::to_string)
-            .collect();
-        assert!(sockets.is_empty(), "sockets left: {sockets:#?}");
+        left.extend(
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(&mark))
+                .map(|l| format!("mount {l}")),
+        );
+        left.extend(
+            std::fs::read_to_string("/proc/net/unix")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(&mark) && !l.contains("containerd.sock"))
+                .map(|l| format!("socket {l}")),
+        );
+        left
+    }
+
+    /// Everything of the pods is gone (processes take a moment to be reaped once stopped).
+    fn assert_clean(&self) {
+        let clean =
+            proc_util::wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+                self.left().is_empty()
+            });
+        assert!(clean, "left behind: {:#?}", self.left());
     }
 }
 
@@ -408,6 +419,9 @@ fn a_container_runs_in_a_pod_vm_and_its_exit_code_comes_back() {
 fn a_detached_task_takes_execs_and_signals_and_shows_its_state() {
     let _heavy = torii_perf::heavy_test_lock();
     let cd = Containerd::start("detached");
+    let events_log = std::fs::File::create(cd.dir.join("events.log")).unwrap();
+    let events = cd.ctr_cmd(&["events"]).stdout(events_log).spawn().unwrap();
+    let mut events = ChildGuard::new(events, "ctr events");
     cd.ok(&run_args("d1", &["-d"], &["sleep", "1000"]));
     cd.wait_status("d1", "RUNNING");
     let out = cd.ctr(&[
@@ -443,6 +457,26 @@ fn a_detached_task_takes_execs_and_signals_and_shows_its_state() {
     assert_eq!(cd.status("d1"), None);
     cd.ok(&["container", "rm", "d1"]);
     cd.assert_clean();
+    // What the shim published, in order for the task and its exec.
+    let _ = events.kill();
+    let log = std::fs::read_to_string(cd.dir.join("events.log")).unwrap();
+    let topics: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
+        .collect();
+    assert_eq!(
+        topics,
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/exit",
+            "/tasks/exit",
+            "/tasks/delete",
+        ],
+        "{log}"
+    );
 }
 
 #[test]
@@ -498,16 +532,79 @@ fn containers_of_one_sandbox_share_its_vm_with_their_own_root_file_systems() {
 }
 
 #[test]
-fn annotations_size_the_vm_and_bad_ones_are_refused_whole() {
+fn annotations_shape_the_vm_and_bad_ones_are_refused_whole() {
     let _heavy = torii_perf::heavy_test_lock();
     let cd = Containerd::start("knobs");
-    let out = cd.ctr(&run_args(
+    // An extra Torii disk: an ext4 image served by a torii-vhost-user-blk of the operator's.
+    let files = cd.dir.join("volume");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("hello"), "from a Torii disk\n").unwrap();
+    let image = cd.dir.join("volume.img");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-d"])
+        .arg(&files)
+        .arg(&image)
+        .arg("16M")
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(st.success());
+    let socket = cd.dir.join("volume.sock");
+    let mut blk = Command::new(bin("torii-vhost-user-blk"));
+    blk.arg("--socket")
+        .arg(&socket)
+        .arg("--file")
+        .arg(&image)
+        .args(["--poll-mode", "event"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    proc_util::die_with_parent(&mut blk);
+    let mut volume = ChildGuard::new(blk.spawn().unwrap(), "torii-vhost-user-blk");
+    proc_util::wait_for_path(&socket, Duration::from_secs(10)).unwrap();
+    let disks = format!("io.torii.disks={}=/data:ro", socket.display());
+    let knobs = [
+        "--annotation",
+        "io.torii.vcpus=2",
+        "--annotation",
+        "io.torii.pin=0,1",
+        "--annotation",
+        "io.torii.hugepages=true",
+        "--annotation",
+        &disks,
+    ];
+    cd.ok(&run_args(
         "k1",
-        &["--rm", "--annotation", "io.torii.vcpus=2"],
-        &["nproc"],
+        &[&["-d"][..], &knobs].concat(),
+        &["sleep", "1000"],
     ));
+    cd.wait_status("k1", "RUNNING");
+    let out = cd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "x",
+        "k1",
+        "sh",
+        "-c",
+        "nproc; cat /data/hello",
+    ]);
     assert!(out.status.success(), "{out:?}\n{}", cd.log_tail());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "2\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2\nfrom a Torii disk\n"
+    );
+    let qemu = cd
+        .leftovers()
+        .into_iter()
+        .find(|c| c.contains("qemu-system"));
+    let qemu = qemu.expect("the sandbox's QEMU");
+    assert!(qemu.contains("hugetlb=on"), "{qemu}");
+    cd.ok(&["task", "kill", "-s", "KILL", "k1"]);
+    cd.wait_status("k1", "STOPPED");
+    cd.ok(&["task", "delete", "k1"]);
+    cd.ok(&["container", "rm", "k1"]);
+    // The operator's backend is not the shim's to stop.
+    assert!(volume.is_running());
+    drop(volume);
     let out = cd.ctr(&run_args(
         "k2",
         &["--rm", "--annotation", "io.torii.vcpu=2"],
@@ -517,5 +614,100 @@ fn annotations_size_the_vm_and_bad_ones_are_refused_whole() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown annotation io.torii.vcpu"), "{err}");
     let _ = cd.ctr(&["container", "rm", "k2"]);
+    cd.assert_clean();
+}
+
+#[test]
+fn the_shim_tells_its_version_and_the_kubernetes_snippet_is_containerds() {
+    let out = Command::new(bin("containerd-shim-torii-v2"))
+        .arg("-v")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        v.contains(RUNTIME) && v.contains(env!("CARGO_PKG_VERSION")),
+        "{v}"
+    );
+    // The RuntimeClass's handler, as containerd reads runtime/k8s/containerd-torii.toml.
+    torii_perf::prereq::require_binary("containerd", "apt-get install containerd (scripts/setup)")
+        .expect("prerequisite");
+    let dir = proc_util::unique_tmp_dir("torii-cd-snippet").unwrap();
+    let snippet = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/containerd-torii.toml"),
+    )
+    .unwrap();
+    let d = dir.path().display();
+    std::fs::write(
+        dir.join("config.toml"),
+        format!("version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n{snippet}"),
+    )
+    .unwrap();
+    let out = Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .args(["config", "dump"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let dump = String::from_utf8_lossy(&out.stdout);
+    let torii = dump
+        .split("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.torii]")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no torii runtime in:\n{dump}"));
+    let torii = torii.split("\n  [").next().unwrap_or("");
+    assert!(
+        torii.contains("runtime_type = \"io.containerd.torii.v2\""),
+        "{torii}"
+    );
+    assert!(
+        torii.contains("pod_annotations = [\"io.torii.*\"]"),
+        "{torii}"
+    );
+    let rc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/runtimeclass.yaml"),
+    )
+    .unwrap();
+    assert!(rc.contains("handler: torii"), "{rc}");
+}
+
+#[test]
+fn a_shim_that_dies_takes_its_vm_with_it_and_containerd_cleans_up_after_it() {
+    let _heavy = torii_perf::heavy_test_lock();
+    let cd = Containerd::start("crash");
+    cd.ok(&run_args("x1", &["-d"], &["sleep", "1000"]));
+    cd.wait_status("x1", "RUNNING");
+    let shim = cd
+        .leftovers()
+        .into_iter()
+        .filter(|c| c.contains("containerd-shim-torii-v2"))
+        .count();
+    assert_eq!(shim, 1);
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let mark = cd.dir.path().display().to_string();
+            (cmd.starts_with(&bin("containerd-shim-torii-v2").display().to_string())
+                && cmd.contains(&mark))
+            .then(|| e.file_name().to_string_lossy().parse().ok())?
+        })
+        .collect();
+    assert_eq!(pids.len(), 1);
+    // SAFETY: kill(2) on a process of this test's.
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+    // containerd sees the shim go, runs `containerd-shim-torii-v2 delete` and drops the task.
+    let gone = proc_util::wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        cd.status("x1").is_none()
+    });
+    assert!(gone, "x1 is {:?}\n{}", cd.status("x1"), cd.log_tail());
+    cd.ok(&["container", "rm", "x1"]);
+    // The VM and the rootfs backend went with the shim; `delete` removed its files.
+    let left = proc_util::wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        cd.leftovers().is_empty()
+    });
+    assert!(left, "{:#?}", cd.leftovers());
     cd.assert_clean();
 }

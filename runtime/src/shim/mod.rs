@@ -70,11 +70,16 @@ impl containerd_shim::Shim for Shim {
             containerd_shim::warn!("{e}");
         }
         if let (Ok(cfg), Ok(sandbox)) = (ShimConfig::load(), sandbox_of(bundle, &self.id)) {
-            let dir = cfg.state_dir.join(sandbox);
-            for ext in ["img", "sock", "log"] {
-                let _ = std::fs::remove_file(dir.join(format!("{}.{ext}", self.id)));
+            let dir = cfg.state_dir.join(&sandbox);
+            if crate::pod::pod_alive(&dir, &sandbox) {
+                // The sandbox's VM still runs (another shim serves it): only this one's files.
+                for ext in ["img", "sock", "log"] {
+                    let _ = std::fs::remove_file(dir.join(format!("{}.{ext}", self.id)));
+                }
+            } else {
+                // Its VM went with the shim: so does everything of the sandbox.
+                let _ = std::fs::remove_dir_all(&dir);
             }
-            let _ = std::fs::remove_dir(&dir);
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -139,6 +139,9 @@ struct Vm {
     pod: Mutex<Pod>,
     agent: Arc<AgentClient>,
     stdio: Supervisor,
+    /// Where the sandbox's own disks (configuration, `io.torii.disks`) are mounted in the
+    /// guest: bound at the same place in each container.
+    volumes: Vec<String>,
 }
 
 #[derive(Default)]
@@ -427,7 +430,9 @@ impl Inner {
             init,
             execs: HashMap::new(),
         };
-        if let Err(e) = mount_oci(&vm.agent, &c.guest_root, &spec.mounts) {
+        let mounted = mount_oci(&vm.agent, &c.guest_root, &spec.mounts)
+            .and_then(|()| bind_volumes(&vm.agent, &c.guest_root, &vm.volumes));
+        if let Err(e) = mounted {
             let last = lock(&self.state).containers.is_empty();
             self.remove(&vm, &mut c);
             if last {
@@ -465,6 +470,7 @@ impl Inner {
         let mut sb = cfg
             .sandbox_spec(&self.sandbox, &spec.annotations)
             .map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        let volumes = sb.disks.iter().filter_map(|d| d.mount.clone()).collect();
         sb.disks.push(rootfs);
         let sb = sb
             .resolve(&torii_vfio::pci::Sysfs::default())
@@ -484,6 +490,7 @@ impl Inner {
             pod: Mutex::new(pod),
             agent,
             stdio,
+            volumes,
         }))
     }
 
@@ -509,7 +516,9 @@ impl Inner {
         let Some(vm) = slot.take() else { return };
         match Arc::try_unwrap(vm) {
             Ok(vm) => {
-                let Vm { pod, stdio, agent } = vm;
+                let Vm {
+                    pod, stdio, agent, ..
+                } = vm;
                 let pod = pod.into_inner().unwrap_or_else(|e| e.into_inner());
                 if let Err(e) = pod.stop(STOP_TIMEOUT) {
                     containerd_shim::warn!("stopping the sandbox VM: {e}");
@@ -756,6 +765,23 @@ fn mount_oci(agent: &AgentClient, root: &str, mounts: &[oci::Mount]) -> Result<(
         agent
             .call("mount", params, CALL_TIMEOUT)
             .map_err(|e| format!("mounting {} in the guest: {e}", m.destination))?;
+    }
+    Ok(())
+}
+
+/// Binds the sandbox's disks, mounted in the guest, at the same paths in a container's root.
+fn bind_volumes(agent: &AgentClient, root: &str, volumes: &[String]) -> Result<(), String> {
+    for v in volumes {
+        let params = json!({
+            "source": v,
+            "target": v,
+            "root": root,
+            "fstype": "bind",
+            "options": ["rbind", "rprivate"],
+        });
+        agent
+            .call("mount", params, CALL_TIMEOUT)
+            .map_err(|e| format!("binding the sandbox's disk {v} in the container: {e}"))?;
     }
     Ok(())
 }
