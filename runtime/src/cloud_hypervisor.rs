@@ -7,12 +7,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::http::{self, Request};
-use crate::spec::{Backend, HypervisorKind, Sandbox};
+use crate::spec::{Backend, Disk, HypervisorKind, Sandbox};
 use crate::vmm::{find_binary, Hypervisor, Vm, VmmError, VmmProcess};
 
 pub struct CloudHypervisor;
@@ -97,22 +97,7 @@ pub fn vm_config(sb: &Sandbox, paths: &Paths) -> Result<Value, VmmError> {
         }
         net.push(v);
     }
-    let disks: Vec<Value> = sb
-        .disks
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            json!({
-                "id": format!("disk{i}"),
-                "vhost_user": true,
-                "vhost_socket": d.socket,
-                // At most one queue per boot vCPU (`TooManyQueues`).
-                "num_queues": u32::from(d.queues).min(vm.vcpus),
-                "queue_size": 128,
-                "readonly": d.read_only,
-            })
-        })
-        .collect();
+    let disks: Vec<Value> = sb.disks.iter().map(|d| disk_config(d, vm.vcpus)).collect();
     let mut c = json!({
         "cpus": cpus,
         "memory": memory,
@@ -145,6 +130,54 @@ pub fn boot_requests(sb: &Sandbox, paths: &Paths) -> Result<Vec<Request>, VmmErr
     ])
 }
 
+/// The id of a disk's device, named by its slot: the same at boot and hot-plugged, so either
+/// can be removed.
+pub fn disk_id(d: &Disk) -> String {
+    format!("disk{:02x}", d.slot)
+}
+
+/// The `DiskConfig` of vhost-user-blk disk `d` in a VM of `vcpus` boot vCPUs: in its guest PCI
+/// slot (`pci_device_id`), where the agent looks for it.
+pub fn disk_config(d: &Disk, vcpus: u32) -> Value {
+    json!({
+        "id": disk_id(d),
+        "vhost_user": true,
+        "vhost_socket": d.socket,
+        // At most one queue per boot vCPU (`TooManyQueues`).
+        "num_queues": u32::from(d.queues).min(vcpus),
+        "queue_size": 128,
+        "readonly": d.read_only,
+        "pci_device_id": d.slot,
+    })
+}
+
+/// The request that hot-plugs disk `d` into the running VM of `vcpus` boot vCPUs (answered
+/// with its `PciDeviceInfo`).
+pub fn add_disk_request(d: &Disk, vcpus: u32) -> Request {
+    Request::put("/api/v1/vm.add-disk", Some(disk_config(d, vcpus)))
+}
+
+/// The request that unplugs disk `d`: Cloud Hypervisor asks the guest to eject it (ACPI) and
+/// answers at once; the device leaves the device tree when the guest has let go of it.
+pub fn remove_disk_request(d: &Disk) -> Request {
+    Request::put(
+        "/api/v1/vm.remove-device",
+        Some(json!({ "id": disk_id(d) })),
+    )
+}
+
+/// The request for the VM's `VmInfo` (its configuration and device tree).
+pub fn info_request() -> Request {
+    Request {
+        method: "GET",
+        path: "/api/v1/vm.info".into(),
+        body: None,
+    }
+}
+
+/// How long the guest may take to let go of an unplugged disk.
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The request that ends the VMM.
 pub fn shutdown_request() -> Request {
     Request::put("/api/v1/vmm.shutdown", None)
@@ -159,6 +192,8 @@ pub(crate) struct RestVm {
     port: u32,
     stop: Request,
     console: PathBuf,
+    kind: HypervisorKind,
+    vcpus: u32,
 }
 
 impl RestVm {
@@ -184,6 +219,8 @@ impl RestVm {
             port: sb.agent.vsock_port,
             stop,
             console,
+            kind: sb.hypervisor,
+            vcpus: sb.vm.vcpus,
         })
     }
 }
@@ -221,6 +258,64 @@ impl Vm for RestVm {
 
     fn console_tail(&mut self) -> String {
         crate::vmm::file_tail(&self.console, 20)
+    }
+
+    fn add_disk(&mut self, d: &Disk) -> Result<(), VmmError> {
+        if self.kind != HypervisorKind::CloudHypervisor {
+            return Err(crate::firecracker::no_hotplug());
+        }
+        http::send(
+            &self.paths.api,
+            &add_disk_request(d, self.vcpus),
+            Duration::from_secs(30),
+        )?;
+        Ok(())
+    }
+
+    fn remove_disk(&mut self, d: &Disk) -> Result<(), VmmError> {
+        if self.kind != HypervisorKind::CloudHypervisor {
+            return Err(crate::firecracker::no_hotplug());
+        }
+        let id = disk_id(d);
+        let (mut present, configured) = self.device_state(&id)?;
+        // Configured: not asked yet (asked, it is out of the configuration but still in the
+        // device tree until the guest ejects it).
+        if present && configured {
+            http::send(
+                &self.paths.api,
+                &remove_disk_request(d),
+                Duration::from_secs(30),
+            )?;
+        }
+        let end = Instant::now() + UNPLUG_TIMEOUT;
+        while present {
+            if Instant::now() >= end {
+                return Err(VmmError::Api(format!(
+                    "vm.remove-device {id}: the guest did not eject the disk in slot {:#04x} \
+                     within {UNPLUG_TIMEOUT:?}",
+                    d.slot
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            present = self.device_state(&id)?.0;
+        }
+        Ok(())
+    }
+}
+
+impl RestVm {
+    /// Whether device `id` is in the VM's device tree, and whether in its disk configuration.
+    fn device_state(&self, id: &str) -> Result<(bool, bool), VmmError> {
+        let body = http::send(&self.paths.api, &info_request(), Duration::from_secs(30))?;
+        let info: Value = serde_json::from_str(&body)
+            .map_err(|e| VmmError::Api(format!("GET /api/v1/vm.info: {e}")))?;
+        let present = info["device_tree"].get(id).is_some();
+        let configured = info["config"]["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|d| d["id"] == id);
+        Ok((present, configured))
     }
 }
 

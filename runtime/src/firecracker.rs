@@ -99,6 +99,16 @@ pub fn boot_requests(sb: &Sandbox, paths: &Paths) -> Result<Vec<Request>, VmmErr
     Ok(r)
 }
 
+/// What a disk hot-plug on Firecracker answers: drives are described before `InstanceStart`
+/// only (`PUT /drives/{id}` is pre-boot only; a vhost-user drive cannot be updated either).
+pub fn no_hotplug() -> VmmError {
+    VmmError::Launch(
+        "Firecracker cannot hot-plug vhost-user-blk disks: its drives are given before the VM \
+         starts"
+            .into(),
+    )
+}
+
 /// The request that asks the guest to stop (Ctrl-Alt-Del: the only power request for x86).
 pub fn stop_request() -> Request {
     Request::put("/actions", Some(json!({ "action_type": "SendCtrlAltDel" })))

@@ -22,6 +22,8 @@ use crate::vmm::{hypervisor, Vm, VmmError};
 pub const RUN_DIR: &str = "/run/torii/vms";
 /// How long an agent call that configures the guest may take (TCG is slow).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a hot-plugged disk may take to show in the guest.
+const HOTPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 /// Output taken while waiting for `start_process`'s answer, at most.
 const MAX_EARLY_OUTPUT: usize = 16 << 20;
 
@@ -248,20 +250,28 @@ impl Pod {
         Ok(())
     }
 
-    /// Hot-plugs the vhost-user-blk disk `spec` (its backend listening) into the first free
-    /// disk slot and, when it has a mount point, mounts it in the guest. On failure nothing of
-    /// it is left in the VM.
+    /// Hot-plugs vhost-user-blk disk `spec` into the first free disk slot (the slots of the
+    /// disks in `sandbox.disks` are taken) and, when it has a mount point, mounts it in the
+    /// guest. Its backend must listen. On failure nothing of it is left in the VM (or, if it
+    /// could not be unplugged again, it is in `sandbox.disks`, as attached).
     pub fn add_disk(&mut self, spec: &DiskSpec) -> Result<Disk, PodError> {
         let taken: Vec<u8> = self.sandbox.disks.iter().map(|d| d.slot).collect();
-        let slot = free_disk_slot(&taken)
-            .ok_or_else(|| PodError::Other(format!("no free disk slot ({} disks)", taken.len())))?;
+        let slot = free_disk_slot(&taken).ok_or_else(|| {
+            PodError::Other(format!("no free disk slot: {} disks attached", taken.len()))
+        })?;
         let disk = spec
             .resolve(slot)
-            .map_err(|e| PodError::Other(format!("disk{e}")))?;
+            .map_err(|e| PodError::Spec(SpecError(format!("disk{e}"))))?;
         check_backend_socket(&disk.socket)?;
-        self.vm.add_disk(&disk)?;
-        if let Err(e) = self.mount_disk(&disk) {
+        self.vm.add_disk(&disk).map_err(|e| {
+            PodError::Other(format!(
+                "hot-plugging the disk of {} into slot {slot:#04x}: {e}",
+                disk.socket.display()
+            ))
+        })?;
+        if let Err(e) = self.mount_new_disk(&disk) {
             if let Err(u) = self.vm.remove_disk(&disk) {
+                self.sandbox.disks.push(disk);
                 return Err(PodError::Other(format!("{e}; and unplugging it: {u}")));
             }
             return Err(e);
@@ -270,25 +280,42 @@ impl Pod {
         Ok(disk)
     }
 
-    /// Unmounts disk `disk` in the guest (when it was mounted) and hot-unplugs it.
+    /// Unmounts disk `disk` in the guest (what is mounted at or below its mount point, when it
+    /// has one; nothing mounted is fine) and hot-unplugs it, whether hot-plugged or given at
+    /// start. Its processes must be gone: a busy mount is an error, and the disk stays.
     pub fn remove_disk(&mut self, disk: &Disk) -> Result<(), PodError> {
         let i = self
             .sandbox
             .disks
             .iter()
-            .position(|d| d.slot == disk.slot)
-            .ok_or_else(|| PodError::Other(format!("no disk in slot {:#04x}", disk.slot)))?;
+            .position(|d| d.slot == disk.slot && d.socket == disk.socket)
+            .ok_or_else(|| {
+                PodError::Other(format!(
+                    "no disk of {} in slot {:#04x}",
+                    disk.socket.display(),
+                    disk.slot
+                ))
+            })?;
+        // As it was attached (the caller's copy may differ in what it mounts).
+        let disk = self.sandbox.disks[i].clone();
         if let Some(target) = &disk.mount {
-            match self
-                .agent
-                .call("unmount", json!({ "target": target }), CALL_TIMEOUT)
-            {
+            match self.agent.call(
+                "unmount",
+                json!({ "target": target, "recursive": true }),
+                CALL_TIMEOUT,
+            ) {
                 Ok(_) => {}
                 Err(AgentError::Rpc(e)) if e.code == "not_found" => {}
                 Err(e) => return Err(agent_err(format!("unmounting {target}"))(e)),
             }
         }
-        self.vm.remove_disk(disk)?;
+        self.vm.remove_disk(&disk).map_err(|e| {
+            PodError::Other(format!(
+                "unplugging the disk of {} from slot {:#04x}: {e}",
+                disk.socket.display(),
+                disk.slot
+            ))
+        })?;
         self.sandbox.disks.remove(i);
         Ok(())
     }
@@ -309,6 +336,21 @@ impl Pod {
             &format!("disk at {target}"),
         )?;
         Ok(())
+    }
+
+    /// Mounts a disk just hot-plugged: the guest finds it when it has handled the hot-plug
+    /// event, which under TCG may take longer than the agent waits for a device (5 s).
+    fn mount_new_disk(&self, d: &Disk) -> Result<(), PodError> {
+        let end = Instant::now() + HOTPLUG_TIMEOUT;
+        loop {
+            match self.mount_disk(d) {
+                Err(PodError::Agent {
+                    source: AgentError::Rpc(e),
+                    ..
+                }) if e.code == "not_found" && Instant::now() < end => {}
+                r => return r,
+            }
+        }
     }
 
     /// Runs `argv` in the guest; its output goes to `out` as it comes. `stdin`, when given, is

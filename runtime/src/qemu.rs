@@ -1,11 +1,12 @@
 //! QEMU: the command line of a sandbox, and QMP (the machine protocol on a Unix socket) to pin
 //! vCPUs and stop the VM. TCG where there is no hardware virtualisation, KVM where there is.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -256,14 +257,34 @@ fn disk_ids(d: &Disk) -> (String, String) {
 
 /// How long the guest may take to let go of an unplugged disk (ACPI eject, under TCG).
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long QEMU may take to answer a QMP command (a hot-plug includes the vhost-user
+/// handshake with the disk's backend).
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events kept while waiting for answers, at most (the latest).
+const QMP_EVENTS_KEPT: usize = 64;
 
-/// A QMP connection: the greeting read, capabilities negotiated.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// A QMP connection: the greeting read, capabilities negotiated. Commands carry an id, so an
+/// answer to a command given up on is never taken for another's; events read meanwhile are
+/// kept for [`Qmp::wait_event`].
 pub struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
+    timeout: Duration,
+    next_id: u64,
+    events: VecDeque<Value>,
+    /// What has been read of a line when a read timed out.
+    line: String,
 }
 
 impl Qmp {
+    /// Connects to QMP at `path`; each command may take `timeout` to be answered.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, VmmError> {
         let s = connect_unix(path, timeout).map_err(io_err(format!("QMP {}", path.display())))?;
         s.set_read_timeout(Some(timeout)).map_err(io_err("QMP"))?;
@@ -271,6 +292,10 @@ impl Qmp {
         let mut qmp = Qmp {
             r: BufReader::new(s),
             w,
+            timeout,
+            next_id: 0,
+            events: VecDeque::new(),
+            line: String::new(),
         };
         let greeting = qmp.read()?;
         if greeting.get("QMP").is_none() {
@@ -281,77 +306,128 @@ impl Qmp {
     }
 
     fn read(&mut self) -> Result<Value, VmmError> {
-        let mut line = String::new();
         // One QMP message per line; a message of over 1 MiB is not something QEMU sends.
-        let n = std::io::Read::take(&mut self.r, 1 << 20)
-            .read_line(&mut line)
+        const MAX: usize = 1 << 20;
+        let room = MAX.saturating_sub(self.line.len()) as u64;
+        // A timed-out read keeps what it got in `line`, for the next one to complete.
+        std::io::Read::take(&mut self.r, room)
+            .read_line(&mut self.line)
             .map_err(io_err("QMP read"))?;
-        if n == 0 {
+        if !self.line.ends_with('\n') {
+            if self.line.len() >= MAX {
+                self.line.clear();
+                return Err(VmmError::Api("QMP: a message over 1 MiB".into()));
+            }
+            // `read_line` stops short of a newline only at the end of the stream.
             return Err(VmmError::Api("QMP: connection closed".into()));
         }
+        let line = std::mem::take(&mut self.line);
         serde_json::from_str(&line).map_err(|e| VmmError::Api(format!("QMP: {e}")))
     }
 
-    /// Runs a command; events that come before its answer are passed over.
+    fn keep_event(&mut self, v: Value) {
+        if self.events.len() == QMP_EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        self.events.push_back(v);
+    }
+
+    /// Runs a command; QEMU's refusal is an error with its message.
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, VmmError> {
-        let mut msg = json!({ "execute": cmd });
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": cmd, "id": id });
         if !args.is_null() {
             msg["arguments"] = args;
         }
         let mut line = msg.to_string();
         line.push('\n');
         self.w
+            .set_read_timeout(Some(self.timeout))
+            .map_err(io_err("QMP"))?;
+        self.w
             .write_all(line.as_bytes())
             .map_err(io_err(format!("QMP {cmd}")))?;
         loop {
-            let v = self.read()?;
+            let v = self.read().map_err(|e| match e {
+                VmmError::Io { source, .. } if is_timeout(&source) => VmmError::Io {
+                    context: format!("QMP {cmd}: QEMU did not answer within {:?}", self.timeout),
+                    source,
+                },
+                e => e,
+            })?;
+            if v.get("event").is_some() {
+                self.keep_event(v);
+                continue;
+            }
+            if v["id"] != id {
+                continue;
+            }
             if let Some(r) = v.get("return") {
                 return Ok(r.clone());
             }
             if let Some(e) = v.get("error") {
-                return Err(VmmError::Api(format!("QMP {cmd}: {}", e["desc"])));
+                let desc = e["desc"]
+                    .as_str()
+                    .map_or_else(|| e.to_string(), str::to_owned);
+                return Err(VmmError::Api(format!("QMP {cmd}: {desc}")));
             }
         }
     }
 
-    /// Waits up to `timeout` for event `name` whose data matches `data` (its other fields
-    /// aside); other events are passed over.
+    /// Takes event `name` whose data has the fields of `data` (others aside), read already or
+    /// coming within `timeout`; false if none came. Other events are kept.
     pub fn wait_event(
         &mut self,
         name: &str,
         data: &Value,
         timeout: Duration,
-    ) -> Result<(), VmmError> {
-        let end = std::time::Instant::now() + timeout;
+    ) -> Result<bool, VmmError> {
+        let wanted = |v: &Value| {
+            v["event"] == name
+                && data
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .all(|(k, want)| &v["data"][k] == want)
+        };
+        if let Some(i) = self.events.iter().position(wanted) {
+            self.events.remove(i);
+            return Ok(true);
+        }
+        let end = Instant::now() + timeout;
         loop {
-            let left = end.saturating_duration_since(std::time::Instant::now());
+            let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(VmmError::Api(format!(
-                    "QMP: no {name} {data} within {timeout:?}"
-                )));
+                return Ok(false);
             }
             self.w.set_read_timeout(Some(left)).map_err(io_err("QMP"))?;
             let v = match self.read() {
                 Ok(v) => v,
-                Err(VmmError::Io { source, .. })
-                    if matches!(
-                        source.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
+                Err(VmmError::Io { source, .. }) if is_timeout(&source) => continue,
                 Err(e) => return Err(e),
             };
-            let matches = data
-                .as_object()
-                .into_iter()
-                .flatten()
-                .all(|(k, want)| &v["data"][k] == want);
-            if v["event"] == name && matches {
-                return Ok(());
+            if wanted(&v) {
+                return Ok(true);
+            }
+            if v.get("event").is_some() {
+                self.keep_event(v);
             }
         }
+    }
+
+    /// Whether a device of id `id` (given with `-device id=…` or `device_add`) exists.
+    pub fn has_device(&mut self, id: &str) -> Result<bool, VmmError> {
+        let v = self.execute("qom-list", json!({ "path": "/machine/peripheral" }))?;
+        Ok(v.as_array().into_iter().flatten().any(|p| {
+            p["name"] == id && p["type"].as_str().is_some_and(|t| t.starts_with("child<"))
+        }))
+    }
+
+    /// Whether chardev `id` exists.
+    pub fn has_chardev(&mut self, id: &str) -> Result<bool, VmmError> {
+        let v = self.execute("query-chardev", Value::Null)?;
+        Ok(v.as_array().into_iter().flatten().any(|c| c["label"] == id))
     }
 
     /// The host thread of each vCPU, in vCPU order.
@@ -468,7 +544,12 @@ impl Vm for QemuVm {
 
     fn add_disk(&mut self, d: &Disk) -> Result<(), VmmError> {
         let (chardev, device) = disk_ids(d);
-        let mut qmp = Qmp::connect(&self.paths.qmp, Duration::from_secs(10))?;
+        let mut qmp = Qmp::connect(&self.paths.qmp, QMP_TIMEOUT)?;
+        // A chardev without its device is what an interrupted removal left: this slot's.
+        if !qmp.has_device(&device)? && qmp.has_chardev(&chardev)? {
+            qmp.execute("chardev-remove", json!({ "id": chardev }))?;
+        }
+        // As at launch: a backend that restarts is reconnected to.
         qmp.execute(
             "chardev-add",
             json!({
@@ -480,6 +561,8 @@ impl Vm for QemuVm {
                 }},
             }),
         )?;
+        // On `-machine pc` the device goes on pci.0, whose slots are ACPI hotplug slots: the
+        // guest is told through a GPE and scans the slot.
         let r = qmp.execute(
             "device_add",
             json!({
@@ -490,23 +573,56 @@ impl Vm for QemuVm {
                 "addr": format!("{:#04x}", d.slot),
             }),
         );
-        if let Err(e) = r {
-            let _ = qmp.execute("chardev-remove", json!({ "id": chardev }));
-            return Err(e);
+        match r {
+            Ok(_) => Ok(()),
+            // QEMU refused it (not a connection that failed or timed out, when QEMU may still
+            // be adding it): nothing of it is left.
+            Err(e @ VmmError::Api(_)) => {
+                if let Err(c) = qmp.execute("chardev-remove", json!({ "id": chardev })) {
+                    return Err(VmmError::Api(format!("{e}; and removing its chardev: {c}")));
+                }
+                Err(e)
+            }
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 
     fn remove_disk(&mut self, d: &Disk) -> Result<(), VmmError> {
         let (chardev, device) = disk_ids(d);
-        let mut qmp = Qmp::connect(&self.paths.qmp, Duration::from_secs(10))?;
-        qmp.execute("device_del", json!({ "id": device }))?;
-        qmp.wait_event(
-            "DEVICE_DELETED",
-            &json!({ "device": device }),
-            UNPLUG_TIMEOUT,
-        )?;
-        qmp.execute("chardev-remove", json!({ "id": chardev }))?;
+        let mut qmp = Qmp::connect(&self.paths.qmp, QMP_TIMEOUT)?;
+        if qmp.has_device(&device)? {
+            // Sent again by a retry after a timeout: the guest is asked again.
+            qmp.execute("device_del", json!({ "id": device }))?;
+            let end = Instant::now() + UNPLUG_TIMEOUT;
+            let deleted = json!({ "device": device });
+            loop {
+                if qmp.wait_event("DEVICE_DELETED", &deleted, Duration::from_millis(500))? {
+                    break;
+                }
+                // Its event may have gone to no one (an earlier attempt's).
+                if !qmp.has_device(&device)? {
+                    break;
+                }
+                if Instant::now() >= end {
+                    return Err(VmmError::Api(format!(
+                        "QMP device_del {device}: the guest did not let go of the disk in slot \
+                         {:#04x} within {UNPLUG_TIMEOUT:?} (it acknowledges the ACPI eject once \
+                         its kernel has released the device)",
+                        d.slot
+                    )));
+                }
+            }
+        }
+        // The device's last reference may go a little after it left the tree: the chardev is
+        // busy until then.
+        let end = Instant::now() + Duration::from_secs(2);
+        while qmp.has_chardev(&chardev)? {
+            match qmp.execute("chardev-remove", json!({ "id": chardev })) {
+                Ok(_) => break,
+                Err(e) if Instant::now() >= end => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
         Ok(())
     }
 }
@@ -557,7 +673,8 @@ mod tests {
                 crate::spec::derived_mac("p", 1)
             ),
             "vfio-pci,host=0000:03:10.0,addr=0x06",
-            "vhost-user-blk-pci,chardev=dc0,num-queues=4,addr=0x10",
+            "-chardev socket,id=dc10,path=/run/d.sock,reconnect-ms=1000",
+            "vhost-user-blk-pci,id=disk10,chardev=dc10,num-queues=4,addr=0x10",
             "virtio-serial-pci,id=vser0,addr=0x03",
             "virtserialport,bus=vser0.0,chardev=agent,name=agent.0",
             "-qmp unix:/run/torii/vms/p/qmp.sock,server=on,wait=off",
@@ -573,5 +690,73 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("interface[2]") && e.contains("igbvf"), "{e}");
+    }
+
+    #[test]
+    fn qmp_matches_answers_by_id_and_keeps_events_for_later() {
+        use std::io::{BufRead, Write};
+        use std::os::unix::net::UnixListener;
+        let dir = std::env::temp_dir().join(format!("torii-qmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("qmp.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(s);
+            let mut cmd = || {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                serde_json::from_str::<Value>(&line).unwrap()
+            };
+            w.write_all(b"{\"QMP\": {\"version\": {}}}\n").unwrap();
+            let c = cmd();
+            assert_eq!(c["execute"], "qmp_capabilities");
+            writeln!(w, "{}", json!({ "return": {}, "id": c["id"] })).unwrap();
+            let c = cmd();
+            assert_eq!(c["arguments"]["id"], "disk10");
+            // The event before the answer, and a late answer to another command.
+            w.write_all(
+                b"{\"event\": \"DEVICE_DELETED\", \"data\": {\"device\": \"disk10\"}}\n\
+                  {\"return\": {\"late\": true}, \"id\": 99}\n",
+            )
+            .unwrap();
+            writeln!(w, "{}", json!({ "return": {}, "id": c["id"] })).unwrap();
+            let c = cmd();
+            let err = json!({ "error": { "class": "GenericError", "desc": "Chardev 'x' is busy" },
+                              "id": c["id"] });
+            writeln!(w, "{err}").unwrap();
+            // An event in two writes, a read timeout between them.
+            w.write_all(b"{\"event\": \"DEVICE_DELETED\", ").unwrap();
+            std::thread::sleep(Duration::from_millis(400));
+            w.write_all(b"\"data\": {\"device\": \"disk11\"}}\n")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let mut qmp = Qmp::connect(&sock, Duration::from_secs(5)).unwrap();
+        let r = qmp
+            .execute("device_del", json!({ "id": "disk10" }))
+            .unwrap();
+        assert_eq!(r, json!({}));
+        let e = qmp
+            .execute("chardev-remove", json!({ "id": "x" }))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "QMP chardev-remove: Chardev 'x' is busy");
+        // Read before its command was answered: taken from what was kept.
+        let d10 = json!({ "device": "disk10" });
+        assert!(qmp
+            .wait_event("DEVICE_DELETED", &d10, Duration::ZERO)
+            .unwrap());
+        assert!(!qmp
+            .wait_event("DEVICE_DELETED", &d10, Duration::from_millis(100))
+            .unwrap());
+        let d11 = json!({ "device": "disk11" });
+        assert!(qmp
+            .wait_event("DEVICE_DELETED", &d11, Duration::from_secs(5))
+            .unwrap());
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -224,9 +224,20 @@ pub fn free_disk_slot(taken: &[u8]) -> Option<u8> {
     DISK_SLOTS.clone().find(|s| !taken.contains(s))
 }
 
-/// Checks that a vhost-user backend serves `socket`.
+/// Checks that a vhost-user backend listens on `socket`: a connection is made (and closed
+/// at once, which backends take as a frontend that went away). A socket file left by a backend
+/// that is gone passes [`Sandbox::check_backends`] but not this; a VMM told to hot-plug a disk
+/// whose backend does not listen may wait for it without end.
 pub fn check_backend_socket(socket: &Path) -> Result<(), SpecError> {
-    check_socket(socket).map_err(SpecError)
+    check_socket(socket).map_err(SpecError)?;
+    std::os::unix::net::UnixStream::connect(socket)
+        .map(drop)
+        .map_err(|e| {
+            SpecError(format!(
+                "{}: {e} (no vhost-user backend listens on it)",
+                socket.display()
+            ))
+        })
 }
 
 fn one() -> u16 {

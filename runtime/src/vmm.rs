@@ -52,21 +52,12 @@ pub trait Vm: Send {
     fn wait_exit(&mut self, timeout: Duration) -> bool;
     /// The end of the guest's console output (bounded), for error messages.
     fn console_tail(&mut self) -> String;
-    /// Hot-plugs vhost-user-blk disk `disk` into its slot (its backend listens already).
-    fn add_disk(&mut self, disk: &Disk) -> Result<(), VmmError> {
-        let _ = disk;
-        Err(VmmError::Launch(
-            "this hypervisor cannot hot-plug vhost-user-blk disks here".into(),
-        ))
-    }
+    /// Hot-plugs vhost-user-blk disk `disk` into its guest PCI slot. Its backend must listen
+    /// already: a VMM may wait for it without end (QEMU's main loop does).
+    fn add_disk(&mut self, disk: &Disk) -> Result<(), VmmError>;
     /// Hot-unplugs `disk` (hot-plugged or given at launch): returns once the guest has let go
-    /// of it and the VMM has removed it.
-    fn remove_disk(&mut self, disk: &Disk) -> Result<(), VmmError> {
-        let _ = disk;
-        Err(VmmError::Launch(
-            "this hypervisor cannot hot-unplug vhost-user-blk disks here".into(),
-        ))
-    }
+    /// of it and the VMM has removed it. A disk that is gone already is success.
+    fn remove_disk(&mut self, disk: &Disk) -> Result<(), VmmError>;
 }
 
 /// The hypervisor of `kind`.

@@ -5,12 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use torii_perf::proc_util::{self, ChildGuard, TmpDir};
 use torii_runtime::pod::Pod;
-use torii_runtime::spec::SandboxSpec;
+use torii_runtime::qemu::Qmp;
+use torii_runtime::spec::{DiskSpec, SandboxSpec};
 
 fn image_dir() -> PathBuf {
     let dir = std::env::var_os("TORII_IMAGE_DIR")
@@ -484,4 +485,296 @@ fn a_pod_on_a_tap_in_its_network_namespace_with_pinned_vcpus() {
     );
     pod.stop(Duration::from_secs(20)).expect("stop");
     assert!(gone(pid));
+}
+
+/// An ext4 image of 32 MiB holding `files` (name, content), served by its own
+/// torii-vhost-user-blk on `<dir>/<name>.sock`.
+fn blk_backend(dir: &Path, name: &str, files: &[(&str, &str)]) -> (ChildGuard, PathBuf, PathBuf) {
+    let content = dir.join(format!("{name}.d"));
+    std::fs::create_dir_all(&content).unwrap();
+    for (f, text) in files {
+        std::fs::write(content.join(f), text).unwrap();
+    }
+    let img = dir.join(format!("{name}.img"));
+    let mk = Command::new("mkfs.ext4")
+        .args(["-q", "-d"])
+        .arg(&content)
+        .arg(&img)
+        .arg("32M")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(mk.success(), "mkfs.ext4 -d (e2fsprogs)");
+    let socket = dir.join(format!("{name}.sock"));
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let mut cmd = Command::new(bin("torii-vhost-user-blk"));
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--file")
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    proc_util::die_with_parent(&mut cmd);
+    let child = ChildGuard::new(
+        cmd.spawn().expect("starting torii-vhost-user-blk"),
+        "torii-vhost-user-blk",
+    );
+    proc_util::wait_for_path(&socket, Duration::from_secs(20)).expect("backend socket");
+    (child, socket, img)
+}
+
+fn disk_spec(socket: &Path, mount: &str) -> DiskSpec {
+    DiskSpec {
+        socket: socket.to_path_buf(),
+        queues: 1,
+        mount: Some(mount.into()),
+        fstype: "ext4".into(),
+        options: String::new(),
+        read_only: false,
+    }
+}
+
+/// What QEMU has in guest PCI slot `slot` (`query-pci`), and whether chardev `dc<slot>` is
+/// there.
+fn qemu_slot(pod: &Pod, slot: u8) -> (Option<String>, bool) {
+    let mut qmp = Qmp::connect(&pod.dir().join("qmp.sock"), Duration::from_secs(10)).unwrap();
+    let pci = qmp.execute("query-pci", json!(null)).unwrap();
+    let dev = pci[0]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["slot"] == slot)
+        .map(|d| d["qdev_id"].as_str().unwrap_or("").to_string());
+    let chardevs = qmp.execute("query-chardev", json!(null)).unwrap();
+    let chardev = chardevs
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["label"] == format!("dc{slot:02x}"));
+    (dev, chardev)
+}
+
+#[test]
+fn disks_are_hot_plugged_into_a_running_pod_mounted_and_unplugged_again() {
+    let image = prereqs();
+    let _heavy = torii_perf::heavy_test_lock();
+    let dir = tmp("torii-pod-hotplug");
+    let (_a, sock_a, img_a) = blk_backend(dir.path(), "a", &[("hello", "from-disk-a\n")]);
+    let (_b, sock_b, _) = blk_backend(dir.path(), "b", &[("hello", "from-disk-b\n")]);
+    let s = spec(dir.path(), &image, "vm-hotplug", "");
+    let sb = s
+        .resolve(&torii_vfio::pci::Sysfs::default())
+        .expect("resolve");
+    let mut pod = Pod::start(sb, &dir.join("run"), None).expect("pod start");
+    pod.configure().expect("configure");
+
+    // Two containers' root file systems, one after the other, into the first free slots.
+    let t = Instant::now();
+    let a = pod
+        .add_disk(&disk_spec(&sock_a, "/run/c/a"))
+        .expect("add disk a");
+    let add_a = t.elapsed();
+    let t = Instant::now();
+    let b = pod
+        .add_disk(&disk_spec(&sock_b, "/run/c/b"))
+        .expect("add disk b");
+    let add_b = t.elapsed();
+    assert_eq!((a.slot, b.slot), (0x10, 0x11));
+    assert_eq!(pod.sandbox.disks.len(), 2);
+    let (code, out, err) = exec(
+        &pod,
+        &[
+            "sh",
+            "-c",
+            "cat /run/c/a/hello /run/c/b/hello && echo written-in-a > /run/c/a/new && sync && \
+             ls /sys/bus/pci/devices && grep ' /run/c/' /proc/mounts",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("from-disk-a\nfrom-disk-b\n"), "{out}");
+    for want in [
+        "0000:00:10.0",
+        "0000:00:11.0",
+        " /run/c/a ext4 ",
+        " /run/c/b ext4 ",
+    ] {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
+    assert_eq!(qemu_slot(&pod, 0x10), (Some("disk10".into()), true));
+
+    // Out again: unmounted in the guest, gone from its PCI bus and from QEMU.
+    let t = Instant::now();
+    pod.remove_disk(&b).expect("remove disk b");
+    let remove_b = t.elapsed();
+    let t = Instant::now();
+    pod.remove_disk(&a).expect("remove disk a");
+    let remove_a = t.elapsed();
+    assert!(pod.sandbox.disks.is_empty());
+    let (code, out, err) = exec(
+        &pod,
+        &[
+            "sh",
+            "-c",
+            "grep ' /run/c/' /proc/mounts; ls /sys/bus/pci/devices; ls /sys/block",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("/run/c/"), "still mounted:\n{out}");
+    assert!(
+        !out.contains("0000:00:10.0") && !out.contains("0000:00:11.0"),
+        "still on the guest's PCI bus:\n{out}"
+    );
+    assert!(!out.contains("vd"), "a block device left:\n{out}");
+    assert_eq!(qemu_slot(&pod, 0x10), (None, false));
+    assert_eq!(qemu_slot(&pod, 0x11), (None, false));
+    // What the guest wrote reached the image.
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /new"])
+        .arg(&img_a)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "written-in-a\n");
+
+    // The slot is free again: the same disk goes back in, with what was written.
+    let t = Instant::now();
+    let again = pod
+        .add_disk(&disk_spec(&sock_a, "/run/c/again"))
+        .expect("add disk a again");
+    let readd = t.elapsed();
+    assert_eq!(again.slot, 0x10);
+    let (code, out, err) = exec(&pod, &["cat", "/run/c/again/new"], None);
+    assert_eq!((code, out.as_str()), (0, "written-in-a\n"), "{err}");
+    pod.remove_disk(&again).expect("remove disk a again");
+    eprintln!(
+        "hot-plug + mount: {add_a:?}, {add_b:?}, again {readd:?}; unmount + unplug: \
+         {remove_b:?}, {remove_a:?}"
+    );
+    let pid = pod.vmm_pid();
+    pod.stop(Duration::from_secs(20)).expect("stop");
+    assert!(gone(pid));
+}
+
+#[test]
+fn a_disk_that_cannot_be_plugged_is_refused_with_the_reason_and_leaves_nothing_behind() {
+    let image = prereqs();
+    let _heavy = torii_perf::heavy_test_lock();
+    let dir = tmp("torii-pod-hotplug-bad");
+    let s = spec(dir.path(), &image, "vm-hotplug-bad", "");
+    let sb = s
+        .resolve(&torii_vfio::pci::Sysfs::default())
+        .expect("resolve");
+    let mut pod = Pod::start(sb, &dir.join("run"), None).expect("pod start");
+    let nothing_in_slot = |pod: &Pod| {
+        assert!(pod.sandbox.disks.is_empty());
+        assert_eq!(qemu_slot(pod, 0x10), (None, false));
+    };
+
+    // A socket its backend left behind (killed): nobody listens on it.
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let e = pod
+        .add_disk(&disk_spec(&stale, "/run/c/x"))
+        .unwrap_err()
+        .to_string();
+    eprintln!("refused: {e}");
+    assert!(
+        e.contains("stale.sock") && e.contains("no vhost-user backend listens"),
+        "{e}"
+    );
+    nothing_in_slot(&pod);
+    let e = pod
+        .add_disk(&disk_spec(&dir.join("none.sock"), "/run/c/x"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("none.sock"), "{e}");
+    nothing_in_slot(&pod);
+
+    // A backend that listens but cannot give what is asked (it serves one queue): QEMU's
+    // refusal, in its words; its chardev is removed with it.
+    let (_c, sock_c, _) = blk_backend(dir.path(), "c", &[("hello", "from-disk-c\n")]);
+    let mut four = disk_spec(&sock_c, "/run/c/c");
+    four.queues = 4;
+    let e = pod.add_disk(&four).unwrap_err().to_string();
+    eprintln!("refused: {e}");
+    assert!(
+        e.contains("device_add") && e.contains("maximum number of queues"),
+        "{e}"
+    );
+    nothing_in_slot(&pod);
+
+    // A mount that fails: the disk is unplugged again.
+    let mut bad_fs = disk_spec(&sock_c, "/run/c/c");
+    bad_fs.fstype = "xfs".into();
+    let e = pod.add_disk(&bad_fs).unwrap_err().to_string();
+    eprintln!("refused: {e}");
+    assert!(e.contains("/run/c/c"), "{e}");
+    nothing_in_slot(&pod);
+
+    // And slot 0x10 takes a good disk after all that.
+    let c = pod.add_disk(&disk_spec(&sock_c, "/run/c/c")).expect("add");
+    assert_eq!(c.slot, 0x10);
+    let (code, out, _) = exec(&pod, &["cat", "/run/c/c/hello"], None);
+    assert_eq!((code, out.as_str()), (0, "from-disk-c\n"));
+    pod.stop(Duration::from_secs(20)).expect("stop");
+}
+
+#[test]
+fn a_disk_given_at_start_is_unplugged_like_a_hot_plugged_one_and_its_slot_reused() {
+    let image = prereqs();
+    let _heavy = torii_perf::heavy_test_lock();
+    let dir = tmp("torii-pod-coldplug");
+    let (_r, sock_r, _) = blk_backend(dir.path(), "root", &[("hello", "from-root\n")]);
+    let (_a, sock_a, _) = blk_backend(dir.path(), "a", &[("hello", "from-disk-a\n")]);
+    let s = spec(
+        dir.path(),
+        &image,
+        "vm-coldplug",
+        &format!(
+            "[[disk]]\nsocket = \"{}\"\nmount = \"/run/c/root\"\n",
+            sock_r.display()
+        ),
+    );
+    let sb = s
+        .resolve(&torii_vfio::pci::Sysfs::default())
+        .expect("resolve");
+    let mut pod = Pod::start(sb, &dir.join("run"), None).expect("pod start");
+    pod.configure().expect("configure");
+    let root = pod.sandbox.disks[0].clone();
+    assert_eq!(root.slot, 0x10);
+    let (code, out, _) = exec(&pod, &["cat", "/run/c/root/hello"], None);
+    assert_eq!((code, out.as_str()), (0, "from-root\n"));
+    assert_eq!(qemu_slot(&pod, 0x10), (Some("disk10".into()), true));
+
+    pod.remove_disk(&root)
+        .expect("remove the disk given at start");
+    let (code, out, err) = exec(
+        &pod,
+        &[
+            "sh",
+            "-c",
+            "grep ' /run/c/' /proc/mounts; ls /sys/bus/pci/devices",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !out.contains("/run/c/root") && !out.contains("0000:00:10.0"),
+        "{out}"
+    );
+    assert_eq!(qemu_slot(&pod, 0x10), (None, false));
+    // Removing it again: it is not the pod's any more.
+    let e = pod.remove_disk(&root).unwrap_err().to_string();
+    assert!(e.contains("no disk of") && e.contains("0x10"), "{e}");
+
+    // Its slot is the first free one again.
+    let a = pod
+        .add_disk(&disk_spec(&sock_a, "/run/c/a"))
+        .expect("add disk a");
+    assert_eq!(a.slot, 0x10);
+    let (code, out, _) = exec(&pod, &["cat", "/run/c/a/hello"], None);
+    assert_eq!((code, out.as_str()), (0, "from-disk-a\n"));
+    pod.stop(Duration::from_secs(20)).expect("stop");
 }

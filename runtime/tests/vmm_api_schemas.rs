@@ -288,6 +288,14 @@ mod ch {
         pub x_exclude_mmap_bars: Option<Vec<i64>>,
     }
 
+    /// `VmRemoveDevice` (nothing required by the schema; the VMM's `VmRemoveDeviceData` has
+    /// `id: String` without a default, so it is required in fact).
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct VmRemoveDevice {
+        pub id: String,
+    }
+
     /// `VsockConfig` (required: cid, minimum 3, u32 in the VMM; socket).
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -450,15 +458,31 @@ enum ChReq {
     Create(Box<ch::VmConfig>),
     Boot,
     Shutdown,
+    AddDisk(Box<ch::DiskConfig>),
+    RemoveDevice(ch::VmRemoveDevice),
+    Info,
 }
 
 /// Checks one Cloud Hypervisor request: endpoint (servers: http://localhost/api/v1), method,
-/// body, and the constraints `VmConfig::validate` enforces.
+/// body, and the constraints `VmConfig::validate` enforces (for `vm.add-disk`, those that need
+/// no VM: see [`check_ch_add_disk`]).
 fn check_ch(r: &Request) -> Result<ChReq, String> {
+    if r.path == "/api/v1/vm.info" {
+        ensure(r.method == "GET" && r.body.is_none(), || {
+            format!("{} {}: a GET without a body", r.method, r.path)
+        })?;
+        return Ok(ChReq::Info);
+    }
     ensure(r.method == "PUT", || {
-        format!("{} {}: every endpoint used is PUT", r.method, r.path)
+        format!("{} {}: every other endpoint used is PUT", r.method, r.path)
     })?;
     match r.path.as_str() {
+        "/api/v1/vm.add-disk" => Ok(ChReq::AddDisk(Box::new(parse(r, "DiskConfig")?))),
+        "/api/v1/vm.remove-device" => {
+            let d: ch::VmRemoveDevice = parse(r, "VmRemoveDevice")?;
+            ensure(!d.id.is_empty(), || "vm.remove-device: empty id".into())?;
+            Ok(ChReq::RemoveDevice(d))
+        }
         "/api/v1/vm.create" => {
             let c: ch::VmConfig = parse(r, "VmConfig")?;
             check_vm_config(&c)?;
@@ -605,6 +629,28 @@ fn check_vm_config(c: &ch::VmConfig) -> Result<(), String> {
         let qs = d.queue_size.unwrap_or(128);
         ensure(qs.is_power_of_two() && qs > 2, || {
             format!("{what}: queue_size {qs}")
+        })?;
+    }
+    // `validate_pci_device_id`: under 32 (`NUM_DEVICE_IDS`), not the root's 0; the device
+    // manager reserves each, so two devices cannot ask for the same one.
+    let mut pci_ids = BTreeSet::new();
+    let asked = c
+        .disks
+        .iter()
+        .flatten()
+        .map(|d| ("disks", d.pci_device_id))
+        .chain(c.net.iter().flatten().map(|n| ("net", n.pci_device_id)))
+        .chain(
+            c.devices
+                .iter()
+                .flatten()
+                .map(|d| ("devices", d.pci_device_id)),
+        )
+        .chain(c.vsock.iter().map(|v| ("vsock", v.pci_device_id)));
+    for (what, id) in asked {
+        let Some(id) = id else { continue };
+        ensure((1..32).contains(&id) && pci_ids.insert(id), || {
+            format!("{what}: pci_device_id {id} reserved, out of range or used twice")
         })?;
     }
     for (i, d) in c.devices.iter().flatten().enumerate() {
@@ -786,6 +832,22 @@ fn check_ch_boot(rs: &[Request]) -> Result<ch::VmConfig, String> {
         Some(ChReq::Create(c)) => Ok(*c),
         other => Err(format!("not vm.create first: {other:?}")),
     }
+}
+
+/// Checks `vm.add-disk` request `r` on the VM `vm.create` made with `config` as the VMM does:
+/// the disk added to a copy of the configuration, which must still be valid.
+fn check_ch_add_disk(config: &Value, r: &Request) -> Result<ch::DiskConfig, String> {
+    let ChReq::AddDisk(d) = check_ch(r)? else {
+        return Err(format!("{} {}: not vm.add-disk", r.method, r.path));
+    };
+    let mut c = config.clone();
+    let disk = r.body.clone().unwrap_or_default();
+    match c["disks"].as_array_mut() {
+        Some(disks) => disks.push(disk),
+        None => c["disks"] = Value::Array(vec![disk]),
+    }
+    check_ch(&Request::put("/api/v1/vm.create", Some(c)))?;
+    Ok(*d)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1002,27 +1064,31 @@ fn ch_two_vhost_user_disks_one_read_only() {
                 x.readonly,
                 x.num_queues,
                 x.path.is_none(),
+                x.pci_device_id,
             )
         })
         .collect();
+    // Named and placed by their guest PCI slot, where the agent looks for them.
     assert_eq!(
         got,
         [
             (
-                "disk0",
+                "disk10",
                 Some(true),
                 "/run/torii/p1-disk0.sock",
                 Some(false),
                 Some(1),
-                true
+                true,
+                Some(0x10)
             ),
             (
-                "disk1",
+                "disk11",
                 Some(true),
                 "/run/torii/p1-disk1.sock",
                 Some(true),
                 Some(1),
-                true
+                true,
+                Some(0x11)
             ),
         ]
     );
@@ -1053,6 +1119,164 @@ fn ch_everything_at_once_with_vfio() {
         Some("/sys/bus/pci/devices/0000:03:10.0/")
     );
     assert!(c.payload.cmdline.unwrap().ends_with(" loglevel=4"));
+}
+
+/// A disk to hot-plug into `sb`, in slot `slot`.
+fn new_disk(slot: u8, queues: u16) -> torii_runtime::spec::Disk {
+    torii_runtime::spec::DiskSpec {
+        socket: PathBuf::from("/run/torii/p1-hot.sock"),
+        queues,
+        mount: Some("/c/hot".into()),
+        fstype: "ext4".into(),
+        options: String::new(),
+        read_only: false,
+    }
+    .resolve(slot)
+    .unwrap()
+}
+
+#[test]
+fn ch_disk_hot_plug_is_vm_add_disk_and_unplug_vm_remove_device() {
+    let d = dir();
+    let sb = sandbox(&d, "cloud-hypervisor", "vcpus = 2", TWO_DISKS);
+    let config = ch_gen::vm_config(&sb, &paths()).unwrap();
+    // Four queues asked, two boot vCPUs: two queues (`TooManyQueues` otherwise).
+    let hot = new_disk(0x12, 4);
+    let r = ch_gen::add_disk_request(&hot, sb.vm.vcpus);
+    let got = check_ch_add_disk(&config, &r).unwrap_or_else(|e| panic!("{e}\n{r:#?}"));
+    assert_eq!(
+        (
+            got.id.as_deref(),
+            got.vhost_user,
+            got.vhost_socket.as_deref(),
+            got.num_queues,
+            got.pci_device_id,
+            got.path.is_none()
+        ),
+        (
+            Some("disk12"),
+            Some(true),
+            Some("/run/torii/p1-hot.sock"),
+            Some(2),
+            Some(0x12),
+            true
+        )
+    );
+    // The VMM would refuse a disk in a slot a boot disk has: same id, same PCI device.
+    let clash = ch_gen::add_disk_request(&new_disk(0x11, 1), sb.vm.vcpus);
+    let e = check_ch_add_disk(&config, &clash).unwrap_err();
+    assert!(e.contains("used twice"), "{e}");
+
+    // Hot-plugged or given at boot, a disk is removed by the id it was created with.
+    for disk in [&hot, &sb.disks[0]] {
+        let r = ch_gen::remove_disk_request(disk);
+        match check_ch(&r) {
+            Ok(ChReq::RemoveDevice(x)) => assert_eq!(x.id, ch_gen::disk_id(disk)),
+            other => panic!("{other:?}: {r:?}"),
+        }
+    }
+    assert_eq!(
+        config["disks"][0]["id"],
+        ch_gen::disk_id(&sb.disks[0]).as_str()
+    );
+    assert!(matches!(check_ch(&ch_gen::info_request()), Ok(ChReq::Info)));
+}
+
+/// A micro-http answer: 204, or 200 with a JSON body.
+fn answer(body: Option<&Value>) -> String {
+    match body {
+        None => {
+            "HTTP/1.1 204 \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n\r\n".into()
+        }
+        Some(b) => {
+            let b = b.to_string();
+            format!(
+                "HTTP/1.1 200 \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            )
+        }
+    }
+}
+
+#[test]
+fn ch_vm_hot_plugs_and_waits_for_the_guest_to_eject_an_unplugged_disk() {
+    use serde_json::json;
+    use torii_runtime::vmm::hypervisor;
+    let d = dir();
+    // A stand-in for the VMM process: the fake API below answers for it.
+    let vmm = d.0.join("fake-vmm");
+    std::fs::write(&vmm, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sb = sandbox(
+        &d,
+        "cloud-hypervisor",
+        &format!("vcpus = 2\nbinary = \"{}\"", vmm.display()),
+        TWO_DISKS,
+    );
+    let run = d.0.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let hot = new_disk(0x12, 1);
+    let id = ch_gen::disk_id(&hot);
+    let info = |in_tree: bool, in_config: bool| {
+        let mut tree = json!({ "disk10": { "id": "disk10" } });
+        if in_tree {
+            tree[&id] = json!({ "id": id, "pci_bdf": "0000:00:12.0" });
+        }
+        let disks = if in_config {
+            json!([{ "id": "disk10" }, { "id": id }])
+        } else {
+            json!([{ "id": "disk10" }])
+        };
+        json!({ "config": { "disks": disks }, "state": "Running", "device_tree": tree })
+    };
+    let server = fake_api(
+        &run.join("api.sock"),
+        vec![
+            answer(None), // vm.create
+            answer(None), // vm.boot
+            answer(Some(&json!({ "id": id, "bdf": "0000:00:12.0" }))),
+            answer(Some(&info(true, true))),
+            answer(None), // vm.remove-device: the guest is asked to eject it
+            answer(Some(&info(true, false))),
+            answer(Some(&info(false, false))),
+            // Removing it again: it is gone already.
+            answer(Some(&info(false, false))),
+        ],
+    );
+    let mut vm = hypervisor(sb.hypervisor).launch(&sb, &run).expect("launch");
+    vm.add_disk(&hot).expect("add_disk");
+    vm.remove_disk(&hot).expect("remove_disk");
+    vm.remove_disk(&hot).expect("remove_disk again");
+    drop(vm);
+    let got: Vec<String> = server
+        .join()
+        .unwrap()
+        .iter()
+        .map(|raw| parse_wire(raw).0)
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "PUT /api/v1/vm.create HTTP/1.1",
+            "PUT /api/v1/vm.boot HTTP/1.1",
+            "PUT /api/v1/vm.add-disk HTTP/1.1",
+            "GET /api/v1/vm.info HTTP/1.1",
+            "PUT /api/v1/vm.remove-device HTTP/1.1",
+            "GET /api/v1/vm.info HTTP/1.1",
+            "GET /api/v1/vm.info HTTP/1.1",
+            "GET /api/v1/vm.info HTTP/1.1",
+        ]
+    );
+}
+
+#[test]
+fn fc_refuses_disk_hot_plug() {
+    let e = fc_gen::no_hotplug().to_string();
+    assert!(
+        e.contains("Firecracker cannot hot-plug vhost-user-blk disks"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -1314,6 +1538,40 @@ fn the_checkers_refuse_bodies_off_the_schemas() {
         json!({ "payload": { "kernel": "/k" } })
     ))
     .is_ok());
+    // Hot-plug requests, checked on the VM `good` made.
+    let hot = ch_gen::add_disk_request(&new_disk(0x12, 1), 2);
+    let hot_body = hot.body.clone().unwrap();
+    assert!(check_ch_add_disk(&good, &hot).is_ok());
+    let bad_hot: Vec<(&str, Edit)> = vec![
+        ("unknown field", Box::new(|d| d["socket"] = json!("/s"))),
+        ("boot vCPUs", Box::new(|d| d["num_queues"] = json!(3))),
+        ("used twice", Box::new(|d| d["pci_device_id"] = json!(0x10))),
+        ("reserved", Box::new(|d| d["pci_device_id"] = json!(0))),
+        ("out of range", Box::new(|d| d["pci_device_id"] = json!(32))),
+        (
+            "needs vhost_socket",
+            Box::new(|d| {
+                d.as_object_mut().unwrap().remove("vhost_socket");
+            }),
+        ),
+    ];
+    for (want, f) in bad_hot {
+        let mut d = hot_body.clone();
+        f(&mut d);
+        let e = check_ch_add_disk(&good, &put("/api/v1/vm.add-disk", d)).unwrap_err();
+        assert!(e.contains(want), "want {want:?}: {e}");
+    }
+    for (body, want) in [
+        (json!({ "id": "disk10", "force": true }), "unknown field"),
+        (json!({}), "missing field `id`"),
+        (json!({ "id": "" }), "empty id"),
+    ] {
+        let e = check_ch(&put("/api/v1/vm.remove-device", body)).unwrap_err();
+        assert!(e.contains(want), "want {want:?}: {e}");
+    }
+    assert!(check_ch(&Request::put("/api/v1/vm.info", None))
+        .unwrap_err()
+        .contains("a GET without a body"));
     assert!(check_ch(&Request::put("/api/v1/vm.start", None))
         .unwrap_err()
         .contains("not a documented endpoint"));

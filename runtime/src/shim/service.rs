@@ -658,6 +658,8 @@ impl Inner {
         };
         if !exec_id.is_empty() {
             c.execs.remove(exec_id);
+            drop(st);
+            self.exited.notify_all();
             return Ok(resp);
         }
         if c.execs.values().any(|x| x.status == Status::RUNNING) {
@@ -666,6 +668,8 @@ impl Inner {
         let mut c = st.containers.remove(id).ok_or_else(|| failed("gone"))?;
         let last = st.containers.is_empty();
         drop(st);
+        // A Wait on it ends (not found).
+        self.exited.notify_all();
         if last {
             // The VM goes with everything in it, before the disks' backends (the guest syncs
             // its file systems on the way down).
