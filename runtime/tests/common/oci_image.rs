@@ -18,9 +18,9 @@ use sha2::{Digest, Sha256};
 
 /// The busybox applets linked in the image's `/bin`.
 pub const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "sleep", "nproc", "ls", "true", "false", "mount", "umount", "ps",
-    "uname", "head", "tail", "grep", "wc", "kill", "id", "env", "pwd", "touch", "stat", "test",
-    "mkdir", "rm", "df", "hostname", "free", "tr", "printf",
+    "sh", "echo", "cat", "sleep", "nproc", "ls", "true", "false", "mount", "umount", "ps", "uname",
+    "head", "tail", "grep", "wc", "kill", "id", "env", "pwd", "touch", "stat", "test", "mkdir",
+    "rm", "df", "hostname", "free", "tr", "printf",
 ];
 
 /// Where the host's static busybox may be (Debian's `busybox-static` installs `/bin/busybox`).
@@ -83,7 +83,7 @@ fn elf_has_interpreter(elf: &[u8]) -> Option<bool> {
 }
 
 /// The OCI (Go) name of this machine's architecture.
-fn oci_architecture() -> &'static str {
+pub fn oci_architecture() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -117,7 +117,9 @@ fn tar(args: &[&std::ffi::OsStr]) {
 pub fn build_busybox(work: &Path, name: &str) -> BusyboxImage {
     // 1. The root file system: /bin/busybox, its applets, the usual empty mount points.
     let rootfs = work.join("rootfs");
-    for d in ["bin", "dev", "proc", "sys", "tmp", "etc", "run", "root", "var"] {
+    for d in [
+        "bin", "dev", "proc", "sys", "tmp", "etc", "run", "root", "var",
+    ] {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
     }
     std::fs::set_permissions(rootfs.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
@@ -127,11 +129,7 @@ pub fn build_busybox(work: &Path, name: &str) -> BusyboxImage {
     for applet in APPLETS {
         symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
-    std::fs::write(
-        rootfs.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\n",
-    )
-    .unwrap();
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
 
     // 2. The layer: a reproducible tar of it (root-owned, sorted, epoch times), gzipped. The
