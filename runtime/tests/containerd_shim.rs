@@ -207,7 +207,7 @@ impl Containerd {
         .unwrap();
         for a in [
             "sh", "echo", "cat", "sleep", "nproc", "ls", "true", "false", "uname", "mount", "ps",
-            "head", "grep", "wc", "kill", "id", "env", "pwd", "touch", "stat",
+            "head", "grep", "wc", "kill", "id", "env", "pwd", "touch", "stat", "ip", "awk",
         ] {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
         }
@@ -560,6 +560,38 @@ fn annotations_shape_the_vm_and_bad_ones_are_refused_whole() {
     proc_util::die_with_parent(&mut blk);
     let mut volume = ChildGuard::new(blk.spawn().unwrap(), "torii-vhost-user-blk");
     proc_util::wait_for_path(&socket, Duration::from_secs(10)).unwrap();
+    // A vhost-user port of torii-dataplane's, as torii-cni describes it in a pod network file.
+    let dp_cfg = cd.dir.join("dataplane.toml");
+    let d = cd.dir.path().display();
+    std::fs::write(
+        &dp_cfg,
+        format!(
+            "[dataplane]\npmd_mode = \"adaptive\"\ncontrol_socket = \"{d}/control.sock\"\n\
+             [[port]]\nname = \"eth0\"\ntype = \"vhost-user\"\nsocket = \"{d}/eth0.sock\"\n"
+        ),
+    )
+    .unwrap();
+    let mut dp = Command::new(bin("torii-dataplane"));
+    dp.args(["run", "-c"])
+        .arg(&dp_cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    proc_util::die_with_parent(&mut dp);
+    let dataplane = ChildGuard::new(dp.spawn().unwrap(), "torii-dataplane");
+    proc_util::wait_for_path(cd.dir.join("control.sock"), Duration::from_secs(20)).unwrap();
+    let net = cd.dir.join("eth0.json");
+    std::fs::write(
+        &net,
+        format!(
+            r#"{{"ifname": "eth0", "type": "vhost-user", "socket": "{d}/eth0.sock", "mode": "client",
+                "mac": "02:00:00:77:00:02", "mtu": 1500,
+                "ips": [{{"address": "10.77.0.2/24", "gateway": "10.77.0.1", "interface": 0}}],
+                "routes": [{{"dst": "0.0.0.0/0"}}], "dns": {{}}}}"#
+        ),
+    )
+    .unwrap();
+    let network = format!("io.torii.network={}", net.display());
     let disks = format!("io.torii.disks={}=/data:ro", socket.display());
     let knobs = [
         "--annotation",
@@ -570,6 +602,8 @@ fn annotations_shape_the_vm_and_bad_ones_are_refused_whole() {
         "io.torii.hugepages=true",
         "--annotation",
         &disks,
+        "--annotation",
+        &network,
     ];
     cd.ok(&run_args(
         "k1",
@@ -577,21 +611,24 @@ fn annotations_shape_the_vm_and_bad_ones_are_refused_whole() {
         &["sleep", "1000"],
     ));
     cd.wait_status("k1", "RUNNING");
-    let out = cd.ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "x",
-        "k1",
-        "sh",
-        "-c",
-        "nproc; cat /data/hello",
-    ]);
+    let script = "nproc; cat /data/hello; ip -o -4 addr show dev eth0 | awk '{print $4}'; \
+                  ip route | grep default; cat /sys/class/net/eth0/address";
+    let out = cd.ctr(&["task", "exec", "--exec-id", "x", "k1", "sh", "-c", script]);
     assert!(out.status.success(), "{out:?}\n{}", cd.log_tail());
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "2\nfrom a Torii disk\n"
+        lines[..3],
+        ["2", "from a Torii disk", "10.77.0.2/24"],
+        "{lines:?}"
     );
+    assert!(
+        lines[3].starts_with("default via 10.77.0.1 dev eth0"),
+        "{lines:?}"
+    );
+    assert_eq!(lines[4], "02:00:00:77:00:02");
     let qemu = cd
         .leftovers()
         .into_iter()
@@ -605,6 +642,7 @@ fn annotations_shape_the_vm_and_bad_ones_are_refused_whole() {
     // The operator's backend is not the shim's to stop.
     assert!(volume.is_running());
     drop(volume);
+    drop(dataplane);
     let out = cd.ctr(&run_args(
         "k2",
         &["--rm", "--annotation", "io.torii.vcpu=2"],
