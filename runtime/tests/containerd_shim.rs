@@ -282,6 +282,17 @@ impl Containerd {
         assert!(images.lines().any(|l| l == IMAGE), "imported: {images}");
     }
 
+    /// The socket of the shim serving container `id` (containerd keeps it in the bundle).
+    fn shim_socket(&self, id: &str) -> PathBuf {
+        let bundle = self
+            .dir
+            .join("state/io.containerd.runtime.v2.task")
+            .join(NAMESPACE)
+            .join(id);
+        let address = std::fs::read_to_string(bundle.join("address")).unwrap();
+        PathBuf::from(address.trim().trim_start_matches("unix://"))
+    }
+
     fn state_dir(&self) -> PathBuf {
         self.dir.join("shim")
     }
@@ -424,6 +435,7 @@ fn a_detached_task_takes_execs_and_signals_and_shows_its_state() {
     let mut events = ChildGuard::new(events, "ctr events");
     cd.ok(&run_args("d1", &["-d"], &["sleep", "1000"]));
     cd.wait_status("d1", "RUNNING");
+    let socket = cd.shim_socket("d1");
     let out = cd.ctr(&[
         "task",
         "exec",
@@ -457,6 +469,10 @@ fn a_detached_task_takes_execs_and_signals_and_shows_its_state() {
     assert_eq!(cd.status("d1"), None);
     cd.ok(&["container", "rm", "d1"]);
     cd.assert_clean();
+    let gone = proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        !socket.exists()
+    });
+    assert!(gone, "the shim's socket {} is left", socket.display());
     // What the shim published, in order for the task and its exec.
     let _ = events.kill();
     let log = std::fs::read_to_string(cd.dir.join("events.log")).unwrap();
@@ -545,6 +561,7 @@ fn annotations_shape_the_vm_and_bad_ones_are_refused_whole() {
         .arg(&files)
         .arg(&image)
         .arg("16M")
+        .stdout(Stdio::null())
         .status()
         .expect("mkfs.ext4 (e2fsprogs)");
     assert!(st.success());
@@ -734,6 +751,8 @@ fn a_shim_that_dies_takes_its_vm_with_it_and_containerd_cleans_up_after_it() {
         })
         .collect();
     assert_eq!(pids.len(), 1);
+    let socket = cd.shim_socket("x1");
+    assert!(socket.exists(), "{}", socket.display());
     // SAFETY: kill(2) on a process of this test's.
     assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
     // containerd sees the shim go, runs `containerd-shim-torii-v2 delete` and drops the task.
@@ -748,4 +767,9 @@ fn a_shim_that_dies_takes_its_vm_with_it_and_containerd_cleans_up_after_it() {
     });
     assert!(left, "{:#?}", cd.leftovers());
     cd.assert_clean();
+    assert!(
+        !socket.exists(),
+        "the dead shim's socket {}",
+        socket.display()
+    );
 }

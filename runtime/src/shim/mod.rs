@@ -69,6 +69,13 @@ impl containerd_shim::Shim for Shim {
         if let Err(e) = rootfs::unmount(&root) {
             containerd_shim::warn!("{e}");
         }
+        // The dead shim's socket (its address is in the bundle), unless a shim serves it.
+        if let Ok(address) = containerd_shim::util::read_address() {
+            let path = address.trim_start_matches("unix://");
+            if std::os::unix::net::UnixStream::connect(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         if let (Ok(cfg), Ok(sandbox)) = (ShimConfig::load(), sandbox_of(bundle, &self.id)) {
             let dir = cfg.state_dir.join(&sandbox);
             if crate::pod::pod_alive(&dir, &sandbox) {
@@ -102,8 +109,33 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        close_on_exec();
         let sandbox = sandbox_of(Path::new("."), &self.id).unwrap_or_else(|_| self.id.clone());
         service::Service::new(&self.namespace, &sandbox, publisher, self.exit.clone())
+    }
+}
+
+/// Marks every descriptor the shim inherited or the shim crate opened (the ttrpc listener,
+/// the log FIFO) close-on-exec: the VMM and the disk backends must not hold them, or a dead
+/// shim's socket would still take connections while they live.
+fn close_on_exec() {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = fds
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: fcntl(2) F_GETFD/F_SETFD only changes the descriptor's flags; a descriptor
+        // that is no longer open (the directory's own) fails harmlessly.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
     }
 }
 
