@@ -161,14 +161,36 @@ pub fn resolve_program(program: &str, path: &str, dir: &Path) -> Result<PathBuf,
         .ok_or_else(|| format!("{}: not found in PATH {}", quote(program), quote(path)))
 }
 
-/// `path` with each absolute entry moved under `root` (relative entries are dropped, as
-/// [`resolve_program`] drops them).
-fn rooted_path(root: &Path, path: &str) -> String {
+/// [`resolve_program`] for a process chrooted into `root`: `program`, `path` and `dir` are as
+/// it sees them, and each candidate is looked up inside `root`, its symlinks (absolute ones
+/// included) resolved there, never in the agent's own file system.
+fn resolve_program_in(
+    root: &Path,
+    program: &str,
+    path: &str,
+    dir: &Path,
+) -> Result<PathBuf, String> {
+    if program.is_empty() {
+        return Err("the program name is empty".into());
+    }
+    let root_fd = crate::mounts::open_dir(root).map_err(|e| e.to_string())?;
+    let executable_in = |p: &Path| -> Result<(), String> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = crate::mounts::open_in(root_fd.as_fd(), p, crate::mounts::Create::Nothing)
+            .map_err(|e| e.to_string())?;
+        executable(Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())))
+    };
+    if program.contains('/') {
+        let p = dir.join(program);
+        return executable_in(&p)
+            .map(|()| p)
+            .map_err(|e| format!("{}: {e}", quote(program)));
+    }
     path.split(':')
         .filter(|d| d.starts_with('/'))
-        .map(|d| root.join(&d[1..]).to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(":")
+        .map(|d| Path::new(d).join(program))
+        .find(|p| executable_in(p).is_ok())
+        .ok_or_else(|| format!("{}: not found in PATH {}", quote(program), quote(path)))
 }
 
 /// Blocks until a child (`P_PID` `id`, or `P_ALL`) has exited, leaving it unreaped; its pid.
@@ -295,12 +317,9 @@ impl Processes {
         // wait for the child, which as PID 1 is the reaper's business.
         let exe = match &root {
             None => resolve_program(program, path, &dir).map_err(failed)?,
-            Some(r) => {
-                let inside = resolve_program(program, &rooted_path(r, path), &under(&dir))
-                    .map_err(|e| failed(format!("in root {}: {e}", r.display())))?;
-                // Back to the path as the process sees it after the chroot.
-                Path::new("/").join(inside.strip_prefix(r).unwrap_or(&inside))
-            }
+            // The path as the process sees it after the chroot, checked inside the root.
+            Some(r) => resolve_program_in(r, program, path, &dir)
+                .map_err(|e| failed(format!("in root {}: {e}", r.display())))?,
         };
         let mut cmd = Command::new(&exe);
         cmd.arg0(program)

@@ -534,6 +534,20 @@ fn a_process_runs_in_a_root_of_its_own() {
     );
     assert_eq!(e["code"], "failed");
     assert!(e["message"].as_str().unwrap().contains("not found"), "{e}");
+    // A program named by its absolute path, which only the root has, behind an absolute
+    // symlink: both resolved inside the root (the host has no /opt/torii-only/echo).
+    std::fs::create_dir_all(root.join("opt/torii-only")).unwrap();
+    std::os::unix::fs::symlink("/bin/busybox", root.join("opt/torii-only/echo")).unwrap();
+    let (out, err, exit) = h.run_with(
+        json!({"argv": ["/opt/torii-only/echo", "absolute"], "root": r}),
+        None,
+    );
+    assert_eq!(exit["exit_code"], 0, "{err}");
+    assert_eq!(out, "absolute\n");
+    // A symlink that leads out of the root on the host leads nowhere inside it.
+    std::os::unix::fs::symlink("/usr/bin/env", root.join("bin/env")).unwrap();
+    let e = h.call_err("start_process", json!({"argv": ["/bin/env"], "root": r}));
+    assert_eq!(e["code"], "failed", "{e}");
     // A relative root, one that is not there, a cwd outside what exists in it.
     let e = h.call_err("start_process", json!({"argv": ["sh"], "root": "rel"}));
     assert_eq!(e["code"], "bad_params");

@@ -108,6 +108,21 @@ pub struct GuestImage {
     pub initrd: PathBuf,
 }
 
+/// The pod VM image scripts/image builds (`TORII_IMAGE_DIR`, default `target/torii-image`).
+pub fn pod_vm_image_dir() -> Result<PathBuf, String> {
+    let dir = std::env::var_os("TORII_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/torii-image"));
+    if dir.join("initramfs.cpio.gz").is_file() && dir.join("vmlinuz").is_file() {
+        Ok(dir)
+    } else {
+        Err(format!(
+            "no pod VM image in {}: build it with scripts/image (scripts/test does)",
+            dir.display()
+        ))
+    }
+}
+
 /// A usable QEMU binary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuInfo {

@@ -18,15 +18,7 @@ const IMAGE: &str = "docker.io/torii/busybox:test";
 const NAMESPACE: &str = "torii-test";
 
 fn image_dir() -> PathBuf {
-    let dir = std::env::var_os("TORII_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/torii-image"));
-    assert!(
-        dir.join("initramfs.cpio.gz").is_file() && dir.join("vmlinuz").is_file(),
-        "no pod VM image in {}: build it with scripts/image (scripts/test does)",
-        dir.display()
-    );
-    dir
+    torii_perf::prereq::pod_vm_image_dir().expect("prerequisite")
 }
 
 /// A binary of this workspace's build.
@@ -597,6 +589,7 @@ fn annotations_shape_the_vm_and_bad_ones_are_refused_whole() {
     proc_util::die_with_parent(&mut dp);
     let dataplane = ChildGuard::new(dp.spawn().unwrap(), "torii-dataplane");
     proc_util::wait_for_path(cd.dir.join("control.sock"), Duration::from_secs(20)).unwrap();
+    proc_util::wait_for_path(cd.dir.join("eth0.sock"), Duration::from_secs(20)).unwrap();
     let net = cd.dir.join("eth0.json");
     std::fs::write(
         &net,

@@ -14,15 +14,7 @@ use torii_runtime::qemu::Qmp;
 use torii_runtime::spec::{DiskSpec, SandboxSpec};
 
 fn image_dir() -> PathBuf {
-    let dir = std::env::var_os("TORII_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/torii-image"));
-    assert!(
-        dir.join("initramfs.cpio.gz").is_file() && dir.join("vmlinuz").is_file(),
-        "no pod VM image in {}: build it with scripts/image (scripts/test does)",
-        dir.display()
-    );
-    dir
+    torii_perf::prereq::pod_vm_image_dir().expect("prerequisite")
 }
 
 fn prereqs() -> PathBuf {
@@ -71,6 +63,16 @@ fn dataplane(dir: &Path, config: &str) -> ChildGuard {
     );
     proc_util::wait_for_path(dir.join("control.sock"), Duration::from_secs(20))
         .expect("torii-dataplane control socket");
+    // Ports and disks bind their sockets on threads of their own, after the control socket.
+    for line in config.lines() {
+        if let Some(sock) = line
+            .strip_prefix("socket = \"")
+            .and_then(|l| l.strip_suffix('"'))
+        {
+            proc_util::wait_for_path(sock, Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("torii-dataplane socket {sock}: {e}"));
+        }
+    }
     child
 }
 
