@@ -766,3 +766,53 @@ fn a_shim_that_dies_takes_its_vm_with_it_and_containerd_cleans_up_after_it() {
         socket.display()
     );
 }
+
+#[test]
+fn an_oom_kill_in_the_guest_is_told_to_containerd() {
+    let _heavy = torii_perf::heavy_test_lock();
+    let cd = Containerd::start("oom");
+    let events_log = std::fs::File::create(cd.dir.join("events.log")).unwrap();
+    let events = cd.ctr_cmd(&["events"]).stdout(events_log).spawn().unwrap();
+    let mut events = ChildGuard::new(events, "ctr events");
+    // A string that doubles without end, in a small VM: the guest kernel's OOM killer ends it.
+    let out = cd.ctr(&run_args(
+        "o1",
+        &["--rm", "--annotation", "io.torii.memory_mib=192"],
+        &["awk", "BEGIN { s = \"x\"; while (1) s = s s }"],
+    ));
+    assert_eq!(out.status.code(), Some(137), "{out:?}\n{}", cd.log_tail());
+    cd.assert_clean();
+    let saw_oom =
+        proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            std::fs::read_to_string(cd.dir.join("events.log"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("/tasks/oom") && l.contains("\"o1\""))
+        });
+    assert!(
+        saw_oom,
+        "no /tasks/oom:\n{}",
+        std::fs::read_to_string(cd.dir.join("events.log")).unwrap_or_default()
+    );
+    // A process killed by a signal that is not the OOM killer's is no OOM.
+    let out = cd.ctr(&run_args("o2", &["--rm"], &["sh", "-c", "kill -KILL $$"]));
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    let deleted =
+        proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            std::fs::read_to_string(cd.dir.join("events.log"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("/tasks/delete") && l.contains("\"o2\""))
+        });
+    // The OOM check runs beside the exit: give it the time it took for o1.
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = events.kill();
+    let log = std::fs::read_to_string(cd.dir.join("events.log")).unwrap_or_default();
+    assert!(deleted, "{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains("\"o2\"")),
+        "{log}"
+    );
+    cd.assert_clean();
+}

@@ -162,6 +162,8 @@ struct Inner {
     exit: Arc<ExitSignal>,
     /// The guest's OOM kill count when last seen.
     oom_kills: AtomicU64,
+    /// OOM checks under way: the VM stays up until they have asked it.
+    oom_checks: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 #[derive(Clone)]
@@ -203,6 +205,7 @@ impl Service {
             launcher: Launcher::start(),
             exit,
             oom_kills: AtomicU64::new(0),
+            oom_checks: Mutex::new(Vec::new()),
         }))
     }
 }
@@ -286,8 +289,13 @@ impl Inner {
                 let spawned = std::thread::Builder::new()
                     .name("oom-check".into())
                     .spawn(move || me.check_oom(&a, &id));
-                if let Err(e) = spawned {
-                    containerd_shim::warn!("oom check thread: {e}");
+                match spawned {
+                    Ok(t) => {
+                        let mut checks = lock(&self.oom_checks);
+                        checks.retain(|t| !t.is_finished());
+                        checks.push(t);
+                    }
+                    Err(e) => containerd_shim::warn!("oom check thread: {e}"),
                 }
             }
         }
@@ -514,6 +522,10 @@ impl Inner {
 
     fn stop_vm(&self, slot: &mut Option<Arc<Vm>>) {
         let Some(vm) = slot.take() else { return };
+        let checks = std::mem::take(&mut *lock(&self.oom_checks));
+        for t in checks {
+            let _ = t.join();
+        }
         match Arc::try_unwrap(vm) {
             Ok(vm) => {
                 let Vm {
