@@ -550,7 +550,8 @@ impl Inner {
             .clone()
             .ok_or_else(|| failed("the sandbox VM is not running"))?;
         let (params, sinks, stdin) = self.with_proc(id, exec_id, |c, p| {
-            if p.status != Status::CREATED {
+            // The sinks go with the first Start: a second one finds none.
+            if p.status != Status::CREATED || p.sinks.is_none() {
                 return Err(failed(format!(
                     "{} is {:?}, not created",
                     what(id, exec_id),
@@ -604,10 +605,7 @@ impl Inner {
                 containerd_shim::warn!("stdin thread: {e}");
             }
         }
-        let (me, agent) = (self.clone(), vm.agent.clone());
-        let (i, x) = (id.to_string(), exec_id.to_string());
-        let done = Box::new(move |e| me.on_exit(Some(&agent), &i, &x, e));
-        vm.stdio.watch(&vm.agent, &guest, sinks, done);
+        // Published before the process is watched: its exit comes after its start.
         if exec_id.is_empty() {
             self.publish(
                 topics::TASK_START_EVENT_TOPIC,
@@ -628,6 +626,10 @@ impl Inner {
                 }),
             );
         }
+        let (me, agent) = (self.clone(), vm.agent.clone());
+        let (i, x) = (id.to_string(), exec_id.to_string());
+        let done = Box::new(move |e| me.on_exit(Some(&agent), &i, &x, e));
+        vm.stdio.watch(&vm.agent, &guest, sinks, done);
         Ok(pid)
     }
 
