@@ -95,10 +95,12 @@ fn open_writer(path: &Path) -> std::io::Result<Option<File>> {
     };
     // SAFETY: fcntl(2) on a descriptor `f` owns.
     let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     // SAFETY: as above.
-    if flags < 0
-        || unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
-    {
+    let set = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+    if set < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(Some(f))
