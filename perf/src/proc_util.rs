@@ -4,7 +4,7 @@
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -259,6 +259,50 @@ impl Drop for TmpDir {
 /// Whether `TORII_KEEP_TMP=1` asks to keep temporary files.
 pub fn keep_tmp() -> bool {
     std::env::var_os("TORII_KEEP_TMP").is_some_and(|v| v == "1")
+}
+
+/// An ext4 image of 32 MiB holding `files` (name, content), made with `mkfs.ext4 -d` and
+/// served by its own `blk_binary` (torii-vhost-user-blk, event mode) on `<dir>/<name>.sock`:
+/// the backend, its socket and the image. Panics on failure (a test helper).
+pub fn serve_ext4_image(
+    blk_binary: &Path,
+    dir: &Path,
+    name: &str,
+    files: &[(&str, &str)],
+) -> (ChildGuard, PathBuf, PathBuf) {
+    let content = dir.join(format!("{name}.d"));
+    std::fs::create_dir_all(&content).unwrap();
+    for (f, text) in files {
+        std::fs::write(content.join(f), text).unwrap();
+    }
+    let img = dir.join(format!("{name}.img"));
+    let mk = Command::new("mkfs.ext4")
+        .args(["-q", "-d"])
+        .arg(&content)
+        .arg(&img)
+        .arg("32M")
+        .stdout(Stdio::null())
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs: scripts/setup)");
+    assert!(mk.success(), "mkfs.ext4 -d {}", content.display());
+    let socket = dir.join(format!("{name}.sock"));
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let mut cmd = Command::new(blk_binary);
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--file")
+        .arg(&img)
+        .args(["--poll-mode", "event"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    die_with_parent(&mut cmd);
+    let child = ChildGuard::new(
+        cmd.spawn().expect("starting torii-vhost-user-blk"),
+        "torii-vhost-user-blk",
+    );
+    wait_for_path(&socket, Duration::from_secs(20)).expect("backend socket");
+    (child, socket, img)
 }
 
 /// Creates a fresh directory `<temp_dir>/<prefix>-<pid>-<n>`.

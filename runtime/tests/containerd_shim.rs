@@ -544,31 +544,12 @@ fn annotations_shape_the_vm_and_bad_ones_are_refused_whole() {
     let _heavy = torii_perf::heavy_test_lock();
     let cd = Containerd::start("knobs");
     // An extra Torii disk: an ext4 image served by a torii-vhost-user-blk of the operator's.
-    let files = cd.dir.join("volume");
-    std::fs::create_dir_all(&files).unwrap();
-    std::fs::write(files.join("hello"), "from a Torii disk\n").unwrap();
-    let image = cd.dir.join("volume.img");
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-d"])
-        .arg(&files)
-        .arg(&image)
-        .arg("16M")
-        .stdout(Stdio::null())
-        .status()
-        .expect("mkfs.ext4 (e2fsprogs)");
-    assert!(st.success());
-    let socket = cd.dir.join("volume.sock");
-    let mut blk = Command::new(bin("torii-vhost-user-blk"));
-    blk.arg("--socket")
-        .arg(&socket)
-        .arg("--file")
-        .arg(&image)
-        .args(["--poll-mode", "event"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    proc_util::die_with_parent(&mut blk);
-    let mut volume = ChildGuard::new(blk.spawn().unwrap(), "torii-vhost-user-blk");
-    proc_util::wait_for_path(&socket, Duration::from_secs(10)).unwrap();
+    let (mut volume, socket, _) = proc_util::serve_ext4_image(
+        &bin("torii-vhost-user-blk"),
+        cd.dir.path(),
+        "volume",
+        &[("hello", "from a Torii disk\n")],
+    );
     // A vhost-user port of torii-dataplane's, as torii-cni describes it in a pod network file.
     let dp_cfg = cd.dir.join("dataplane.toml");
     let d = cd.dir.path().display();

@@ -492,38 +492,7 @@ fn a_pod_on_a_tap_in_its_network_namespace_with_pinned_vcpus() {
 /// An ext4 image of 32 MiB holding `files` (name, content), served by its own
 /// torii-vhost-user-blk on `<dir>/<name>.sock`.
 fn blk_backend(dir: &Path, name: &str, files: &[(&str, &str)]) -> (ChildGuard, PathBuf, PathBuf) {
-    let content = dir.join(format!("{name}.d"));
-    std::fs::create_dir_all(&content).unwrap();
-    for (f, text) in files {
-        std::fs::write(content.join(f), text).unwrap();
-    }
-    let img = dir.join(format!("{name}.img"));
-    let mk = Command::new("mkfs.ext4")
-        .args(["-q", "-d"])
-        .arg(&content)
-        .arg(&img)
-        .arg("32M")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(mk.success(), "mkfs.ext4 -d (e2fsprogs)");
-    let socket = dir.join(format!("{name}.sock"));
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let mut cmd = Command::new(bin("torii-vhost-user-blk"));
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--file")
-        .arg(&img)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    proc_util::die_with_parent(&mut cmd);
-    let child = ChildGuard::new(
-        cmd.spawn().expect("starting torii-vhost-user-blk"),
-        "torii-vhost-user-blk",
-    );
-    proc_util::wait_for_path(&socket, Duration::from_secs(20)).expect("backend socket");
-    (child, socket, img)
+    proc_util::serve_ext4_image(&bin("torii-vhost-user-blk"), dir, name, files)
 }
 
 fn disk_spec(socket: &Path, mount: &str) -> DiskSpec {
