@@ -25,6 +25,108 @@ pub struct Config {
     /// `[[export]]` sections).
     #[serde(default, rename = "disk")]
     pub disks: Vec<ExportSettings>,
+    /// DPDK's EAL settings, for `dpdk` ports (defaults when absent).
+    pub dpdk: Option<DpdkConfig>,
+}
+
+/// How DPDK is initialised (once per process, before the first `dpdk` port). DPDK's threads
+/// are not the PMDs: those stay Torii's own, pinned by `pmd_cpus`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpdkConfig {
+    /// CPUs DPDK's main lcore and service threads may run on (default: all).
+    #[serde(default)]
+    pub cpus: Vec<usize>,
+    /// Memory DPDK reserves at start (`-m`), MiB.
+    #[serde(default = "default_dpdk_mib")]
+    pub memory_mib: u32,
+    /// Hugepage memory (the default; needs `vm.nr_hugepages`). `false` runs DPDK on plain
+    /// memory (`--no-huge`): enough for virtual devices that copy (memif, af_packet, tap), not
+    /// for PCI NICs.
+    #[serde(default = "yes")]
+    pub hugepages: bool,
+    /// PCI devices DPDK may take (`-a`, e.g. "0000:03:00.0", bound to vfio-pci); none: no PCI
+    /// bus scan at all (`--no-pci`).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Virtual devices made at start (`--vdev`); `dpdk` ports can also make theirs.
+    #[serde(default)]
+    pub vdevs: Vec<String>,
+    /// More EAL arguments, passed last and as they are.
+    #[serde(default)]
+    pub eal_args: Vec<String>,
+}
+
+impl Default for DpdkConfig {
+    fn default() -> Self {
+        DpdkConfig {
+            cpus: Vec::new(),
+            memory_mib: default_dpdk_mib(),
+            hugepages: true,
+            allow: Vec::new(),
+            vdevs: Vec::new(),
+            eal_args: Vec::new(),
+        }
+    }
+}
+
+fn default_dpdk_mib() -> u32 {
+    256
+}
+fn yes() -> bool {
+    true
+}
+
+impl DpdkConfig {
+    fn validate(&self) -> Result<(), String> {
+        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Some(c) = self.cpus.iter().find(|&&c| c >= ncpu) {
+            return Err(format!(
+                "cpus: CPU {c} does not exist (this host has {ncpu})"
+            ));
+        }
+        if !(64..=65536).contains(&self.memory_mib) {
+            return Err(format!(
+                "memory_mib {} is outside 64..=65536",
+                self.memory_mib
+            ));
+        }
+        for a in &self.allow {
+            if !is_pci_address(a) {
+                return Err(format!("allow: {a:?} is not a PCI address (dddd:bb:dd.f)"));
+            }
+        }
+        for v in self.vdevs.iter().chain(&self.eal_args) {
+            if v.is_empty() || v.contains('\0') {
+                return Err(format!("{v:?} is not a valid EAL argument"));
+            }
+        }
+        if !cfg!(feature = "dpdk") {
+            return Err(NO_DPDK.into());
+        }
+        Ok(())
+    }
+}
+
+/// The error for DPDK settings in a build without DPDK.
+const NO_DPDK: &str = "this torii-dataplane was built without DPDK support (cargo feature `dpdk`)";
+
+/// `dddd:bb:dd.f`, hexadecimal.
+fn is_pci_address(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 12
+        && b[4] == b':'
+        && b[7] == b':'
+        && b[10] == b'.'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| matches!(i, 4 | 7 | 10) || c.is_ascii_hexdigit())
+}
+
+/// The device a `dpdk` port's `device` string names: the part before the first comma (a
+/// virtual device's name, such as `net_memif0`, or a PCI address).
+pub fn dpdk_device_name(device: &str) -> &str {
+    device.split(',').next().unwrap_or(device)
 }
 
 /// The L2 switch that every port outside a cross-connect is on.
@@ -233,6 +335,27 @@ impl<'de> Deserialize<'de> for PortConfig {
                 },
             ),
             RawPort::Sink { name } => (name, PortKind::Sink),
+            RawPort::Dpdk {
+                name,
+                device,
+                queues,
+                rxq_size,
+                txq_size,
+                mtu,
+                mbufs,
+                zero_copy,
+            } => (
+                name,
+                PortKind::Dpdk(DpdkPortConfig {
+                    device,
+                    queues,
+                    rxq_size,
+                    txq_size,
+                    mtu,
+                    mbufs,
+                    zero_copy,
+                }),
+            ),
         };
         Ok(PortConfig { name, kind, switch })
     }
@@ -268,6 +391,46 @@ enum RawPort {
     Sink {
         name: String,
     },
+    Dpdk {
+        name: String,
+        device: String,
+        #[serde(default = "one")]
+        queues: u16,
+        #[serde(default = "default_ring")]
+        rxq_size: u16,
+        #[serde(default = "default_ring")]
+        txq_size: u16,
+        #[serde(default = "default_mtu")]
+        mtu: u16,
+        mbufs: Option<u32>,
+        #[serde(default = "yes")]
+        zero_copy: bool,
+    },
+}
+
+fn default_ring() -> u16 {
+    1024
+}
+
+/// A port on a DPDK poll-mode driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DpdkPortConfig {
+    /// DPDK device arguments: a virtual device made for this port and removed with it
+    /// ("net_memif0,role=server,socket=/run/torii/memif.sock", "net_af_packet0,iface=eth1"),
+    /// or a device DPDK already has (a PCI address from `[dpdk] allow`, a `[dpdk] vdevs`
+    /// entry's name).
+    pub device: String,
+    /// Receive/transmit queue pairs; with more than one, RSS spreads received flows.
+    pub queues: u16,
+    /// Descriptors per receive and per transmit queue (powers of two).
+    pub rxq_size: u16,
+    pub txq_size: u16,
+    pub mtu: u16,
+    /// Packet buffers (mbufs) of the port's mempool; default: enough to fill every ring.
+    pub mbufs: Option<u32>,
+    /// Hand frames to a virtual device without copying them into mbufs (DPDK external
+    /// buffers pointing at Torii's packet); PCI devices always get copies.
+    pub zero_copy: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -291,6 +454,7 @@ pub enum PortKind {
         dst_mac: Option<String>,
     },
     Sink,
+    Dpdk(DpdkPortConfig),
 }
 
 fn default_mode() -> String {
@@ -337,6 +501,8 @@ pub enum ConfigError {
     Switch(String),
     #[error("dataplane: {0}")]
     Dataplane(String),
+    #[error("dpdk: {0}")]
+    Dpdk(String),
 }
 
 impl Config {
@@ -383,6 +549,10 @@ impl Config {
         // The control socket is taken too: no port or disk may listen there.
         let mut sockets = HashSet::from([d.control_socket.clone()]);
         let mut ifnames = HashSet::new();
+        let mut devices = HashSet::new();
+        if let Some(x) = &self.dpdk {
+            x.validate().map_err(ConfigError::Dpdk)?;
+        }
         for p in &self.ports {
             let err = |m: String| ConfigError::Port(p.name.clone(), m);
             if !torii_vhost_user::valid_device_name(&p.name) {
@@ -448,6 +618,46 @@ impl Config {
                     }
                 }
                 PortKind::Sink => {}
+                PortKind::Dpdk(c) => {
+                    let dev = dpdk_device_name(&c.device);
+                    if dev.is_empty()
+                        || c.device.len() > 1024
+                        || c.device
+                            .contains(|ch: char| ch.is_whitespace() || ch == '\0')
+                    {
+                        return Err(err(format!(
+                            "device {:?} is not DPDK device arguments",
+                            c.device
+                        )));
+                    }
+                    if !is_pci_address(dev) && !dev.starts_with("net_") {
+                        return Err(err(format!(
+                            "device {dev:?} is neither a PCI address nor a net_* virtual device"
+                        )));
+                    }
+                    if !devices.insert(dev.to_string()) {
+                        return Err(err(format!("device {dev} used twice")));
+                    }
+                    if !(1..=16).contains(&c.queues) {
+                        return Err(err(format!("queues {} is outside 1..=16", c.queues)));
+                    }
+                    for (what, n) in [("rxq_size", c.rxq_size), ("txq_size", c.txq_size)] {
+                        if !n.is_power_of_two() || !(64..=4096).contains(&n) {
+                            return Err(err(format!(
+                                "{what} {n} is not a power of two in 64..=4096"
+                            )));
+                        }
+                    }
+                    if !(68..=9000).contains(&c.mtu) {
+                        return Err(err(format!("mtu {} is outside 68..=9000", c.mtu)));
+                    }
+                    if let Some(n) = c.mbufs.filter(|n| !(1024..=1 << 20).contains(n)) {
+                        return Err(err(format!("mbufs {n} is outside 1024..=1048576")));
+                    }
+                    if !cfg!(feature = "dpdk") {
+                        return Err(err(NO_DPDK.into()));
+                    }
+                }
             }
             p.switch.validate().map_err(err)?;
         }

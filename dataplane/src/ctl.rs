@@ -287,6 +287,7 @@ pub fn ports_table(ports: &[Value]) -> String {
             "rx_dropped_invalid",
             "rx_dropped_vlan",
             "rx_dropped_mac_limit",
+            "rx_dropped_no_buffer",
         ]
         .iter()
         .map(|k| p[*k].as_u64().unwrap_or(0))
@@ -403,6 +404,7 @@ pub fn port_detail(p: &Value) -> String {
         "rx_dropped_invalid",
         "rx_dropped_vlan",
         "rx_dropped_mac_limit",
+        "rx_dropped_no_buffer",
         "tx_packets",
         "tx_bytes",
         "tx_dropped_no_room",

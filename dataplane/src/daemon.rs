@@ -29,6 +29,8 @@ struct PortInfo {
     kind: &'static str,
     stats: Arc<PortStats>,
     device: Option<VhostUserNetDevice>,
+    /// dpdk ports: the DPDK device, for its link state and counters.
+    dpdk: Option<DpdkHandle>,
     /// On the switch (not in a cross-connect).
     switched: bool,
     /// Which PMDs (index in `Dataplane::pmds`) poll which of its queues; the part with
@@ -222,6 +224,9 @@ pub struct PortReport {
     /// Switch ports: VLAN membership and MACs learned on the port.
     pub vlan: Option<VlanReport>,
     pub macs: Option<u32>,
+    /// dpdk only: the device as DPDK reports it (driver, MAC, link, DPDK's counters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpdk: Option<serde_json::Value>,
     #[serde(flatten)]
     pub stats: PortStatsSnapshot,
 }
@@ -279,6 +284,28 @@ pub fn format_mac(m: &[u8; 6]) -> String {
         .join(":")
 }
 
+#[cfg(feature = "dpdk")]
+type DpdkHandle = Arc<crate::port::dpdk::DpdkDevice>;
+/// Without DPDK support there are no dpdk ports (the configuration refuses them).
+#[cfg(not(feature = "dpdk"))]
+type DpdkHandle = std::convert::Infallible;
+
+#[cfg(feature = "dpdk")]
+fn dpdk_report(d: &DpdkHandle) -> Option<serde_json::Value> {
+    serde_json::to_value(d.report()).ok()
+}
+#[cfg(not(feature = "dpdk"))]
+fn dpdk_report(d: &DpdkHandle) -> Option<serde_json::Value> {
+    match *d {}
+}
+
+/// What `make_port` makes: the data-path port and the control path's handle on it.
+type MadePort = (
+    Box<dyn Port>,
+    Option<VhostUserNetDevice>,
+    Option<DpdkHandle>,
+);
+
 /// A locally generated MAC for a port without one: 52:54:00 (QEMU's OUI is what guests
 /// expect) plus a hash of the name.
 fn mac_for(name: &str) -> [u8; 6] {
@@ -289,8 +316,10 @@ fn mac_for(name: &str) -> [u8; 6] {
     [0x52, 0x54, 0x00, b[0], b[1], b[2]]
 }
 
-/// Creates the data-path half of port `p` (and the device, for vhost-user).
-fn make_port(p: &PortConfig) -> anyhow::Result<(Box<dyn Port>, Option<VhostUserNetDevice>)> {
+/// Creates the data-path half of port `p` (and the device, for vhost-user and DPDK; DPDK
+/// is initialised with `dpdk` first if it is not yet).
+fn make_port(p: &PortConfig, dpdk: Option<&crate::config::DpdkConfig>) -> anyhow::Result<MadePort> {
+    let _ = dpdk;
     Ok(match &p.kind {
         PortKind::VhostUser {
             socket,
@@ -317,12 +346,12 @@ fn make_port(p: &PortConfig) -> anyhow::Result<(Box<dyn Port>, Option<VhostUserN
                 reconnect_interval: Duration::from_millis(500),
             })
             .map_err(|e| anyhow::anyhow!("port {:?}: {e}", p.name))?;
-            (Box::new(port), Some(dev))
+            (Box::new(port), Some(dev), None)
         }
         PortKind::Tap { ifname, queues } => {
             let t = TapPort::open(&p.name, ifname, *queues)
                 .map_err(|e| anyhow::anyhow!("port {:?}: {e}", p.name))?;
-            (Box::new(t), None)
+            (Box::new(t), None, None)
         }
         PortKind::Source {
             frame_size,
@@ -337,26 +366,46 @@ fn make_port(p: &PortConfig) -> anyhow::Result<(Box<dyn Port>, Option<VhostUserN
             (
                 Box::new(SourcePort::new(&p.name, *frame_size, src, dst)),
                 None,
+                None,
             )
         }
-        PortKind::Sink => (Box::new(SinkPort::new(&p.name)), None),
+        PortKind::Sink => (Box::new(SinkPort::new(&p.name)), None, None),
+        #[cfg(feature = "dpdk")]
+        PortKind::Dpdk(c) => {
+            use crate::port::dpdk::{DpdkDevice, DpdkPort};
+            let dev = DpdkDevice::open(&dpdk.cloned().unwrap_or_default(), c)
+                .map_err(|e| anyhow::anyhow!("port {:?}: {e}", p.name))?;
+            (
+                Box::new(DpdkPort::new(&p.name, dev.clone())),
+                None,
+                Some(dev),
+            )
+        }
+        #[cfg(not(feature = "dpdk"))]
+        PortKind::Dpdk(_) => anyhow::bail!("port {:?}: built without DPDK support", p.name),
     })
 }
 
 impl Dataplane {
     pub fn start(cfg: &Config) -> anyhow::Result<Dataplane> {
         cfg.validate()?;
+        // DPDK's own devices (allow-list, vdevs) are probed at start, so their errors too.
+        #[cfg(feature = "dpdk")]
+        if let Some(d) = &cfg.dpdk {
+            crate::port::dpdk::eal::init(d).map_err(anyhow::Error::msg)?;
+        }
         let mut infos = Vec::new();
         let mut made: Vec<Option<Box<dyn Port>>> = Vec::new();
         // A port that fails drops everything made so far (sockets removed, taps closed).
         for (i, p) in cfg.ports.iter().enumerate() {
-            let (port, device) = make_port(p)?;
+            let (port, device, dpdk) = make_port(p, cfg.dpdk.as_ref())?;
             infos.push(PortInfo {
                 id: i as PortId,
                 cfg: p.clone(),
                 kind: port.kind(),
                 stats: port.stats().clone(),
                 device,
+                dpdk,
                 switched: false,
                 parts: Vec::new(),
                 link: None,
@@ -505,7 +554,8 @@ impl Dataplane {
         let id = (0..crate::switch::mactable::MAX_PORTS as PortId)
             .find(|id| self.ports.iter().all(|q| q.id != *id))
             .ok_or_else(|| ControlError::Conflict("no free port id".into()))?;
-        let (port, device) = make_port(&p).map_err(|e| ControlError::Failed(format!("{e:#}")))?;
+        let (port, device, dpdk) = make_port(&p, self.cfg.dpdk.as_ref())
+            .map_err(|e| ControlError::Failed(format!("{e:#}")))?;
         self.switch.table.flush_port(id);
         self.switch.table.set_port_limit(id, p.switch.mac_limit);
         let mut parts = place(
@@ -526,6 +576,7 @@ impl Dataplane {
             kind,
             stats,
             device,
+            dpdk,
             switched: true,
             parts,
             link: Some(link.clone()),
@@ -868,6 +919,7 @@ impl Dataplane {
                             .unwrap_or_default(),
                         macs: vlan.as_ref().map(|_| self.switch.table.port_count(p.id)),
                         vlan,
+                        dpdk: p.dpdk.as_ref().and_then(dpdk_report),
                         stats: p.stats.snapshot(),
                     }
                 })
@@ -1008,6 +1060,7 @@ mod tests {
             kind: "sink",
             stats: Arc::new(PortStats::with_queues(1)),
             device: None,
+            dpdk: None,
             switched: true,
             parts,
             link: None,

@@ -89,6 +89,20 @@ impl Packet {
         );
     }
 
+    /// Makes the packet a frame of `len` bytes (at most [`MAX_FRAME`]) with offload metadata
+    /// `hdr`, and returns it for the caller to fill (a frame copied in pieces, from a chain of
+    /// DPDK mbufs). None if `len` is too large.
+    pub fn frame_area(&mut self, len: usize, hdr: VirtioNetHdr) -> Option<&mut [u8]> {
+        if len > MAX_FRAME {
+            return None;
+        }
+        let m = &mut *self.0;
+        m.off = m.home;
+        m.len = len;
+        m.hdr = hdr;
+        Some(&mut m.buf[m.home..m.home + len])
+    }
+
     /// The 802.1Q tag control information, if the frame carries a tag.
     #[inline]
     pub fn vlan_tci(&self) -> Option<u16> {

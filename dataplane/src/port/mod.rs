@@ -2,6 +2,8 @@
 //! A port is owned by exactly one PMD thread; its counters are shared read-only with the
 //! control path.
 
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod null;
 pub mod tap;
 pub mod vhost_user;
@@ -92,6 +94,9 @@ pub struct PortStats {
     pub rx_dropped_vlan: AtomicU64,
     /// Received frames dropped by the switch: source MAC over the port's MAC limit.
     pub rx_dropped_mac_limit: AtomicU64,
+    /// Received frames dropped because no packet buffer was free (ports that are handed
+    /// frames before Torii can offer a buffer: DPDK).
+    pub rx_dropped_no_buffer: AtomicU64,
     /// Transmit dropped: peer not connected or no room (guest ring full, tap backlog).
     pub tx_dropped_no_room: AtomicU64,
     /// Transmit dropped: the packet needs an offload the port cannot take.
@@ -127,6 +132,7 @@ pub struct PortStatsSnapshot {
     pub rx_dropped_invalid: u64,
     pub rx_dropped_vlan: u64,
     pub rx_dropped_mac_limit: u64,
+    pub rx_dropped_no_buffer: u64,
     pub tx_dropped_no_room: u64,
     pub tx_dropped_offload: u64,
     pub tx_errors: u64,
@@ -201,6 +207,7 @@ impl PortStats {
             rx_dropped_invalid: l(&self.rx_dropped_invalid),
             rx_dropped_vlan: l(&self.rx_dropped_vlan),
             rx_dropped_mac_limit: l(&self.rx_dropped_mac_limit),
+            rx_dropped_no_buffer: l(&self.rx_dropped_no_buffer),
             tx_dropped_no_room: l(&self.tx_dropped_no_room),
             tx_dropped_offload: l(&self.tx_dropped_offload),
             tx_errors: l(&self.tx_errors),

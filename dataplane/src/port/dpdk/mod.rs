@@ -1,0 +1,659 @@
+//! `dpdk` ports: any DPDK poll-mode driver — virtual devices (`net_memif`, `net_af_packet`,
+//! `net_af_xdp`, `net_tap`, …) made for the port, or PCI NICs and VFs bound to vfio-pci — as
+//! a data-plane port, the way OVS-DPDK uses them.
+//!
+//! A port owns its DPDK device ([`DpdkDevice`]: ethdev configured with one receive and one
+//! transmit queue per queue pair, RSS across them, its own mbuf mempool), and is split like
+//! the other multiqueue ports so that each PMD polls its own queues: DPDK's burst functions
+//! need one thread per queue, nothing more. Frames are copied between mbufs and Torii's
+//! packets a burst at a time; mbufs are allocated and freed in bulk (per-thread mempool
+//! caches: PMD threads register with DPDK).
+
+pub mod eal;
+pub mod offload;
+
+use std::ffi::{CStr, CString};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use torii_dpdk_sys as sys;
+use torii_vhost_user_net::{BufPool, NetBuf, Offloads};
+
+use super::{Port, PortStats, BURST};
+use crate::config::{dpdk_device_name, DpdkConfig, DpdkPortConfig};
+use crate::packet::{Packet, PacketPool};
+
+/// Largest frame a DPDK port passes (a jumbo frame with two VLAN tags).
+const MAX_DPDK_FRAME: usize = 9000 + 14 + 8;
+/// Per-thread cache of a port's mempool.
+const MEMPOOL_CACHE: u32 = 256;
+
+/// A configured and started DPDK ethdev, shared by the parts of its port and the control
+/// path. Dropping the last reference stops and closes it and removes the device from DPDK,
+/// then frees its mempool.
+pub struct DpdkDevice {
+    /// The ethdev's name (a vdev's name or a PCI address).
+    name: String,
+    port_id: u16,
+    device: *mut sys::rte_device,
+    pool: *mut sys::rte_mempool,
+    driver: String,
+    mac: [u8; 6],
+    queues: u16,
+    /// Transmit offloads enabled on the device (RTE_ETH_TX_OFFLOAD_*).
+    tx_capa: u64,
+    /// Bytes of frame one mbuf holds.
+    seg_room: usize,
+    /// The device takes chained mbufs (frames longer than one mbuf).
+    multi_seg: bool,
+}
+
+// SAFETY: the raw pointers are DPDK objects (device, mempool) that stay valid until Drop, which
+// runs once, when the last part and the control path let go. DPDK allows its burst functions
+// on different queues from different threads at once (each queue is polled by one PMD only),
+// and statistics and link reads from the control thread while they run.
+unsafe impl Send for DpdkDevice {}
+// SAFETY: as above; shared access only reads the immutable fields or calls thread-safe
+// DPDK queries (stats, link).
+unsafe impl Sync for DpdkDevice {}
+
+/// Mempool names must be unique in the process.
+static POOL_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The cleanup of a device that was only partly set up.
+struct SetupGuard {
+    port_id: u16,
+    device: *mut sys::rte_device,
+    pool: *mut sys::rte_mempool,
+    started: bool,
+}
+
+impl Drop for SetupGuard {
+    fn drop(&mut self) {
+        teardown(self.port_id, self.device, self.pool, self.started);
+    }
+}
+
+fn teardown(
+    port_id: u16,
+    device: *mut sys::rte_device,
+    pool: *mut sys::rte_mempool,
+    started: bool,
+) {
+    // SAFETY: port_id names the ethdev this port configured; device is its rte_device (or
+    // null); pool is its mempool (or null), no longer used by any queue once the device is
+    // closed. Each is released once.
+    unsafe {
+        if started {
+            sys::rte_eth_dev_stop(port_id);
+        }
+        sys::rte_eth_dev_close(port_id);
+        if !device.is_null() {
+            let rc = sys::rte_dev_remove(device);
+            if rc < 0 {
+                tracing::warn!(port_id, "rte_dev_remove: {}", eal::strerror(rc));
+            }
+        }
+        if !pool.is_null() {
+            sys::rte_mempool_free(pool);
+        }
+    }
+}
+
+fn check(rc: i32, what: &str) -> Result<(), String> {
+    if rc < 0 {
+        Err(format!("{what}: {}", eal::strerror(rc)))
+    } else {
+        Ok(())
+    }
+}
+
+fn find_port(name: &CStr) -> Option<u16> {
+    let mut id = 0u16;
+    // SAFETY: name is a valid C string; id is written on success only.
+    (unsafe { sys::rte_eth_dev_get_port_by_name(name.as_ptr(), &mut id) } == 0).then_some(id)
+}
+
+impl DpdkDevice {
+    /// Initialises DPDK (with `eal`, unless it already is), makes or finds the device and
+    /// starts it with `cfg`'s queues. Nothing is left behind on error.
+    pub fn open(eal: &DpdkConfig, cfg: &DpdkPortConfig) -> Result<Arc<DpdkDevice>, String> {
+        eal::init(eal)?;
+        let name = dpdk_device_name(&cfg.device).to_string();
+        let cname = CString::new(name.as_str()).map_err(|_| "device name has a NUL byte")?;
+        let port_id = match find_port(&cname) {
+            Some(id) => id,
+            None => {
+                let args =
+                    CString::new(cfg.device.as_str()).map_err(|_| "device has a NUL byte")?;
+                // SAFETY: args is a valid C string; DPDK copies it.
+                let rc = unsafe { sys::rte_dev_probe(args.as_ptr()) };
+                check(rc, &format!("probing {:?}", cfg.device))?;
+                find_port(&cname).ok_or_else(|| {
+                    format!("DPDK made no network device named {name:?} (is it a net_* driver, or a NIC bound to vfio-pci?)")
+                })?
+            }
+        };
+        let mut guard = SetupGuard {
+            port_id,
+            device: std::ptr::null_mut(),
+            pool: std::ptr::null_mut(),
+            started: false,
+        };
+        let mut info = sys::rte_eth_dev_info::default();
+        // SAFETY: port_id is a valid ethdev; info is written by the call.
+        check(
+            unsafe { sys::rte_eth_dev_info_get(port_id, &mut info) },
+            "rte_eth_dev_info_get",
+        )?;
+        guard.device = info.device;
+        let driver = if info.driver_name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: the driver's name is a static C string.
+            unsafe { CStr::from_ptr(info.driver_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        let nq = cfg.queues;
+        if nq > info.max_rx_queues || nq > info.max_tx_queues {
+            return Err(format!(
+                "{name}: {nq} queues asked, the device ({driver}) has {} receive and {} transmit queues",
+                info.max_rx_queues, info.max_tx_queues
+            ));
+        }
+        let mut conf = sys::rte_eth_conf::default();
+        if nq > 1 {
+            conf.rxmode.mq_mode = sys::RTE_ETH_MQ_RX_RSS;
+            conf.rx_adv_conf.rss_conf.rss_hf = (sys::TORII_RTE_ETH_RSS_IP
+                | sys::TORII_RTE_ETH_RSS_TCP
+                | sys::TORII_RTE_ETH_RSS_UDP)
+                & info.flow_type_rss_offloads;
+        }
+        if cfg.mtu != 1500 {
+            conf.rxmode.mtu = cfg.mtu as u32;
+        }
+        let want_tx = sys::TORII_RTE_ETH_TX_OFFLOAD_TCP_CKSUM
+            | sys::TORII_RTE_ETH_TX_OFFLOAD_UDP_CKSUM
+            | sys::TORII_RTE_ETH_TX_OFFLOAD_MULTI_SEGS;
+        conf.txmode.offloads = info.tx_offload_capa & want_tx;
+        let want_rx =
+            sys::TORII_RTE_ETH_RX_OFFLOAD_TCP_CKSUM | sys::TORII_RTE_ETH_RX_OFFLOAD_UDP_CKSUM;
+        conf.rxmode.offloads = info.rx_offload_capa & want_rx;
+        // SAFETY: conf is a valid configuration for this port.
+        check(
+            unsafe { sys::rte_eth_dev_configure(port_id, nq, nq, &conf) },
+            &format!(
+                "configuring {name} ({driver}) with {nq} queues, MTU {}",
+                cfg.mtu
+            ),
+        )?;
+        let (mut rxd, mut txd) = (cfg.rxq_size, cfg.txq_size);
+        // SAFETY: valid port; the sizes are adjusted in place to the device's limits.
+        check(
+            unsafe { sys::rte_eth_dev_adjust_nb_rx_tx_desc(port_id, &mut rxd, &mut txd) },
+            "adjusting ring sizes",
+        )?;
+        // SAFETY: valid port.
+        let socket = unsafe { sys::rte_eth_dev_socket_id(port_id) };
+        // A frame (up to the MTU, with Ethernet header and two tags) fits one mbuf.
+        let seg_room = (cfg.mtu as usize + 22).max(2048).next_multiple_of(64);
+        let n = cfg.mbufs.unwrap_or_else(|| {
+            (u32::from(nq) * (u32::from(rxd) + u32::from(txd))
+                + 4 * MEMPOOL_CACHE
+                + 2 * BURST as u32)
+                .max(4096)
+        });
+        let pool_name = CString::new(format!(
+            "torii{}_{}",
+            port_id,
+            POOL_SEQ.fetch_add(1, Ordering::Relaxed)
+        ))
+        .expect("no NUL");
+        // SAFETY: valid name and sizes; DPDK allocates the pool in its own memory.
+        let pool = unsafe {
+            sys::rte_pktmbuf_pool_create(
+                pool_name.as_ptr(),
+                n,
+                MEMPOOL_CACHE,
+                0,
+                (seg_room + sys::TORII_RTE_PKTMBUF_HEADROOM as usize) as u16,
+                socket,
+            )
+        };
+        if pool.is_null() {
+            return Err(format!(
+                "{name}: cannot make a mempool of {n} mbufs: {} (DPDK memory: [dpdk] memory_mib, hugepages)",
+                eal::last_error()
+            ));
+        }
+        guard.pool = pool;
+        for q in 0..nq {
+            // SAFETY: valid port and queue; default queue configuration (null); pool is ours.
+            check(
+                unsafe {
+                    sys::rte_eth_rx_queue_setup(
+                        port_id,
+                        q,
+                        rxd,
+                        socket as u32,
+                        std::ptr::null(),
+                        pool,
+                    )
+                },
+                &format!("receive queue {q}"),
+            )?;
+            // SAFETY: as above.
+            check(
+                unsafe {
+                    sys::rte_eth_tx_queue_setup(port_id, q, txd, socket as u32, std::ptr::null())
+                },
+                &format!("transmit queue {q}"),
+            )?;
+        }
+        // A switch port sees every destination MAC. Drivers without the setting (memif) pass
+        // everything anyway.
+        // SAFETY: valid port.
+        let rc = unsafe { sys::rte_eth_promiscuous_enable(port_id) };
+        if rc < 0 {
+            tracing::debug!(port = %name, "promiscuous mode: {}", eal::strerror(rc));
+        }
+        // SAFETY: valid, configured port.
+        check(
+            unsafe { sys::rte_eth_dev_start(port_id) },
+            &format!("starting {name}"),
+        )?;
+        guard.started = true;
+        let mut mac = sys::rte_ether_addr::default();
+        // SAFETY: valid port; mac is written.
+        unsafe { sys::rte_eth_macaddr_get(port_id, &mut mac) };
+        let dev = DpdkDevice {
+            name,
+            port_id,
+            device: guard.device,
+            pool,
+            driver,
+            mac: mac.addr_bytes,
+            queues: nq,
+            tx_capa: conf.txmode.offloads,
+            seg_room,
+            multi_seg: conf.txmode.offloads & sys::TORII_RTE_ETH_TX_OFFLOAD_MULTI_SEGS != 0,
+        };
+        std::mem::forget(guard);
+        tracing::info!(port = %dev.name, port_id, driver = %dev.driver, queues = nq, rxd, txd, mbufs = n, "DPDK device started");
+        Ok(Arc::new(dev))
+    }
+
+    /// The device's state and DPDK's own counters, for the control API.
+    pub fn report(&self) -> DpdkReport {
+        let mut link = sys::rte_eth_link::default();
+        // SAFETY: valid port; link is written.
+        let link_ok = unsafe { sys::rte_eth_link_get_nowait(self.port_id, &mut link) } == 0;
+        let mut s = sys::rte_eth_stats::default();
+        // SAFETY: valid port; s is written.
+        let stats_ok = unsafe { sys::rte_eth_stats_get(self.port_id, &mut s) } == 0;
+        let m = self.mac;
+        let nq = (self.queues as usize).min(s.q_ipackets.len());
+        DpdkReport {
+            device: self.name.clone(),
+            driver: self.driver.clone(),
+            port_id: self.port_id,
+            mac: format!(
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            ),
+            link_up: link_ok && link.link_status() != 0,
+            link_speed_mbps: if link_ok { link.link_speed } else { 0 },
+            rx_packets: s.ipackets,
+            tx_packets: s.opackets,
+            rx_missed: s.imissed,
+            rx_errors: s.ierrors,
+            rx_no_mbuf: s.rx_nombuf,
+            tx_errors: s.oerrors,
+            rxq_packets: if stats_ok {
+                s.q_ipackets[..nq].to_vec()
+            } else {
+                Vec::new()
+            },
+            txq_packets: if stats_ok {
+                s.q_opackets[..nq].to_vec()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    pub fn port_id(&self) -> u16 {
+        self.port_id
+    }
+}
+
+impl Drop for DpdkDevice {
+    fn drop(&mut self) {
+        teardown(self.port_id, self.device, self.pool, true);
+        tracing::info!(port = %self.name, "DPDK device removed");
+    }
+}
+
+/// A DPDK device as the control API shows it: DPDK's view, beside the port's own counters.
+#[derive(Clone, Debug, Serialize)]
+pub struct DpdkReport {
+    pub device: String,
+    pub driver: String,
+    pub port_id: u16,
+    pub mac: String,
+    pub link_up: bool,
+    pub link_speed_mbps: u32,
+    /// The device's counters (what the driver saw, including what never reached Torii).
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Frames the device dropped because a receive ring was full (the PMD fell behind).
+    pub rx_missed: u64,
+    pub rx_errors: u64,
+    /// Frames dropped for want of an mbuf.
+    pub rx_no_mbuf: u64,
+    pub tx_errors: u64,
+    pub rxq_packets: Vec<u64>,
+    pub txq_packets: Vec<u64>,
+}
+
+/// The data-path face of a DPDK device (or of some of its queues, after a split).
+pub struct DpdkPort {
+    name: String,
+    dev: Arc<DpdkDevice>,
+    /// The device's queue numbers this part polls and sends on.
+    qids: Vec<u16>,
+    stats: Arc<PortStats>,
+    /// What received packets may carry (the peer's transmit offloads).
+    rx_offloads: Offloads,
+    tx_offloads: Offloads,
+    mbufs: Box<[*mut sys::rte_mbuf; BURST]>,
+}
+
+// SAFETY: the mbuf pointers in `mbufs` are scratch space, only valid during one burst call;
+// the device is Send (above). A part is used by one PMD thread at a time.
+unsafe impl Send for DpdkPort {}
+
+impl DpdkPort {
+    /// The port of a started device, with all its queues.
+    pub fn new(name: &str, dev: Arc<DpdkDevice>) -> Self {
+        let nq = dev.queues;
+        DpdkPort {
+            name: name.to_string(),
+            tx_offloads: offload::tx_offloads(dev.tx_capa),
+            dev,
+            qids: (0..nq).collect(),
+            stats: Arc::new(PortStats::with_queues(nq)),
+            rx_offloads: Offloads::empty(),
+            mbufs: Box::new([std::ptr::null_mut(); BURST]),
+        }
+    }
+
+    pub fn device(&self) -> &Arc<DpdkDevice> {
+        &self.dev
+    }
+
+    /// Copies mbuf chain `m` (`len` bytes in all) into `dst` (of `len` bytes). False if the
+    /// chain does not hold exactly `len` bytes.
+    ///
+    /// # Safety
+    /// `m` is a valid mbuf chain owned by the caller.
+    unsafe fn copy_chain(mut m: *const sys::rte_mbuf, dst: &mut [u8]) -> bool {
+        let mut at = 0;
+        // A chain never has more segments than bytes; the bound keeps a corrupt one finite.
+        for _ in 0..=dst.len() {
+            if m.is_null() {
+                break;
+            }
+            // SAFETY: m is a valid mbuf of the chain (caller).
+            let (buf, off, seg) = unsafe {
+                (
+                    (*m).buf_addr as *const u8,
+                    (*m).data_off as usize,
+                    (*m).data_len as usize,
+                )
+            };
+            if seg > dst.len() - at {
+                return false;
+            }
+            // SAFETY: the segment's data_len bytes at buf_addr + data_off are its frame data.
+            let src = unsafe { std::slice::from_raw_parts(buf.add(off), seg) };
+            dst[at..at + seg].copy_from_slice(src);
+            at += seg;
+            // SAFETY: as above.
+            m = unsafe { (*m).next };
+        }
+        m.is_null() && at == dst.len()
+    }
+
+    /// Copies `data` into the mbufs from `*next` on (one if it fits, a chain if the device
+    /// takes chains) and returns the chain's head; None if it does not fit.
+    ///
+    /// # Safety
+    /// `pool[*next..]` are freshly allocated mbufs of the device's mempool.
+    unsafe fn fill_chain(
+        &self,
+        data: &[u8],
+        pool: &[*mut sys::rte_mbuf],
+        next: &mut usize,
+    ) -> Option<*mut sys::rte_mbuf> {
+        let room = self.dev.seg_room;
+        let segs = data.len().div_ceil(room).max(1);
+        if (segs > 1 && !self.dev.multi_seg) || *next + segs > pool.len() {
+            return None;
+        }
+        let head = pool[*next];
+        let mut prev: *mut sys::rte_mbuf = std::ptr::null_mut();
+        for (i, chunk) in data
+            .chunks(room)
+            .chain(std::iter::once(&[][..]))
+            .take(segs)
+            .enumerate()
+        {
+            let m = pool[*next + i];
+            // SAFETY: m is a fresh mbuf (data_off at its headroom, room bytes of data room after
+            // it); chunk.len() <= room.
+            unsafe {
+                let dst = ((*m).buf_addr as *mut u8).add((*m).data_off as usize);
+                std::ptr::copy_nonoverlapping(chunk.as_ptr(), dst, chunk.len());
+                (*m).data_len = chunk.len() as u16;
+                if !prev.is_null() {
+                    (*prev).next = m;
+                }
+            }
+            prev = m;
+        }
+        // SAFETY: head is a fresh mbuf.
+        unsafe {
+            (*head).pkt_len = data.len() as u32;
+            (*head).nb_segs = segs as u16;
+        }
+        *next += segs;
+        Some(head)
+    }
+}
+
+impl Port for DpdkPort {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "dpdk"
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.qids.len() as u16
+    }
+
+    fn queue_id(&self, q: u16) -> u16 {
+        self.qids.get(q as usize).copied().unwrap_or(q)
+    }
+
+    #[inline]
+    fn poll_start(&mut self) {
+        eal::register_thread();
+    }
+
+    fn rx_burst(&mut self, q: u16, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
+        let Some(&qid) = self.qids.get(q as usize) else {
+            return;
+        };
+        let n = max.min(BURST);
+        // SAFETY: valid port and queue, polled by this thread only; `mbufs` has room for n.
+        let got = unsafe {
+            sys::torii_rx_burst(self.dev.port_id, qid, self.mbufs.as_mut_ptr(), n as u16)
+        } as usize;
+        if got == 0 {
+            return;
+        }
+        let (mut ok, mut bytes, mut bad, mut no_buf) = (0, 0, 0, 0);
+        for &m in &self.mbufs[..got] {
+            // SAFETY: DPDK handed us `got` valid mbufs, ours until freed below.
+            let (len, flags) = unsafe { ((*m).pkt_len as usize, (*m).ol_flags) };
+            let Some(mut p) = pool.alloc() else {
+                no_buf += 1;
+                continue;
+            };
+            let hdr = offload::rx_hdr(flags, self.rx_offloads);
+            // SAFETY: m is a valid chain (above).
+            let copied = len <= MAX_DPDK_FRAME
+                && p.frame_area(len, hdr)
+                    .is_some_and(|area| unsafe { Self::copy_chain(m, area) });
+            if copied {
+                ok += 1;
+                bytes += len;
+                out.push(p);
+            } else {
+                bad += 1;
+                pool.free(p);
+            }
+        }
+        // SAFETY: the `got` mbufs are ours and no longer referenced.
+        unsafe { sys::rte_pktmbuf_free_bulk(self.mbufs.as_mut_ptr(), got as u32) };
+        self.stats.rx(qid, ok, bytes);
+        PortStats::add(&self.stats.rx_dropped_invalid, bad);
+        PortStats::add(&self.stats.rx_dropped_no_buffer, no_buf);
+    }
+
+    fn tx_burst(&mut self, q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
+        let Some(&qid) = self.qids.get(q as usize) else {
+            for p in pkts.drain(..) {
+                pool.free(p);
+            }
+            return;
+        };
+        while !pkts.is_empty() {
+            let take = pkts.len().min(BURST);
+            // One mbuf per frame, more only for frames longer than one mbuf.
+            let need = pkts[..take]
+                .iter()
+                .map(|p| p.len().div_ceil(self.dev.seg_room).max(1))
+                .sum::<usize>()
+                .min(BURST);
+            let mut fresh = [std::ptr::null_mut::<sys::rte_mbuf>(); BURST];
+            // SAFETY: the pool is the device's; `fresh` has room for `need`.
+            if unsafe {
+                sys::torii_pktmbuf_alloc_bulk(self.dev.pool, fresh.as_mut_ptr(), need as u32)
+            } != 0
+            {
+                PortStats::add(&self.stats.tx_dropped_no_room, take);
+                for p in pkts.drain(..take) {
+                    pool.free(p);
+                }
+                continue;
+            }
+            let (mut next, mut n, mut too_big, mut bytes) = (0, 0, 0, 0);
+            for mut p in pkts.drain(..take) {
+                let meta = offload::tx_meta(&p.hdr(), p.data());
+                if meta.is_none() && p.hdr().flags & torii_vhost_user_net::hdr::F_NEEDS_CSUM != 0 {
+                    // Not something DPDK can be asked for: completed here.
+                    crate::offload::fixup(&mut p, Offloads::empty());
+                    PortStats::add(&self.stats.sw_csum, 1);
+                }
+                // SAFETY: fresh[next..need] are fresh mbufs of the device's pool.
+                match unsafe { self.fill_chain(p.data(), &fresh[..need], &mut next) } {
+                    Some(m) => {
+                        if let Some(t) = meta {
+                            // SAFETY: m is the head of the chain just filled.
+                            unsafe {
+                                (*m).ol_flags |= t.ol_flags;
+                                sys::torii_mbuf_set_tx_offload(m, t.l2_len, t.l3_len, 0, 0);
+                            }
+                        }
+                        bytes += p.len();
+                        self.mbufs[n] = m;
+                        n += 1;
+                    }
+                    None => too_big += 1,
+                }
+                pool.free(p);
+            }
+            if next < need {
+                // SAFETY: the mbufs past `next` were not used.
+                unsafe {
+                    sys::rte_pktmbuf_free_bulk(fresh[next..].as_mut_ptr(), (need - next) as u32)
+                };
+            }
+            // SAFETY: valid port and queue, sent on by this thread only; the n mbufs are ours,
+            // DPDK takes the ones it sends.
+            let sent = unsafe {
+                sys::torii_tx_burst(self.dev.port_id, qid, self.mbufs.as_mut_ptr(), n as u16)
+            } as usize;
+            if sent < n {
+                // SAFETY: DPDK left the unsent ones to us.
+                unsafe {
+                    sys::rte_pktmbuf_free_bulk(self.mbufs[sent..].as_mut_ptr(), (n - sent) as u32)
+                };
+                // Bytes of the unsent ones are not known any more: count by average.
+                bytes = bytes * sent / n.max(1);
+            }
+            self.stats.tx(qid, sent, bytes);
+            PortStats::add(&self.stats.tx_dropped_no_room, n - sent);
+            PortStats::add(&self.stats.tx_errors, too_big);
+        }
+    }
+
+    fn tx_offloads(&self) -> Offloads {
+        self.tx_offloads
+    }
+
+    fn set_rx_offloads(&mut self, accepted: Offloads) {
+        self.rx_offloads = accepted;
+    }
+
+    fn stats(&self) -> &Arc<PortStats> {
+        &self.stats
+    }
+
+    /// DPDK devices here have no receive interrupts wired to the PMD's epoll: a PMD that polls
+    /// one does not sleep (as OVS-DPDK's PMDs do not).
+    fn arm_wakeup(&mut self) -> bool {
+        true
+    }
+
+    fn split(&mut self, groups: &[Vec<u16>]) -> Option<Vec<Box<dyn Port>>> {
+        let mut all: Vec<u16> = groups.iter().flatten().copied().collect();
+        all.sort_unstable();
+        if all != self.qids || groups.iter().any(|g| g.is_empty()) {
+            return None;
+        }
+        let parts = groups
+            .iter()
+            .map(|g| {
+                Box::new(DpdkPort {
+                    name: self.name.clone(),
+                    dev: self.dev.clone(),
+                    qids: g.clone(),
+                    stats: self.stats.clone(),
+                    rx_offloads: self.rx_offloads,
+                    tx_offloads: self.tx_offloads,
+                    mbufs: Box::new([std::ptr::null_mut(); BURST]),
+                }) as Box<dyn Port>
+            })
+            .collect();
+        self.qids.clear();
+        Some(parts)
+    }
+}
