@@ -114,6 +114,8 @@ pub enum FwdMode {
     Io,
     /// Swap MAC addresses and forward.
     MacSwap,
+    /// Answer ARP requests and ICMP echo requests (any IPv4 address), drop the rest.
+    IcmpEcho,
 }
 
 impl FwdMode {
@@ -124,6 +126,7 @@ impl FwdMode {
             FwdMode::RxOnly => "rxonly",
             FwdMode::Io => "io",
             FwdMode::MacSwap => "macswap",
+            FwdMode::IcmpEcho => "icmpecho",
         }
     }
 }
@@ -139,6 +142,7 @@ pub struct TestpmdBuilder {
     vdevs: Vec<String>,
     n_virtio: u32,
     n_vhost: u32,
+    n_memif: u32,
     max_vdev_queues: u16,
     queues: Option<u16>,
     fwd: FwdMode,
@@ -198,6 +202,7 @@ impl TestpmdBuilder {
             vdevs: Vec::new(),
             n_virtio: 0,
             n_vhost: 0,
+            n_memif: 0,
             max_vdev_queues: 1,
             queues: None,
             fwd: FwdMode::Io,
@@ -268,6 +273,20 @@ impl TestpmdBuilder {
         );
         self.n_vhost += 1;
         self.add_vdev(v, queues);
+        self
+    }
+
+    /// Adds a memif port (`net_memifN`) on the file-system socket `path` (not the abstract
+    /// namespace, as VPP and Torii's examples use); `server`: testpmd listens.
+    pub fn memif(mut self, path: impl AsRef<Path>, server: bool) -> Self {
+        let v = format!(
+            "net_memif{},role={},socket={},socket-abstract=no",
+            self.n_memif,
+            if server { "server" } else { "client" },
+            path.as_ref().display()
+        );
+        self.n_memif += 1;
+        self.add_vdev(v, 1);
         self
     }
 

@@ -145,8 +145,12 @@ impl Daemon {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) {
+        // A port added at runtime shows up in the next report.
         let ok = wait_until(timeout, Duration::from_millis(200), || {
-            pred(&self.port(name))
+            self.report()["ports"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+                .is_some_and(&pred)
         });
         assert!(
             ok,
