@@ -47,4 +47,8 @@ void torii_mbuf_attach_extbuf(struct rte_mbuf *m, void *buf, uint16_t len,
                               struct rte_mbuf_ext_shared_info *shinfo)
 {
 	rte_pktmbuf_attach_extbuf(m, buf, RTE_BAD_IOVA, len, shinfo);
+	m->data_off = 0;
+	m->data_len = len;
+	m->pkt_len = len;
+	m->nb_segs = 1;
 }

@@ -16,8 +16,9 @@ int torii_errno(void);
 /* Sets the transmit offload lengths (bit fields of rte_mbuf). */
 void torii_mbuf_set_tx_offload(struct rte_mbuf *m, uint16_t l2_len, uint16_t l3_len,
                                uint16_t l4_len, uint16_t tso_segsz);
-/* Attaches `buf` (`len` bytes, not DPDK memory: IOVA unknown) as the external buffer of `m`;
- * `shinfo` must outlive the attachment; its callback runs when the last reference goes. */
+/* Attaches `buf` (`len` bytes, not DPDK memory: IOVA unknown) as the external buffer of `m`,
+ * whose frame is then those `len` bytes; `shinfo` must outlive the attachment; its callback
+ * runs when the last reference goes. */
 void torii_mbuf_attach_extbuf(struct rte_mbuf *m, void *buf, uint16_t len,
                               struct rte_mbuf_ext_shared_info *shinfo);
 #endif

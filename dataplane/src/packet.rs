@@ -1,6 +1,8 @@
 //! Packet buffers. Every buffer is allocated once, when its PMD starts, and then circulates
 //! between the PMD's free list and the ports: nothing is allocated per packet.
 
+use std::ffi::c_void;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -36,6 +38,69 @@ struct Meta {
     off: usize,
     len: usize,
     hdr: VirtioNetHdr,
+    /// The buffer the frame is in when it is not `buf` (`off` is then relative to it).
+    ext: Option<ExtBuf>,
+}
+
+/// A frame buffer lent to a packet by someone else — a DPDK mbuf's, so that a received frame
+/// is not copied — and given back with `release(handle)` when the packet lets go of it.
+pub struct ExtBuf {
+    pub base: NonNull<u8>,
+    pub cap: usize,
+    pub handle: NonNull<c_void>,
+    pub release: unsafe fn(NonNull<c_void>),
+    /// Who made it, for [`Packet::take_external`].
+    pub tag: u32,
+}
+
+// SAFETY: the lent buffer belongs to the packet alone until released, and `release` may be
+// called from any thread (the contract of `attach_external`): packets move between PMDs.
+unsafe impl Send for ExtBuf {}
+
+impl Meta {
+    /// The buffer the frame is in.
+    #[inline]
+    fn store(&self) -> &[u8] {
+        match &self.ext {
+            None => &self.buf,
+            // SAFETY: an attached buffer is `cap` bytes only this packet uses until it is
+            // released (the contract of `attach_external`).
+            Some(e) => unsafe { std::slice::from_raw_parts(e.base.as_ptr(), e.cap) },
+        }
+    }
+
+    #[inline]
+    fn store_mut(&mut self) -> &mut [u8] {
+        match &mut self.ext {
+            None => &mut self.buf,
+            // SAFETY: as in `store`; `&mut self` makes this the only access.
+            Some(e) => unsafe { std::slice::from_raw_parts_mut(e.base.as_ptr(), e.cap) },
+        }
+    }
+
+    /// Back on the packet's own buffer (an attached one is released).
+    #[inline]
+    fn own(&mut self) {
+        if self.ext.is_some() {
+            self.detach();
+        }
+    }
+
+    #[cold]
+    fn detach(&mut self) {
+        if let Some(e) = self.ext.take() {
+            // SAFETY: released once: `ext` no longer holds it.
+            unsafe { (e.release)(e.handle) };
+            self.off = self.home;
+            self.len = 0;
+        }
+    }
+}
+
+impl Drop for Meta {
+    fn drop(&mut self) {
+        self.detach();
+    }
 }
 
 impl Packet {
@@ -49,6 +114,7 @@ impl Packet {
             off: home,
             len: 0,
             hdr: VirtioNetHdr::default(),
+            ext: None,
         }))
     }
 
@@ -66,11 +132,12 @@ impl Packet {
     }
 
     pub fn data(&self) -> &[u8] {
-        &self.0.buf[self.0.off..self.0.off + self.0.len]
+        &self.0.store()[self.0.off..self.0.off + self.0.len]
     }
 
     pub fn data_mut(&mut self) -> &mut [u8] {
-        &mut self.0.buf[self.0.off..self.0.off + self.0.len]
+        let (off, len) = (self.0.off, self.0.len);
+        &mut self.0.store_mut()[off..off + len]
     }
 
     pub fn hdr_mut(&mut self) -> &mut VirtioNetHdr {
@@ -80,6 +147,7 @@ impl Packet {
     /// Copies `frame` in with no offload metadata.
     pub fn fill(&mut self, frame: &[u8]) {
         let len = frame.len().min(MAX_FRAME);
+        self.0.own();
         self.0.off = self.0.home;
         self.0.len = len;
         self.0.hdr = VirtioNetHdr::default();
@@ -97,10 +165,94 @@ impl Packet {
             return None;
         }
         let m = &mut *self.0;
+        m.own();
         m.off = m.home;
         m.len = len;
         m.hdr = hdr;
         Some(&mut m.buf[m.home..m.home + len])
+    }
+
+    /// Makes the packet the frame of `len` bytes at `off` in the lent buffer `ext` (a received
+    /// DPDK mbuf's), instead of copying it.
+    ///
+    /// # Safety
+    /// `ext.base` points to `ext.cap` bytes that nothing else reads or writes until the
+    /// packet calls `ext.release(ext.handle)` — exactly once: when it is freed, dropped, given
+    /// another frame, or the buffer is taken back with [`Self::take_external`] — on whatever
+    /// thread holds the packet then.
+    pub unsafe fn attach_external(
+        &mut self,
+        ext: ExtBuf,
+        off: usize,
+        len: usize,
+        hdr: VirtioNetHdr,
+    ) {
+        debug_assert!(off + len <= ext.cap);
+        let m = &mut *self.0;
+        m.own();
+        m.ext = Some(ext);
+        m.off = off;
+        m.len = len;
+        m.hdr = hdr;
+    }
+
+    /// If the frame is in a lent buffer made with `tag`, gives the buffer back unreleased,
+    /// with the frame's offset and length in it (after any VLAN push or pop); the packet is
+    /// left empty on its own buffer.
+    pub fn take_external(&mut self, tag: u32) -> Option<(ExtBuf, usize, usize)> {
+        let m = &mut *self.0;
+        if m.ext.as_ref()?.tag != tag {
+            return None;
+        }
+        let e = m.ext.take()?;
+        let r = (e, m.off, m.len);
+        m.off = m.home;
+        m.len = 0;
+        Some(r)
+    }
+
+    /// Whether the frame is in a lent buffer.
+    pub fn is_external(&self) -> bool {
+        self.0.ext.is_some()
+    }
+
+    /// Lends the packet's own buffer out (a DPDK external buffer): the frame's address, and
+    /// `scratch` bytes (8-byte aligned) after the frame for metadata that must live as long
+    /// as the loan. None if the frame is in a lent buffer itself or there is no room. The
+    /// addresses stay valid while the packet is held through [`Self::into_raw`].
+    pub fn lend(&mut self, scratch: usize) -> Option<(NonNull<u8>, NonNull<u8>)> {
+        let m = &mut *self.0;
+        if m.ext.is_some() {
+            return None;
+        }
+        let at = (m.off + m.len).next_multiple_of(8);
+        if at + scratch > m.buf.len() {
+            return None;
+        }
+        let base = m.buf.as_mut_ptr();
+        // SAFETY: off and at + scratch are within buf (checked above).
+        unsafe {
+            Some((
+                NonNull::new_unchecked(base.add(m.off)),
+                NonNull::new_unchecked(base.add(at)),
+            ))
+        }
+    }
+
+    /// The packet as one pointer, for C code to hold while its buffer is lent out.
+    pub fn into_raw(self) -> NonNull<c_void> {
+        let p = Box::into_raw(self.0);
+        // SAFETY: Box::into_raw never returns null.
+        unsafe { NonNull::new_unchecked(p.cast()) }
+    }
+
+    /// The packet given out by [`Self::into_raw`].
+    ///
+    /// # Safety
+    /// `p` came from `into_raw` and is turned back once.
+    pub unsafe fn from_raw(p: NonNull<c_void>) -> Packet {
+        // SAFETY: the caller's contract: p is a leaked Box<Meta>, reclaimed once.
+        Packet(unsafe { Box::from_raw(p.as_ptr().cast::<Meta>()) })
     }
 
     /// The 802.1Q tag control information, if the frame carries a tag.
@@ -114,13 +266,15 @@ impl Packet {
     /// with the frame. False (nothing changed) if the frame is too short or there is no room.
     pub fn push_vlan(&mut self, tci: u16) -> bool {
         let m = &mut *self.0;
-        if m.len < 12 || m.off < VLAN_TAG_LEN || m.off + m.len + VLAN_TAG_LEN > m.buf.len() {
+        let (off, len) = (m.off, m.len);
+        let buf = m.store_mut();
+        if len < 12 || off < VLAN_TAG_LEN || off + len + VLAN_TAG_LEN > buf.len() {
             return false;
         }
-        let start = m.off - VLAN_TAG_LEN;
-        m.buf.copy_within(m.off..m.off + 12, start);
-        m.buf[start + 12..start + 14].copy_from_slice(&ETH_P_8021Q);
-        m.buf[start + 14..start + 16].copy_from_slice(&tci.to_be_bytes());
+        let start = off - VLAN_TAG_LEN;
+        buf.copy_within(off..off + 12, start);
+        buf[start + 12..start + 14].copy_from_slice(&ETH_P_8021Q);
+        buf[start + 14..start + 16].copy_from_slice(&tci.to_be_bytes());
         m.off = start;
         m.len += VLAN_TAG_LEN;
         m.hdr.shift_offsets(VLAN_TAG_LEN as i32);
@@ -133,7 +287,8 @@ impl Packet {
             return false;
         }
         let m = &mut *self.0;
-        m.buf.copy_within(m.off..m.off + 12, m.off + VLAN_TAG_LEN);
+        let off = m.off;
+        m.store_mut().copy_within(off..off + 12, off + VLAN_TAG_LEN);
         m.off += VLAN_TAG_LEN;
         m.len -= VLAN_TAG_LEN;
         m.hdr.shift_offsets(-(VLAN_TAG_LEN as i32));
@@ -159,16 +314,19 @@ impl Packet {
     /// header). Returns None if there is not that much headroom.
     pub fn with_prefix(&mut self, prefix: usize) -> Option<&mut [u8]> {
         let start = self.0.off.checked_sub(prefix)?;
-        Some(&mut self.0.buf[start..self.0.off + self.0.len])
+        let end = self.0.off + self.0.len;
+        Some(&mut self.0.store_mut()[start..end])
     }
 
     /// The buffer for a read that will place a `prefix`-byte header then the frame.
     pub fn read_area(&mut self, prefix: usize) -> &mut [u8] {
+        self.0.own();
         &mut self.0.buf[self.0.home - prefix..]
     }
 
     /// After a read into `read_area(prefix)` of `n` bytes, the header was the first `prefix`.
     pub fn set_read(&mut self, prefix: usize, n: usize, hdr: VirtioNetHdr) {
+        self.0.own();
         self.0.off = self.0.home;
         self.0.len = n.saturating_sub(prefix);
         self.0.hdr = hdr;
@@ -178,10 +336,12 @@ impl Packet {
 impl NetBuf for Packet {
     fn raw_mut(&mut self) -> &mut [u8] {
         // The virtio header lands in the headroom's tail so the frame starts at `home`.
+        self.0.own();
         &mut self.0.buf[self.0.home - torii_vhost_user_net::hdr::HDR_LEN_MRG..]
     }
 
     fn set_frame(&mut self, hdr: VirtioNetHdr, offset: usize, len: usize) {
+        self.0.own();
         self.0.off = self.0.home - torii_vhost_user_net::hdr::HDR_LEN_MRG + offset;
         self.0.len = len;
         self.0.hdr = hdr;
@@ -326,6 +486,7 @@ impl BufPool for PacketPool {
     #[inline]
     fn free(&mut self, mut p: Packet) {
         let m = &mut *p.0;
+        m.own();
         m.len = 0;
         m.off = m.home;
         m.hdr = VirtioNetHdr::default();
@@ -382,6 +543,84 @@ mod tests {
         pool.free(a);
         pool.free(b);
         assert_eq!(pool.available(), 2);
+    }
+
+    static RELEASED: AtomicUsize = AtomicUsize::new(0);
+
+    /// A lent buffer for the tests: a leaked boxed slice, counted when released.
+    fn lent(frame: &[u8], headroom: usize) -> ExtBuf {
+        unsafe fn release(h: NonNull<c_void>) {
+            RELEASED.fetch_add(1, Ordering::SeqCst);
+            // SAFETY: h is the Box<Vec<u8>> leaked by `lent`.
+            drop(unsafe { Box::from_raw(h.as_ptr().cast::<Vec<u8>>()) });
+        }
+        let mut v = vec![0u8; headroom];
+        v.extend_from_slice(frame);
+        v.resize(v.len() + 16, 0);
+        let cap = v.len();
+        let mut b = Box::new(v);
+        let base = NonNull::new(b.as_mut_ptr()).unwrap();
+        let handle = NonNull::new(Box::into_raw(b).cast::<c_void>()).unwrap();
+        ExtBuf {
+            base,
+            cap,
+            handle,
+            release,
+            tag: 7,
+        }
+    }
+
+    #[test]
+    fn lent_buffers_are_used_in_place_and_released_once() {
+        let before = RELEASED.load(Ordering::SeqCst);
+        let mut pool = PacketPool::new(2);
+        let frame: Vec<u8> = (0..60u8).collect();
+        let mut p = pool.alloc().unwrap();
+        // SAFETY: the buffer is the packet's alone; release may run on any thread.
+        unsafe { p.attach_external(lent(&frame, 32), 32, 60, VirtioNetHdr::default()) };
+        assert!(p.is_external());
+        assert_eq!(p.data(), &frame[..]);
+        // Edits happen in the lent buffer: a tag goes into its headroom.
+        assert!(p.push_vlan(0x0064));
+        assert_eq!(p.vlan_tci(), Some(0x0064));
+        assert_eq!(p.with_prefix(12).unwrap().len(), 12 + 64);
+        // Freed: released once, and the packet is back on its own buffer.
+        pool.free(p);
+        assert_eq!(RELEASED.load(Ordering::SeqCst), before + 1);
+        let mut p = pool.alloc().unwrap();
+        assert!(!p.is_external());
+        // Taken back unreleased, with the frame's place after a tag push.
+        unsafe { p.attach_external(lent(&frame, 32), 32, 60, VirtioNetHdr::default()) };
+        assert!(p.push_vlan(5));
+        assert!(p.take_external(8).is_none(), "another owner's tag");
+        let (e, off, len) = p.take_external(7).unwrap();
+        assert_eq!((off, len), (28, 64));
+        assert_eq!(RELEASED.load(Ordering::SeqCst), before + 1);
+        unsafe { (e.release)(e.handle) };
+        // Given a frame of its own, or dropped: the lent buffer goes back.
+        unsafe { p.attach_external(lent(&frame, 32), 32, 60, VirtioNetHdr::default()) };
+        p.fill(b"own frame");
+        assert_eq!(p.data(), b"own frame");
+        assert_eq!(RELEASED.load(Ordering::SeqCst), before + 3);
+        unsafe { p.attach_external(lent(&frame, 32), 32, 60, VirtioNetHdr::default()) };
+        drop(p);
+        assert_eq!(RELEASED.load(Ordering::SeqCst), before + 4);
+    }
+
+    #[test]
+    fn a_lent_out_packet_comes_back_whole() {
+        let mut pool = PacketPool::new(1);
+        let mut p = pool.alloc().unwrap();
+        p.fill(b"abcdef");
+        let (frame, scratch) = p.lend(24).unwrap();
+        assert_eq!(scratch.as_ptr() as usize % 8, 0);
+        assert!(scratch.as_ptr() as usize >= frame.as_ptr() as usize + 6);
+        let raw = p.into_raw();
+        // SAFETY: raw came from into_raw, once.
+        let p = unsafe { Packet::from_raw(raw) };
+        assert_eq!(p.data(), b"abcdef");
+        pool.free(p);
+        assert_eq!(pool.available(), 1);
     }
 
     #[test]

@@ -382,7 +382,7 @@ fn multiqueue_dpdk_port_is_spread_over_pmds() {
         |p| {
             p["rxq_packets"]
                 .as_array()
-                .is_some_and(|q| q.len() == 2 && q.iter().all(|n| n.as_u64().unwrap_or(0) > 1000))
+                .is_some_and(|q| q.len() == 2 && q.iter().all(|n| n.as_u64().unwrap_or(0) > 20_000))
         },
     );
     peer.stop(Duration::from_secs(20))

@@ -5,16 +5,25 @@
 //! A port owns its DPDK device ([`DpdkDevice`]: ethdev configured with one receive and one
 //! transmit queue per queue pair, RSS across them, its own mbuf mempool), and is split like
 //! the other multiqueue ports so that each PMD polls its own queues: DPDK's burst functions
-//! need one thread per queue, nothing more. Frames are copied between mbufs and Torii's
-//! packets a burst at a time; mbufs are allocated and freed in bulk (per-thread mempool
-//! caches: PMD threads register with DPDK).
+//! need one thread per queue, nothing more.
+//!
+//! Frames are not copied between mbufs and Torii's packets where that can be avoided: a
+//! received single-segment mbuf is lent to a packet (its buffer becomes the packet's frame,
+//! and it is freed when the packet is), so a frame from a DPDK port is copied once, into a
+//! guest's buffers, as DPDK's own vhost library does; a frame sent to a DPDK port is handed
+//! over in its mbuf if it came from one, and otherwise, for virtual devices that copy frames
+//! out at transmit (memif, af_packet, tap, …), attached to an mbuf as an external buffer.
+//! PCI devices, which need DMA addresses, get copies. mbufs are allocated and freed in bulk
+//! (per-thread mempool caches: PMD threads register with DPDK).
 
 pub mod eal;
 pub mod offload;
 
-use std::ffi::{CStr, CString};
+use std::cell::RefCell;
+use std::ffi::{c_void, CStr, CString};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use torii_dpdk_sys as sys;
@@ -22,12 +31,29 @@ use torii_vhost_user_net::{BufPool, NetBuf, Offloads};
 
 use super::{Port, PortStats, BURST};
 use crate::config::{dpdk_device_name, DpdkConfig, DpdkPortConfig};
-use crate::packet::{Packet, PacketPool};
+use crate::packet::{ExtBuf, Packet, PacketPool};
 
 /// Largest frame a DPDK port passes (a jumbo frame with two VLAN tags).
 const MAX_DPDK_FRAME: usize = 9000 + 14 + 8;
 /// Per-thread cache of a port's mempool.
 const MEMPOOL_CACHE: u32 = 256;
+/// The tag of packets whose frame is in a received mbuf.
+const MBUF_TAG: u32 = 0x6d62_7566;
+/// Headroom a lent mbuf must have in front of its frame: a virtio-net header and two VLAN
+/// tags are written there.
+const MIN_HEADROOM: usize = 32;
+/// Drivers known to be done with a frame when their transmit burst returns (they copy it into
+/// a ring, a socket or shared memory and free the mbuf), so that a packet's own buffer can be
+/// lent to them for the call.
+const COPYING_DRIVERS: [&str; 7] = [
+    "net_memif",
+    "net_af_packet",
+    "net_af_xdp",
+    "net_tap",
+    "net_vhost",
+    "net_virtio_user",
+    "net_null",
+];
 
 /// A configured and started DPDK ethdev, shared by the parts of its port and the control
 /// path. Dropping the last reference stops and closes it and removes the device from DPDK,
@@ -47,6 +73,8 @@ pub struct DpdkDevice {
     seg_room: usize,
     /// The device takes chained mbufs (frames longer than one mbuf).
     multi_seg: bool,
+    /// Packets' own buffers are lent to the device at transmit instead of being copied.
+    lend_tx: bool,
 }
 
 // SAFETY: the raw pointers are DPDK objects (device, mempool) that stay valid until Drop, which
@@ -60,6 +88,42 @@ unsafe impl Sync for DpdkDevice {}
 
 /// Mempool names must be unique in the process.
 static POOL_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Mempools of removed devices that still had mbufs out (lent to packets other PMDs hold):
+/// freed once all their mbufs are back.
+struct Graveyard(Vec<NonNull<sys::rte_mempool>>);
+// SAFETY: the pools are only touched under the mutex, by DPDK calls that any thread may make.
+unsafe impl Send for Graveyard {}
+static GRAVEYARD: Mutex<Graveyard> = Mutex::new(Graveyard(Vec::new()));
+
+/// Frees `pool` now if every mbuf is back, or later (see [`sweep_pools`]).
+fn retire_pool(pool: *mut sys::rte_mempool) {
+    if let Some(p) = NonNull::new(pool) {
+        GRAVEYARD
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push(p);
+    }
+    sweep_pools();
+}
+
+/// Frees the retired mempools whose mbufs are all back (checked when devices come and go).
+fn sweep_pools() {
+    let mut g = GRAVEYARD.lock().unwrap_or_else(|e| e.into_inner());
+    g.0.retain(|p| {
+        let p = p.as_ptr();
+        // SAFETY: a retired pool stays valid until freed here; its counters are readable.
+        unsafe {
+            if sys::rte_mempool_avail_count(p) >= (*p).size {
+                sys::rte_mempool_free(p);
+                false
+            } else {
+                true
+            }
+        }
+    });
+}
 
 /// The cleanup of a device that was only partly set up.
 struct SetupGuard {
@@ -95,10 +159,8 @@ fn teardown(
                 tracing::warn!(port_id, "rte_dev_remove: {}", eal::strerror(rc));
             }
         }
-        if !pool.is_null() {
-            sys::rte_mempool_free(pool);
-        }
     }
+    retire_pool(pool);
 }
 
 fn check(rc: i32, what: &str) -> Result<(), String> {
@@ -120,6 +182,7 @@ impl DpdkDevice {
     /// starts it with `cfg`'s queues. Nothing is left behind on error.
     pub fn open(eal: &DpdkConfig, cfg: &DpdkPortConfig) -> Result<Arc<DpdkDevice>, String> {
         eal::init(eal)?;
+        sweep_pools();
         let name = dpdk_device_name(&cfg.device).to_string();
         let cname = CString::new(name.as_str()).map_err(|_| "device name has a NUL byte")?;
         let port_id = match find_port(&cname) {
@@ -273,15 +336,19 @@ impl DpdkDevice {
             port_id,
             device: guard.device,
             pool,
-            driver,
             mac: mac.addr_bytes,
             queues: nq,
             tx_capa: conf.txmode.offloads,
             seg_room,
             multi_seg: conf.txmode.offloads & sys::TORII_RTE_ETH_TX_OFFLOAD_MULTI_SEGS != 0,
+            lend_tx: cfg.zero_copy
+                && COPYING_DRIVERS.contains(&driver.as_str())
+                // memif in zero-copy mode transmits from its own shared-memory mbufs only.
+                && !cfg.device.contains("zero-copy=yes"),
+            driver,
         };
         std::mem::forget(guard);
-        tracing::info!(port = %dev.name, port_id, driver = %dev.driver, queues = nq, rxd, txd, mbufs = n, "DPDK device started");
+        tracing::info!(port = %dev.name, port_id, driver = %dev.driver, queues = nq, rxd, txd, mbufs = n, lend_tx = dev.lend_tx, "DPDK device started");
         Ok(Arc::new(dev))
     }
 
@@ -474,6 +541,186 @@ impl DpdkPort {
     }
 }
 
+/// Frees a received mbuf lent to a packet (`ExtBuf::release`).
+///
+/// # Safety
+/// `h` is an mbuf this process owns and no longer uses.
+unsafe fn release_mbuf(h: NonNull<c_void>) {
+    // SAFETY: the caller's contract.
+    unsafe { sys::torii_pktmbuf_free(h.as_ptr().cast()) };
+}
+
+thread_local! {
+    /// Packets whose buffers a device gave back during this thread's current transmit call
+    /// (the external-buffer callback runs inside DPDK); the caller puts them back in its pool.
+    static RETURNED: RefCell<Vec<Packet>> = RefCell::new(Vec::with_capacity(4 * BURST));
+}
+
+/// DPDK's callback when the last reference to an mbuf holding a lent packet buffer goes.
+unsafe extern "C" fn lent_buffer_freed(_addr: *mut c_void, opaque: *mut c_void) {
+    let Some(raw) = NonNull::new(opaque) else {
+        return;
+    };
+    // SAFETY: opaque is the packet given out by into_raw when its buffer was lent, and DPDK
+    // calls this once per loan.
+    let p = unsafe { Packet::from_raw(raw) };
+    // No unwinding out of a C callback: if the list is unreachable (thread ending) the packet
+    // is dropped instead.
+    let _ = RETURNED.try_with(|r| {
+        if let Ok(mut v) = r.try_borrow_mut() {
+            v.push(p);
+        }
+    });
+}
+
+/// Puts the packets the device gave back during a transmit call into `pool`.
+fn take_returned(pool: &mut PacketPool) {
+    let _ = RETURNED.try_with(|r| {
+        if let Ok(mut v) = r.try_borrow_mut() {
+            for p in v.drain(..) {
+                pool.free(p);
+            }
+        }
+    });
+}
+
+impl DpdkPort {
+    /// How a packet goes out: in its own mbuf, lent, or copied into `n` fresh mbufs.
+    #[inline]
+    fn fresh_mbufs(&self, p: &Packet) -> usize {
+        if p.is_external() {
+            0
+        } else if self.dev.lend_tx {
+            1
+        } else {
+            p.len().div_ceil(self.dev.seg_room).max(1)
+        }
+    }
+
+    /// Sends the first `take` (≤ BURST) packets of `pkts`.
+    fn tx_some(&mut self, qid: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>, take: usize) {
+        let need = pkts[..take]
+            .iter()
+            .map(|p| self.fresh_mbufs(p))
+            .sum::<usize>();
+        let mut fresh = [std::ptr::null_mut::<sys::rte_mbuf>(); BURST];
+        // SAFETY: the pool is the device's; `fresh` has room for `need` (≤ BURST or refused).
+        if need > BURST
+            || (need > 0
+                && unsafe {
+                    sys::torii_pktmbuf_alloc_bulk(self.dev.pool, fresh.as_mut_ptr(), need as u32)
+                } != 0)
+        {
+            PortStats::add(&self.stats.tx_dropped_no_room, take);
+            for p in pkts.drain(..take) {
+                pool.free(p);
+            }
+            return;
+        }
+        let (mut next, mut n, mut failed, mut bytes) = (0, 0, 0, 0);
+        for mut p in pkts.drain(..take) {
+            let meta = offload::tx_meta(&p.hdr(), p.data());
+            if meta.is_none() && p.hdr().flags & torii_vhost_user_net::hdr::F_NEEDS_CSUM != 0 {
+                // Not something DPDK can be asked for: completed here.
+                crate::offload::fixup(&mut p, Offloads::empty());
+                PortStats::add(&self.stats.sw_csum, 1);
+            }
+            let len = p.len();
+            let m = if let Some((ext, off, len)) = p.take_external(MBUF_TAG) {
+                // A received mbuf: it goes out itself, with the frame where it is now.
+                let m = ext.handle.as_ptr().cast::<sys::rte_mbuf>();
+                // SAFETY: the packet handed the mbuf back to us unreleased; single segment.
+                unsafe {
+                    (*m).data_off = off as u16;
+                    (*m).data_len = len as u16;
+                    (*m).pkt_len = len as u32;
+                    (*m).ol_flags &=
+                        sys::TORII_RTE_MBUF_F_EXTERNAL | sys::TORII_RTE_MBUF_F_INDIRECT;
+                }
+                pool.free(p);
+                Some(m)
+            } else if self.dev.lend_tx {
+                let m = fresh[next];
+                next += 1;
+                match p.lend(std::mem::size_of::<sys::rte_mbuf_ext_shared_info>()) {
+                    Some((frame, scratch)) if len <= u16::MAX as usize => {
+                        let shinfo = scratch.as_ptr().cast::<sys::rte_mbuf_ext_shared_info>();
+                        let raw = p.into_raw();
+                        // SAFETY: scratch is 8-aligned room for the shared info inside the
+                        // packet's buffer, which lives (leaked in `raw`) until the callback
+                        // takes it back; frame is the packet's `len` bytes; m is fresh.
+                        unsafe {
+                            shinfo.write(sys::rte_mbuf_ext_shared_info {
+                                free_cb: Some(lent_buffer_freed),
+                                fcb_opaque: raw.as_ptr(),
+                                refcnt: 1,
+                            });
+                            sys::torii_mbuf_attach_extbuf(
+                                m,
+                                frame.as_ptr().cast(),
+                                len as u16,
+                                shinfo,
+                            );
+                        }
+                        Some(m)
+                    }
+                    _ => {
+                        // No room to lend it: a copy in the fresh mbuf if it fits one.
+                        // SAFETY: m is a fresh mbuf of the device's pool.
+                        let r = unsafe { self.fill_chain(p.data(), &[m], &mut 0) };
+                        if r.is_none() {
+                            // SAFETY: m was not used.
+                            unsafe { sys::torii_pktmbuf_free(m) };
+                        }
+                        pool.free(p);
+                        r
+                    }
+                }
+            } else {
+                // SAFETY: fresh[next..need] are fresh mbufs of the device's pool.
+                let r = unsafe { self.fill_chain(p.data(), &fresh[..need], &mut next) };
+                pool.free(p);
+                r
+            };
+            let Some(m) = m else {
+                failed += 1;
+                continue;
+            };
+            if let Some(t) = meta {
+                // SAFETY: m is the head of the frame's mbuf chain.
+                unsafe {
+                    (*m).ol_flags |= t.ol_flags;
+                    sys::torii_mbuf_set_tx_offload(m, t.l2_len, t.l3_len, 0, 0);
+                }
+            }
+            bytes += len;
+            self.mbufs[n] = m;
+            n += 1;
+        }
+        if next < need {
+            // SAFETY: the mbufs past `next` were not used.
+            unsafe { sys::rte_pktmbuf_free_bulk(fresh[next..].as_mut_ptr(), (need - next) as u32) };
+        }
+        // SAFETY: valid port and queue, sent on by this thread only; the n mbufs are ours,
+        // DPDK takes the ones it sends.
+        let sent = unsafe {
+            sys::torii_tx_burst(self.dev.port_id, qid, self.mbufs.as_mut_ptr(), n as u16)
+        } as usize;
+        if sent < n {
+            // SAFETY: DPDK left the unsent ones to us.
+            unsafe {
+                sys::rte_pktmbuf_free_bulk(self.mbufs[sent..].as_mut_ptr(), (n - sent) as u32)
+            };
+            // Bytes of the unsent ones are not known any more: count by average.
+            bytes = bytes * sent / n.max(1);
+        }
+        take_returned(pool);
+        self.stats.tx(qid, sent, bytes);
+        PortStats::add(&self.stats.tx_dropped_no_room, n - sent);
+        PortStats::add(&self.stats.tx_errors, failed);
+    }
+}
+
 impl Port for DpdkPort {
     fn name(&self) -> &str {
         &self.name
@@ -508,20 +755,57 @@ impl Port for DpdkPort {
         if got == 0 {
             return;
         }
-        let (mut ok, mut bytes, mut bad, mut no_buf) = (0, 0, 0, 0);
-        for &m in &self.mbufs[..got] {
-            // SAFETY: DPDK handed us `got` valid mbufs, ours until freed below.
-            let (len, flags) = unsafe { ((*m).pkt_len as usize, (*m).ol_flags) };
+        let (mut ok, mut bytes, mut bad, mut no_buf, mut copied) = (0, 0, 0, 0, 0);
+        for i in 0..got {
+            let m = self.mbufs[i];
+            // SAFETY: DPDK handed us `got` valid mbufs, ours until freed or lent.
+            let (len, flags, segs, off) = unsafe {
+                (
+                    (*m).pkt_len as usize,
+                    (*m).ol_flags,
+                    (*m).nb_segs,
+                    (*m).data_off as usize,
+                )
+            };
             let Some(mut p) = pool.alloc() else {
                 no_buf += 1;
+                self.mbufs[copied] = m;
+                copied += 1;
                 continue;
             };
             let hdr = offload::rx_hdr(flags, self.rx_offloads);
+            if segs == 1 && off >= MIN_HEADROOM && len <= MAX_DPDK_FRAME {
+                // SAFETY: a single-segment mbuf: buf_len bytes at buf_addr, the frame at
+                // data_off; ours alone until release_mbuf frees it.
+                unsafe {
+                    let cap = (*m).buf_len as usize;
+                    if off + len <= cap {
+                        if let (Some(base), Some(handle)) = (
+                            NonNull::new((*m).buf_addr as *mut u8),
+                            NonNull::new(m as *mut c_void),
+                        ) {
+                            let ext = ExtBuf {
+                                base,
+                                cap,
+                                handle,
+                                release: release_mbuf,
+                                tag: MBUF_TAG,
+                            };
+                            p.attach_external(ext, off, len, hdr);
+                            ok += 1;
+                            bytes += len;
+                            out.push(p);
+                            continue;
+                        }
+                    }
+                }
+            }
+            // A chain (or an odd mbuf): copied into the packet's own buffer.
             // SAFETY: m is a valid chain (above).
-            let copied = len <= MAX_DPDK_FRAME
+            let done = len <= MAX_DPDK_FRAME
                 && p.frame_area(len, hdr)
                     .is_some_and(|area| unsafe { Self::copy_chain(m, area) });
-            if copied {
+            if done {
                 ok += 1;
                 bytes += len;
                 out.push(p);
@@ -529,9 +813,13 @@ impl Port for DpdkPort {
                 bad += 1;
                 pool.free(p);
             }
+            self.mbufs[copied] = m;
+            copied += 1;
         }
-        // SAFETY: the `got` mbufs are ours and no longer referenced.
-        unsafe { sys::rte_pktmbuf_free_bulk(self.mbufs.as_mut_ptr(), got as u32) };
+        if copied > 0 {
+            // SAFETY: the first `copied` entries are mbufs we no longer reference.
+            unsafe { sys::rte_pktmbuf_free_bulk(self.mbufs.as_mut_ptr(), copied as u32) };
+        }
         self.stats.rx(qid, ok, bytes);
         PortStats::add(&self.stats.rx_dropped_invalid, bad);
         PortStats::add(&self.stats.rx_dropped_no_buffer, no_buf);
@@ -546,72 +834,7 @@ impl Port for DpdkPort {
         };
         while !pkts.is_empty() {
             let take = pkts.len().min(BURST);
-            // One mbuf per frame, more only for frames longer than one mbuf.
-            let need = pkts[..take]
-                .iter()
-                .map(|p| p.len().div_ceil(self.dev.seg_room).max(1))
-                .sum::<usize>()
-                .min(BURST);
-            let mut fresh = [std::ptr::null_mut::<sys::rte_mbuf>(); BURST];
-            // SAFETY: the pool is the device's; `fresh` has room for `need`.
-            if unsafe {
-                sys::torii_pktmbuf_alloc_bulk(self.dev.pool, fresh.as_mut_ptr(), need as u32)
-            } != 0
-            {
-                PortStats::add(&self.stats.tx_dropped_no_room, take);
-                for p in pkts.drain(..take) {
-                    pool.free(p);
-                }
-                continue;
-            }
-            let (mut next, mut n, mut too_big, mut bytes) = (0, 0, 0, 0);
-            for mut p in pkts.drain(..take) {
-                let meta = offload::tx_meta(&p.hdr(), p.data());
-                if meta.is_none() && p.hdr().flags & torii_vhost_user_net::hdr::F_NEEDS_CSUM != 0 {
-                    // Not something DPDK can be asked for: completed here.
-                    crate::offload::fixup(&mut p, Offloads::empty());
-                    PortStats::add(&self.stats.sw_csum, 1);
-                }
-                // SAFETY: fresh[next..need] are fresh mbufs of the device's pool.
-                match unsafe { self.fill_chain(p.data(), &fresh[..need], &mut next) } {
-                    Some(m) => {
-                        if let Some(t) = meta {
-                            // SAFETY: m is the head of the chain just filled.
-                            unsafe {
-                                (*m).ol_flags |= t.ol_flags;
-                                sys::torii_mbuf_set_tx_offload(m, t.l2_len, t.l3_len, 0, 0);
-                            }
-                        }
-                        bytes += p.len();
-                        self.mbufs[n] = m;
-                        n += 1;
-                    }
-                    None => too_big += 1,
-                }
-                pool.free(p);
-            }
-            if next < need {
-                // SAFETY: the mbufs past `next` were not used.
-                unsafe {
-                    sys::rte_pktmbuf_free_bulk(fresh[next..].as_mut_ptr(), (need - next) as u32)
-                };
-            }
-            // SAFETY: valid port and queue, sent on by this thread only; the n mbufs are ours,
-            // DPDK takes the ones it sends.
-            let sent = unsafe {
-                sys::torii_tx_burst(self.dev.port_id, qid, self.mbufs.as_mut_ptr(), n as u16)
-            } as usize;
-            if sent < n {
-                // SAFETY: DPDK left the unsent ones to us.
-                unsafe {
-                    sys::rte_pktmbuf_free_bulk(self.mbufs[sent..].as_mut_ptr(), (n - sent) as u32)
-                };
-                // Bytes of the unsent ones are not known any more: count by average.
-                bytes = bytes * sent / n.max(1);
-            }
-            self.stats.tx(qid, sent, bytes);
-            PortStats::add(&self.stats.tx_dropped_no_room, n - sent);
-            PortStats::add(&self.stats.tx_errors, too_big);
+            self.tx_some(qid, pool, pkts, take);
         }
     }
 
