@@ -406,3 +406,34 @@ fn multiqueue_dpdk_port_is_spread_over_pmds() {
     );
     dp.stop();
 }
+
+/// Two more kinds of DPDK driver on the switch: net_af_xdp on a veth pair (an XDP socket) and
+/// net_tap (a kernel tap DPDK makes, moved into a namespace): the namespaces ping each other
+/// through Torii.
+#[test]
+fn af_xdp_and_tap_ports_carry_ping() {
+    let _lock = torii_perf::heavy_test_lock();
+    prerequisites();
+    prereq::require_binary("ethtool", "apt-get install ethtool").or_fail("prerequisite");
+    let dir = proc_util::unique_tmp_dir("torii-xdp").or_fail("tmp dir");
+    let (ns1, ns2) = (Netns::new("xdp1"), Netns::new("xdp2"));
+    let v = Veth::new("x1", &ns1, "10.93.0.1/24");
+    let tap = common::ifname("dt");
+    let body = format!(
+        "{DPDK}[[port]]\nname = \"xdp\"\ntype = \"dpdk\"\ndevice = \"net_af_xdp0,iface={}\"\n[[port]]\nname = \"tap\"\ntype = \"dpdk\"\ndevice = \"net_tap0,iface={tap}\"\n",
+        v.near
+    );
+    let mut dp = Daemon::start(dir.path(), "", &body);
+    assert_eq!(dp.port("xdp")["dpdk"]["driver"], "net_af_xdp");
+    assert_eq!(dp.port("tap")["dpdk"]["driver"], "net_tap");
+    ns2.adopt(&tap, "10.93.0.2/24");
+    let out = ns1.exec("ping -c 5 -i 0.2 -W 2 10.93.0.2");
+    assert!(
+        out.contains(" 0% packet loss"),
+        "ping over af_xdp and tap:\n{out}"
+    );
+    let xdp = dp.wait_settled("xdp");
+    assert!(xdp["rx_packets"].as_u64().unwrap() >= 5, "{xdp}");
+    assert!(dp.port("tap")["rx_packets"].as_u64().unwrap() >= 5);
+    dp.stop();
+}
