@@ -315,6 +315,23 @@ pub fn prometheus(r: &Report) -> String {
         if let Some(n) = p.macs {
             add("torii_port_macs".into(), "gauge", labels.clone(), &json!(n));
         }
+        // DPDK's own counters of a dpdk port (what its device saw and dropped).
+        if let Some(d) = &p.dpdk {
+            add(
+                "torii_port_link_up".into(),
+                "gauge",
+                labels.clone(),
+                &json!(u8::from(d["link_up"] == true)),
+            );
+            for k in ["rx_missed", "rx_errors", "rx_no_mbuf", "tx_errors"] {
+                add(
+                    format!("torii_port_dpdk_{k}_total"),
+                    "counter",
+                    labels.clone(),
+                    &d[k],
+                );
+            }
+        }
         add(
             "torii_port_broken_queues".into(),
             "gauge",

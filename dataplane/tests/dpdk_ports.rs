@@ -111,9 +111,17 @@ fn memif_port_exchanges_traffic_with_a_testpmd_memif_peer() {
     for k in ["rx_dropped_invalid", "rx_dropped_no_buffer", "tx_errors"] {
         assert_eq!(n(&memif, k), 0, "{k}: {memif}");
     }
-    // DPDK's own counters agree with the port's.
+    // DPDK's own counters agree with the port's, and reach Prometheus.
     assert_eq!(memif["dpdk"]["tx_packets"], memif["tx_packets"], "{memif}");
     assert_eq!(memif["dpdk"]["rx_packets"], memif["rx_packets"], "{memif}");
+    let metrics = dp.ctl_ok(&["metrics"]);
+    for line in [
+        // The peer has gone: the link is down.
+        "torii_port_link_up{port=\"memif\",kind=\"dpdk\"} 0",
+        "torii_port_dpdk_rx_missed_total{port=\"memif\",kind=\"dpdk\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
     dp.stop();
 }
 
