@@ -39,6 +39,8 @@ const MAX_DPDK_FRAME: usize = 9000 + 14 + 8;
 const MEMPOOL_CACHE: u32 = 256;
 /// The tag of packets whose frame is in a received mbuf.
 const MBUF_TAG: u32 = 0x6d62_7566;
+/// Longest frame lent to a device in one external buffer (an mbuf's lengths are 16 bits).
+const LEND_MAX: usize = u16::MAX as usize - 64;
 /// Headroom a lent mbuf must have in front of its frame: a virtio-net header and two VLAN
 /// tags are written there.
 const MIN_HEADROOM: usize = 32;
@@ -239,7 +241,9 @@ impl DpdkDevice {
         }
         let want_tx = sys::TORII_RTE_ETH_TX_OFFLOAD_TCP_CKSUM
             | sys::TORII_RTE_ETH_TX_OFFLOAD_UDP_CKSUM
-            | sys::TORII_RTE_ETH_TX_OFFLOAD_MULTI_SEGS;
+            | sys::TORII_RTE_ETH_TX_OFFLOAD_IPV4_CKSUM
+            | sys::TORII_RTE_ETH_TX_OFFLOAD_MULTI_SEGS
+            | sys::TORII_RTE_ETH_TX_OFFLOAD_TCP_TSO;
         conf.txmode.offloads = info.tx_offload_capa & want_tx;
         let want_rx =
             sys::TORII_RTE_ETH_RX_OFFLOAD_TCP_CKSUM | sys::TORII_RTE_ETH_RX_OFFLOAD_UDP_CKSUM;
@@ -590,7 +594,7 @@ impl DpdkPort {
     fn fresh_mbufs(&self, p: &Packet) -> usize {
         if p.is_external() {
             0
-        } else if self.dev.lend_tx {
+        } else if self.dev.lend_tx && p.len() <= LEND_MAX {
             1
         } else {
             p.len().div_ceil(self.dev.seg_room).max(1)
@@ -617,10 +621,18 @@ impl DpdkPort {
             }
             return;
         }
-        let (mut next, mut n, mut failed, mut bytes) = (0, 0, 0, 0);
+        let (mut next, mut n, mut failed, mut bytes, mut gso) = (0, 0, 0, 0, 0);
         for mut p in pkts.drain(..take) {
-            let meta = offload::tx_meta(&p.hdr(), p.data());
-            if meta.is_none() && p.hdr().flags & torii_vhost_user_net::hdr::F_NEEDS_CSUM != 0 {
+            let hdr = p.hdr();
+            let meta = offload::tx_meta(&hdr, p.data_mut());
+            if meta.is_none() && hdr.is_gso() {
+                // A super-frame DPDK cannot be asked to segment (the PMD hands over only
+                // what the port accepts, so this one is malformed).
+                PortStats::add(&self.stats.tx_dropped_offload, 1);
+                pool.free(p);
+                continue;
+            }
+            if meta.is_none() && hdr.needs_csum() {
                 // Not something DPDK can be asked for: completed here.
                 crate::offload::fixup(&mut p, Offloads::empty());
                 PortStats::add(&self.stats.sw_csum, 1);
@@ -639,11 +651,11 @@ impl DpdkPort {
                 }
                 pool.free(p);
                 Some(m)
-            } else if self.dev.lend_tx {
+            } else if self.dev.lend_tx && len <= LEND_MAX {
                 let m = fresh[next];
                 next += 1;
                 match p.lend(std::mem::size_of::<sys::rte_mbuf_ext_shared_info>()) {
-                    Some((frame, scratch)) if len <= u16::MAX as usize => {
+                    Some((frame, scratch)) => {
                         let shinfo = scratch.as_ptr().cast::<sys::rte_mbuf_ext_shared_info>();
                         let raw = p.into_raw();
                         // SAFETY: scratch is 8-aligned room for the shared info inside the
@@ -687,10 +699,13 @@ impl DpdkPort {
                 continue;
             };
             if let Some(t) = meta {
+                if t.tso_segsz != 0 {
+                    gso += 1;
+                }
                 // SAFETY: m is the head of the frame's mbuf chain.
                 unsafe {
                     (*m).ol_flags |= t.ol_flags;
-                    sys::torii_mbuf_set_tx_offload(m, t.l2_len, t.l3_len, 0, 0);
+                    sys::torii_mbuf_set_tx_offload(m, t.l2_len, t.l3_len, t.l4_len, t.tso_segsz);
                 }
             }
             bytes += len;
@@ -718,6 +733,7 @@ impl DpdkPort {
         self.stats.tx(qid, sent, bytes);
         PortStats::add(&self.stats.tx_dropped_no_room, n - sent);
         PortStats::add(&self.stats.tx_errors, failed);
+        PortStats::add(&self.stats.tx_gso_packets, gso);
     }
 }
 

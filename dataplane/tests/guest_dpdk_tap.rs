@@ -1,0 +1,150 @@
+//! A QEMU (TCG) guest's virtio-net on a Torii vhost-user port, cross-connected to a DPDK
+//! `net_tap` port whose kernel interface is in a network namespace: TCP both ways, checked by
+//! SHA-256, with the guest's checksum and TSO requests carried to DPDK as mbuf offload flags
+//! (net_tap segments and checksums them) instead of being done by Torii in software.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Netns, OrFail};
+use torii_perf::{prereq, proc_util};
+
+const HOST_IP: &str = "10.252.0.1";
+const GUEST_IP: &str = "10.252.0.2";
+const MAC: &str = "52:54:00:12:34:57";
+const T: Duration = Duration::from_secs(30);
+
+fn in_netns<R: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> std::thread::JoinHandle<R> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).or_fail("netns file");
+        // SAFETY: setns on this thread only, with a valid netns fd.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+fn sha256(data: &[u8]) -> String {
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .or_fail("sha256sum");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(data)
+        .or_fail("sha256sum stdin");
+    let out = child.wait_with_output().or_fail("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn guest_tcp_through_a_dpdk_tap_port_with_offloads() {
+    let _lock = torii_perf::heavy_test_lock();
+    prereq::require_root().or_fail("prerequisite");
+    prereq::require_qemu().or_fail("prerequisite");
+    prereq::guest_image().or_fail("prerequisite");
+    prereq::require_hugepages(128).or_fail("prerequisite");
+    let dir = proc_util::unique_tmp_dir("torii-gdt").or_fail("tmp dir");
+    let sock = dir.join("vm.sock");
+    let tap = common::ifname("gd");
+    let body = format!(
+        "[dpdk]\nmemory_mib = 256\n[[port]]\nname = \"vm\"\ntype = \"vhost-user\"\nsocket = \"{}\"\nmac = \"{MAC}\"\n[[port]]\nname = \"tap\"\ntype = \"dpdk\"\ndevice = \"net_tap0,iface={tap}\"\n[[xconnect]]\nports = [\"vm\", \"tap\"]\n",
+        sock.display()
+    );
+    let dp = Daemon::start(dir.path(), "", &body);
+    let ns = Netns::new("gd");
+    ns.adopt(&tap, &format!("{HOST_IP}/24"));
+    let mut g = common::boot_guest(&sock, MAC, &format!("{GUEST_IP}/24"), 1, 1, &[]);
+    dp.wait_port("vm", T, "guest connected", |p| p["connected"] == true);
+    common::ping_from(&mut g, HOST_IP);
+
+    // Guest → host: 4 MiB over TCP (TSO4 super-frames from the guest), checked by SHA-256.
+    let upload = in_netns(&ns.name, || {
+        let l = TcpListener::bind((HOST_IP, 5001)).or_fail("bind 5001");
+        let (mut s, _) = l.accept().or_fail("accept");
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).or_fail("receive upload");
+        v
+    });
+    let want = g
+        .run_ok(
+            "dd if=/dev/urandom of=/tmp/up bs=64k count=64 2>/dev/null && sha256sum /tmp/up",
+            T,
+        )
+        .or_fail("make upload file");
+    g.run_ok(
+        &format!("nc {HOST_IP} 5001 < /tmp/up"),
+        Duration::from_secs(120),
+    )
+    .or_fail("upload");
+    let got = upload.join().expect("upload thread");
+    assert_eq!(got.len(), 4 << 20, "upload length");
+    assert_eq!(
+        want.split_whitespace().next().unwrap(),
+        sha256(&got),
+        "upload corrupted"
+    );
+
+    // Host → guest: 4 MiB the other way.
+    let data: Vec<u8> = (0..(4u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let want = sha256(&data);
+    g.spawn_bg("nc -l -p 5002 > /tmp/down")
+        .or_fail("guest listener");
+    let sender = in_netns(&ns.name, move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut s = loop {
+            match TcpStream::connect((GUEST_IP, 5002)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("connect to guest: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(300)),
+            }
+        };
+        s.write_all(&data).or_fail("send download");
+    });
+    sender.join().expect("download thread");
+    let ok = proc_util::wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
+        g.run("stat -c %s /tmp/down", T)
+            .map(|o| o.stdout.trim() == (4u32 << 20).to_string())
+            .unwrap_or(false)
+    });
+    assert!(ok, "download incomplete: {:?}", g.run("ls -l /tmp/down", T));
+    let got = g
+        .run_ok("sha256sum /tmp/down", T)
+        .or_fail("sha256 in guest");
+    assert_eq!(
+        got.split_whitespace().next().unwrap(),
+        want,
+        "download corrupted"
+    );
+
+    // The guest's super-frames went to DPDK whole, with segmentation and checksum requests.
+    let vm = dp.wait_settled("vm");
+    let port = dp.wait_settled("tap");
+    assert!(
+        vm["rx_gso_packets"].as_u64().unwrap() > 0,
+        "no TSO from the guest: {vm}"
+    );
+    assert!(
+        port["tx_gso_packets"].as_u64().unwrap() > 0,
+        "no TSO request to DPDK: {port}"
+    );
+    assert_eq!(port["sw_gso"], 0, "segmented in software: {port}");
+    assert_eq!(port["tx_dropped_offload"], 0, "{port}");
+    assert_eq!(port["tx_errors"], 0, "{port}");
+}
