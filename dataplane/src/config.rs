@@ -804,6 +804,86 @@ mod tests {
         assert_eq!(c.switch.mac_table_size, 8192);
     }
 
+    const DPDK: &str = r#"
+        [dpdk]
+        memory_mib = 256
+        allow = ["0000:03:00.0"]
+        [[port]]
+        name = "memif"
+        type = "dpdk"
+        device = "net_memif0,role=server,socket=/run/m.sock"
+        [[port]]
+        name = "nic"
+        type = "dpdk"
+        device = "0000:03:00.0"
+        queues = 4
+    "#;
+
+    #[test]
+    fn dpdk_ports_and_eal_settings_are_checked() {
+        let c = Config::parse(DPDK).unwrap();
+        let PortKind::Dpdk(nic) = &c.ports[1].kind else {
+            panic!("{:?}", c.ports[1].kind)
+        };
+        assert_eq!(
+            (nic.queues, nic.rxq_size, nic.mtu, nic.zero_copy),
+            (4, 1024, 1500, true)
+        );
+        assert_eq!(dpdk_device_name("net_memif0,role=server"), "net_memif0");
+        let cases = [
+            (
+                DPDK.replace("net_memif0,", "vhost0,"),
+                "neither a PCI address",
+            ),
+            (
+                DPDK.replace("net_memif0,role=server", "net_memif0, role=server"),
+                "not DPDK device arguments",
+            ),
+            (
+                DPDK.replace(
+                    "\"0000:03:00.0\"\n        queues",
+                    "\"net_memif0\"\n        queues",
+                ),
+                "device net_memif0 used twice",
+            ),
+            (DPDK.replace("queues = 4", "queues = 17"), "queues 17"),
+            (
+                DPDK.replace("queues = 4", "rxq_size = 1000"),
+                "rxq_size 1000 is not a power of two",
+            ),
+            (
+                DPDK.replace("queues = 4", "txq_size = 8192"),
+                "txq_size 8192",
+            ),
+            (DPDK.replace("queues = 4", "mtu = 9600"), "mtu 9600"),
+            (DPDK.replace("queues = 4", "mbufs = 10"), "mbufs 10"),
+            (
+                DPDK.replace("queues = 4", "vlan = 5\nqueus = 1"),
+                "unknown field `queus`",
+            ),
+            (
+                DPDK.replace("memory_mib = 256", "memory_mib = 16"),
+                "dpdk: memory_mib 16",
+            ),
+            (
+                DPDK.replace("[\"0000:03:00.0\"]", "[\"eth0\"]"),
+                "dpdk: allow: \"eth0\" is not a PCI address",
+            ),
+            (
+                DPDK.replace("memory_mib = 256", "cpus = [64]"),
+                "dpdk: cpus: CPU 64 does not exist",
+            ),
+            (
+                DPDK.replace("memory_mib = 256", "lcores = 2"),
+                "unknown field `lcores`",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} should mention {want:?}");
+        }
+    }
+
     #[test]
     fn accepts_a_good_config() {
         let c = Config::parse(GOOD).unwrap();
