@@ -279,10 +279,12 @@ fn vhost_user_to_memif_path_between_two_testpmds() {
         .stop(Duration::from_secs(20))
         .or_fail("stopping the receiver");
     let n = |p: &serde_json::Value, k: &str| p[k].as_u64().unwrap_or(u64::MAX);
-    assert_eq!(
-        n(&vm, "rx_packets"),
-        sent.tx_packets,
-        "Torii took every packet the frontend sent: {sent:?}\n{vm}"
+    // Torii took every packet the frontend enqueued, except what was still in the ring (at
+    // most its 256 entries) when the frontend stopped its device.
+    let taken = n(&vm, "rx_packets");
+    assert!(
+        taken <= sent.tx_packets && sent.tx_packets - taken <= 256,
+        "Torii took what the frontend sent: {sent:?}\n{vm}"
     );
     assert_eq!(
         n(&memif, "tx_packets") + n(&memif, "tx_dropped_no_room"),

@@ -1,7 +1,8 @@
 //! A QEMU (TCG) guest's virtio-net on a Torii vhost-user port, cross-connected to a DPDK
 //! `net_tap` port whose kernel interface is in a network namespace: TCP both ways, checked by
 //! SHA-256, with the guest's checksum and TSO requests carried to DPDK as mbuf offload flags
-//! (net_tap segments and checksums them) instead of being done by Torii in software.
+//! (net_tap segments and checksums them) instead of being done by Torii in software. Then
+//! again with `zero_copy = false`: frames copied into mbuf chains instead of lent.
 
 mod common;
 
@@ -51,30 +52,17 @@ fn sha256(data: &[u8]) -> String {
         .to_string()
 }
 
-#[test]
-fn guest_tcp_through_a_dpdk_tap_port_with_offloads() {
-    let _lock = torii_perf::heavy_test_lock();
-    prereq::require_root().or_fail("prerequisite");
-    prereq::require_qemu().or_fail("prerequisite");
-    prereq::guest_image().or_fail("prerequisite");
-    prereq::require_hugepages(128).or_fail("prerequisite");
-    let dir = proc_util::unique_tmp_dir("torii-gdt").or_fail("tmp dir");
-    let sock = dir.join("vm.sock");
-    let tap = common::ifname("gd");
-    let body = format!(
-        "[dpdk]\nmemory_mib = 256\n[[port]]\nname = \"vm\"\ntype = \"vhost-user\"\nsocket = \"{}\"\nmac = \"{MAC}\"\n[[port]]\nname = \"tap\"\ntype = \"dpdk\"\ndevice = \"net_tap0,iface={tap}\"\n[[xconnect]]\nports = [\"vm\", \"tap\"]\n",
+fn config(sock: &std::path::Path, tap: &str, zero_copy: bool) -> String {
+    format!(
+        "[dpdk]\nmemory_mib = 256\n[[port]]\nname = \"vm\"\ntype = \"vhost-user\"\nsocket = \"{}\"\nmac = \"{MAC}\"\n[[port]]\nname = \"tap\"\ntype = \"dpdk\"\ndevice = \"net_tap0,iface={tap}\"\nzero_copy = {zero_copy}\n[[xconnect]]\nports = [\"vm\", \"tap\"]\n",
         sock.display()
-    );
-    let dp = Daemon::start(dir.path(), "", &body);
-    let ns = Netns::new("gd");
-    ns.adopt(&tap, &format!("{HOST_IP}/24"));
-    let mut g = common::boot_guest(&sock, MAC, &format!("{GUEST_IP}/24"), 1, 1, &[]);
-    dp.wait_port("vm", T, "guest connected", |p| p["connected"] == true);
-    common::ping_from(&mut g, HOST_IP);
+    )
+}
 
-    // Guest → host: 4 MiB over TCP (TSO4 super-frames from the guest), checked by SHA-256.
-    let upload = in_netns(&ns.name, || {
-        let l = TcpListener::bind((HOST_IP, 5001)).or_fail("bind 5001");
+/// Guest → host: 4 MiB over TCP (TSO4 super-frames from the guest), checked by SHA-256.
+fn upload(g: &mut torii_perf::guest::Guest, ns: &Netns, port: u16) {
+    let upload = in_netns(&ns.name, move || {
+        let l = TcpListener::bind((HOST_IP, port)).or_fail("bind");
         let (mut s, _) = l.accept().or_fail("accept");
         let mut v = Vec::new();
         s.read_to_end(&mut v).or_fail("receive upload");
@@ -87,7 +75,7 @@ fn guest_tcp_through_a_dpdk_tap_port_with_offloads() {
         )
         .or_fail("make upload file");
     g.run_ok(
-        &format!("nc {HOST_IP} 5001 < /tmp/up"),
+        &format!("nc {HOST_IP} {port} < /tmp/up"),
         Duration::from_secs(120),
     )
     .or_fail("upload");
@@ -98,6 +86,43 @@ fn guest_tcp_through_a_dpdk_tap_port_with_offloads() {
         sha256(&got),
         "upload corrupted"
     );
+}
+
+/// The guest's super-frames went to DPDK whole, with segmentation and checksum requests.
+fn offloads_carried(dp: &Daemon) {
+    let vm = dp.wait_settled("vm");
+    let port = dp.wait_settled("tap");
+    assert!(
+        vm["rx_gso_packets"].as_u64().unwrap() > 0,
+        "no TSO from the guest: {vm}"
+    );
+    assert!(
+        port["tx_gso_packets"].as_u64().unwrap() > 0,
+        "no TSO request to DPDK: {port}"
+    );
+    assert_eq!(port["sw_gso"], 0, "segmented in software: {port}");
+    assert_eq!(port["tx_dropped_offload"], 0, "{port}");
+    assert_eq!(port["tx_errors"], 0, "{port}");
+}
+
+#[test]
+fn guest_tcp_through_a_dpdk_tap_port_with_offloads() {
+    let _lock = torii_perf::heavy_test_lock();
+    prereq::require_root().or_fail("prerequisite");
+    prereq::require_qemu().or_fail("prerequisite");
+    prereq::guest_image().or_fail("prerequisite");
+    prereq::require_hugepages(128).or_fail("prerequisite");
+    let dir = proc_util::unique_tmp_dir("torii-gdt").or_fail("tmp dir");
+    let sock = dir.join("vm.sock");
+    let tap = common::ifname("gd");
+    let dp = Daemon::start(dir.path(), "", &config(&sock, &tap, true));
+    let ns = Netns::new("gd");
+    ns.adopt(&tap, &format!("{HOST_IP}/24"));
+    let mut g = common::boot_guest(&sock, MAC, &format!("{GUEST_IP}/24"), 1, 1, &[]);
+    dp.wait_port("vm", T, "guest connected", |p| p["connected"] == true);
+    common::ping_from(&mut g, HOST_IP);
+
+    upload(&mut g, &ns, 5001);
 
     // Host → guest: 4 MiB the other way.
     let data: Vec<u8> = (0..(4u32 << 20))
@@ -133,18 +158,16 @@ fn guest_tcp_through_a_dpdk_tap_port_with_offloads() {
         "download corrupted"
     );
 
-    // The guest's super-frames went to DPDK whole, with segmentation and checksum requests.
-    let vm = dp.wait_settled("vm");
-    let port = dp.wait_settled("tap");
-    assert!(
-        vm["rx_gso_packets"].as_u64().unwrap() > 0,
-        "no TSO from the guest: {vm}"
-    );
-    assert!(
-        port["tx_gso_packets"].as_u64().unwrap() > 0,
-        "no TSO request to DPDK: {port}"
-    );
-    assert_eq!(port["sw_gso"], 0, "segmented in software: {port}");
-    assert_eq!(port["tx_dropped_offload"], 0, "{port}");
-    assert_eq!(port["tx_errors"], 0, "{port}");
+    offloads_carried(&dp);
+
+    // Copies instead of loans: a new daemon on the same socket (the guest reconnects), its
+    // tap moved into the namespace again.
+    drop(dp);
+    let dir2 = proc_util::unique_tmp_dir("torii-gdt2").or_fail("tmp dir");
+    let dp = Daemon::start(dir2.path(), "", &config(&sock, &tap, false));
+    ns.adopt(&tap, &format!("{HOST_IP}/24"));
+    dp.wait_port("vm", T, "guest reconnected", |p| p["connected"] == true);
+    common::ping_from(&mut g, HOST_IP);
+    upload(&mut g, &ns, 5003);
+    offloads_carried(&dp);
 }

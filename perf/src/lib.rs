@@ -13,6 +13,8 @@
 //!   backend (run it with `perf/run-bench`).
 //! * [`switch_bench`] — `torii-switch-bench`: the L2 switch's rate with 2, 8,
 //!   32 ports against a cross-connect (`perf/run-switch-bench`).
+//! * [`dpdk_bench`] — `torii-dpdk-bench`: Torii forwarding between a vhost-user and a DPDK
+//!   memif port against dpdk-testpmd doing the same (`perf/run-dpdk-bench`).
 //! * [`blk_client`], [`blk_job`] — a userspace virtio-blk driver over
 //!   vhost-user (a VM without a VM) and fio-like jobs on it, with a verify
 //!   mode: `torii-blk-client`, against any vhost-user-blk backend.
@@ -29,6 +31,7 @@ pub mod bench;
 pub mod blk_bench;
 pub mod blk_client;
 pub mod blk_job;
+pub mod dpdk_bench;
 pub mod guest;
 pub mod prereq;
 pub mod proc_util;

@@ -39,8 +39,14 @@ const MAX_DPDK_FRAME: usize = 9000 + 14 + 8;
 const MEMPOOL_CACHE: u32 = 256;
 /// The tag of packets whose frame is in a received mbuf.
 const MBUF_TAG: u32 = 0x6d62_7566;
+/// Most mbufs one transmit call allocates: a burst of single-mbuf frames, or a few copied
+/// super-frames (a 64 KiB frame in 2 KiB mbufs takes 33).
+const FRESH: usize = 4 * BURST;
 /// Longest frame lent to a device in one external buffer (an mbuf's lengths are 16 bits).
 const LEND_MAX: usize = u16::MAX as usize - 64;
+/// Shortest frame lent rather than copied: below it the loan (attach, DPDK's callback, the
+/// return to the pool) costs more than the copy it saves (`torii-dpdk-bench`, docs/perf.md).
+const LEND_MIN: usize = 1024;
 /// Headroom a lent mbuf must have in front of its frame: a virtio-net header and two VLAN
 /// tags are written there.
 const MIN_HEADROOM: usize = 32;
@@ -589,27 +595,39 @@ fn take_returned(pool: &mut PacketPool) {
 }
 
 impl DpdkPort {
+    /// Whether a frame of `len` bytes is lent to the device rather than copied.
+    #[inline]
+    fn lends(&self, len: usize) -> bool {
+        self.dev.lend_tx && (LEND_MIN..=LEND_MAX).contains(&len)
+    }
+
     /// How a packet goes out: in its own mbuf, lent, or copied into `n` fresh mbufs.
     #[inline]
     fn fresh_mbufs(&self, p: &Packet) -> usize {
         if p.is_external() {
             0
-        } else if self.dev.lend_tx && p.len() <= LEND_MAX {
+        } else if self.lends(p.len()) {
             1
         } else {
             p.len().div_ceil(self.dev.seg_room).max(1)
         }
     }
 
-    /// Sends the first `take` (≤ BURST) packets of `pkts`.
-    fn tx_some(&mut self, qid: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>, take: usize) {
-        let need = pkts[..take]
-            .iter()
-            .map(|p| self.fresh_mbufs(p))
-            .sum::<usize>();
-        let mut fresh = [std::ptr::null_mut::<sys::rte_mbuf>(); BURST];
-        // SAFETY: the pool is the device's; `fresh` has room for `need` (≤ BURST or refused).
-        if need > BURST
+    /// Sends packets from the front of `pkts`: up to a burst, and no more than [`FRESH`] new
+    /// mbufs' worth (copies of super-frames take many).
+    fn tx_some(&mut self, qid: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
+        let (mut take, mut need) = (0, 0);
+        for p in pkts.iter().take(BURST) {
+            let k = self.fresh_mbufs(p);
+            if take > 0 && need + k > FRESH {
+                break;
+            }
+            take += 1;
+            need += k;
+        }
+        let mut fresh = [std::ptr::null_mut::<sys::rte_mbuf>(); FRESH];
+        // SAFETY: the pool is the device's; `fresh` has room for `need` (≤ FRESH or refused).
+        if need > FRESH
             || (need > 0
                 && unsafe {
                     sys::torii_pktmbuf_alloc_bulk(self.dev.pool, fresh.as_mut_ptr(), need as u32)
@@ -651,7 +669,7 @@ impl DpdkPort {
                 }
                 pool.free(p);
                 Some(m)
-            } else if self.dev.lend_tx && len <= LEND_MAX {
+            } else if self.lends(len) {
                 let m = fresh[next];
                 next += 1;
                 match p.lend(std::mem::size_of::<sys::rte_mbuf_ext_shared_info>()) {
@@ -849,8 +867,7 @@ impl Port for DpdkPort {
             return;
         };
         while !pkts.is_empty() {
-            let take = pkts.len().min(BURST);
-            self.tx_some(qid, pool, pkts, take);
+            self.tx_some(qid, pool, pkts);
         }
     }
 
