@@ -318,8 +318,8 @@ fn mac_for(name: &str) -> [u8; 6] {
 
 /// Creates the data-path half of port `p` (and the device, for vhost-user and DPDK; DPDK
 /// is initialised with `dpdk` first if it is not yet).
+#[cfg_attr(not(feature = "dpdk"), allow(unused_variables))]
 fn make_port(p: &PortConfig, dpdk: Option<&crate::config::DpdkConfig>) -> anyhow::Result<MadePort> {
-    let _ = dpdk;
     Ok(match &p.kind {
         PortKind::VhostUser {
             socket,

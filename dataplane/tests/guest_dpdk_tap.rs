@@ -1,8 +1,9 @@
 //! A QEMU (TCG) guest's virtio-net on a Torii vhost-user port, cross-connected to a DPDK
 //! `net_tap` port whose kernel interface is in a network namespace: TCP both ways, checked by
 //! SHA-256, with the guest's checksum and TSO requests carried to DPDK as mbuf offload flags
-//! (net_tap segments and checksums them) instead of being done by Torii in software. Then
-//! again with `zero_copy = false`: frames copied into mbuf chains instead of lent.
+//! (net_tap segments and checksums them) instead of being done by Torii in software: first
+//! with `lend_tx = true` (the guest's frames lent to DPDK as external buffers), then with the
+//! default (copied into mbuf chains).
 
 mod common;
 
@@ -52,9 +53,9 @@ fn sha256(data: &[u8]) -> String {
         .to_string()
 }
 
-fn config(sock: &std::path::Path, tap: &str, zero_copy: bool) -> String {
+fn config(sock: &std::path::Path, tap: &str, lend_tx: bool) -> String {
     format!(
-        "[dpdk]\nmemory_mib = 256\n[[port]]\nname = \"vm\"\ntype = \"vhost-user\"\nsocket = \"{}\"\nmac = \"{MAC}\"\n[[port]]\nname = \"tap\"\ntype = \"dpdk\"\ndevice = \"net_tap0,iface={tap}\"\nzero_copy = {zero_copy}\n[[xconnect]]\nports = [\"vm\", \"tap\"]\n",
+        "[dpdk]\nmemory_mib = 256\n[[port]]\nname = \"vm\"\ntype = \"vhost-user\"\nsocket = \"{}\"\nmac = \"{MAC}\"\n[[port]]\nname = \"tap\"\ntype = \"dpdk\"\ndevice = \"net_tap0,iface={tap}\"\nlend_tx = {lend_tx}\n[[xconnect]]\nports = [\"vm\", \"tap\"]\n",
         sock.display()
     )
 }
@@ -160,7 +161,7 @@ fn guest_tcp_through_a_dpdk_tap_port_with_offloads() {
 
     offloads_carried(&dp);
 
-    // Copies instead of loans: a new daemon on the same socket (the guest reconnects), its
+    // Copies instead of loans (the default): a new daemon on the same socket (the guest reconnects), its
     // tap moved into the namespace again.
     drop(dp);
     let dir2 = proc_util::unique_tmp_dir("torii-gdt2").or_fail("tmp dir");

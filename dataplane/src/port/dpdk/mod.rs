@@ -11,10 +11,11 @@
 //! received single-segment mbuf is lent to a packet (its buffer becomes the packet's frame,
 //! and it is freed when the packet is), so a frame from a DPDK port is copied once, into a
 //! guest's buffers, as DPDK's own vhost library does; a frame sent to a DPDK port is handed
-//! over in its mbuf if it came from one, and otherwise, for virtual devices that copy frames
-//! out at transmit (memif, af_packet, tap, …), attached to an mbuf as an external buffer.
-//! PCI devices, which need DMA addresses, get copies. mbufs are allocated and freed in bulk
-//! (per-thread mempool caches: PMD threads register with DPDK).
+//! over in its mbuf if it came from one. Other frames are copied into fresh mbufs — or, with
+//! `lend_tx`, for virtual devices that copy frames out at transmit (memif, af_packet, tap, …),
+//! attached to an mbuf as an external buffer (measured no faster, so off by default; PCI
+//! devices, which need DMA addresses, always get copies). mbufs are allocated and freed in
+//! bulk (per-thread mempool caches: PMD threads register with DPDK).
 
 pub mod eal;
 pub mod offload;
@@ -44,8 +45,9 @@ const MBUF_TAG: u32 = 0x6d62_7566;
 const FRESH: usize = 4 * BURST;
 /// Longest frame lent to a device in one external buffer (an mbuf's lengths are 16 bits).
 const LEND_MAX: usize = u16::MAX as usize - 64;
-/// Shortest frame lent rather than copied: below it the loan (attach, DPDK's callback, the
-/// return to the pool) costs more than the copy it saves (`torii-dpdk-bench`, docs/perf.md).
+/// Shortest frame lent rather than copied (`lend_tx`): below it the loan (attach, DPDK's
+/// callback, the return to the pool) costs more than the copy it saves (`torii-dpdk-bench`,
+/// docs/perf.md).
 const LEND_MIN: usize = 1024;
 /// Headroom a lent mbuf must have in front of its frame: a virtio-net header and two VLAN
 /// tags are written there.
@@ -351,7 +353,7 @@ impl DpdkDevice {
             tx_capa: conf.txmode.offloads,
             seg_room,
             multi_seg: conf.txmode.offloads & sys::TORII_RTE_ETH_TX_OFFLOAD_MULTI_SEGS != 0,
-            lend_tx: cfg.zero_copy
+            lend_tx: cfg.lend_tx
                 && COPYING_DRIVERS.contains(&driver.as_str())
                 // memif in zero-copy mode transmits from its own shared-memory mbufs only.
                 && !cfg.device.contains("zero-copy=yes"),
