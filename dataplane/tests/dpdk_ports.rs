@@ -155,21 +155,6 @@ impl Drop for Veth {
     }
 }
 
-/// Runs `f` on a thread inside network namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let f_ns = std::fs::File::open(&path).or_fail("opening the namespace");
-        // SAFETY: setns on a namespace fd affects only this thread, which ends after `f`.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f_ns), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
-
 /// A deterministic byte stream (xorshift), so the receiver can check every byte.
 fn pattern(len: usize) -> Vec<u8> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -210,7 +195,7 @@ fn af_packet_ports_carry_ping_and_tcp_between_kernel_namespaces() {
     );
 
     const LEN: usize = 8 << 20;
-    let listener = in_netns(&ns2, || {
+    let listener = common::in_netns(&ns2.name, || {
         let l = TcpListener::bind("10.92.0.2:5201").or_fail("bind");
         let (mut s, _) = l.accept().or_fail("accept");
         let mut got = Vec::with_capacity(LEN);
@@ -218,7 +203,7 @@ fn af_packet_ports_carry_ping_and_tcp_between_kernel_namespaces() {
         got
     });
     std::thread::sleep(Duration::from_millis(300));
-    let sender = in_netns(&ns1, || {
+    let sender = common::in_netns(&ns1.name, || {
         let mut s =
             TcpStream::connect_timeout(&"10.92.0.2:5201".parse().unwrap(), Duration::from_secs(10))
                 .or_fail("connect");

@@ -7,9 +7,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::io::Read;
+use std::net::TcpListener;
+use std::time::Duration;
 
 use common::{Daemon, Netns, OrFail};
 use torii_perf::{prereq, proc_util};
@@ -19,39 +19,7 @@ const GUEST_IP: &str = "10.252.0.2";
 const MAC: &str = "52:54:00:12:34:57";
 const T: Duration = Duration::from_secs(30);
 
-fn in_netns<R: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> R + Send + 'static,
-) -> std::thread::JoinHandle<R> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).or_fail("netns file");
-        // SAFETY: setns on this thread only, with a valid netns fd.
-        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
-
-fn sha256(data: &[u8]) -> String {
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .or_fail("sha256sum");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(data)
-        .or_fail("sha256sum stdin");
-    let out = child.wait_with_output().or_fail("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
+use common::{in_netns, sha256_host as sha256};
 
 fn config(sock: &std::path::Path, tap: &str, lend_tx: bool) -> String {
     format!(
@@ -126,38 +94,7 @@ fn guest_tcp_through_a_dpdk_tap_port_with_offloads() {
     upload(&mut g, &ns, 5001);
 
     // Host → guest: 4 MiB the other way.
-    let data: Vec<u8> = (0..(4u32 << 20))
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    let want = sha256(&data);
-    g.spawn_bg("nc -l -p 5002 > /tmp/down")
-        .or_fail("guest listener");
-    let sender = in_netns(&ns.name, move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut s = loop {
-            match TcpStream::connect((GUEST_IP, 5002)) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => panic!("connect to guest: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(300)),
-            }
-        };
-        s.write_all(&data).or_fail("send download");
-    });
-    sender.join().expect("download thread");
-    let ok = proc_util::wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
-        g.run("stat -c %s /tmp/down", T)
-            .map(|o| o.stdout.trim() == (4u32 << 20).to_string())
-            .unwrap_or(false)
-    });
-    assert!(ok, "download incomplete: {:?}", g.run("ls -l /tmp/down", T));
-    let got = g
-        .run_ok("sha256sum /tmp/down", T)
-        .or_fail("sha256 in guest");
-    assert_eq!(
-        got.split_whitespace().next().unwrap(),
-        want,
-        "download corrupted"
-    );
+    common::download_to_guest(&mut g, &ns.name, GUEST_IP, 5002);
 
     offloads_carried(&dp);
 

@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::io::Read;
+use std::net::TcpListener;
+use std::time::Duration;
 
 use common::{Daemon, Netns, OrFail};
 use torii_perf::guest::Guest;
@@ -56,40 +55,7 @@ fn ping_from_guest(g: &mut Guest) {
     common::ping_from(g, HOST_IP);
 }
 
-fn sha256_host(data: &[u8]) -> String {
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .or_fail("sha256sum");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(data)
-        .or_fail("sha256sum stdin");
-    let out = child.wait_with_output().or_fail("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// Runs `f` inside the test's network namespace on a helper thread.
-fn in_netns<R: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> R + Send + 'static,
-) -> std::thread::JoinHandle<R> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).or_fail("netns file");
-        // SAFETY: setns on this thread only, with a valid netns fd.
-        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
+use common::{in_netns, sha256_host};
 
 #[test]
 fn guest_and_host_tap_ping_tcp_offloads_and_multiqueue() {
@@ -170,38 +136,7 @@ fn guest_and_host_tap_ping_tcp_offloads_and_multiqueue() {
     );
 
     // Host → guest: 4 MiB the other way.
-    let data: Vec<u8> = (0..(4u32 << 20))
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    let want = sha256_host(&data);
-    g.spawn_bg("nc -l -p 5002 > /tmp/down")
-        .or_fail("guest listener");
-    let sender = in_netns(&ns.name, move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut s = loop {
-            match TcpStream::connect((GUEST_IP, 5002)) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => panic!("connect to guest: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(300)),
-            }
-        };
-        s.write_all(&data).or_fail("send download");
-    });
-    sender.join().expect("download thread");
-    let ok = proc_util::wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
-        g.run("stat -c %s /tmp/down", T)
-            .map(|o| o.stdout.trim() == (4u32 << 20).to_string())
-            .unwrap_or(false)
-    });
-    assert!(ok, "download incomplete: {:?}", g.run("ls -l /tmp/down", T));
-    let got = g
-        .run_ok("sha256sum /tmp/down", T)
-        .or_fail("sha256 in guest");
-    assert_eq!(
-        got.split_whitespace().next().unwrap(),
-        want,
-        "download corrupted"
-    );
+    common::download_to_guest(&mut g, &ns.name, GUEST_IP, 5002);
 
     // IPv6 (TSO6 from the guest): 2 MiB guest → host, compared by SHA-256.
     ns.exec(&format!("ip -6 addr add {HOST_IP6}/64 dev {tap} nodad"));

@@ -344,3 +344,80 @@ ports = ["a", "b"]
         if b_client { "client" } else { "server" }
     )
 }
+
+/// Runs `f` on a helper thread inside network namespace `ns` (by name).
+pub fn in_netns<R: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> std::thread::JoinHandle<R> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).or_fail("netns file");
+        // SAFETY: setns on this thread only, with a valid netns fd.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// SHA-256 of `data`, hex (sha256sum, as the guest computes it).
+pub fn sha256_host(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .or_fail("sha256sum");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(data)
+        .or_fail("sha256sum stdin");
+    let out = child.wait_with_output().or_fail("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Host (namespace `ns`) → guest: 4 MiB over TCP to `guest_ip:port` (the guest listens with
+/// nc), compared by SHA-256 in the guest.
+pub fn download_to_guest(g: &mut torii_perf::guest::Guest, ns: &str, guest_ip: &str, port: u16) {
+    use std::io::Write;
+    const T: Duration = Duration::from_secs(30);
+    let data: Vec<u8> = (0..(4u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let want = sha256_host(&data);
+    g.spawn_bg(&format!("nc -l -p {port} > /tmp/down"))
+        .or_fail("guest listener");
+    let ip: std::net::IpAddr = guest_ip.parse().or_fail("guest address");
+    let sender = in_netns(ns, move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut s = loop {
+            match std::net::TcpStream::connect((ip, port)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("connect to guest: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(300)),
+            }
+        };
+        s.write_all(&data).or_fail("send download");
+    });
+    sender.join().expect("download thread");
+    let ok = wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
+        g.run("stat -c %s /tmp/down", T)
+            .map(|o| o.stdout.trim() == (4u32 << 20).to_string())
+            .unwrap_or(false)
+    });
+    assert!(ok, "download incomplete: {:?}", g.run("ls -l /tmp/down", T));
+    let got = g
+        .run_ok("sha256sum /tmp/down", T)
+        .or_fail("sha256 in guest");
+    assert_eq!(
+        got.split_whitespace().next().unwrap(),
+        want,
+        "download corrupted"
+    );
+}
