@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::net::TcpListener;
 use std::time::Duration;
 
 use common::{Daemon, Netns, OrFail};
@@ -19,42 +17,11 @@ const GUEST_IP: &str = "10.252.0.2";
 const MAC: &str = "52:54:00:12:34:57";
 const T: Duration = Duration::from_secs(30);
 
-use common::{in_netns, sha256_host as sha256};
-
 fn config(sock: &std::path::Path, tap: &str, lend_tx: bool) -> String {
     format!(
         "[dpdk]\nmemory_mib = 256\n[[port]]\nname = \"vm\"\ntype = \"vhost-user\"\nsocket = \"{}\"\nmac = \"{MAC}\"\n[[port]]\nname = \"tap\"\ntype = \"dpdk\"\ndevice = \"net_tap0,iface={tap}\"\nlend_tx = {lend_tx}\n[[xconnect]]\nports = [\"vm\", \"tap\"]\n",
         sock.display()
     )
-}
-
-/// Guest → host: 4 MiB over TCP (TSO4 super-frames from the guest), checked by SHA-256.
-fn upload(g: &mut torii_perf::guest::Guest, ns: &Netns, port: u16) {
-    let upload = in_netns(&ns.name, move || {
-        let l = TcpListener::bind((HOST_IP, port)).or_fail("bind");
-        let (mut s, _) = l.accept().or_fail("accept");
-        let mut v = Vec::new();
-        s.read_to_end(&mut v).or_fail("receive upload");
-        v
-    });
-    let want = g
-        .run_ok(
-            "dd if=/dev/urandom of=/tmp/up bs=64k count=64 2>/dev/null && sha256sum /tmp/up",
-            T,
-        )
-        .or_fail("make upload file");
-    g.run_ok(
-        &format!("nc {HOST_IP} {port} < /tmp/up"),
-        Duration::from_secs(120),
-    )
-    .or_fail("upload");
-    let got = upload.join().expect("upload thread");
-    assert_eq!(got.len(), 4 << 20, "upload length");
-    assert_eq!(
-        want.split_whitespace().next().unwrap(),
-        sha256(&got),
-        "upload corrupted"
-    );
 }
 
 /// The guest's super-frames went to DPDK whole, with segmentation and checksum requests.
@@ -91,7 +58,8 @@ fn guest_tcp_through_a_dpdk_tap_port_with_offloads() {
     dp.wait_port("vm", T, "guest connected", |p| p["connected"] == true);
     common::ping_from(&mut g, HOST_IP);
 
-    upload(&mut g, &ns, 5001);
+    // Guest → host: 4 MiB over TCP (TSO4 super-frames from the guest).
+    common::upload_from_guest(&mut g, &ns.name, HOST_IP, 5001, 64);
 
     // Host → guest: 4 MiB the other way.
     common::download_to_guest(&mut g, &ns.name, GUEST_IP, 5002);
@@ -106,6 +74,6 @@ fn guest_tcp_through_a_dpdk_tap_port_with_offloads() {
     ns.adopt(&tap, &format!("{HOST_IP}/24"));
     dp.wait_port("vm", T, "guest reconnected", |p| p["connected"] == true);
     common::ping_from(&mut g, HOST_IP);
-    upload(&mut g, &ns, 5003);
+    common::upload_from_guest(&mut g, &ns.name, HOST_IP, 5003, 64);
     offloads_carried(&dp);
 }

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::net::TcpListener;
 use std::time::Duration;
 
 use common::{Daemon, Netns, OrFail};
@@ -54,8 +52,6 @@ fn boot(sock: &std::path::Path, queues: u16, smp: u32) -> Guest {
 fn ping_from_guest(g: &mut Guest) {
     common::ping_from(g, HOST_IP);
 }
-
-use common::{in_netns, sha256_host};
 
 #[test]
 fn guest_and_host_tap_ping_tcp_offloads_and_multiqueue() {
@@ -109,31 +105,7 @@ fn guest_and_host_tap_ping_tcp_offloads_and_multiqueue() {
     ns.exec(&format!("ping -c 3 -W 2 {GUEST_IP}"));
 
     // Guest → host: 4 MiB of random data over TCP, compared by SHA-256.
-    let upload = in_netns(&ns.name, || {
-        let l = TcpListener::bind((HOST_IP, 5001)).or_fail("bind 5001");
-        let (mut s, _) = l.accept().or_fail("accept");
-        let mut v = Vec::new();
-        s.read_to_end(&mut v).or_fail("receive upload");
-        v
-    });
-    let want = g
-        .run_ok(
-            "dd if=/dev/urandom of=/tmp/up bs=64k count=64 2>/dev/null && sha256sum /tmp/up",
-            T,
-        )
-        .or_fail("make upload file");
-    g.run_ok(
-        &format!("nc {HOST_IP} 5001 < /tmp/up"),
-        Duration::from_secs(120),
-    )
-    .or_fail("upload");
-    let got = upload.join().expect("upload thread");
-    assert_eq!(got.len(), 4 << 20, "upload length");
-    assert_eq!(
-        want.split_whitespace().next().unwrap(),
-        sha256_host(&got),
-        "upload corrupted"
-    );
+    common::upload_from_guest(&mut g, &ns.name, HOST_IP, 5001, 64);
 
     // Host → guest: 4 MiB the other way.
     common::download_to_guest(&mut g, &ns.name, GUEST_IP, 5002);
@@ -145,31 +117,7 @@ fn guest_and_host_tap_ping_tcp_offloads_and_multiqueue() {
         T,
     )
         .or_fail("guest IPv6 address");
-    let upload6 = in_netns(&ns.name, || {
-        let l = TcpListener::bind((HOST_IP6, 5003)).or_fail("bind [::]:5003");
-        let (mut s, _) = l.accept().or_fail("accept v6");
-        let mut v = Vec::new();
-        s.read_to_end(&mut v).or_fail("receive v6 upload");
-        v
-    });
-    let want6 = g
-        .run_ok(
-            "dd if=/dev/urandom of=/tmp/up6 bs=64k count=32 2>/dev/null && sha256sum /tmp/up6",
-            T,
-        )
-        .or_fail("make v6 upload file");
-    g.run_ok(
-        &format!("nc {HOST_IP6} 5003 < /tmp/up6"),
-        Duration::from_secs(120),
-    )
-    .or_fail("v6 upload");
-    let got6 = upload6.join().expect("v6 upload thread");
-    assert_eq!(got6.len(), 2 << 20, "v6 upload length");
-    assert_eq!(
-        want6.split_whitespace().next().unwrap(),
-        sha256_host(&got6),
-        "v6 upload corrupted"
-    );
+    common::upload_from_guest(&mut g, &ns.name, HOST_IP6, 5003, 32);
 
     // TSO both ways: unsegmented super-frames crossed the port in each direction.
     let vm = dp.wait_settled("vm");

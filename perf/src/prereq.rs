@@ -332,6 +332,38 @@ pub fn require_testpmd() -> Result<PathBuf, PrereqError> {
     Ok(path)
 }
 
+/// What a testpmd-peer benchmark needs: root, dpdk-testpmd (the one given, or from PATH),
+/// `hugepages` free 2 MiB pages and two CPUs (`placement` says what goes where, for the
+/// error).
+pub fn require_testpmd_bench(
+    testpmd: Option<&Path>,
+    hugepages: u64,
+    placement: &str,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    require_root()?;
+    match testpmd {
+        Some(p) => {
+            find_binary(&p.display().to_string()).with_context(|| {
+                format!(
+                    "--testpmd {} is not an executable; install with: {TESTPMD_HINT}",
+                    p.display()
+                )
+            })?;
+        }
+        None => {
+            require_testpmd()?;
+        }
+    }
+    require_hugepages(hugepages)?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    anyhow::ensure!(
+        cpus >= 2,
+        "the bench pins {placement}, but this host has {cpus} CPU(s)"
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -421,3 +421,42 @@ pub fn download_to_guest(g: &mut torii_perf::guest::Guest, ns: &str, guest_ip: &
         "download corrupted"
     );
 }
+
+/// Guest → host (namespace `ns`): `blocks` × 64 KiB of random data over TCP to
+/// `host_ip:port` (nc in the guest), compared by SHA-256.
+pub fn upload_from_guest(
+    g: &mut torii_perf::guest::Guest,
+    ns: &str,
+    host_ip: &str,
+    port: u16,
+    blocks: usize,
+) {
+    use std::io::Read;
+    const T: Duration = Duration::from_secs(30);
+    let ip: std::net::IpAddr = host_ip.parse().or_fail("host address");
+    let upload = in_netns(ns, move || {
+        let l = std::net::TcpListener::bind((ip, port)).or_fail("bind");
+        let (mut s, _) = l.accept().or_fail("accept");
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).or_fail("receive upload");
+        v
+    });
+    let want = g
+        .run_ok(
+            &format!("dd if=/dev/urandom of=/tmp/up bs=64k count={blocks} 2>/dev/null && sha256sum /tmp/up"),
+            T,
+        )
+        .or_fail("make upload file");
+    g.run_ok(
+        &format!("nc {host_ip} {port} < /tmp/up"),
+        Duration::from_secs(120),
+    )
+    .or_fail("upload");
+    let got = upload.join().expect("upload thread");
+    assert_eq!(got.len(), blocks << 16, "upload length");
+    assert_eq!(
+        want.split_whitespace().next().unwrap(),
+        sha256_host(&got),
+        "upload corrupted"
+    );
+}

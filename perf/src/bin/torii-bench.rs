@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use torii_perf::bench::{self, Backend, BenchOptions, Direction, RunResult};
 use torii_perf::prereq;
@@ -47,28 +46,11 @@ struct Cli {
 }
 
 fn check_prereqs(opts: &BenchOptions) -> anyhow::Result<()> {
-    prereq::require_root()?;
-    match &opts.testpmd {
-        Some(p) => {
-            prereq::find_binary(&p.display().to_string()).with_context(|| {
-                format!(
-                    "--testpmd {} is not an executable; install with: {}",
-                    p.display(),
-                    prereq::TESTPMD_HINT
-                )
-            })?;
-        }
-        None => {
-            prereq::require_testpmd()?;
-        }
-    }
-    prereq::require_hugepages(bench::HUGEPAGES_NEEDED)?;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    anyhow::ensure!(
-        cpus >= 2,
-        "the bench pins the backend to CPU 1 and the frontend to CPU 0, \
-         but this host has {cpus} CPU(s)"
-    );
+    prereq::require_testpmd_bench(
+        opts.testpmd.as_deref(),
+        bench::HUGEPAGES_NEEDED,
+        "the backend to CPU 1 and the frontend to CPU 0",
+    )?;
     Ok(())
 }
 

@@ -60,28 +60,11 @@ struct Cli {
 }
 
 fn check_prereqs(opts: &Options) -> anyhow::Result<()> {
-    prereq::require_root()?;
-    match &opts.testpmd {
-        Some(p) => {
-            prereq::find_binary(&p.display().to_string()).with_context(|| {
-                format!(
-                    "--testpmd {} is not an executable; install with: {}",
-                    p.display(),
-                    prereq::TESTPMD_HINT
-                )
-            })?;
-        }
-        None => {
-            prereq::require_testpmd()?;
-        }
-    }
-    prereq::require_hugepages(dpdk_bench::HUGEPAGES_NEEDED)?;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    anyhow::ensure!(
-        cpus >= 2,
-        "the bench pins the forwarder to CPU 1 and the generator and sink to CPU 0, \
-         but this host has {cpus} CPU(s)"
-    );
+    prereq::require_testpmd_bench(
+        opts.testpmd.as_deref(),
+        dpdk_bench::HUGEPAGES_NEEDED,
+        "the forwarder to CPU 1 and the generator and sink to CPU 0",
+    )?;
     check_dataplane(&opts.dataplane)
 }
 
