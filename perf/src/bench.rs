@@ -8,12 +8,24 @@
 //! * **guest-RX** (the backend enqueues): Torii `source` port cross-connected
 //!   to a vhost-user port, or testpmd `net_vhost` in `txonly` mode → frontend
 //!   `rxonly`.
+//! * **loopback** (VM to VM through the backend, which dequeues from guest A
+//!   and enqueues into guest B): Torii with two vhost-user ports
+//!   cross-connected, or testpmd with two `net_vhost` ports in `io`
+//!   forwarding (paired topology). The frontend is one testpmd, one
+//!   forwarding lcore, `io` forwarding over three ports chained
+//!   (`--port-topology=chained`, port *i* transmits what port *i*−1
+//!   received): `net_null0` (its receive makes frames of the size asked) →
+//!   virtio-user A (guest A transmits into the backend) ⇒ backend ⇒
+//!   virtio-user B (guest B receives) → `net_null0` (its transmit frees
+//!   them). B transmits only what A received, and the backend sends nothing
+//!   to A, so nothing flows B → A and the null port's frames only enter A.
 //!
 //! Both backends are measured at the same point: the frontend's periodic
 //! statistics (`Tx-pps` of the txonly frontend = packets the backend drained
 //! from the ring; `Rx-pps` of the rxonly frontend = packets the backend put
-//! into it). The first `warmup` samples of a run are dropped and the median of
-//! the rest is the run's rate.
+//! into it; loopback: `Rx-pps` of port B ([`LOOPBACK_SINK_PORT`]) = packets
+//! the backend moved from A to B). The first `warmup` samples of a run are
+//! dropped and the median of the rest is the run's rate.
 //!
 //! Frame sizes: testpmd's `--txpkts=N` makes N-byte frames *without* FCS (its
 //! `TX-bytes` counts N per packet, e.g. 9440 packets = 604160 bytes for
@@ -41,11 +53,16 @@ pub const BACKEND_CPU: u32 = 1;
 pub const FRONTEND_CPU: u32 = 0;
 /// Hugepage memory of each testpmd (MiB).
 pub const TESTPMD_MEM_MIB: u32 = 512;
-/// Free 2 MiB hugepages needed: two testpmds of [`TESTPMD_MEM_MIB`].
+/// Free 2 MiB hugepages needed: two testpmds of [`TESTPMD_MEM_MIB`] (every
+/// path, loopback included, runs one frontend testpmd, whatever its ports,
+/// and at most one backend testpmd; Torii takes none: it maps the frontend's).
 pub const HUGEPAGES_NEEDED: u64 = 2 * TESTPMD_MEM_MIB as u64 / 2;
 /// Smallest and largest packet size accepted (a frame must fit one mbuf,
 /// since the frontend runs with `mrg_rxbuf=0`).
 pub const SIZE_RANGE: std::ops::RangeInclusive<u16> = 60..=1518;
+/// The measured port of the loopback frontend (ports: null 0, virtio-user A
+/// 1, virtio-user B 2).
+pub const LOOPBACK_SINK_PORT: u16 = 2;
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,14 +75,17 @@ pub enum Direction {
     GuestTx,
     /// Guest receives, the backend enqueues.
     GuestRx,
+    /// Guest A transmits, the backend forwards to guest B (VM to VM).
+    Loopback,
 }
 
 impl Direction {
-    /// `guest-tx` / `guest-rx`.
+    /// `guest-tx` / `guest-rx` / `loopback`.
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::GuestTx => "guest-tx",
             Direction::GuestRx => "guest-rx",
+            Direction::Loopback => "loopback",
         }
     }
 
@@ -74,6 +94,7 @@ impl Direction {
         match self {
             Direction::GuestTx => FwdMode::TxOnly,
             Direction::GuestRx => FwdMode::RxOnly,
+            Direction::Loopback => FwdMode::Io,
         }
     }
 
@@ -82,6 +103,23 @@ impl Direction {
         match self {
             Direction::GuestTx => FwdMode::RxOnly,
             Direction::GuestRx => FwdMode::TxOnly,
+            Direction::Loopback => FwdMode::Io,
+        }
+    }
+
+    /// Vhost-user ports of the backend (= virtio-user ports of the frontend).
+    pub fn vhost_ports(self) -> usize {
+        match self {
+            Direction::GuestTx | Direction::GuestRx => 1,
+            Direction::Loopback => 2,
+        }
+    }
+
+    /// The frontend port whose rate measures this path.
+    pub fn measured_port(self) -> u16 {
+        match self {
+            Direction::GuestTx | Direction::GuestRx => 0,
+            Direction::Loopback => LOOPBACK_SINK_PORT,
         }
     }
 
@@ -89,7 +127,7 @@ impl Direction {
     pub fn rate(self, s: &StatsSample) -> u64 {
         match self {
             Direction::GuestTx => s.tx_pps,
-            Direction::GuestRx => s.rx_pps,
+            Direction::GuestRx | Direction::Loopback => s.rx_pps,
         }
     }
 }
@@ -226,11 +264,13 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
-/// Per-second rates of port 0 of the frontend for `dir`.
+/// Per-second rates of the frontend's measured port for `dir` (port 0, or
+/// port B of the loopback frontend).
 pub fn frontend_series(samples: &[StatsSample], dir: Direction) -> Vec<u64> {
+    let port = dir.measured_port();
     samples
         .iter()
-        .filter(|s| s.port == 0)
+        .filter(|s| s.port == port)
         .map(|s| dir.rate(s))
         .collect()
 }
@@ -256,29 +296,98 @@ pub fn gbps(mpps: f64, size: u16) -> f64 {
     mpps * f64::from(size) * 8.0 / 1e3
 }
 
-/// Torii's configuration for one run.
-pub fn torii_config(dir: Direction, size: u16, socket: &Path, stats_file: &Path) -> String {
-    let other = match dir {
-        Direction::GuestTx => "[[port]]\nname = \"sink0\"\ntype = \"sink\"\n".to_string(),
-        Direction::GuestRx => {
-            format!("[[port]]\nname = \"src0\"\ntype = \"source\"\nframe_size = {size}\n")
-        }
+/// The vhost-user sockets of a run in `tmp`: `vhu.sock` for guest-tx and
+/// guest-rx; `vhu0.sock` (guest A) and `vhu1.sock` (guest B) for loopback.
+pub fn sockets(dir: Direction, tmp: &Path) -> Vec<PathBuf> {
+    match dir {
+        Direction::GuestTx | Direction::GuestRx => vec![tmp.join("vhu.sock")],
+        Direction::Loopback => vec![tmp.join("vhu0.sock"), tmp.join("vhu1.sock")],
+    }
+}
+
+/// Torii's configuration for one run: one PMD in poll mode on
+/// [`BACKEND_CPU`]; the vhost-user port `vhu0` on `sockets[0]`
+/// cross-connected to a `sink` (guest-tx), a `source` of `size`-byte frames
+/// (guest-rx), or the vhost-user port `vhu1` on `sockets[1]` (loopback).
+pub fn torii_config(dir: Direction, size: u16, sockets: &[PathBuf], stats_file: &Path) -> String {
+    let vhost_port = |name: &str, socket: &Path| {
+        format!(
+            "[[port]]\nname = \"{name}\"\ntype = \"vhost-user\"\nsocket = {:?}\nmode = \"server\"\n",
+            socket.display().to_string()
+        )
     };
-    let other_name = match dir {
-        Direction::GuestTx => "sink0",
-        Direction::GuestRx => "src0",
+    let (other, other_name) = match dir {
+        Direction::GuestTx => (
+            "[[port]]\nname = \"sink0\"\ntype = \"sink\"\n".to_string(),
+            "sink0",
+        ),
+        Direction::GuestRx => (
+            format!("[[port]]\nname = \"src0\"\ntype = \"source\"\nframe_size = {size}\n"),
+            "src0",
+        ),
+        Direction::Loopback => (vhost_port("vhu1", &sockets[1]), "vhu1"),
     };
     format!(
         "[dataplane]\npmd_cpus = [{BACKEND_CPU}]\npmd_mode = \"poll\"\nstats_file = {:?}\ncontrol_socket = {:?}\n\n\
-         [[port]]\nname = \"vhu0\"\ntype = \"vhost-user\"\nsocket = {:?}\nmode = \"server\"\n\n\
-         {other}\n[[xconnect]]\nports = [\"vhu0\", \"{other_name}\"]\n",
+         {}\n{other}\n[[xconnect]]\nports = [\"vhu0\", \"{other_name}\"]\n",
         stats_file.display().to_string(),
         stats_file
             .with_file_name("control.sock")
             .display()
             .to_string(),
-        socket.display().to_string(),
+        vhost_port("vhu0", &sockets[0]),
     )
+}
+
+/// The testpmd backend of one run: a `net_vhost` port listening on each of
+/// `sockets`, in [`Direction::dpdk_backend_mode`] (loopback: `io` between
+/// the two ports, paired topology, so port 0's receive goes out of port 1),
+/// its forwarding lcore on [`BACKEND_CPU`].
+pub fn dpdk_backend(
+    opts: &BenchOptions,
+    dir: Direction,
+    size: u16,
+    sockets: &[PathBuf],
+) -> TestpmdBuilder {
+    let mut b = testpmd_builder(opts);
+    for s in sockets {
+        b = b.vhost(s, 1);
+    }
+    if dir == Direction::Loopback {
+        b = b.extra_app_arg("--port-topology=paired");
+    }
+    b.forward_mode(dir.dpdk_backend_mode())
+        .pkt_size(size)
+        // Main lcore on the frontend's CPU: the forwarding lcore is the
+        // other one, BACKEND_CPU.
+        .lcores("0,1", FRONTEND_CPU)
+}
+
+/// The frontend ("guest") of one run, its forwarding lcore on
+/// [`FRONTEND_CPU`]: a virtio-user port on `sockets[0]` in
+/// [`Direction::frontend_mode`]; loopback: `net_null0` (port 0), virtio-user
+/// A on `sockets[0]` (port 1) and virtio-user B on `sockets[1]` (port
+/// [`LOOPBACK_SINK_PORT`]), `io` forwarding, chained topology (null → A,
+/// A → B, B → null; A receives nothing, so B transmits nothing).
+pub fn frontend(
+    opts: &BenchOptions,
+    dir: Direction,
+    size: u16,
+    sockets: &[PathBuf],
+) -> TestpmdBuilder {
+    let mut b = testpmd_builder(opts);
+    if dir == Direction::Loopback {
+        b = b
+            .vdev(format!("net_null0,size={size}"), 1)
+            .extra_app_arg("--port-topology=chained");
+    }
+    for s in sockets {
+        b = b.virtio_user(s, 1, false);
+    }
+    b.forward_mode(dir.frontend_mode())
+        .pkt_size(size)
+        // Main lcore on the backend's CPU: forwarding runs on FRONTEND_CPU.
+        .lcores("0,1", BACKEND_CPU)
 }
 
 // ---------------------------------------------------------------------------
@@ -483,14 +592,14 @@ pub fn run_one(
 fn measure(opts: &BenchOptions, r: &mut RunResult) -> anyhow::Result<()> {
     let (backend, dir, size) = (r.backend, r.path, r.size);
     let tmp = proc_util::unique_tmp_dir("torii-bench").context("creating temporary directory")?;
-    let sock = tmp.join("vhu.sock");
+    let socks = sockets(dir, tmp.path());
 
-    // Backend: listens on the socket.
+    // Backend: listens on the sockets.
     let mut back = match backend {
         Backend::Torii => {
             let cfg_path = tmp.join("torii.toml");
             let stats = tmp.join("stats.json");
-            let cfg = torii_config(dir, size, &sock, &stats);
+            let cfg = torii_config(dir, size, &socks, &stats);
             r.backend_setup = cfg.clone();
             std::fs::write(&cfg_path, &cfg)
                 .with_context(|| format!("writing {}", cfg_path.display()))?;
@@ -501,18 +610,12 @@ fn measure(opts: &BenchOptions, r: &mut RunResult) -> anyhow::Result<()> {
             )?)
         }
         Backend::Dpdk => {
-            let b = testpmd_builder(opts)
-                .vhost(&sock, 1)
-                .forward_mode(dir.dpdk_backend_mode())
-                .pkt_size(size)
-                // Main lcore on the frontend's CPU: the forwarding lcore is
-                // the other one, BACKEND_CPU.
-                .lcores("0,1", FRONTEND_CPU);
+            let b = dpdk_backend(opts, dir, size, &socks);
             r.backend_setup = b.args().join(" ");
             BackendProc::Dpdk(b.spawn().context("starting backend testpmd")?)
         }
     };
-    let res = measure_with_backend(opts, r, &mut back, &sock);
+    let res = measure_with_backend(opts, r, &mut back, &socks);
     if res.is_err() {
         r.logs.push(back.tail());
     }
@@ -535,31 +638,27 @@ fn measure_with_backend(
     opts: &BenchOptions,
     r: &mut RunResult,
     back: &mut BackendProc,
-    sock: &Path,
+    socks: &[PathBuf],
 ) -> anyhow::Result<()> {
     let (dir, size) = (r.path, r.size);
+    let all_exist = || socks.iter().all(|s| s.exists());
     proc_util::wait_until(START_TIMEOUT, Duration::from_millis(20), || {
-        sock.exists() || !back.is_running()
+        all_exist() || !back.is_running()
     });
-    if !sock.exists() {
+    if let Some(missing) = socks.iter().find(|s| !s.exists()) {
         let why = if back.is_running() {
             format!("not within {START_TIMEOUT:?}")
         } else {
             "the backend exited".into()
         };
-        bail!("backend socket {} did not appear: {why}", sock.display());
+        bail!("backend socket {} did not appear: {why}", missing.display());
     }
     if let BackendProc::Dpdk(t) = back {
         t.wait_for_log("start packet forwarding", START_TIMEOUT)
             .context("backend testpmd start")?;
     }
 
-    let fb = testpmd_builder(opts)
-        .virtio_user(sock, 1, false)
-        .forward_mode(dir.frontend_mode())
-        .pkt_size(size)
-        // Main lcore on the backend's CPU: forwarding runs on FRONTEND_CPU.
-        .lcores("0,1", BACKEND_CPU);
+    let fb = frontend(opts, dir, size, socks);
     r.frontend_args = fb.args();
     let mut front = fb.spawn().context("starting frontend testpmd")?;
     let res = (|| -> anyhow::Result<()> {
@@ -936,26 +1035,139 @@ mod tests {
         let other_port = StatsSample { port: 1, ..s };
         assert_eq!(frontend_series(&[s, other_port], Direction::GuestTx), [7]);
         assert_eq!(frontend_series(&[s], Direction::GuestRx), [9]);
+        // Loopback: Rx-pps of port B only (not the null port, not A).
+        let b = StatsSample {
+            port: LOOPBACK_SINK_PORT,
+            rx_pps: 5,
+            ..s
+        };
+        assert_eq!(
+            frontend_series(&[s, other_port, b, s, b], Direction::Loopback),
+            [5, 5]
+        );
+    }
+
+    fn opts() -> BenchOptions {
+        BenchOptions {
+            pairs: 1,
+            secs: 3,
+            warmup: 1,
+            sizes: vec![64],
+            paths: vec![Direction::Loopback],
+            dataplane: PathBuf::new(),
+            testpmd: None,
+        }
+    }
+
+    #[test]
+    fn socket_paths() {
+        let t = Path::new("/t");
+        assert_eq!(sockets(Direction::GuestTx, t), [t.join("vhu.sock")]);
+        assert_eq!(
+            sockets(Direction::Loopback, t),
+            [t.join("vhu0.sock"), t.join("vhu1.sock")]
+        );
+        for d in [Direction::GuestTx, Direction::GuestRx, Direction::Loopback] {
+            assert_eq!(sockets(d, t).len(), d.vhost_ports());
+        }
+    }
+
+    #[test]
+    fn loopback_frontend_chains_null_a_b() {
+        let socks = sockets(Direction::Loopback, Path::new("/t"));
+        let a = frontend(&opts(), Direction::Loopback, 512, &socks)
+            .args()
+            .join(" ");
+        let null = a.find("--vdev net_null0,size=512 ").unwrap();
+        let va = a
+            .find("--vdev net_virtio_user0,path=/t/vhu0.sock,queues=1,mrg_rxbuf=0,in_order=1 ")
+            .unwrap();
+        let vb = a
+            .find("--vdev net_virtio_user1,path=/t/vhu1.sock,queues=1,mrg_rxbuf=0,in_order=1 ")
+            .unwrap();
+        assert!(null < va && va < vb, "{a}");
+        assert!(a.contains("-l 0,1 --main-lcore 1"), "{a}");
+        assert!(
+            a.contains("--forward-mode=io --txpkts=512")
+                && a.contains("--rxq=1 --txq=1 --port-topology=chained"),
+            "{a}"
+        );
+        // The single-port paths are unchanged.
+        let socks = sockets(Direction::GuestTx, Path::new("/t"));
+        let t = frontend(&opts(), Direction::GuestTx, 64, &socks)
+            .args()
+            .join(" ");
+        assert!(
+            !t.contains("net_null") && !t.contains("port-topology"),
+            "{t}"
+        );
+        assert!(
+            t.contains("--vdev net_virtio_user0,path=/t/vhu.sock,"),
+            "{t}"
+        );
+        assert!(t.contains("--forward-mode=txonly --txpkts=64"), "{t}");
+    }
+
+    #[test]
+    fn loopback_dpdk_backend_forwards_between_two_vhost_ports() {
+        let socks = sockets(Direction::Loopback, Path::new("/t"));
+        let a = dpdk_backend(&opts(), Direction::Loopback, 1518, &socks)
+            .args()
+            .join(" ");
+        assert!(
+            a.contains(
+                "--vdev net_vhost0,iface=/t/vhu0.sock,queues=1 \
+                 --vdev net_vhost1,iface=/t/vhu1.sock,queues=1 --"
+            ),
+            "{a}"
+        );
+        assert!(a.contains("-l 0,1 --main-lcore 0"), "{a}");
+        assert!(
+            a.contains("--forward-mode=io") && a.contains("--port-topology=paired"),
+            "{a}"
+        );
+        let socks = sockets(Direction::GuestRx, Path::new("/t"));
+        let r = dpdk_backend(&opts(), Direction::GuestRx, 64, &socks)
+            .args()
+            .join(" ");
+        assert!(
+            r.contains("--vdev net_vhost0,iface=/t/vhu.sock,queues=1 --"),
+            "{r}"
+        );
+        assert!(r.contains("--forward-mode=txonly") && !r.contains("port-topology"));
     }
 
     #[test]
     fn torii_configs() {
-        let tx = torii_config(
-            Direction::GuestTx,
-            64,
-            Path::new("/t/vhu.sock"),
-            Path::new("/t/s.json"),
-        );
+        let one = [PathBuf::from("/t/vhu.sock")];
+        let tx = torii_config(Direction::GuestTx, 64, &one, Path::new("/t/s.json"));
         assert!(tx.contains("pmd_cpus = [1]") && tx.contains("pmd_mode = \"poll\""));
         assert!(tx.contains("type = \"sink\"") && tx.contains("ports = [\"vhu0\", \"sink0\"]"));
         assert!(tx.contains("socket = \"/t/vhu.sock\"") && tx.contains("mode = \"server\""));
-        let rx = torii_config(
-            Direction::GuestRx,
-            1518,
-            Path::new("/t/vhu.sock"),
+        let rx = torii_config(Direction::GuestRx, 1518, &one, Path::new("/t/s.json"));
+        assert!(rx.contains("type = \"source\"\nframe_size = 1518"));
+        let lo = torii_config(
+            Direction::Loopback,
+            64,
+            &sockets(Direction::Loopback, Path::new("/t")),
             Path::new("/t/s.json"),
         );
-        assert!(rx.contains("type = \"source\"\nframe_size = 1518"));
+        assert!(lo.contains("pmd_cpus = [1]\npmd_mode = \"poll\""), "{lo}");
+        assert!(
+            lo.contains(
+                "name = \"vhu0\"\ntype = \"vhost-user\"\nsocket = \"/t/vhu0.sock\"\nmode = \"server\""
+            ),
+            "{lo}"
+        );
+        assert!(
+            lo.contains(
+                "name = \"vhu1\"\ntype = \"vhost-user\"\nsocket = \"/t/vhu1.sock\"\nmode = \"server\""
+            ),
+            "{lo}"
+        );
+        assert!(lo.contains("ports = [\"vhu0\", \"vhu1\"]"), "{lo}");
+        assert!(!lo.contains("sink") && !lo.contains("source"), "{lo}");
+        assert_eq!(lo.matches("[[port]]").count(), 2, "{lo}");
     }
 
     fn fake_run(backend: Backend, mpps: Option<f64>) -> RunResult {

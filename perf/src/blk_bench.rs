@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use crate::bench::median;
-use crate::blk_job::{run_spec, Pattern, RunReport, RunSpec};
+use crate::blk_job::{run_spec, Pattern, RunReport, RunSpec, CDF_PERCENTILES};
 use crate::proc_util::{self, ChildGuard};
 use crate::qsd::{Qsd, QsdAio};
 
@@ -58,8 +58,9 @@ impl Case {
     }
 }
 
-/// The default cases: 4k random read at QD32 and QD1, 4k random write at QD32, 128k
-/// sequential read and write at QD8.
+/// The default cases, those the regression runs track: 4k random read and write at QD1 and
+/// QD32, 128k sequential read and write at QD8 ("randread 4k qd1", "randread 4k qd32",
+/// "randwrite 4k qd1", "randwrite 4k qd32", "read 128k qd8", "write 128k qd8").
 pub fn default_cases() -> Vec<Case> {
     let c = |pattern, bs, iodepth| Case {
         pattern,
@@ -67,8 +68,9 @@ pub fn default_cases() -> Vec<Case> {
         iodepth,
     };
     vec![
-        c(Pattern::RandRead, 4096, 32),
         c(Pattern::RandRead, 4096, 1),
+        c(Pattern::RandRead, 4096, 32),
+        c(Pattern::RandWrite, 4096, 1),
         c(Pattern::RandWrite, 4096, 32),
         c(Pattern::Read, 128 << 10, 8),
         c(Pattern::Write, 128 << 10, 8),
@@ -118,6 +120,9 @@ pub struct Sample {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    /// The latency CDF: (percentile, latency in µs) at [`CDF_PERCENTILES`], from the client's
+    /// histogram (Torii, qemu-storage-daemon) or fio's completion latency percentiles (fio).
+    pub lat_cdf_us: Vec<[f64; 2]>,
     pub errors: u64,
     /// CPU the storage side used during the run, in cores (CPU seconds / wall seconds): the
     /// backend process with all its threads (io_uring's workers included) for Torii and
@@ -286,6 +291,7 @@ pub fn run_one(
         p50_us: report.lat_p50_us,
         p99_us: report.lat_p99_us,
         p999_us: report.lat_p999_us,
+        lat_cdf_us: report.lat_cdf_us,
         errors: report.errors,
         cores,
     })
@@ -332,6 +338,7 @@ fn fio(case: Case, target: &Target, runtime: Duration, round: u32) -> anyhow::Re
             "--randrepeat=0",
             "--norandommap",
         ])
+        .arg(fio_percentile_list())
         .arg(format!("--filename={}", target.path.display()))
         .arg(format!("--rw={}", case.fio_rw()))
         .arg(format!("--bs={}", case.bs))
@@ -353,6 +360,7 @@ fn fio(case: Case, target: &Target, runtime: Duration, round: u32) -> anyhow::Re
         &job["write"]
     };
     let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    let lat_cdf_us = fio_cdf_us(side).context("fio's JSON")?;
     Ok(Sample {
         target: target.name.clone(),
         case: case.name(),
@@ -363,9 +371,39 @@ fn fio(case: Case, target: &Target, runtime: Duration, round: u32) -> anyhow::Re
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
         p999_us: pct("99.900000"),
+        lat_cdf_us,
         errors: job["error"].as_u64().unwrap_or(0),
         cores,
     })
+}
+
+/// fio's option asking for the completion latency percentiles of [`CDF_PERCENTILES`].
+fn fio_percentile_list() -> String {
+    let l: Vec<String> = CDF_PERCENTILES.iter().map(|p| p.to_string()).collect();
+    format!("--percentile_list={}", l.join(":"))
+}
+
+/// The latency CDF in one direction (`jobs[0].read` or `.write`) of fio's JSON: its
+/// `clat_ns.percentile` object (keys printed "%f", e.g. "99.990000"; values in ns) at
+/// [`CDF_PERCENTILES`], in µs.
+pub fn fio_cdf_us(side: &serde_json::Value) -> anyhow::Result<Vec<[f64; 2]>> {
+    let Some(pcts) = side["clat_ns"]["percentile"].as_object() else {
+        bail!("no clat_ns.percentile (no I/O done?)");
+    };
+    let parsed: Vec<(f64, f64)> = pcts
+        .iter()
+        .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_f64()?)))
+        .collect();
+    CDF_PERCENTILES
+        .iter()
+        .map(|&p| {
+            parsed
+                .iter()
+                .find(|(k, _)| (k - p).abs() < 1e-6)
+                .map(|&(_, ns)| [p, ns / 1000.0])
+                .ok_or_else(|| anyhow::anyhow!("no clat_ns percentile {p}"))
+        })
+        .collect()
 }
 
 /// Medians per (target, case, subject) and the ratios the issue asks for.
@@ -511,4 +549,74 @@ pub fn table(rows: &[Summary]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fio_percentile_option() {
+        assert_eq!(
+            fio_percentile_list(),
+            "--percentile_list=1:5:10:20:30:40:50:60:70:80:90:95:99:99.9:99.99"
+        );
+    }
+
+    /// A `read` side as fio 3.33 prints it with that percentile list.
+    const FIO_READ: &str = r#"{
+        "iops": 2117.1,
+        "clat_ns": {
+            "min": 691, "max": 6639298, "mean": 9813.99, "N": 21171,
+            "percentile": {
+                "1.000000": 732, "5.000000": 1064, "10.000000": 1160, "20.000000": 5856,
+                "30.000000": 7456, "40.000000": 7968, "50.000000": 8256, "60.000000": 8512,
+                "70.000000": 8768, "80.000000": 9024, "90.000000": 9664, "95.000000": 10048,
+                "99.000000": 22656, "99.900000": 505856, "99.990000": 5275648
+            }
+        }
+    }"#;
+
+    #[test]
+    fn fio_cdf_parses_the_percentile_list() {
+        let v: serde_json::Value = serde_json::from_str(FIO_READ).unwrap();
+        let cdf = fio_cdf_us(&v).unwrap();
+        assert_eq!(cdf.len(), CDF_PERCENTILES.len());
+        assert_eq!(cdf[0], [1.0, 0.732]);
+        assert_eq!(cdf[6], [50.0, 8.256]);
+        assert_eq!(cdf[13], [99.9, 505.856]);
+        assert_eq!(cdf[14], [99.99, 5275.648]);
+        for w in cdf.windows(2) {
+            assert!(w[0][0] < w[1][0] && w[0][1] <= w[1][1], "{w:?}");
+        }
+    }
+
+    #[test]
+    fn fio_cdf_wants_every_percentile() {
+        let mut v: serde_json::Value = serde_json::from_str(FIO_READ).unwrap();
+        v["clat_ns"]["percentile"]
+            .as_object_mut()
+            .unwrap()
+            .remove("99.990000");
+        assert!(fio_cdf_us(&v).is_err());
+        // The idle direction of a job: no percentiles at all.
+        let idle = serde_json::json!({"clat_ns": {"min": 0, "max": 0, "N": 0}});
+        assert!(fio_cdf_us(&idle).is_err());
+    }
+
+    #[test]
+    fn default_case_names() {
+        let names: Vec<String> = default_cases().iter().map(Case::name).collect();
+        assert_eq!(
+            names,
+            [
+                "randread 4k qd1",
+                "randread 4k qd32",
+                "randwrite 4k qd1",
+                "randwrite 4k qd32",
+                "read 128k qd8",
+                "write 128k qd8",
+            ]
+        );
+    }
 }

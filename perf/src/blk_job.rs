@@ -90,6 +90,12 @@ impl JobResult {
     }
 }
 
+/// The percentiles of a latency CDF (`lat_cdf_us` of reports and samples; fio is given the
+/// same list).
+pub const CDF_PERCENTILES: [f64; 15] = [
+    1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.9, 99.99,
+];
+
 /// Latency histogram in nanoseconds: 64 linear buckets per power of two (≤ 1.6 % error).
 #[derive(Clone, Debug)]
 pub struct Histogram {
@@ -151,6 +157,27 @@ impl Histogram {
             }
         }
         0.0
+    }
+
+    /// (percentile, latency in µs) at each of `percentiles` (ascending), in one pass; the
+    /// latencies are [`Histogram::percentile_us`]'s, so never decreasing. Empty without
+    /// samples.
+    pub fn cdf_us(&self, percentiles: &[f64]) -> Vec<[f64; 2]> {
+        if self.count == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(percentiles.len());
+        let mut buckets = self.buckets.iter().enumerate();
+        let (mut i, mut seen) = (0usize, 0u64);
+        for &p in percentiles {
+            let want = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+            while seen < want {
+                let Some((k, n)) = buckets.next() else { break };
+                (i, seen) = (k, seen + n);
+            }
+            out.push([p, Self::lower_bound(i) as f64 / 1000.0]);
+        }
+        out
     }
 }
 
@@ -400,6 +427,44 @@ mod tests {
         let p99 = h.percentile_us(99.0);
         assert!((970.0..=1000.0).contains(&p99), "{p99}");
     }
+
+    #[test]
+    fn cdf_matches_percentiles_and_is_monotonic() {
+        let mut h = Histogram::default();
+        assert!(h.cdf_us(&CDF_PERCENTILES).is_empty());
+        // A long tail: mostly ~10 µs, a few slow ones up to 5 ms.
+        let mut z = 7u64;
+        for _ in 0..100_000 {
+            z = mix(z);
+            let ns = if z % 1000 == 0 {
+                1_000_000 + z % 4_000_000
+            } else {
+                8_000 + z % 4_000
+            };
+            h.record(ns);
+        }
+        let cdf = h.cdf_us(&CDF_PERCENTILES);
+        assert_eq!(cdf.len(), CDF_PERCENTILES.len());
+        for (pair, p) in cdf.iter().zip(CDF_PERCENTILES) {
+            assert_eq!(pair[0], p);
+            assert_eq!(pair[1], h.percentile_us(p), "p{p}");
+        }
+        for w in cdf.windows(2) {
+            assert!(w[0][0] < w[1][0] && w[0][1] <= w[1][1], "{w:?}");
+        }
+        assert!(cdf[0][1] >= 7.8 && cdf[12][1] < 12.1, "{cdf:?}");
+        assert!(cdf[14][1] >= 1000.0, "{cdf:?}");
+    }
+
+    #[test]
+    fn cdf_of_one_sample() {
+        let mut h = Histogram::default();
+        h.record(5_000);
+        let cdf = h.cdf_us(&[1.0, 50.0, 99.99]);
+        let lat = h.percentile_us(50.0);
+        assert!((4.9..=5.0).contains(&lat), "{lat}");
+        assert_eq!(cdf, vec![[1.0, lat], [50.0, lat], [99.99, lat]]);
+    }
 }
 
 /// A whole run: connect to `socket`, start `numjobs` queues and run `job` on each (job k on
@@ -437,6 +502,8 @@ pub struct RunReport {
     pub lat_p50_us: f64,
     pub lat_p99_us: f64,
     pub lat_p999_us: f64,
+    /// (percentile, latency in µs) at [`CDF_PERCENTILES`].
+    pub lat_cdf_us: Vec<[f64; 2]>,
     pub errors: u64,
     pub mismatches: u64,
 }
@@ -522,6 +589,7 @@ pub fn run_spec(
         lat_p50_us: total.latency.percentile_us(50.0),
         lat_p99_us: total.latency.percentile_us(99.0),
         lat_p999_us: total.latency.percentile_us(99.9),
+        lat_cdf_us: total.latency.cdf_us(&CDF_PERCENTILES),
         errors: total.errors,
         mismatches: total.mismatches,
     })

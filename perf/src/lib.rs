@@ -36,7 +36,9 @@ pub mod guest;
 pub mod prereq;
 pub mod proc_util;
 pub mod qsd;
+pub mod regress;
 pub mod sriov_rig;
+pub mod svg;
 pub mod switch_bench;
 pub mod testpmd;
 

@@ -11,7 +11,8 @@ use torii_perf::bench::{self, Backend, BenchOptions, Direction, RunResult};
 use torii_perf::prereq;
 
 /// Compare Torii with DPDK's vhost-user backend through the same virtio-user
-/// frontend. Needs root, dpdk-testpmd, 2 CPUs and 512 free 2 MiB hugepages.
+/// frontend: guest-tx, guest-rx and loopback (guest A to guest B through the
+/// backend). Needs root, dpdk-testpmd, 2 CPUs and 512 free 2 MiB hugepages.
 #[derive(Parser, Debug)]
 #[command(name = "torii-bench", version, args_override_self = true)]
 struct Cli {
@@ -26,11 +27,11 @@ struct Cli {
     #[arg(long, default_value_t = 2)]
     warmup: u32,
     /// Packet sizes: frame bytes without FCS, as testpmd's --txpkts.
-    #[arg(long, value_delimiter = ',', default_values_t = [64u16, 1518])]
+    #[arg(long, value_delimiter = ',', default_values_t = [64u16, 512, 1518])]
     sizes: Vec<u16>,
     /// Paths to measure.
     #[arg(long, value_enum, value_delimiter = ',',
-          default_values_t = [Direction::GuestTx, Direction::GuestRx])]
+          default_values_t = [Direction::GuestTx, Direction::GuestRx, Direction::Loopback])]
     paths: Vec<Direction>,
     /// torii-dataplane binary [default: target/release/torii-dataplane of
     /// the workspace].
@@ -82,12 +83,23 @@ fn results_json(
         "options": opts,
         "method": {
             "measured_at": "frontend testpmd periodic stats: Tx-pps of the txonly frontend \
-                            (guest-tx), Rx-pps of the rxonly frontend (guest-rx)",
+                            (guest-tx), Rx-pps of the rxonly frontend (guest-rx), Rx-pps of \
+                            port 2 (virtio-user B) of the loopback frontend (loopback: the \
+                            A-to-B rate only)",
             "rate": "median of the per-second samples after the warm-up samples",
             "size": "frame bytes without FCS (testpmd --txpkts; Torii source frame_size)",
             "gbps": "pps * size * 8 / 1e9",
             "placement": "backend busy-poller on CPU 1, frontend forwarding lcore on CPU 0",
             "frontend_vdev": "net_virtio_user,queues=1,mrg_rxbuf=0,in_order=1",
+            "loopback": "VM to VM through the backend. Frontend: one testpmd, one forwarding \
+                         lcore, io forwarding, --port-topology=chained over net_null0 (port 0, \
+                         its receive makes size-byte frames), virtio-user A (port 1) and \
+                         virtio-user B (port 2): null -> A tx (into the backend), B rx -> null \
+                         tx (freed); A rx -> B tx carries nothing, as no backend sends to A. \
+                         Backend: Torii with vhost-user ports vhu0 (A) and vhu1 (B) \
+                         cross-connected, or testpmd with net_vhost0 (A) and net_vhost1 (B) in \
+                         io forwarding (paired). frontend_final sums the frontend's three ports \
+                         (its rx includes the null port's generated frames).",
         },
         "summary": summary,
         "runs": runs,

@@ -40,8 +40,8 @@ struct Cli {
     #[arg(long, value_delimiter = ',', value_parser = parse_subject,
           default_values = ["torii", "qsd", "qsd-threads", "fio"])]
     subjects: Vec<Subject>,
-    /// Cases, as pattern:bs:iodepth (e.g. randread:4096:32) [default: randread 4k qd32 and
-    /// qd1, randwrite 4k qd32, read and write 128k qd8].
+    /// Cases, as pattern:bs:iodepth (e.g. randread:4096:32) [default: randread and randwrite
+    /// 4k qd1 and qd32, read and write 128k qd8].
     #[arg(long, value_delimiter = ',', value_parser = parse_case)]
     cases: Vec<Case>,
     /// Extra arguments for torii-vhost-user-blk (repeat the option), e.g.
