@@ -58,15 +58,30 @@ pub const BLK_CASES: [&str; 6] = [
 
 /// Micro-benchmark groups: (criterion group, crate, bench target, cases).
 pub const MICRO: [(&str, &str, &str, &[&str]); 4] = [
-    ("chain_walk", "torii-vhost-user-net", "queue", &["1", "4"]),
-    ("header", "torii-vhost-user-net", "queue", &["burst"]),
+    (
+        "chain_walk",
+        "torii-vhost-user-net",
+        "chain_walk",
+        &["1desc", "4desc"],
+    ),
+    (
+        "header",
+        "torii-vhost-user-net",
+        "header",
+        &["none", "csum", "tso4"],
+    ),
     (
         "switch_lookup",
         "torii-dataplane",
-        "switch",
+        "switch_lookup",
         &["16", "1024"],
     ),
-    ("uring_submit", "torii-vhost-user-blk", "uring", &["32"]),
+    (
+        "uring_submit",
+        "torii-vhost-user-blk",
+        "uring_submit",
+        &["8", "32"],
+    ),
 ];
 
 fn slug(s: &str) -> String {
