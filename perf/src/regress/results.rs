@@ -194,6 +194,7 @@ pub struct GroupRun {
 
 /// The machine the numbers come from.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Machine {
     pub kernel: String,
     pub cpu_model: String,
