@@ -115,6 +115,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         args[i + 1].push_str(" rdinit=/bin/true");
         let mut cmd = Command::new(&qemu_bin);
         cmd.args(&args);
+        // The console FIFOs the command line names, as the runtime makes them.
+        let _console = qemu::ConsoleTail::start(&paths.console).context("console FIFOs")?;
         let t0 = Instant::now();
         let mut p = VmmProcess::spawn(cmd, &paths.log, None).context("bare QEMU")?;
         if !p.wait_exit(Duration::from_secs(120)) {
@@ -123,7 +125,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 p.log_tail()
             );
         }
-        bare_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let bare = t0.elapsed();
+        // A kernel cannot boot under TCG in this time: QEMU refused to start.
+        if bare < Duration::from_millis(500) {
+            bail!("the bare QEMU exited after {bare:?}:\n{}", p.log_tail());
+        }
+        bare_ms.push(bare.as_secs_f64() * 1e3);
         let _ = std::fs::remove_dir_all(&dir);
         eprintln!(
             "round {round}: agent ready {:.0} ms, bare kernel {:.0} ms, agent RSS {} KiB",

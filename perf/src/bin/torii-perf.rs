@@ -51,8 +51,11 @@ enum Cmd {
         out: PathBuf,
     },
     /// SVG charts and index.html of a results file, with the history of earlier full runs.
+    /// With several files, later files' scenarios complete (or replace) the first's: a group
+    /// measured again on its own joins the run it belongs to.
     Report {
-        results: PathBuf,
+        #[arg(required = true)]
+        results: Vec<PathBuf>,
         /// Folder of earlier results files (full runs) for the history charts.
         #[arg(long, default_value = "perf/history")]
         history: PathBuf,
@@ -167,8 +170,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
             history,
             out,
         } => {
-            let r = Results::load(&results)?;
-            let h = load_history(&history, &r)?;
+            let mut r = Results::load(&results[0])?;
+            let mut h = load_history(&history, &r)?;
+            for p in &results[1..] {
+                let more = Results::load(p)?;
+                h.retain(|x| x.started_unix != more.started_unix);
+                r.merge(more);
+            }
             let charts = report::write(&out, &r, &h)?;
             println!(
                 "{}: index.html and {} charts ({} earlier runs in the history)",
@@ -303,6 +311,8 @@ fn run(root: &Path, a: RunArgs) -> anyhow::Result<ExitCode> {
     let value = serde_json::to_value(&r)?;
     bench::write_json(&out, root, &value)?;
     eprintln!("torii-perf: results in {}", out.display());
+    // As written: paths inside the workspace made relative, for the report too.
+    let r = Results::load(&out)?;
     if let Some(dir) = &a.report {
         let h = load_history(&root.join("perf/history"), &r)?;
         let charts = report::write(&abs(root, dir), &r, &h)?;

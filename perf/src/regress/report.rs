@@ -308,6 +308,9 @@ pub fn charts(r: &Results, history: &[Results]) -> Vec<Chart> {
                     }
                 }
             }
+            if series.values().all(|p| p.len() < 2) {
+                continue;
+            }
             push_line(
                 &mut out,
                 &format!("history-{g}.svg"),

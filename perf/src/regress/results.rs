@@ -286,6 +286,19 @@ impl Results {
         Ok(r)
     }
 
+    /// Takes `other`'s scenarios (replacing those of the same id) and its groups (replacing
+    /// a failed run of the same group).
+    pub fn merge(&mut self, other: Results) {
+        for s in other.scenarios {
+            self.scenarios.retain(|x| x.id != s.id);
+            self.scenarios.push(s);
+        }
+        for g in other.groups {
+            self.groups.retain(|x| x.name != g.name || x.ok);
+            self.groups.push(g);
+        }
+    }
+
     pub fn scenario(&self, id: &str) -> Option<&Scenario> {
         self.scenarios.iter().find(|s| s.id == id)
     }
