@@ -206,6 +206,30 @@ impl Step {
     }
 }
 
+/// A packet-rate tool run against a torii-dataplane: `repeat` (`--pairs` or `--rounds`) of
+/// `full` = (repetitions, seconds per run) with 2 warm-up seconds, or one 2 s run with 1 when
+/// `quick`.
+fn rate_tool(
+    tool: PathBuf,
+    quick: bool,
+    repeat: &str,
+    full: (u32, u32),
+    args: &[&str],
+    dataplane: &Path,
+    out: &Path,
+) -> Step {
+    let (n, secs, warmup) = if quick {
+        (1, 2, 1)
+    } else {
+        (full.0, full.1, 2)
+    };
+    let mut s = Step::new(tool, args);
+    for (k, v) in [(repeat, n), ("--secs", secs), ("--warmup", warmup)] {
+        s = s.arg(k).arg(v.to_string());
+    }
+    s.arg("--dataplane").arg(dataplane).arg("--out").arg(out)
+}
+
 /// The tool run of `group` writing its own results to `out` (micro writes its criterion data
 /// under `out` as a folder).
 pub fn step(group: &str, ctx: &Ctx, out: &Path) -> anyhow::Result<Vec<Step>> {
@@ -213,46 +237,33 @@ pub fn step(group: &str, ctx: &Ctx, out: &Path) -> anyhow::Result<Vec<Step>> {
     let q = ctx.quick;
     let dataplane = b("torii-dataplane");
     Ok(match group {
-        "net" => {
-            let timing: &[&str] = if q {
-                &["--pairs", "1", "--secs", "2", "--warmup", "1"]
-            } else {
-                &["--pairs", "3", "--secs", "8", "--warmup", "2"]
-            };
-            vec![Step::new(b("torii-bench"), timing)
-                .arg("--paths=guest-tx,guest-rx,loopback")
-                .arg("--sizes=64,512,1518")
-                .arg("--dataplane")
-                .arg(&dataplane)
-                .arg("--out")
-                .arg(out)]
-        }
-        "dpdk" => {
-            let timing: &[&str] = if q {
-                &["--rounds", "1", "--secs", "2", "--warmup", "1"]
-            } else {
-                &["--rounds", "3", "--secs", "6", "--warmup", "2"]
-            };
-            vec![Step::new(b("torii-dpdk-bench"), timing)
-                .arg("--sizes=64,512,1518")
-                .arg("--dataplane")
-                .arg(&dataplane)
-                .arg("--out")
-                .arg(out)]
-        }
-        "switch" => {
-            let timing: &[&str] = if q {
-                &["--pairs", "1", "--secs", "2", "--warmup", "1"]
-            } else {
-                &["--pairs", "3", "--secs", "6", "--warmup", "2"]
-            };
-            vec![Step::new(b("torii-switch-bench"), timing)
-                .arg("--ports=2,8,32")
-                .arg("--dataplane")
-                .arg(&dataplane)
-                .arg("--out")
-                .arg(out)]
-        }
+        "net" => vec![rate_tool(
+            b("torii-bench"),
+            q,
+            "--pairs",
+            (3, 8),
+            &["--paths=guest-tx,guest-rx,loopback", "--sizes=64,512,1518"],
+            &dataplane,
+            out,
+        )],
+        "dpdk" => vec![rate_tool(
+            b("torii-dpdk-bench"),
+            q,
+            "--rounds",
+            (3, 6),
+            &["--sizes=64,512,1518"],
+            &dataplane,
+            out,
+        )],
+        "switch" => vec![rate_tool(
+            b("torii-switch-bench"),
+            q,
+            "--pairs",
+            (3, 6),
+            &["--ports=2,8,32"],
+            &dataplane,
+            out,
+        )],
         "blk" => {
             let timing: &[&str] = if q {
                 &["--rounds", "1", "--runtime", "1", "--file-mib", "128"]

@@ -238,4 +238,19 @@ fn every_listed_group_has_steps_and_a_converter() {
         assert!(groups::convert(g.name, &json!({})).is_err(), "{}", g.name);
     }
     assert!(groups::step("nope", &ctx, std::path::Path::new("/tmp/x")).is_err());
+    let line = |g: &str, ctx: &groups::Ctx| {
+        groups::step(g, ctx, std::path::Path::new("/o.json")).unwrap()[0]
+            .command_line()
+            .join(" ")
+    };
+    assert_eq!(
+        line("net", &ctx),
+        "/r/target/release/torii-bench --paths=guest-tx,guest-rx,loopback --sizes=64,512,1518 \
+         --pairs 1 --secs 2 --warmup 1 --dataplane /r/target/release/torii-dataplane --out /o.json"
+    );
+    let full = groups::Ctx {
+        quick: false,
+        ..ctx
+    };
+    assert!(line("dpdk", &full).contains(" --rounds 3 --secs 6 --warmup 2 "));
 }
