@@ -461,55 +461,63 @@ fn size_of(case: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The scenarios of a packet-rate tool's `runs` (torii-bench, torii-dpdk-bench): one per
+/// (path, size), Torii against `peer` (the tool's name for it, its label), rounds paired by
+/// the `round` field; `extra` adds other parties of a case.
+fn packet_rates(
+    raw: &Value,
+    group: &str,
+    (path, who, round): (&str, &str, &str),
+    (peer, peer_label): (&str, &str),
+    extra: impl Fn(&Rounds, &str, &mut Scenario),
+) -> anyhow::Result<Vec<Scenario>> {
+    let case = |r: &Value| format!("{}.{}", text(r, path), text(r, "size"));
+    let m = collect_rounds(arr(raw, "runs")?, case, who, round, "mpps");
+    let mut out = Vec::new();
+    for c in cases(&m) {
+        let (p, size) = c.split_once('.').unwrap_or((&c, ""));
+        let title = format!("{p}, {size} B frames");
+        let who = Parties {
+            subject: "torii",
+            peer,
+            peer_label,
+        };
+        let head = Head::new(format!("{group}.{c}"), group, title, "Mpps", Better::Higher);
+        if let Some(mut s) = pairs_scenario(&m, &c, who, head) {
+            extra(&m, &c, &mut s);
+            out.push(s.with_param("path", p).with_param("size", size_of(&c)));
+        }
+    }
+    Ok(out)
+}
+
 /// Turns the results file of `group`'s tool into scenarios.
 pub fn convert(group: &str, raw: &Value) -> anyhow::Result<Vec<Scenario>> {
     let mut out = Vec::new();
     match group {
         "net" => {
-            let runs = arr(raw, "runs")?;
-            let case = |r: &Value| format!("{}.{}", text(r, "path"), text(r, "size"));
-            let m = collect_rounds(runs, case, "backend", "pair", "mpps");
-            for c in cases(&m) {
-                let (path, size) = c.split_once('.').unwrap_or((&c, ""));
-                let title = format!("{path}, {size} B frames");
-                if let Some(s) = pairs_scenario(
-                    &m,
-                    &c,
-                    Parties {
-                        subject: "torii",
-                        peer: "dpdk",
-                        peer_label: "dpdk net_vhost",
-                    },
-                    Head::new(format!("net.{c}"), group, title, "Mpps", Better::Higher),
-                ) {
-                    out.push(s.with_param("path", path).with_param("size", size_of(&c)));
-                }
-            }
+            out = packet_rates(
+                raw,
+                group,
+                ("path", "backend", "pair"),
+                ("dpdk", "dpdk net_vhost"),
+                |_, _, _| {},
+            )?
         }
         "dpdk" => {
-            let runs = arr(raw, "runs")?;
-            let case = |r: &Value| format!("{}.{}", text(r, "direction"), text(r, "size"));
-            let m = collect_rounds(runs, case, "forwarder", "round", "mpps");
-            for c in cases(&m) {
-                let (dir, size) = c.split_once('.').unwrap_or((&c, ""));
-                let title = format!("{dir}, {size} B frames");
-                if let Some(mut s) = pairs_scenario(
-                    &m,
-                    &c,
-                    Parties {
-                        subject: "torii",
-                        peer: "testpmd",
-                        peer_label: "testpmd net_vhost/net_memif",
-                    },
-                    Head::new(format!("dpdk.{c}"), group, title, "Mpps", Better::Higher),
-                ) {
-                    if let Some(rounds) = m.get(&(c.clone(), "torii-baseline".into())) {
+            let peer = ("testpmd", "testpmd net_vhost/net_memif");
+            out = packet_rates(
+                raw,
+                group,
+                ("direction", "forwarder", "round"),
+                peer,
+                |m, c, s| {
+                    if let Some(rounds) = m.get(&(c.to_string(), "torii-baseline".into())) {
                         let v: Vec<f64> = rounds.values().flatten().copied().collect();
                         s.extra.extend(Side::new("torii baseline build", &v));
                     }
-                    out.push(s.with_param("path", dir).with_param("size", size_of(&c)));
-                }
-            }
+                },
+            )?;
         }
         "switch" => {
             let runs = arr(raw, "runs")?;
