@@ -409,8 +409,16 @@ fn add_vhost_user(
         socket: &conf.control_socket,
     };
     let mac = guest_mac(conf, env);
-    fs::create_dir_all(dir)
-        .map_err(|e| CniError::new(Code::Io, format!("{}: {e}", dir.display())))?;
+    // The socket's directory: made private if new, refused if others could write it (they
+    // could stand in for the data plane's socket and get the pod's memory).
+    torii_vhost_user::sockdir::prepare(socket).map_err(|e| {
+        use torii_vhost_user::sockdir::SockDirError;
+        let code = match e {
+            SockDirError::Io { .. } => Code::Io,
+            _ => Code::InvalidConfig,
+        };
+        CniError::new(code, format!("socketDir: {e}"))
+    })?;
     let mut settings = json!({
         "type": "vhost-user",
         "socket": socket,

@@ -227,6 +227,20 @@ fn bad_requests_get_the_spec_codes_and_leave_nothing() {
             "socketDir",
         ),
         (
+            "socket directory others can write",
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let open = r.dir.join("open");
+                std::fs::create_dir_all(&open).unwrap();
+                std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+                let mut c = conf.clone();
+                c["socketDir"] = json!(open);
+                r.cni("ADD", Some("c1"), Some("net1"), Some(&ns), &c)
+            },
+            7,
+            "writable by other users",
+        ),
+        (
             "GC in 1.0.0",
             r.cni("GC", None, None, None, &r.conf("1.0.0")),
             1,
@@ -248,6 +262,10 @@ fn bad_requests_get_the_spec_codes_and_leave_nothing() {
         );
         assert_eq!(leftovers(&r), nothing(&r), "{what} left something");
     }
+    assert!(
+        !r.dir.join("open").join("c1").exists(),
+        "a pod directory was made in a directory others can write"
+    );
 
     // A failure after IPAM gave an address undoes everything: here the data plane refuses
     // the port, because another port already uses the socket path this attachment gets.

@@ -66,8 +66,9 @@ fn main() {
     }
 }
 
-/// Binds the control socket: refuses one a live daemon answers on, replaces a stale one, and
-/// leaves it readable and writable by owner and group only.
+/// Binds the control socket: refuses one a live daemon answers on and a directory others can
+/// write (`sockdir`), replaces a stale one, and leaves it readable and writable by owner and
+/// group only.
 fn bind_control(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -76,9 +77,8 @@ fn bind_control(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
             path.display()
         );
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
+    // Whoever could write the socket's directory could stand in for the API.
+    torii_vhost_user::sockdir::prepare(path)?;
     let _ = std::fs::remove_file(path);
     let l = tokio::net::UnixListener::bind(path)
         .map_err(|e| anyhow::anyhow!("control socket {}: {e}", path.display()))?;

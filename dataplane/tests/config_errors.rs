@@ -123,6 +123,61 @@ file = "{}/missing.img"
 }
 
 #[test]
+fn a_socket_in_a_directory_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    prereq::require_root().or_fail("prerequisite");
+    let dir = proc_util::unique_tmp_dir("torii-cfg-open").or_fail("tmp dir");
+    let open = dir.join("open");
+    std::fs::create_dir(&open).or_fail("dir");
+    // Sticky or not: anyone could bind a socket of theirs under a free name first.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).or_fail("chmod");
+    let (good, bad) = (dir.join("a.sock"), open.join("b.sock"));
+    let tap = common::ifname("co");
+    let cfg = dir.join("open.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[dataplane]\ncontrol_socket = \"{ctl}\"\n\
+             [[port]]\nname = \"a\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n\
+             [[port]]\nname = \"t\"\ntype = \"tap\"\nifname = \"{tap}\"\n\
+             [[port]]\nname = \"b\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n",
+            good.display(),
+            bad.display(),
+            ctl = dir.join("control.sock").display()
+        ),
+    )
+    .or_fail("writing config");
+    let (ok, err) = run(&cfg);
+    assert!(!ok, "daemon listened in a world-writable directory");
+    assert!(
+        err.contains("port \"b\"") && err.contains("writable by other users"),
+        "unclear error: {err}"
+    );
+    for s in [&good, &bad] {
+        assert!(!s.exists(), "socket {} left behind", s.display());
+    }
+    assert!(!link_exists(&tap), "tap {tap} left behind");
+
+    // The control socket too.
+    let cfg2 = dir.join("open-ctl.toml");
+    std::fs::write(
+        &cfg2,
+        format!(
+            "[dataplane]\ncontrol_socket = \"{}\"\n",
+            open.join("control.sock").display()
+        ),
+    )
+    .or_fail("writing config");
+    let (ok, err) = run(&cfg2);
+    assert!(!ok, "control socket in a world-writable directory");
+    assert!(
+        err.contains("writable by other users"),
+        "unclear error: {err}"
+    );
+    assert!(!open.join("control.sock").exists());
+}
+
+#[test]
 fn invalid_configs_are_refused_before_anything_is_made() {
     let dir = proc_util::unique_tmp_dir("torii-cfg2").or_fail("tmp dir");
     let sock = dir.join("s.sock");

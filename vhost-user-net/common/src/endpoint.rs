@@ -55,6 +55,8 @@ pub enum StartError {
     Listen { path: PathBuf, source: io::Error },
     #[error("cannot start the control thread of {name}: {source}")]
     Thread { name: String, source: io::Error },
+    #[error(transparent)]
+    SocketDir(#[from] crate::sockdir::SockDirError),
 }
 
 /// The vrings, memory and negotiated state of one live frontend connection.
@@ -318,6 +320,8 @@ pub struct Endpoint<M: DeviceModel> {
 impl<M: DeviceModel> Endpoint<M> {
     /// Creates the socket (server mode) and starts the control thread for `shared`.
     pub fn start(cfg: EndpointConfig, shared: Arc<EndpointShared<M>>) -> Result<Self, StartError> {
+        // Whoever can write the socket's directory could stand in for either side.
+        crate::sockdir::check(&cfg.socket)?;
         let listener = match cfg.mode {
             SocketMode::Server => {
                 // A socket file left by a previous instance would make bind fail.

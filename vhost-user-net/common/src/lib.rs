@@ -13,6 +13,7 @@ mod handler;
 pub mod inflight;
 mod protocol;
 pub mod ring;
+pub mod sockdir;
 
 pub use endpoint::{
     BrokenQueue, Connection, Endpoint, EndpointConfig, EndpointShared, HandleSlot, SocketMode,
