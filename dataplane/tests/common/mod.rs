@@ -47,6 +47,19 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        self.spawn_nowait();
+        let ok = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            self.stats.exists()
+        });
+        assert!(
+            ok,
+            "torii-dataplane wrote no stats file; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Starts the daemon and returns at once (a supervisor restarting it after a crash).
+    pub fn spawn_nowait(&mut self) {
         let _ = std::fs::remove_file(&self.stats);
         self.starts += 1;
         let log = std::fs::OpenOptions::new()
@@ -64,14 +77,13 @@ impl Daemon {
             .spawn()
             .or_fail("spawning torii-dataplane");
         self.child = Some(ChildGuard::new(child, "torii-dataplane"));
-        let ok = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
-            self.stats.exists()
-        });
-        assert!(
-            ok,
-            "torii-dataplane wrote no stats file; log:\n{}",
-            self.log_text()
-        );
+    }
+
+    /// SIGKILL: the daemon dies wherever it is, with no chance to clean up; reaped.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().or_fail("SIGKILL torii-dataplane");
+        }
     }
 
     /// The control API's socket.
