@@ -393,3 +393,52 @@ fn status_gc_version_and_chaining() {
     // DEL with the data plane gone still succeeds (its ports went with it).
     assert!(r.cni("DEL", Some("gone"), Some("net1"), None, &conf).ok);
 }
+
+/// The data plane dies (SIGKILL) under attachments: DEL still cleans up everything that is
+/// torii-cni's (the address, the pod's files and state) and succeeds, whether the data plane
+/// is still down or already restarted without the port; the same attachment can then be added
+/// again.
+#[test]
+fn del_after_a_dataplane_crash_cleans_up() {
+    prerequisites();
+    let mut r = Rig::start("torii-cni-crash", "");
+    let conf = r.conf("1.1.0");
+    let files_and_leases = |r: &Rig| (r.files("pods"), r.files("state/tnet"), r.ipam_leases());
+    let none = || {
+        (
+            Vec::<String>::new(),
+            Vec::<String>::new(),
+            Vec::<String>::new(),
+        )
+    };
+    for restart_first in [false, true] {
+        let ns = r.netns();
+        let add = r.cni("ADD", Some("c1"), Some("net1"), Some(&ns), &conf);
+        assert!(add.ok, "ADD: {add:?}");
+        assert_eq!(r.ports().len(), 1);
+        r.kill_dataplane();
+        if restart_first {
+            r.start_dataplane();
+            assert!(r.ports().is_empty(), "{:?}", r.ports());
+        }
+        let mut del_conf = conf.clone();
+        del_conf["prevResult"] = add.json.clone();
+        let del = r.cni("DEL", Some("c1"), Some("net1"), Some(&ns), &del_conf);
+        assert!(
+            del.ok,
+            "DEL after the crash (restarted: {restart_first}): {del:?}"
+        );
+        assert_eq!(files_and_leases(&r), none(), "DEL left something");
+        if !restart_first {
+            r.start_dataplane();
+        }
+        assert!(r.ports().is_empty(), "{:?}", r.ports());
+        // The same attachment again, on the new data plane.
+        let add = r.cni("ADD", Some("c1"), Some("net1"), Some(&ns), &conf);
+        assert!(add.ok, "ADD after the crash: {add:?}");
+        assert_eq!(r.ports().len(), 1);
+        let del = r.cni("DEL", Some("c1"), Some("net1"), Some(&ns), &conf);
+        assert!(del.ok, "{del:?}");
+        assert_eq!(leftovers(&r), nothing(&r));
+    }
+}

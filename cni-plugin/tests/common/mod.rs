@@ -103,14 +103,24 @@ impl Rig {
         proc_util::die_with_parent(&mut cmd);
         let child = cmd.spawn().or_fail("starting torii-dataplane");
         self.dp = Some(ChildGuard::new(child, "torii-dataplane"));
-        proc_util::wait_for_path(self.control_socket(), Duration::from_secs(20))
-            .or_fail("torii-dataplane control socket");
+        // Answering, not just there: a killed daemon leaves its socket file behind.
+        let up = proc_util::wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
+            std::os::unix::net::UnixStream::connect(self.control_socket()).is_ok()
+        });
+        assert!(up, "torii-dataplane's control socket does not answer");
     }
 
     pub fn stop_dataplane(&mut self) {
         if let Some(mut c) = self.dp.take() {
             let _ = c.signal(libc::SIGINT);
             let _ = c.wait_timeout(Duration::from_secs(10));
+        }
+    }
+
+    /// SIGKILL: the data plane dies with its ports, nothing cleaned up.
+    pub fn kill_dataplane(&mut self) {
+        if let Some(mut c) = self.dp.take() {
+            c.kill().or_fail("SIGKILL torii-dataplane");
         }
     }
 
