@@ -38,7 +38,7 @@ pub enum TapError {
     BadName(String),
     #[error("cannot open /dev/net/tun (is the tun module loaded?): {0}")]
     Open(io::Error),
-    #[error("TUNSETIFF {ifname} failed (name taken by a non-tap device, or not root?): {source}")]
+    #[error("TUNSETIFF {ifname} failed (EPERM: making a tap needs CAP_NET_ADMIN; EBUSY or EINVAL: the name is taken by another kind of device): {source}")]
     SetIff { ifname: String, source: io::Error },
     #[error("tap {ifname}: {what} failed: {source}")]
     Ioctl {

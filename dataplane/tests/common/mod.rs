@@ -20,12 +20,20 @@ pub struct Daemon {
     stats: PathBuf,
     log: PathBuf,
     starts: u32,
+    /// A command the daemon runs under (e.g. `setpriv` with another user and capabilities).
+    wrapper: Vec<String>,
 }
 
 impl Daemon {
     /// Writes `body` (ports and cross-connects) under a `[dataplane]` section with
     /// `dataplane_extra` lines, and starts the daemon.
     pub fn start(dir: &Path, dataplane_extra: &str, body: &str) -> Daemon {
+        Self::start_under(&[], dir, dataplane_extra, body)
+    }
+
+    /// [`Daemon::start`], the daemon run by `wrapper` (a program and its arguments, which
+    /// end with the daemon's command line).
+    pub fn start_under(wrapper: &[&str], dir: &Path, dataplane_extra: &str, body: &str) -> Daemon {
         let stats = dir.join("stats.json");
         let config = dir.join("dataplane.toml");
         let text = format!(
@@ -41,6 +49,7 @@ impl Daemon {
             stats,
             log: dir.join("dataplane.log"),
             starts: 0,
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn();
         d
@@ -67,7 +76,16 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .or_fail("daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_torii-dataplane"))
+        let bin = env!("CARGO_BIN_EXE_torii-dataplane");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args(["run", "-c"])
             .arg(&self.config)
             .env("TORII_LOG", "info")
