@@ -749,3 +749,70 @@ fn a_disk_given_at_start_is_unplugged_like_a_hot_plugged_one_and_its_slot_reused
     assert_eq!((code, out.as_str()), (0, "from-disk-a\n"));
     pod.stop(Duration::from_secs(20)).expect("stop");
 }
+
+/// torii-agent is the guest's init, so a tenant's process cannot kill it: SIGKILL sent to PID 1
+/// from inside the guest is dropped by the kernel, and `kill -9 -1` (every process) ends all
+/// but the agent and the sender. It does so under load — a process streaming 4 MB of output — whose output
+/// arrives whole, and the agent keeps serving afterwards.
+#[test]
+fn the_agent_survives_sigkill_from_inside_the_guest_under_load() {
+    let image = prereqs();
+    let _heavy = torii_perf::heavy_test_lock();
+    let dir = tmp("torii-pod-kill");
+    let s = spec(dir.path(), &image, "vm-kill", "");
+    let sb = s
+        .resolve(&torii_vfio::pci::Sysfs::default())
+        .expect("resolve");
+    let pod = Pod::start(sb, &dir.join("run"), None).expect("pod start");
+    pod.configure().expect("configure");
+    const BYTES: usize = 4_000_000;
+    // The kill comes from another process while the flood runs, over the same connection.
+    let agent = pod.agent_handle();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let p = agent.call(
+            "start_process",
+            json!({"argv": ["sh", "-c", "kill -9 1"]}),
+            Duration::from_secs(10),
+        )?;
+        agent.call(
+            "wait_process",
+            json!({"process": p["process"]}),
+            Duration::from_secs(10),
+        )
+    });
+    let flood = exec(
+        &pod,
+        &[
+            "sh",
+            "-c",
+            &format!("yes 0123456789abcdef | head -c {BYTES}"),
+        ],
+        None,
+    );
+    let kill = killer.join().unwrap().expect("kill -9 1 in the guest");
+    assert_eq!(kill["exit_code"], 0, "{kill}");
+    assert_eq!(flood.0, 0, "{}", flood.2);
+    assert_eq!(flood.1.len(), BYTES, "the output under the kill was cut");
+    let health = pod
+        .agent()
+        .call("health", json!({}), Duration::from_secs(10))
+        .expect("health after kill -9 1");
+    assert_eq!(health["status"], "serving");
+
+    // Every process but init: a long sleeper goes, the agent stays.
+    let (code, out, err) = exec(
+        &pod,
+        &[
+            "sh",
+            "-c",
+            "sleep 1000 & sleep 0.2; kill -9 -1; echo survived",
+        ],
+        None,
+    );
+    // kill(-1) spares the sender and init; everything else goes.
+    assert_eq!((code, out.trim()), (0, "survived"), "{err}");
+    let (code, out, _) = exec(&pod, &["sh", "-c", "pgrep -x sleep || echo none"], None);
+    assert_eq!((code, out.trim()), (0, "none"));
+    pod.stop(Duration::from_secs(30)).expect("stop");
+}
