@@ -16,6 +16,9 @@
 
 pub mod block;
 pub mod filesystems;
+/// The body and seeds of the `agent_frames` fuzz target (fuzz/).
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hugepages;
 pub mod init;
 pub mod mounts;

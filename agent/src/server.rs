@@ -102,64 +102,170 @@ struct StdinParams {
     data: String,
 }
 
-/// Handles one request.
-pub fn handle(agent: &Agent, method: &str, p: Value, emit: &Emit) -> Result<Value, RpcError> {
-    match method {
-        "version" => Ok(json!({
-            "agent": "torii-agent",
-            "version": env!("CARGO_PKG_VERSION"),
-            "protocol": 1,
-        })),
-        "health" => Ok(json!({ "status": "serving" })),
-        "start_process" => {
-            let sp: StartParams = params(p)?;
-            agent.processes.start(sp, emit.clone())
-        }
-        "wait_process" => agent.processes.wait(&params::<ProcessRef>(p)?.process),
-        "kill_process" => {
-            let k: KillParams = params(p)?;
-            agent.processes.kill(&k.process, k.signal)
-        }
-        "write_stdin" => {
-            let s: StdinParams = params(p)?;
-            let data = base64::engine::general_purpose::STANDARD
-                .decode(&s.data)
-                .map_err(|e| RpcError::new("bad_params", format!("data: {e}")))?;
-            agent.processes.write_stdin(&s.process, &data)
-        }
-        "close_stdin" => agent
-            .processes
-            .close_stdin(&params::<ProcessRef>(p)?.process),
-        "metrics" => system::metrics(),
-        "list_interfaces" => net::list_interfaces(),
-        "update_interface" => net::update_interface(params(p)?),
-        "list_routes" => net::list_routes(),
-        "update_routes" => net::update_routes(params(p)?),
-        "add_arp_neighbors" => net::add_arp_neighbors(params(p)?),
-        "mount_block" => block::mount_block(params(p)?, &agent.roots),
-        "mount" => filesystems::mount(params(p)?),
-        "unmount" => filesystems::unmount(params(p)?, &agent.roots),
-        "setup_hugepages" => hugepages::setup(params(p)?, &agent.roots),
-        "shutdown" if agent.init => {
-            // After the answer has gone out.
-            std::thread::Builder::new()
-                .name("power-off".into())
-                .spawn(|| {
-                    std::thread::sleep(Duration::from_millis(200));
-                    crate::init::power_off();
-                })
-                .map_err(|e| RpcError::new("failed", format!("no thread to power off: {e}")))?;
-            Ok(json!({}))
-        }
-        "shutdown" => Err(RpcError::new(
-            "failed",
-            "not the guest's init: nothing to power off",
-        )),
-        other => Err(RpcError::new(
-            "unknown_method",
-            format!("no method {}", quote(other)),
-        )),
+/// A request's method with its parameters decoded: everything about it checked that can be
+/// without touching the system (the parameters' shapes, base64). [`Call::run`] executes it —
+/// and the checks that need the system (or that the modules make on the way) happen there.
+pub enum Call {
+    Version,
+    Health,
+    StartProcess(StartParams),
+    WaitProcess {
+        process: String,
+    },
+    KillProcess {
+        process: String,
+        /// As given (SIGTERM if not): its range is checked when run.
+        signal: i32,
+    },
+    WriteStdin {
+        process: String,
+        /// Decoded from the request's base64.
+        data: Vec<u8>,
+    },
+    CloseStdin {
+        process: String,
+    },
+    Metrics,
+    ListInterfaces,
+    UpdateInterface(net::UpdateInterface),
+    ListRoutes,
+    UpdateRoutes(net::UpdateRoutes),
+    AddArpNeighbors(net::AddNeighbors),
+    MountBlock(block::MountBlock),
+    Mount(filesystems::Mount),
+    Unmount(filesystems::Unmount),
+    SetupHugepages(hugepages::Hugepages),
+    /// Refused in [`Call::run`] unless the agent is the guest's init.
+    Shutdown,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Call({})", self.method())
     }
+}
+
+impl Call {
+    /// Decodes `method`'s parameters `p` (`null` is `{}`): `unknown_method`, or `bad_params`
+    /// naming what is wrong. Methods that take no parameters ignore them.
+    pub fn decode(method: &str, p: Value) -> Result<Call, RpcError> {
+        Ok(match method {
+            "version" => Call::Version,
+            "health" => Call::Health,
+            "start_process" => Call::StartProcess(params(p)?),
+            "wait_process" => Call::WaitProcess {
+                process: params::<ProcessRef>(p)?.process,
+            },
+            "kill_process" => {
+                let k: KillParams = params(p)?;
+                Call::KillProcess {
+                    process: k.process,
+                    signal: k.signal,
+                }
+            }
+            "write_stdin" => {
+                let s: StdinParams = params(p)?;
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(&s.data)
+                    .map_err(|e| RpcError::new("bad_params", format!("data: {e}")))?;
+                Call::WriteStdin {
+                    process: s.process,
+                    data,
+                }
+            }
+            "close_stdin" => Call::CloseStdin {
+                process: params::<ProcessRef>(p)?.process,
+            },
+            "metrics" => Call::Metrics,
+            "list_interfaces" => Call::ListInterfaces,
+            "update_interface" => Call::UpdateInterface(params(p)?),
+            "list_routes" => Call::ListRoutes,
+            "update_routes" => Call::UpdateRoutes(params(p)?),
+            "add_arp_neighbors" => Call::AddArpNeighbors(params(p)?),
+            "mount_block" => Call::MountBlock(params(p)?),
+            "mount" => Call::Mount(params(p)?),
+            "unmount" => Call::Unmount(params(p)?),
+            "setup_hugepages" => Call::SetupHugepages(params(p)?),
+            "shutdown" => Call::Shutdown,
+            other => {
+                return Err(RpcError::new(
+                    "unknown_method",
+                    format!("no method {}", quote(other)),
+                ))
+            }
+        })
+    }
+
+    /// The method's name, as the host sends it.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Call::Version => "version",
+            Call::Health => "health",
+            Call::StartProcess(_) => "start_process",
+            Call::WaitProcess { .. } => "wait_process",
+            Call::KillProcess { .. } => "kill_process",
+            Call::WriteStdin { .. } => "write_stdin",
+            Call::CloseStdin { .. } => "close_stdin",
+            Call::Metrics => "metrics",
+            Call::ListInterfaces => "list_interfaces",
+            Call::UpdateInterface(_) => "update_interface",
+            Call::ListRoutes => "list_routes",
+            Call::UpdateRoutes(_) => "update_routes",
+            Call::AddArpNeighbors(_) => "add_arp_neighbors",
+            Call::MountBlock(_) => "mount_block",
+            Call::Mount(_) => "mount",
+            Call::Unmount(_) => "unmount",
+            Call::SetupHugepages(_) => "setup_hugepages",
+            Call::Shutdown => "shutdown",
+        }
+    }
+
+    /// Executes the call: starts processes, mounts, changes interfaces and routes, powers off.
+    pub fn run(self, agent: &Agent, emit: &Emit) -> Result<Value, RpcError> {
+        match self {
+            Call::Version => Ok(json!({
+                "agent": "torii-agent",
+                "version": env!("CARGO_PKG_VERSION"),
+                "protocol": 1,
+            })),
+            Call::Health => Ok(json!({ "status": "serving" })),
+            Call::StartProcess(sp) => agent.processes.start(sp, emit.clone()),
+            Call::WaitProcess { process } => agent.processes.wait(&process),
+            Call::KillProcess { process, signal } => agent.processes.kill(&process, signal),
+            Call::WriteStdin { process, data } => agent.processes.write_stdin(&process, &data),
+            Call::CloseStdin { process } => agent.processes.close_stdin(&process),
+            Call::Metrics => system::metrics(),
+            Call::ListInterfaces => net::list_interfaces(),
+            Call::UpdateInterface(u) => net::update_interface(u),
+            Call::ListRoutes => net::list_routes(),
+            Call::UpdateRoutes(u) => net::update_routes(u),
+            Call::AddArpNeighbors(a) => net::add_arp_neighbors(a),
+            Call::MountBlock(m) => block::mount_block(m, &agent.roots),
+            Call::Mount(m) => filesystems::mount(m),
+            Call::Unmount(u) => filesystems::unmount(u, &agent.roots),
+            Call::SetupHugepages(h) => hugepages::setup(h, &agent.roots),
+            Call::Shutdown if agent.init => {
+                // After the answer has gone out.
+                std::thread::Builder::new()
+                    .name("power-off".into())
+                    .spawn(|| {
+                        std::thread::sleep(Duration::from_millis(200));
+                        crate::init::power_off();
+                    })
+                    .map_err(|e| RpcError::new("failed", format!("no thread to power off: {e}")))?;
+                Ok(json!({}))
+            }
+            Call::Shutdown => Err(RpcError::new(
+                "failed",
+                "not the guest's init: nothing to power off",
+            )),
+        }
+    }
+}
+
+/// Handles one request: [`Call::decode`], then [`Call::run`].
+pub fn handle(agent: &Agent, method: &str, p: Value, emit: &Emit) -> Result<Value, RpcError> {
+    Call::decode(method, p)?.run(agent, emit)
 }
 
 /// An in-flight slot, given back on drop.
@@ -194,6 +300,48 @@ impl Sink {
 
     fn detach(&self) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// What [`next_incoming`] read from the host.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A request, to handle.
+    Request(Request),
+    /// A frame that is not a request (empty, not JSON, not of a request's shape): the answer
+    /// to send for it (under its id, if it has one that can be read); the connection goes on.
+    Refused(Value),
+    /// The host closed the stream between frames.
+    End,
+    /// The stream cannot be read on (a length over the limit, a frame cut short, a read
+    /// error): the answer to send, then the connection ends with the error.
+    Broken(Value, FrameError),
+}
+
+/// Reads the next frame from the host and makes it a request, as [`serve`] does.
+pub fn next_incoming(reader: &mut impl Read) -> Incoming {
+    let frame = match read_frame(reader) {
+        Ok(f) => f,
+        Err(FrameError::Eof) => return Incoming::End,
+        Err(e @ FrameError::Empty) => {
+            return Incoming::Refused(answer(None, Err(RpcError::new("bad_frame", e.to_string()))))
+        }
+        Err(e) => {
+            return Incoming::Broken(
+                answer(None, Err(RpcError::new("bad_frame", e.to_string()))),
+                e,
+            )
+        }
+    };
+    match serde_json::from_slice::<Request>(&frame) {
+        Ok(r) => Incoming::Request(r),
+        Err(e) => {
+            // The id, if the frame is an object that has one.
+            let id = serde_json::from_slice::<Value>(&frame)
+                .ok()
+                .and_then(|v| v["id"].as_u64());
+            Incoming::Refused(answer(id, Err(RpcError::new("bad_request", e.to_string()))))
+        }
     }
 }
 
@@ -243,27 +391,16 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
     };
     let in_flight = Arc::new(AtomicUsize::new(0));
     let result = loop {
-        let frame = match read_frame(&mut reader) {
-            Ok(f) => f,
-            Err(FrameError::Eof) => break Ok(()),
-            Err(e @ FrameError::Empty) => {
-                send(answer(None, Err(RpcError::new("bad_frame", e.to_string()))));
+        let req = match next_incoming(&mut reader) {
+            Incoming::Request(r) => r,
+            Incoming::Refused(a) => {
+                send(a);
                 continue;
             }
-            Err(e) => {
-                send(answer(None, Err(RpcError::new("bad_frame", e.to_string()))));
+            Incoming::End => break Ok(()),
+            Incoming::Broken(a, e) => {
+                send(a);
                 break Err(e);
-            }
-        };
-        let req: Request = match serde_json::from_slice(&frame) {
-            Ok(r) => r,
-            Err(e) => {
-                // The id, if the frame is an object that has one.
-                let id = serde_json::from_slice::<Value>(&frame)
-                    .ok()
-                    .and_then(|v| v["id"].as_u64());
-                send(answer(id, Err(RpcError::new("bad_request", e.to_string()))));
-                continue;
             }
         };
         if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {

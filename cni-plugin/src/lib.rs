@@ -13,6 +13,9 @@
 
 pub mod config;
 pub mod delegate;
+/// The body and seeds of the `cni_input` fuzz target (fuzz/).
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod plugin;
 pub mod sriov;
 pub mod state;
