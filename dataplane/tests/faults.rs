@@ -9,24 +9,21 @@
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, OrFail};
-use torii_perf::blk_client::{BlkClient, ClientConfig, DriverQueue};
+use torii_perf::blk_client::BlkClient;
+use torii_perf::fault::{
+    self, client_config, completion, pattern, sockets_in, steady, verify, Ledger, Writer, BLOCK,
+    S_OK, T_OUT,
+};
 use torii_perf::testpmd::{FwdMode, Testpmd, TestpmdBuilder};
 use torii_perf::{prereq, proc_util};
 
 const REPETITIONS: usize = 100;
 /// How soon traffic must flow again after the restarted daemon is started.
 const BACK_WITHIN: Duration = Duration::from_secs(1);
-const BLOCK: u32 = 4096;
-const IMAGE_BLOCKS: u64 = 16384; // 64 MiB
-/// virtio-blk request types and status (virtio 1.2 §5.2.6).
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const S_OK: u8 = 0;
+const IMAGE_BLOCKS: u64 = 16384; // 64 MiB of 4 KiB blocks
 
 fn prerequisites() {
     prereq::require_root().or_fail("prerequisite");
@@ -50,11 +47,6 @@ fn waiting_frontend(sock: &Path, mode: FwdMode, main_lcore: u32) -> Testpmd {
     t
 }
 
-fn hugepages_free() -> u64 {
-    let m = std::fs::read_to_string("/proc/meminfo").or_fail("meminfo");
-    prereq::parse_hugepages_2m(&m).or_fail("meminfo").1
-}
-
 /// A port counter read live through the control API (not the once-a-second stats file).
 fn live_counter(socket: &Path, port: &str, field: &str) -> Option<u64> {
     let r =
@@ -65,113 +57,14 @@ fn live_counter(socket: &Path, port: &str, field: &str) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(&r.body).ok()?[field].as_u64()
 }
 
-fn client_config() -> ClientConfig {
-    ClientConfig {
-        queues: 1,
-        queue_size: 64,
-        slots: 8,
-        max_bytes: BLOCK,
-        segments: 1,
-    }
-}
-
-/// The pattern of block `n`: its number and a stamp, over and over.
-fn pattern(n: u64, buf: &mut [u8]) {
-    for (i, w) in buf.chunks_exact_mut(8).enumerate() {
-        let v = n.rotate_left(17) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x7019;
-        w.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-/// Waits for the one completion of `q` (at most `timeout`); None when the backend is gone.
-fn completion(q: &mut DriverQueue, timeout: Duration) -> Option<(u16, u8)> {
-    let end = Instant::now() + timeout;
-    let mut out = Vec::new();
-    while Instant::now() < end {
-        q.poll(&mut out);
-        if let Some(c) = out.pop() {
-            return Some((c.slot, c.status));
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-    None
-}
-
-/// Writes blocks `next`, `next+1`, … one at a time until `stop` or until the backend stops
-/// answering; each block the backend acknowledged (status OK) is added to `acked`.
-fn write_until_gone(
-    socket: &Path,
-    next: &AtomicU64,
-    stop: &AtomicBool,
-    acked: &Mutex<Vec<u64>>,
-) -> Result<(), String> {
-    let mut c = BlkClient::connect(socket, &client_config()).map_err(|e| e.to_string())?;
-    let mut q = c.take_queues().pop().ok_or("no queue")?;
-    while !stop.load(Ordering::Relaxed) {
-        let n = next.fetch_add(1, Ordering::Relaxed) % IMAGE_BLOCKS;
-        pattern(n, &mut q.data(0)[..BLOCK as usize]);
-        q.queue(0, T_OUT, n * u64::from(BLOCK / 512), BLOCK);
-        q.publish();
-        match completion(&mut q, Duration::from_millis(300)) {
-            Some((_, s)) if s == S_OK => acked.lock().unwrap().push(n),
-            Some((_, s)) => return Err(format!("write of block {n}: status {s}")),
-            None => return Ok(()),
-        }
-    }
-    Ok(())
-}
-
-/// Reads every block of `blocks` back through a new connection and checks its pattern.
-fn verify(socket: &Path, blocks: &[u64]) {
-    let mut c = BlkClient::connect(socket, &client_config()).or_fail("connect to verify");
-    let mut q = c.take_queues().pop().expect("queue");
-    let mut want = vec![0u8; BLOCK as usize];
-    for &n in blocks {
-        q.queue(0, T_IN, n * u64::from(BLOCK / 512), BLOCK);
-        q.publish();
-        let (_, s) = completion(&mut q, Duration::from_secs(5))
-            .unwrap_or_else(|| panic!("no answer reading block {n}"));
-        assert_eq!(s, S_OK, "reading block {n}");
-        pattern(n, &mut want);
-        assert!(
-            q.data(0)[..BLOCK as usize] == want[..],
-            "acknowledged write of block {n} lost"
-        );
-    }
-}
-
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
 
-/// Torii's processes whose command line names `config`.
+/// Torii's processes started with `config`.
 fn daemons_of(config: &Path) -> usize {
-    let want = config.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
-                        String::from_utf8_lossy(&c).contains(&want)
-                            && String::from_utf8_lossy(&c).contains("torii-dataplane")
-                    })
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-fn sockets_in(dir: &Path) -> Vec<String> {
-    use std::os::unix::fs::FileTypeExt;
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .or_fail("listing the test directory")
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_socket()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
+    fault::processes_with(&["torii-dataplane", &config.to_string_lossy()])
 }
 
 /// SIGKILL under load, a hundred times: net traffic between two waiting testpmds flows again
@@ -182,7 +75,7 @@ fn killed_dataplane_is_back_within_a_second_and_loses_no_acknowledged_write() {
     let _lock = torii_perf::heavy_test_lock();
     prerequisites();
     let dir = proc_util::unique_tmp_dir("torii-fault").or_fail("tmp dir");
-    let hp_before = hugepages_free();
+    let hp_before = fault::hugepages_free();
     let (a_sock, b_sock, d_sock) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("d.sock"));
     let img = dir.join("d.img");
     std::fs::File::create(&img)
@@ -209,28 +102,18 @@ fn killed_dataplane_is_back_within_a_second_and_loses_no_acknowledged_write() {
         p["tx_packets"].as_u64().unwrap_or(0) > 10_000
     });
 
-    let next = Arc::new(AtomicU64::new(0));
-    let acked = Arc::new(Mutex::new(Vec::new()));
+    let ledger = Ledger::new(IMAGE_BLOCKS);
     let mut back = Vec::with_capacity(REPETITIONS);
     for i in 0..REPETITIONS {
         // A disk client writing when the daemon dies.
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (sock, next, stop, acked) =
-                (d_sock.clone(), next.clone(), stop.clone(), acked.clone());
-            std::thread::spawn(move || write_until_gone(&sock, &next, &stop, &acked))
-        };
-        let before = acked.lock().unwrap().len();
+        let writer = Writer::start(&d_sock, ledger.clone());
+        let before = ledger.acked_count();
         let busy = proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(2), || {
-            acked.lock().unwrap().len() > before + 8
+            ledger.acked_count() > before + 8
         });
         assert!(busy, "round {i}: the disk client got no write through");
         dp.kill9();
-        stop.store(true, Ordering::Relaxed);
-        writer
-            .join()
-            .expect("writer thread")
-            .unwrap_or_else(|e| panic!("round {i}: {e}"));
+        writer.finish().unwrap_or_else(|e| panic!("round {i}: {e}"));
 
         let t0 = Instant::now();
         dp.spawn_nowait();
@@ -249,7 +132,7 @@ fn killed_dataplane_is_back_within_a_second_and_loses_no_acknowledged_write() {
     }
     // The daemon started a hundred and one times; every one but the last is gone.
     assert_eq!(daemons_of(&dir.join("dataplane.toml")), 1);
-    let acked = acked.lock().unwrap().clone();
+    let acked = ledger.acked();
     verify(&d_sock, &acked);
     let worst = *back.iter().max().unwrap();
     let med = median(&mut back.clone());
@@ -270,49 +153,13 @@ fn killed_dataplane_is_back_within_a_second_and_loses_no_acknowledged_write() {
     assert_eq!(sockets_in(dir.path()), Vec::<String>::new(), "sockets left");
     let hp_after =
         proc_util::wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
-            hugepages_free() >= hp_before
+            fault::hugepages_free() >= hp_before
         });
     assert!(
         hp_after,
         "hugepages free: {hp_before} before, {} after",
-        hugepages_free()
+        fault::hugepages_free()
     );
-}
-
-/// Open file descriptors, threads and resident memory (KiB) of `pid`.
-fn footprint(pid: u32) -> (usize, usize, u64) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (fds, field("Threads:") as usize, field("VmRSS:"))
-}
-
-/// The footprint once the teardown of the last connection (a frontend's, the control API's)
-/// has finished: the same file descriptor and thread counts over half a second. A leak stays.
-fn steady(pid: u32) -> (usize, usize, u64) {
-    let mut last = footprint(pid);
-    let mut same = 0;
-    let end = Instant::now() + Duration::from_secs(10);
-    while same < 5 && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = footprint(pid);
-        same = if (now.0, now.1) == (last.0, last.1) {
-            same + 1
-        } else {
-            0
-        };
-        last = now;
-    }
-    last
 }
 
 /// A hundred disk frontends that connect, write and vanish without a goodbye (their socket and
@@ -353,8 +200,8 @@ fn a_hundred_dead_frontends_leak_nothing_in_the_daemon() {
         pattern(n, &mut q.data(0)[..BLOCK as usize]);
         q.queue(0, T_OUT, n * 8, BLOCK);
         q.publish();
-        let (_, s) = completion(&mut q, Duration::from_secs(5)).expect("write answered");
-        assert_eq!(s, S_OK);
+        let st = completion(&mut q, Duration::from_secs(5)).expect("write answered");
+        assert_eq!(st, S_OK);
         // Another request in flight, then the frontend is gone: socket, rings and memory.
         q.queue(0, T_OUT, (n + 1) * 8, BLOCK);
         q.publish();
@@ -404,16 +251,16 @@ fn a_hundred_dead_frontends_leak_nothing_in_the_daemon() {
         assert_eq!(dp.counter("v", "connections"), round + 1);
     }
     let after = steady(pid);
-    eprintln!("daemon before: {before:?} (fds, threads, RSS KiB); after: {after:?}");
-    assert_eq!(after.0, before.0, "file descriptors leaked");
-    assert_eq!(after.1, before.1, "threads leaked");
+    eprintln!("daemon before: {before:?}; after: {after:?}");
+    assert_eq!(after.fds, before.fds, "file descriptors leaked");
+    assert_eq!(after.threads, before.threads, "threads leaked");
     // Memory: the net port's first connection may size its buffers once; beyond that, a
     // hundred connections must not show.
     assert!(
-        after.2 < before.2 + 16 * 1024,
+        after.rss_kib < before.rss_kib + 16 * 1024,
         "resident memory grew from {} KiB to {} KiB",
-        before.2,
-        after.2
+        before.rss_kib,
+        after.rss_kib
     );
     // Still serving.
     verify(&d_sock, &[0]);

@@ -32,6 +32,7 @@ pub mod blk_bench;
 pub mod blk_client;
 pub mod blk_job;
 pub mod dpdk_bench;
+pub mod fault;
 pub mod guest;
 pub mod prereq;
 pub mod proc_util;
