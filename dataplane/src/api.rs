@@ -11,6 +11,8 @@
 //! | DELETE | /v1/ports/{name} | | remove a switch port |
 //! | PUT | /v1/ports/{name}/switch | `vlan` / `trunk` + `native_vlan`, `mac_limit` | replace its switch settings |
 //! | PUT | /v1/ports/{name}/link | `{"up": bool}` | vhost-user link status |
+//! | PUT | /v1/ports/{name}/rate-limit | `pps` and/or `bps`, `burst_packets`, `burst_bytes` | limit what the port takes in (any port) |
+//! | DELETE | /v1/ports/{name}/rate-limit | | lift its rate limit |
 //! | POST | /v1/rebalance | | move switch port queues between PMDs to even their load |
 //! | GET | /v1/mac-table | | learned MACs |
 //! | GET | /v1/pmds | | PMD counters |
@@ -35,7 +37,7 @@ use serde_json::{json, Value};
 use torii_vhost_user::daemon::label_value as esc;
 use torii_vhost_user_blk::settings::ExportSettings;
 
-use crate::config::{PortConfig, SwitchPortConfig};
+use crate::config::{PortConfig, RateLimitConfig, SwitchPortConfig};
 use crate::daemon::{ControlError, Dataplane, Disk, Report};
 
 /// The API version this daemon serves (the `/v1` prefix).
@@ -82,6 +84,10 @@ pub fn router(dp: Shared) -> Router {
         )
         .route("/v1/ports/{name}/switch", put(set_switch))
         .route("/v1/ports/{name}/link", put(set_link))
+        .route(
+            "/v1/ports/{name}/rate-limit",
+            put(set_rate_limit).delete(clear_rate_limit),
+        )
         .route("/v1/rebalance", axum::routing::post(rebalance))
         .route("/v1/mac-table", get(mac_table))
         .route("/v1/pmds", get(pmds))
@@ -183,6 +189,29 @@ async fn set_link(State(dp): State<Shared>, Path(name): Path<String>, body: Byte
     let l: Link = parse(&body)?;
     lock(&dp).set_link(&name, l.up)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn set_rate_limit(
+    State(dp): State<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let r: RateLimitConfig = parse(&body)?;
+    rate_limit(dp, name, Some(r)).await
+}
+
+async fn clear_rate_limit(State(dp): State<Shared>, Path(name): Path<String>) -> ApiResult {
+    rate_limit(dp, name, None).await
+}
+
+async fn rate_limit(dp: Shared, name: String, r: Option<RateLimitConfig>) -> ApiResult {
+    // The first limit measures the PMDs' clock rate (20 ms): not on the async thread.
+    let d = dp.clone();
+    let n = name.clone();
+    tokio::task::spawn_blocking(move || lock(&d).set_rate_limit(&n, r))
+        .await
+        .map_err(|e| ControlError::Failed(e.to_string()))??;
+    show_port(State(dp), Path(name)).await
 }
 
 async fn rebalance(State(dp): State<Shared>) -> ApiResult {
@@ -314,6 +343,24 @@ pub fn prometheus(r: &Report) -> String {
         }
         if let Some(n) = p.macs {
             add("torii_port_macs".into(), "gauge", labels.clone(), &json!(n));
+        }
+        // The port's rate limit on what it takes in, as set (bursts resolved).
+        if let Some(r) = &p.rate_limit {
+            for (k, v) in [
+                ("pps", r.pps),
+                ("bps", r.bps),
+                ("burst_packets", r.burst_packets),
+                ("burst_bytes", r.burst_bytes),
+            ] {
+                if let Some(v) = v {
+                    add(
+                        format!("torii_port_rate_limit_{k}"),
+                        "gauge",
+                        labels.clone(),
+                        &json!(v),
+                    );
+                }
+            }
         }
         // DPDK's own counters of a dpdk port (what its device saw and dropped).
         if let Some(d) = &p.dpdk {

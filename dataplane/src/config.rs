@@ -251,6 +251,10 @@ pub struct DataplaneConfig {
     pub control_socket: PathBuf,
     /// Also serve Prometheus metrics (`/metrics`) over TCP here, e.g. "127.0.0.1:9464".
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Per-thread seccomp filters (docs/security-seccomp.md): "enforce" (default), "log"
+    /// (the kernel logs what enforce would refuse) or "off".
+    #[serde(default)]
+    pub seccomp: torii_vhost_user::seccomp::Mode,
 }
 
 fn default_control_socket() -> PathBuf {
@@ -266,6 +270,7 @@ impl Default for DataplaneConfig {
             stats_file: None,
             control_socket: default_control_socket(),
             metrics_listen: None,
+            seccomp: Default::default(),
         }
     }
 }
@@ -274,12 +279,147 @@ fn default_pool() -> usize {
     1024
 }
 
+/// A port's ingress rate limit (`rate_limit = { pps = 100000, bps = 1000000000 }`): what the
+/// port may take in from its source — what its guest transmits, what its tap or device
+/// delivers. Packets over the limit are left where they are (the guest's ring fills and its
+/// driver stops the queue), not dropped. Set at least one of `pps` and `bps`; both: the
+/// stricter applies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Packets per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pps: Option<u64>,
+    /// Bits per second: frame bytes × 8 (without the virtio-net header, FCS or preamble).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps: Option<u64>,
+    /// Packets the port may take at once after a pause (the packet bucket's size). Default:
+    /// one PMD burst (32) or 10 ms of `pps`, whichever is more (a PMD that is off its CPU
+    /// for a few milliseconds does not lose what the port earned meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_packets: Option<u64>,
+    /// Bytes the port may take at once after a pause (the bit bucket's size, in bytes).
+    /// Default: 64 KiB (one GSO frame) or 10 ms of `bps`, whichever is more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_bytes: Option<u64>,
+}
+
+impl RateLimitConfig {
+    /// Largest `pps`: 1 Gpps (far above what one port moves).
+    pub const MAX_PPS: u64 = 1_000_000_000;
+    /// `bps` range: 1 kbit/s to 1 Tbit/s.
+    pub const MIN_BPS: u64 = 1_000;
+    pub const MAX_BPS: u64 = 1_000_000_000_000;
+    pub const MAX_BURST_PACKETS: u64 = 1 << 24;
+    /// `burst_bytes` range: one minimum frame to 1 GiB.
+    pub const MIN_BURST_BYTES: u64 = 64;
+    pub const MAX_BURST_BYTES: u64 = 1 << 30;
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.pps.is_none() && self.bps.is_none() {
+            return Err(
+                "rate_limit: neither pps nor bps is set (to lift a limit, leave rate_limit out or clear it)"
+                    .into(),
+            );
+        }
+        match self.pps {
+            Some(0) => {
+                return Err(
+                    "rate_limit: pps 0 would stop the port; to lift the limit, leave pps out"
+                        .into(),
+                )
+            }
+            Some(p) if p > Self::MAX_PPS => {
+                return Err(format!(
+                    "rate_limit: pps {p} is above {} (1 Gpps)",
+                    Self::MAX_PPS
+                ))
+            }
+            _ => {}
+        }
+        match self.bps {
+            Some(0) => {
+                return Err(
+                    "rate_limit: bps 0 would stop the port; to lift the limit, leave bps out"
+                        .into(),
+                )
+            }
+            Some(b) if b < Self::MIN_BPS => {
+                return Err(format!(
+                    "rate_limit: bps {b} is below {} (1 kbit/s)",
+                    Self::MIN_BPS
+                ))
+            }
+            Some(b) if b > Self::MAX_BPS => {
+                return Err(format!(
+                    "rate_limit: bps {b} is above {} (1 Tbit/s)",
+                    Self::MAX_BPS
+                ))
+            }
+            _ => {}
+        }
+        if let Some(n) = self.burst_packets {
+            if self.pps.is_none() {
+                return Err("rate_limit: burst_packets needs pps".into());
+            }
+            if !(1..=Self::MAX_BURST_PACKETS).contains(&n) {
+                return Err(format!(
+                    "rate_limit: burst_packets {n} is outside 1..={}",
+                    Self::MAX_BURST_PACKETS
+                ));
+            }
+        }
+        if let Some(n) = self.burst_bytes {
+            if self.bps.is_none() {
+                return Err("rate_limit: burst_bytes needs bps".into());
+            }
+            if !(Self::MIN_BURST_BYTES..=Self::MAX_BURST_BYTES).contains(&n) {
+                return Err(format!(
+                    "rate_limit: burst_bytes {n} is outside {}..={}",
+                    Self::MIN_BURST_BYTES,
+                    Self::MAX_BURST_BYTES
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The same limit with each set rate's burst filled in (defaults resolved).
+    pub fn resolved(&self) -> RateLimitConfig {
+        let burst = crate::port::BURST as u64;
+        RateLimitConfig {
+            pps: self.pps,
+            bps: self.bps,
+            burst_packets: self
+                .pps
+                .map(|p| self.burst_packets.unwrap_or((p / 100).max(burst))),
+            burst_bytes: self
+                .bps
+                .map(|b| self.burst_bytes.unwrap_or((b / 800).max(64 * 1024))),
+        }
+    }
+
+    /// The limit as the PMDs apply it, in a clock of `hz` ticks per second.
+    pub fn to_limit(&self, hz: u64) -> crate::ratelimit::RateLimit {
+        let r = self.resolved();
+        crate::ratelimit::RateLimit {
+            pps: r.pps,
+            bps: r.bps,
+            burst_packets: r.burst_packets.unwrap_or(0),
+            burst_bytes: r.burst_bytes.unwrap_or(0),
+            hz,
+        }
+    }
+}
+
 /// A port: its name plus its type-specific settings.
 #[derive(Debug, Clone)]
 pub struct PortConfig {
     pub name: String,
     pub kind: PortKind,
     pub switch: SwitchPortConfig,
+    /// Ingress rate limit (any port, switched or cross-connected).
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 impl<'de> Deserialize<'de> for PortConfig {
@@ -296,6 +436,13 @@ impl<'de> Deserialize<'de> for PortConfig {
         }
         let switch = SwitchPortConfig::deserialize(toml::Value::Table(common))
             .map_err(|e| D::Error::custom(e.message()))?;
+        let rate_limit = table
+            .remove("rate_limit")
+            .map(|v| {
+                RateLimitConfig::deserialize(v)
+                    .map_err(|e| D::Error::custom(format!("rate_limit: {}", e.message())))
+            })
+            .transpose()?;
         let raw = RawPort::deserialize(toml::Value::Table(table))
             .map_err(|e| D::Error::custom(e.message()))?;
         let (name, kind) = match raw {
@@ -357,7 +504,12 @@ impl<'de> Deserialize<'de> for PortConfig {
                 }),
             ),
         };
-        Ok(PortConfig { name, kind, switch })
+        Ok(PortConfig {
+            name,
+            kind,
+            switch,
+            rate_limit,
+        })
     }
 }
 
@@ -662,6 +814,9 @@ impl Config {
                 }
             }
             p.switch.validate().map_err(err)?;
+            if let Some(r) = &p.rate_limit {
+                r.validate().map_err(err)?;
+            }
         }
         let mut disks = HashSet::new();
         for k in &self.disks {
@@ -883,6 +1038,83 @@ mod tests {
         for (text, want) in cases {
             let e = Config::parse(&text).unwrap_err().to_string();
             assert!(e.contains(want), "{e:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_are_per_port_and_checked() {
+        let c = Config::parse(&GOOD.replace(
+            "queues = 2",
+            "queues = 2\nrate_limit = { pps = 100000, bps = 1_000_000_000 }",
+        ))
+        .unwrap();
+        let r = c.ports[0].rate_limit.unwrap();
+        assert_eq!(
+            (r.pps, r.bps, r.burst_packets),
+            (Some(100_000), Some(1_000_000_000), None)
+        );
+        // Defaults: a PMD burst or 10 ms of the rate; 64 KiB or 10 ms of the rate.
+        let d = r.resolved();
+        assert_eq!(
+            (d.burst_packets, d.burst_bytes),
+            (Some(1000), Some(1_250_000))
+        );
+        let slow = RateLimitConfig {
+            pps: Some(3000),
+            bps: Some(50_000_000),
+            ..Default::default()
+        };
+        let d = slow.resolved();
+        assert_eq!((d.burst_packets, d.burst_bytes), (Some(32), Some(65536)));
+        assert_eq!(
+            RateLimitConfig {
+                bps: Some(8000),
+                ..Default::default()
+            }
+            .resolved()
+            .burst_packets,
+            None
+        );
+        // On a switch port too, beside its switch settings.
+        let c = Config::parse(&SWITCHED.replace(
+            "mac_limit = 8",
+            "mac_limit = 8\nrate_limit = { bps = 50_000_000, burst_bytes = 9000 }",
+        ))
+        .unwrap();
+        assert_eq!(c.ports[0].rate_limit.unwrap().burst_bytes, Some(9000));
+        assert_eq!(c.ports[1].rate_limit, None);
+        let with = |rl: &str| GOOD.replace("queues = 2", &format!("queues = 2\nrate_limit = {rl}"));
+        let cases = [
+            ("{}", "port \"vm1\": rate_limit: neither pps nor bps is set"),
+            ("{ pps = 0 }", "rate_limit: pps 0 would stop the port"),
+            ("{ bps = 0 }", "rate_limit: bps 0 would stop the port"),
+            (
+                "{ pps = 1_000_000_001 }",
+                "pps 1000000001 is above 1000000000",
+            ),
+            ("{ bps = 999 }", "bps 999 is below 1000"),
+            ("{ bps = 2_000_000_000_000 }", "bps 2000000000000 is above"),
+            ("{ pps = -5 }", "rate_limit: invalid value: integer `-5`"),
+            ("{ pps = 1e6 }", "rate_limit: invalid type: floating point"),
+            (
+                "{ pps = 10, burst_packets = 0 }",
+                "burst_packets 0 is outside 1..=",
+            ),
+            (
+                "{ bps = 10000, burst_packets = 5 }",
+                "burst_packets needs pps",
+            ),
+            ("{ pps = 10, burst_bytes = 5000 }", "burst_bytes needs bps"),
+            (
+                "{ bps = 10000, burst_bytes = 10 }",
+                "burst_bytes 10 is outside 64..=",
+            ),
+            ("{ pps = 10, ppps = 5 }", "rate_limit: unknown field `ppps`"),
+            ("100", "rate_limit: invalid type: integer `100`"),
+        ];
+        for (rl, want) in cases {
+            let e = Config::parse(&with(rl)).unwrap_err().to_string();
+            assert!(e.contains(want), "{rl}: {e:?} should mention {want:?}");
         }
     }
 

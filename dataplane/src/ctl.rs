@@ -33,6 +33,14 @@ pub enum CtlCmd {
     /// Replace a switch port's settings: `set vm3 trunk=[100,200] native_vlan=0 mac_limit=8`
     /// (what is not given is cleared).
     Set { name: String, settings: Vec<String> },
+    /// Limit what a port takes in (what its guest sends): `rate-limit vm3 pps=100000
+    /// bps=1_000_000_000 burst_packets=64` (`pps` and/or `bps`; bursts default to a PMD
+    /// burst or 10 ms of the rate); `rate-limit vm3 off` lifts the limit.
+    RateLimit {
+        name: String,
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
     /// Set a vhost-user port's link status.
     Link {
         name: String,
@@ -159,6 +167,14 @@ pub fn run(socket: &Path, json_out: bool, cmd: CtlCmd) -> anyhow::Result<()> {
             format!("/v1/ports/{name}/switch"),
             Some(settings(s)?),
         ),
+        CtlCmd::RateLimit { name, settings: s } if s.len() == 1 && s[0] == "off" => {
+            ("DELETE", format!("/v1/ports/{name}/rate-limit"), None)
+        }
+        CtlCmd::RateLimit { name, settings: s } => (
+            "PUT",
+            format!("/v1/ports/{name}/rate-limit"),
+            Some(settings(s)?),
+        ),
         CtlCmd::Link { name, state } => (
             "PUT",
             format!("/v1/ports/{name}/link"),
@@ -199,7 +215,10 @@ pub fn run(socket: &Path, json_out: bool, cmd: CtlCmd) -> anyhow::Result<()> {
     }
     match cmd {
         CtlCmd::Ports => print!("{}", ports_table(v.as_array().map_or(&[][..], |a| a))),
-        CtlCmd::Show { .. } | CtlCmd::Add { .. } | CtlCmd::Set { .. } => {
+        CtlCmd::Show { .. }
+        | CtlCmd::Add { .. }
+        | CtlCmd::Set { .. }
+        | CtlCmd::RateLimit { .. } => {
             print!("{}", port_detail(&v))
         }
         CtlCmd::Macs => print!("{}", macs_table(v.as_array().map_or(&[][..], |a| a))),
@@ -257,6 +276,34 @@ fn vlan_text(v: &Value) -> String {
     }
 }
 
+/// `n` with an SI prefix when it is a whole number of them (100000 → 100k).
+fn si(n: u64) -> String {
+    match n {
+        0 => "0".into(),
+        n if n % 1_000_000_000_000 == 0 => format!("{}T", n / 1_000_000_000_000),
+        n if n % 1_000_000_000 == 0 => format!("{}G", n / 1_000_000_000),
+        n if n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n % 1000 == 0 => format!("{}k", n / 1000),
+        n => n.to_string(),
+    }
+}
+
+/// A port's rate limit, short: `100kpps`, `1Gbps`, `100kpps,1Gbps`; `-` for none.
+fn rate_text(r: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(p) = r["pps"].as_u64() {
+        parts.push(format!("{}pps", si(p)));
+    }
+    if let Some(b) = r["bps"].as_u64() {
+        parts.push(format!("{}bps", si(b)));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
+}
+
 fn link(p: &Value) -> &'static str {
     if p["link_up"] == false {
         return "off";
@@ -270,12 +317,13 @@ fn link(p: &Value) -> &'static str {
 
 pub fn ports_table(ports: &[Value]) -> String {
     let mut s = format!(
-        "{:<14} {:<10} {:<4} {:<18} {:>5} {:>12} {:>12} {:>12} {:>12} {:>9}\n",
+        "{:<14} {:<10} {:<4} {:<18} {:>5} {:<14} {:>12} {:>12} {:>12} {:>12} {:>9}\n",
         "PORT",
         "KIND",
         "LINK",
         "VLAN",
         "MACS",
+        "RATE_LIMIT",
         "RX_PKTS",
         "RX_DROP",
         "TX_PKTS",
@@ -297,12 +345,13 @@ pub fn ports_table(ports: &[Value]) -> String {
             .map(|k| p[*k].as_u64().unwrap_or(0))
             .sum::<u64>();
         s += &format!(
-            "{:<14} {:<10} {:<4} {:<18} {:>5} {:>12} {:>12} {:>12} {:>12} {:>9}\n",
+            "{:<14} {:<10} {:<4} {:<18} {:>5} {:<14} {:>12} {:>12} {:>12} {:>12} {:>9}\n",
             n(&p["name"]),
             n(&p["kind"]),
             link(p),
             vlan_text(&p["vlan"]),
             n(&p["macs"]),
+            rate_text(&p["rate_limit"]),
             n(&p["rx_packets"]),
             rx_drop,
             n(&p["tx_packets"]),
@@ -398,6 +447,17 @@ pub fn port_detail(p: &Value) -> String {
         vlan_text(&p["vlan"]),
         n(&p["macs"])
     );
+    let r = &p["rate_limit"];
+    if r.is_object() {
+        let mut line = format!("rate limit {}", rate_text(r));
+        if let Some(b) = r["burst_packets"].as_u64() {
+            line += &format!("  burst {b} packets");
+        }
+        if let Some(b) = r["burst_bytes"].as_u64() {
+            line += &format!("  burst {b} bytes");
+        }
+        s += &format!("{line}\n");
+    }
     for k in [
         "rx_packets",
         "rx_bytes",
@@ -405,6 +465,7 @@ pub fn port_detail(p: &Value) -> String {
         "rx_dropped_vlan",
         "rx_dropped_mac_limit",
         "rx_dropped_no_buffer",
+        "rx_rate_limited_rounds",
         "tx_packets",
         "tx_bytes",
         "tx_dropped_no_room",
@@ -501,6 +562,30 @@ mod tests {
                    "trunk": [1, 2], "mac": "52:54:00:00:00:01"})
         );
         assert!(settings(&["novalue".into()]).is_err());
+    }
+
+    #[test]
+    fn rate_limits_are_shown_short() {
+        assert_eq!(rate_text(&Value::Null), "-");
+        assert_eq!(rate_text(&json!({"pps": 100000})), "100kpps");
+        assert_eq!(
+            rate_text(&json!({"pps": 1500, "bps": 2_500_000_000u64})),
+            "1500pps,2500Mbps"
+        );
+        assert_eq!(rate_text(&json!({"bps": 1_000_000_000_000u64})), "1Tbps");
+        let table = ports_table(&[json!({"name": "vm1", "kind": "vhost-user",
+            "rate_limit": {"bps": 1_000_000_000u64, "burst_bytes": 125000}})]);
+        assert!(
+            table.contains("RATE_LIMIT") && table.contains("1Gbps"),
+            "{table}"
+        );
+        let detail = port_detail(&json!({"name": "vm1", "rate_limit":
+            {"pps": 1000, "burst_packets": 32}, "rx_rate_limited_rounds": 7}));
+        assert!(
+            detail.contains("rate limit 1kpps  burst 32 packets"),
+            "{detail}"
+        );
+        assert!(detail.contains("rx_rate_limited_rounds"), "{detail}");
     }
 
     #[test]

@@ -12,13 +12,14 @@ use torii_vhost_user_blk::settings::ExportSettings;
 use torii_vhost_user_blk::stats::{Counters, ExportReport};
 use torii_vhost_user_net::{NetDeviceConfig, SocketMode, VhostUserNetDevice};
 
-use crate::config::{parse_mac, Config, PortConfig, PortKind, SwitchPortConfig};
+use crate::config::{parse_mac, Config, PortConfig, PortKind, RateLimitConfig, SwitchPortConfig};
 use crate::packet::SharedPool;
 use crate::pmd::{self, PmdCommand, PmdHandle, PmdStatsSnapshot, PmdWake, XConnect};
 use crate::port::null::{SinkPort, SourcePort};
 use crate::port::tap::TapPort;
 use crate::port::vhost_user::VhostUserPort;
 use crate::port::{Port, PortStats, PortStatsSnapshot};
+use crate::ratelimit::{Limiter, RateLimit};
 use crate::switch::mactable::PortId;
 use crate::switch::vlan::VlanReport;
 use crate::switch::{PortLink, Switch, SwitchPort, SwitchShared, SwitchStatsSnapshot};
@@ -81,6 +82,18 @@ fn split_port(
         *parts = vec![(k, (0..port.num_queues()).collect())];
     }
     vec![(parts[0].0, port)]
+}
+
+/// The limit on what port `p` takes in, as the PMDs apply it (the first one measures the
+/// PMDs' clock rate: on the control thread, never on a PMD).
+fn rate_limit(p: &PortConfig) -> Option<RateLimit> {
+    p.rate_limit
+        .map(|r| r.to_limit(crate::ratelimit::clock_hz()))
+}
+
+/// The limiter of `port` (a port or one of its parts) as configured in `p`.
+fn limiter(p: &PortConfig, port: &dyn Port) -> Option<Limiter> {
+    rate_limit(p).map(|r| r.limiter_for(port, pmd::cycles()))
 }
 
 /// Fewest PMD cycles (time-stamp counter) since the last rebalance, over all switch ports,
@@ -181,6 +194,9 @@ impl Ager {
         let thread = std::thread::Builder::new()
             .name("mac-ager".into())
             .spawn(move || {
+                torii_vhost_user::seccomp::enter(
+                    torii_vhost_user::seccomp::ThreadClass::Housekeeping,
+                );
                 let t0 = Instant::now();
                 while !s.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(200));
@@ -224,6 +240,8 @@ pub struct PortReport {
     /// Switch ports: VLAN membership and MACs learned on the port.
     pub vlan: Option<VlanReport>,
     pub macs: Option<u32>,
+    /// The limit on what the port takes in (bursts resolved), if any.
+    pub rate_limit: Option<RateLimitConfig>,
     /// dpdk only: the device as DPDK reports it (driver, MAC, link, DPDK's counters).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dpdk: Option<serde_json::Value>,
@@ -437,7 +455,13 @@ impl Dataplane {
                 let nq = infos[i].stats.rxq_packets.len().max(1) as u16;
                 infos[i].parts = vec![(k, (0..nq).collect())];
             }
-            per_pmd[k].push(XConnect { a, b });
+            let limits = [limiter(&cfg.ports[ia], &*a), limiter(&cfg.ports[ib], &*b)];
+            per_pmd[k].push(XConnect {
+                a,
+                b,
+                ids: [infos[ia].id, infos[ib].id],
+                limits,
+            });
         }
         // Every port outside a cross-connect is on the switch, its id its place in the config,
         // polled by the PMD it names or the one with the fewest queues so far; every other PMD
@@ -470,6 +494,7 @@ impl Dataplane {
             for (n, (k, port)) in split.into_iter().enumerate() {
                 locals[k].push(SwitchPort {
                     link: link.clone(),
+                    limiter: limiter(&info.cfg, &*port),
                     port,
                     vlan: info.cfg.switch.vlan_mode(),
                     drains_inbox: n == 0,
@@ -591,6 +616,7 @@ impl Dataplane {
         for (n, (k, port)) in split.into_iter().enumerate() {
             let part = SwitchPort {
                 link: link.clone(),
+                limiter: limiter(&p, &*port),
                 port,
                 vlan: vlan.clone(),
                 drains_inbox: n == 0,
@@ -835,6 +861,7 @@ impl Dataplane {
             }
             self.pmds[k].command(PmdCommand::AddSwitchPort(SwitchPort {
                 link,
+                limiter: limiter(&info.cfg, &*part),
                 port: part,
                 vlan,
                 drains_inbox: primary,
@@ -858,6 +885,38 @@ impl Dataplane {
                 (i.id, v.collect())
             })
             .collect();
+    }
+
+    /// Limits what a port (switched or cross-connected) takes in, or lifts its limit (None).
+    /// Each PMD polling a part of it applies the change between two rounds.
+    pub fn set_rate_limit(
+        &mut self,
+        name: &str,
+        r: Option<RateLimitConfig>,
+    ) -> Result<(), ControlError> {
+        let i = self.find(name)?;
+        if let Some(r) = &r {
+            r.validate()
+                .map_err(|e| ControlError::BadRequest(format!("port {name:?}: {e}")))?;
+        }
+        let mut cfg = self.ports[i].cfg.clone();
+        cfg.rate_limit = r;
+        let limit = rate_limit(&cfg);
+        let id = self.ports[i].id;
+        let mut pmds: Vec<usize> = self.ports[i].parts.iter().map(|(k, _)| *k).collect();
+        pmds.sort_unstable();
+        pmds.dedup();
+        for k in pmds {
+            if !self.pmds[k].command(PmdCommand::SetRateLimit(id, limit)) {
+                return Err(ControlError::Failed(format!("PMD {k} has stopped")));
+            }
+        }
+        tracing::info!(port = %name, rate_limit = ?r, "rate limit set");
+        self.ports[i].cfg.rate_limit = r;
+        if let Some(c) = self.cfg.ports.iter_mut().find(|p| p.name == name) {
+            c.rate_limit = r;
+        }
+        Ok(())
     }
 
     /// Sets the link status a vhost-user port's driver sees.
@@ -919,6 +978,7 @@ impl Dataplane {
                             .unwrap_or_default(),
                         macs: vlan.as_ref().map(|_| self.switch.table.port_count(p.id)),
                         vlan,
+                        rate_limit: p.cfg.rate_limit.map(|r| r.resolved()),
                         dpdk: p.dpdk.as_ref().and_then(dpdk_report),
                         stats: p.stats.snapshot(),
                     }
@@ -1056,6 +1116,7 @@ mod tests {
                 name: "p".into(),
                 kind: PortKind::Sink,
                 switch: SwitchPortConfig::default(),
+                rate_limit: None,
             },
             kind: "sink",
             stats: Arc::new(PortStats::with_queues(1)),

@@ -1,7 +1,8 @@
 //! Torii's poll-mode data plane. The data path reads top to bottom:
 //! `port` (rx_burst) → `pmd` (cross-connect, or `switch`: VLAN, MAC learning, flooding;
 //! offload fixups) → `port` (tx_burst); `packet` holds the preallocated buffers they pass
-//! around. `config` and `daemon` are the control path.
+//! around; `ratelimit` bounds what a port may take in. `config` and `daemon` are the control
+//! path.
 
 pub mod api;
 pub mod config;
@@ -12,4 +13,5 @@ pub mod offload;
 pub mod packet;
 pub mod pmd;
 pub mod port;
+pub mod ratelimit;
 pub mod switch;

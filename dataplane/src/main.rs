@@ -11,6 +11,7 @@ use torii_dataplane::api;
 use torii_dataplane::config::Config;
 use torii_dataplane::ctl::{self, CtlCmd};
 use torii_dataplane::daemon::Dataplane;
+use torii_vhost_user::seccomp;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +36,8 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Print the seccomp allowlist of each thread class (docs/security-seccomp.md).
+    Seccomp,
     /// Talk to a running data plane through its control API.
     Ctl {
         /// The daemon's control socket.
@@ -58,6 +61,10 @@ fn main() {
             })
             .map_err(anyhow::Error::from),
         Cmd::Run { config } => run(config),
+        Cmd::Seccomp => {
+            print!("{}", seccomp::describe(seccomp_options()));
+            Ok(())
+        }
         Cmd::Ctl { socket, json, cmd } => ctl::run(&socket, json, cmd),
     };
     if let Err(e) = result {
@@ -86,6 +93,37 @@ fn bind_control(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(l)
 }
 
+/// What the seccomp lists must cover in this build.
+fn seccomp_options() -> seccomp::Options {
+    seccomp::Options::dataplane(cfg!(feature = "dpdk"))
+}
+
+/// Sets the seccomp mode for every thread and installs the control class's filter on the
+/// whole process, before any other thread of Torii's starts (each then narrows it with its
+/// own class). DPDK, if the configuration uses it, is initialised first: its initialisation
+/// loads drivers and maps memory in ways no filter allows later (its threads get the filter
+/// with the rest of the process).
+fn start_seccomp(cfg: &Config) -> anyhow::Result<()> {
+    let mode = cfg.dataplane.seccomp;
+    seccomp::init(mode, seccomp_options())?;
+    #[cfg(feature = "dpdk")]
+    {
+        use torii_dataplane::config::PortKind;
+        let uses_dpdk = cfg.dpdk.is_some()
+            || cfg
+                .ports
+                .iter()
+                .any(|p| matches!(p.kind, PortKind::Dpdk(_)));
+        if mode != seccomp::Mode::Off && uses_dpdk {
+            torii_dataplane::port::dpdk::eal::init(&cfg.dpdk.clone().unwrap_or_default())
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
+    seccomp::enter_process(seccomp::ThreadClass::Control)?;
+    tracing::info!(seccomp = %mode, "per-thread seccomp filters");
+    Ok(())
+}
+
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let cfg = Config::load(&path)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -112,7 +150,7 @@ async fn serve(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let dp = match Dataplane::start(&cfg) {
+    let dp = match start_seccomp(&cfg).and_then(|()| Dataplane::start(&cfg)) {
         Ok(d) => Arc::new(Mutex::new(d)),
         Err(e) => {
             let _ = std::fs::remove_file(&cfg.dataplane.control_socket);

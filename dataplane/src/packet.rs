@@ -407,6 +407,19 @@ impl SharedPool {
     pub fn size(&self) -> usize {
         self.made.load(Ordering::Acquire)
     }
+
+    /// Puts back a packet held outside every PMD's cache: the buffers a port still holds when
+    /// it is dropped (on the control thread), which would otherwise be lost to the pool for
+    /// good — it never makes more than its size.
+    pub fn give_back(&self, mut p: Packet) {
+        let m = &mut *p.0;
+        m.own();
+        m.len = 0;
+        m.off = m.home;
+        m.hdr = VirtioNetHdr::default();
+        // Cannot fail: the ring has room for every packet ever made.
+        let _ = self.ring.push(p);
+    }
 }
 
 /// Packets a PMD keeps for itself before it returns some to the shared ring.
@@ -433,6 +446,11 @@ impl PacketPool {
             cache: Vec::with_capacity(2 * CACHE + 1),
             shared,
         }
+    }
+
+    /// The pool this is a cache of.
+    pub fn shared(&self) -> &Arc<SharedPool> {
+        &self.shared
     }
 
     /// Packets free: in this cache and in the shared ring (not in other PMDs' caches).

@@ -16,6 +16,7 @@ use torii_vhost_user_net::{
 use crate::offload::{fixup, Fixup};
 use crate::packet::{Packet, PacketPool, SharedPool};
 use crate::port::{Port, PortStats, BURST};
+use crate::ratelimit::{Limiter, RateLimit};
 use crate::switch::mactable::PortId;
 use crate::switch::vlan::VlanMode;
 use crate::switch::{PortLink, Switch, SwitchPort};
@@ -41,6 +42,9 @@ const MAX_SLEEP_MS: i32 = 100;
 pub struct XConnect {
     pub a: Box<dyn Port>,
     pub b: Box<dyn Port>,
+    /// The ports' ids (for commands), and their rate limits on what they take in.
+    pub ids: [PortId; 2],
+    pub limits: [Option<Limiter>; 2],
 }
 
 /// PMD counters, published every few thousand rounds. Cycles are time-stamp counter ticks
@@ -119,6 +123,8 @@ pub enum PmdCommand {
     /// Forget a port another PMD polls; answer once nothing more will be queued for it.
     RemoveRemote(PortId, mpsc::SyncSender<()>),
     SetVlan(PortId, VlanMode),
+    /// Limit what a port (switched or cross-connected) takes in, or lift its limit.
+    SetRateLimit(PortId, Option<RateLimit>),
 }
 
 /// A running PMD thread.
@@ -229,6 +235,8 @@ pub fn spawn(
             // The buffers are allocated on the PMD's thread (and so, first touched, on its
             // NUMA node).
             pool.0.populate(pool.1);
+            // Set up: from here on, a PMD's short list.
+            torii_vhost_user::seccomp::enter(torii_vhost_user::seccomp::ThreadClass::Pmd);
             w.run(mode, &s);
         })?;
     Ok(PmdHandle {
@@ -283,8 +291,12 @@ impl Worker {
                 xc.b.poll_start();
                 xc.a.set_rx_offloads(xc.b.tx_offloads());
                 xc.b.set_rx_offloads(xc.a.tx_offloads());
-                work += forward(&mut *xc.a, &mut *xc.b, &mut self.pool, &mut self.batches);
-                work += forward(&mut *xc.b, &mut *xc.a, &mut self.pool, &mut self.batches);
+                // The round's start (the cycle count read after the last round) is the rate
+                // limiters' clock: no extra read.
+                let [la, lb] = &mut xc.limits;
+                let (pool, b) = (&mut self.pool, &mut self.batches);
+                work += forward(&mut *xc.a, &mut *xc.b, pool, b, la.as_mut(), t0);
+                work += forward(&mut *xc.b, &mut *xc.a, pool, b, lb.as_mut(), t0);
             }
             work += self.switch.poll(&mut self.pool, &mut self.batches);
             let t1 = cycles();
@@ -369,6 +381,17 @@ impl Worker {
                 let _ = ack.send(());
             }
             PmdCommand::SetVlan(id, v) => sw.set_vlan(id, v),
+            PmdCommand::SetRateLimit(id, r) => {
+                let now = cycles();
+                for xc in &mut self.xconnects {
+                    for (k, port) in [&xc.a, &xc.b].into_iter().enumerate() {
+                        if xc.ids[k] == id {
+                            xc.limits[k] = r.map(|r| r.limiter_for(&**port, now));
+                        }
+                    }
+                }
+                sw.set_rate_limit(id, r, now);
+            }
         }
     }
 
@@ -458,16 +481,27 @@ pub(crate) fn transmit(
     pkts.clear();
 }
 
-/// Moves one burst per queue from `src` to `dst`. Returns the packets received.
+/// Moves one burst per queue from `src` to `dst`, no more than `limit` lets `src` take at
+/// time `now`. Returns the packets received.
 fn forward(
     src: &mut dyn Port,
     dst: &mut dyn Port,
     pool: &mut PacketPool,
     b: &mut Batches,
+    mut limit: Option<&mut Limiter>,
+    now: u64,
 ) -> usize {
     let mut total = 0;
     let dq = dst.num_queues().max(1);
-    for q in 0..src.num_queues() {
+    let nq = src.num_queues();
+    // A limited port's queues take turns at being polled first.
+    let first = limit.as_deref_mut().map_or(0, |l| l.first_queue(nq));
+    for k in 0..nq {
+        let q = if first + k < nq {
+            first + k
+        } else {
+            first + k - nq
+        };
         // Pull only what the destination can take: under overload packets then wait (or are
         // dropped) where they are, instead of being copied here only to be dropped. A peer
         // with no room at all still gets a burst, dropped and counted there, so that a guest
@@ -476,7 +510,17 @@ fn forward(
             0 => BURST,
             r => r.min(BURST),
         };
-        src.rx_burst(q, pool, &mut b.rx, room);
+        let max = match limit.as_deref_mut() {
+            None => room,
+            Some(l) => match allowance(src, l, now, room) {
+                Some(n) => n,
+                None => continue,
+            },
+        };
+        src.rx_burst(q, pool, &mut b.rx, max);
+        if let Some(l) = limit.as_deref_mut() {
+            charge(src, l, &b.rx, max, room);
+        }
         if b.rx.is_empty() {
             continue;
         }
@@ -484,6 +528,35 @@ fn forward(
         transmit(dst, q % dq, &mut b.rx, pool, &mut b.fx);
     }
     total
+}
+
+/// How many packets a rate-limited `src` may take now, at most `room`; None if its limit
+/// allows none (counted: the poll is skipped, its packets wait). Out of line, as `charge`:
+/// the poll of a port without a limit stays one branch longer, no more.
+#[inline(never)]
+pub(crate) fn allowance(src: &dyn Port, l: &mut Limiter, now: u64, room: usize) -> Option<usize> {
+    match l.allow(now, room) {
+        0 => {
+            PortStats::add(&src.stats().rx_rate_limited_rounds, 1);
+            None
+        }
+        n => Some(n),
+    }
+}
+
+/// Charges `src`'s limiter for the packets it just took (`rx`); a poll the limit cut short
+/// (`max` < `room`) that got all it was allowed is counted.
+#[inline(never)]
+pub(crate) fn charge(src: &dyn Port, l: &mut Limiter, rx: &[Packet], max: usize, room: usize) {
+    let bytes = if l.counts_bytes() {
+        rx.iter().map(|p| p.len()).sum()
+    } else {
+        0
+    };
+    l.charge(rx.len(), bytes);
+    if max < room && rx.len() == max {
+        PortStats::add(&src.stats().rx_rate_limited_rounds, 1);
+    }
 }
 
 /// Sends `pkts` to a destination that lacks an offload some of its packets need: checksums

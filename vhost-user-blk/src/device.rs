@@ -273,7 +273,12 @@ impl BlkExport {
             let spawned = w.and_then(|w| {
                 std::thread::Builder::new()
                     .name(format!("blk-{}-{slot}", cfg.name))
-                    .spawn(move || w.run())
+                    .spawn(move || {
+                        torii_vhost_user::seccomp::enter(
+                            torii_vhost_user::seccomp::ThreadClass::IoWorker,
+                        );
+                        w.run()
+                    })
                     .map_err(ExportError::Worker)
             });
             match spawned {

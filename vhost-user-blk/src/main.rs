@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use torii_vhost_user::daemon::StopSignals;
+use torii_vhost_user::seccomp;
 use torii_vhost_user_blk::{
     device, settings, stats, BlkExport, ExportConfig, PollMode, SocketMode,
 };
@@ -31,13 +32,13 @@ struct Args {
     #[arg(long, conflicts_with_all = ["socket", "file"])]
     config: Option<PathBuf>,
     /// vhost-user socket.
-    #[arg(long, required_unless_present = "config")]
+    #[arg(long, required_unless_present_any = ["config", "print_seccomp"])]
     socket: Option<PathBuf>,
     /// Connect to the socket (the frontend listens) instead of listening on it.
     #[arg(long)]
     client: bool,
     /// Raw image file or block device to export.
-    #[arg(long, required_unless_present = "config")]
+    #[arg(long, required_unless_present_any = ["config", "print_seccomp"])]
     file: Option<PathBuf>,
     /// Export read-only (writes, discards and write-zeroes fail with IOERR).
     #[arg(long)]
@@ -75,6 +76,13 @@ struct Args {
     /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9101).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Per-thread seccomp filters: enforce, log (the kernel logs what enforce would refuse)
+    /// or off [default: the file's `seccomp`, else enforce].
+    #[arg(long)]
+    seccomp: Option<seccomp::Mode>,
+    /// Print each thread class's seccomp allowlist and exit.
+    #[arg(long)]
+    print_seccomp: bool,
 }
 
 /// The exports and metrics address the command line asks for.
@@ -84,6 +92,7 @@ fn settings(a: Args) -> Result<settings::Settings, String> {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let mut s = settings::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         s.metrics_listen = a.metrics_listen.or(s.metrics_listen);
+        s.seccomp = a.seccomp.unwrap_or(s.seccomp);
         return Ok(s);
     }
     let (Some(socket), Some(path)) = (a.socket, a.file) else {
@@ -91,6 +100,7 @@ fn settings(a: Args) -> Result<settings::Settings, String> {
     };
     Ok(settings::Settings {
         metrics_listen: a.metrics_listen,
+        seccomp: a.seccomp.unwrap_or_default(),
         exports: vec![ExportConfig {
             name: a.name,
             socket,
@@ -120,7 +130,12 @@ fn settings(a: Args) -> Result<settings::Settings, String> {
 
 fn main() -> ExitCode {
     torii_vhost_user::daemon::init_logging();
-    let s = match settings(Args::parse()) {
+    let args = Args::parse();
+    if args.print_seccomp {
+        print!("{}", seccomp::describe(seccomp::Options::blk()));
+        return ExitCode::SUCCESS;
+    }
+    let s = match settings(args) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("torii-vhost-user-blk: {e}");
@@ -135,6 +150,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Every thread this one starts runs under the control filter and narrows it with its
+    // own class.
+    let filters = seccomp::init(s.seccomp, seccomp::Options::blk())
+        .and_then(|()| seccomp::enter_process(seccomp::ThreadClass::Control));
+    if let Err(e) = filters {
+        eprintln!("torii-vhost-user-blk: {e}");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(seccomp = %s.seccomp, "per-thread seccomp filters");
     // All or nothing: if one export fails, those already started are stopped (their sockets
     // removed) when `exports` is dropped.
     let mut exports = Vec::new();

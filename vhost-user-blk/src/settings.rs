@@ -3,6 +3,7 @@
 //! ```toml
 //! [daemon]
 //! metrics_listen = "127.0.0.1:9101"   # optional
+//! seccomp = "enforce"                 # enforce | log | off (docs/security-seccomp.md)
 //!
 //! [[export]]
 //! name = "vm1-root"                   # logs and metrics; also the default serial
@@ -39,6 +40,8 @@ use crate::worker::PollMode;
 #[derive(Debug)]
 pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
+    /// Per-thread seccomp filters.
+    pub seccomp: torii_vhost_user::seccomp::Mode,
     pub exports: Vec<ExportConfig>,
 }
 
@@ -55,6 +58,8 @@ struct FileRepr {
 #[serde(deny_unknown_fields)]
 struct DaemonRepr {
     metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    seccomp: torii_vhost_user::seccomp::Mode,
 }
 
 /// `poll_mode`: how an export's workers wait for work.
@@ -173,6 +178,7 @@ pub fn parse(text: &str) -> Result<Settings, String> {
     }
     Ok(Settings {
         metrics_listen: f.daemon.metrics_listen,
+        seccomp: f.daemon.seccomp,
         exports,
     })
 }
@@ -203,6 +209,9 @@ mod tests {
     fn a_good_file() {
         let s = parse(GOOD).unwrap();
         assert_eq!(s.metrics_listen, Some("127.0.0.1:9101".parse().unwrap()));
+        assert_eq!(s.seccomp, torii_vhost_user::seccomp::Mode::Enforce);
+        let off = parse(&GOOD.replace("[daemon]", "[daemon]\nseccomp = \"off\"")).unwrap();
+        assert_eq!(off.seccomp, torii_vhost_user::seccomp::Mode::Off);
         assert_eq!(s.exports.len(), 2);
         let (a, b) = (&s.exports[0], &s.exports[1]);
         assert_eq!(
@@ -244,6 +253,10 @@ mod tests {
                 "physical_block_size",
             ),
             (&GOOD.replace("\"event\"", "\"busy\""), "unknown variant"),
+            (
+                &GOOD.replace("[daemon]", "[daemon]\nseccomp = \"lax\""),
+                "unknown variant `lax`",
+            ),
             (
                 &GOOD.replace("127.0.0.1:9101", "nowhere"),
                 "invalid socket address",

@@ -29,7 +29,9 @@ pub trait Port: Send {
     /// Once per poll round, before any burst: pick up connection or configuration changes.
     fn poll_start(&mut self) {}
 
-    /// Appends up to `max` received packets of queue `q` to `out`.
+    /// Appends up to `max` received packets of queue `q` to `out` (`max` may be below a
+    /// burst — the destination's room, the port's rate limit — and what is not taken must
+    /// stay where it is, for a later call).
     fn rx_burst(&mut self, q: u16, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize);
 
     /// Transmits every packet of `pkts` on queue `q` (or drops and counts it); `pkts` is empty
@@ -97,6 +99,10 @@ pub struct PortStats {
     /// Received frames dropped because no packet buffer was free (ports that are handed
     /// frames before Torii can offer a buffer: DPDK).
     pub rx_dropped_no_buffer: AtomicU64,
+    /// Queue polls the port's rate limit skipped (its allowance used up) or cut short (fewer
+    /// packets allowed than a burst, and the queue had them): its packets were left waiting
+    /// in the guest's ring, the tap or the device, not dropped.
+    pub rx_rate_limited_rounds: AtomicU64,
     /// Transmit dropped: peer not connected or no room (guest ring full, tap backlog).
     pub tx_dropped_no_room: AtomicU64,
     /// Transmit dropped: the packet needs an offload the port cannot take.
@@ -133,6 +139,7 @@ pub struct PortStatsSnapshot {
     pub rx_dropped_vlan: u64,
     pub rx_dropped_mac_limit: u64,
     pub rx_dropped_no_buffer: u64,
+    pub rx_rate_limited_rounds: u64,
     pub tx_dropped_no_room: u64,
     pub tx_dropped_offload: u64,
     pub tx_errors: u64,
@@ -208,6 +215,7 @@ impl PortStats {
             rx_dropped_vlan: l(&self.rx_dropped_vlan),
             rx_dropped_mac_limit: l(&self.rx_dropped_mac_limit),
             rx_dropped_no_buffer: l(&self.rx_dropped_no_buffer),
+            rx_rate_limited_rounds: l(&self.rx_rate_limited_rounds),
             tx_dropped_no_room: l(&self.tx_dropped_no_room),
             tx_dropped_offload: l(&self.tx_dropped_offload),
             tx_errors: l(&self.tx_errors),

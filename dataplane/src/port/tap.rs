@@ -3,6 +3,7 @@
 //! kernel fills our buffers as frames arrive; completions are reaped from the shared CQ ring
 //! without a syscall, and new reads and writes are submitted once per burst.
 
+use std::collections::VecDeque;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -13,7 +14,7 @@ use torii_vhost_user_net::hdr::{HDR_LEN_LEGACY, HDR_LEN_MRG};
 use torii_vhost_user_net::{BufPool, Offloads, VirtioNetHdr};
 
 use super::{Port, PortStats};
-use crate::packet::{Packet, PacketPool};
+use crate::packet::{Packet, PacketPool, SharedPool};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -65,6 +66,11 @@ struct TapQueue {
     rx_slots: Vec<Option<Packet>>,
     tx_slots: Vec<Option<Packet>>,
     tx_free: Vec<u16>,
+    /// Reads completed and not yet handed out (a burst was full, or the port's rate limit
+    /// held them back), oldest first: slot and length. Their packets stay in `rx_slots`, so
+    /// no read is posted in their place meanwhile — the kernel keeps further frames in the
+    /// tap's queue. At most `RX_DEPTH`.
+    done: VecDeque<(u16, u32)>,
     eventfd: OwnedFd,
     dirty: bool,
 }
@@ -78,6 +84,9 @@ pub struct TapPort {
     qids: Vec<u16>,
     stats: Arc<PortStats>,
     rx_offloads: Offloads,
+    /// The pool its buffers come from (known once polled): what it still holds when dropped
+    /// goes back there.
+    home: Option<Arc<SharedPool>>,
 }
 
 fn ioctl_ptr<T>(fd: RawFd, req: libc::c_ulong, arg: *mut T) -> io::Result<()> {
@@ -117,6 +126,7 @@ impl TapPort {
             qids: (0..queues).collect(),
             stats: Arc::new(PortStats::with_queues(queues)),
             rx_offloads: Offloads::empty(),
+            home: None,
         })
     }
 
@@ -177,6 +187,7 @@ impl TapPort {
             rx_slots: (0..RX_DEPTH).map(|_| None).collect(),
             tx_slots: (0..TX_DEPTH).map(|_| None).collect(),
             tx_free: (0..TX_DEPTH as u16).rev().collect(),
+            done: VecDeque::with_capacity(RX_DEPTH),
             eventfd,
             dirty: false,
         })
@@ -191,6 +202,14 @@ impl TapPort {
             }
         }
         self.rx_offloads = o;
+    }
+
+    /// Remembers the pool the port's buffers come from.
+    #[inline]
+    fn remember(&mut self, pool: &PacketPool) {
+        if self.home.is_none() {
+            self.home = Some(pool.shared().clone());
+        }
     }
 }
 
@@ -221,6 +240,46 @@ impl TapQueue {
         }
     }
 
+    /// Takes every completion: finished writes give their packets back to `pool`, finished
+    /// reads are parked in `done` (oldest first), failed or short reads freed. Returns the
+    /// bad reads and the failed writes.
+    fn reap(&mut self, pool: &mut PacketPool) -> (usize, usize) {
+        let (mut bad, mut tx_err) = (0, 0);
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for cqe in &mut cq {
+            let ud = cqe.user_data();
+            let res = cqe.result();
+            if ud & TX_TAG != 0 {
+                let i = (ud & !TX_TAG) as usize;
+                if let Some(p) = self.tx_slots.get_mut(i).and_then(Option::take) {
+                    pool.free(p);
+                    self.tx_free.push(i as u16);
+                }
+                if res < 0 {
+                    tx_err += 1;
+                }
+                continue;
+            }
+            let Some(slot) = self.rx_slots.get_mut(ud as usize) else {
+                continue;
+            };
+            if slot.is_none() {
+                continue;
+            }
+            if res < VNET_HDR as i32 {
+                bad += 1;
+                if let Some(p) = slot.take() {
+                    pool.free(p);
+                }
+                continue;
+            }
+            // One read per slot at a time: never more than RX_DEPTH parked.
+            self.done.push_back((ud as u16, res as u32));
+        }
+        (bad, tx_err)
+    }
+
     fn submit(&mut self) {
         if self.dirty {
             // One syscall per burst, however many reads and writes were queued.
@@ -244,50 +303,28 @@ impl Port for TapPort {
     }
 
     fn rx_burst(&mut self, q: u16, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
+        self.remember(pool);
         let Some(tq) = self.queues.get_mut(q as usize) else {
             return;
         };
-        let (mut n, mut bytes, mut bad, mut tx_done, mut tx_err) = (0, 0, 0, 0, 0);
-        {
-            let mut cq = tq.ring.completion();
-            cq.sync();
-            while n < max {
-                let Some(cqe) = cq.next() else { break };
-                let ud = cqe.user_data();
-                let res = cqe.result();
-                if ud & TX_TAG != 0 {
-                    let i = (ud & !TX_TAG) as usize;
-                    if let Some(p) = tq.tx_slots.get_mut(i).and_then(Option::take) {
-                        pool.free(p);
-                        tq.tx_free.push(i as u16);
-                    }
-                    if res < 0 {
-                        tx_err += 1;
-                    } else {
-                        tx_done += 1;
-                    }
-                    continue;
-                }
-                let Some(mut p) = tq.rx_slots.get_mut(ud as usize).and_then(Option::take) else {
-                    continue;
-                };
-                if res < VNET_HDR as i32 {
-                    bad += 1;
-                    pool.free(p);
-                    continue;
-                }
-                let len = res as usize;
-                let area = p.read_area(VNET_HDR);
-                let mut h = [0u8; HDR_LEN_LEGACY];
-                h.copy_from_slice(&area[..HDR_LEN_LEGACY]);
-                let hdr = VirtioNetHdr::parse(&h);
-                p.set_read(VNET_HDR, len, hdr);
-                bytes += p.len();
-                n += 1;
-                out.push(p);
-            }
+        let (bad, tx_err) = tq.reap(pool);
+        let (mut n, mut bytes) = (0, 0);
+        while n < max {
+            let Some((slot, len)) = tq.done.pop_front() else {
+                break;
+            };
+            let Some(mut p) = tq.rx_slots.get_mut(slot as usize).and_then(Option::take) else {
+                continue;
+            };
+            let area = p.read_area(VNET_HDR);
+            let mut h = [0u8; HDR_LEN_LEGACY];
+            h.copy_from_slice(&area[..HDR_LEN_LEGACY]);
+            let hdr = VirtioNetHdr::parse(&h);
+            p.set_read(VNET_HDR, len as usize, hdr);
+            bytes += p.len();
+            n += 1;
+            out.push(p);
         }
-        let _ = tx_done;
         tq.post_reads(pool);
         tq.submit();
         self.stats.rx(self.qids[q as usize], n, bytes);
@@ -296,11 +333,19 @@ impl Port for TapPort {
     }
 
     fn tx_burst(&mut self, q: u16, pool: &mut PacketPool, pkts: &mut Vec<Packet>) {
+        self.remember(pool);
         let Some(tq) = self.queues.get_mut(q as usize) else {
             PortStats::add(&self.stats.tx_dropped_no_room, pkts.len());
             pkts.drain(..).for_each(|p| pool.free(p));
             return;
         };
+        if tq.tx_free.len() < pkts.len() {
+            // Finished writes are otherwise reaped by `rx_burst`, which a rate-limited port
+            // may not get for a while.
+            let (bad, tx_err) = tq.reap(pool);
+            PortStats::add(&self.stats.rx_dropped_invalid, bad);
+            PortStats::add(&self.stats.tx_errors, tx_err);
+        }
         let (mut sent, mut bytes, mut no_room) = (0, 0, 0);
         for mut p in pkts.drain(..) {
             let Some(slot) = tq.tx_free.pop() else {
@@ -357,9 +402,10 @@ impl Port for TapPort {
     }
 
     fn arm_wakeup(&mut self) -> bool {
+        // Reads held back (parked) are work too: no completion will announce them.
         self.queues
             .iter_mut()
-            .any(|q| !q.ring.completion().is_empty())
+            .any(|q| !q.done.is_empty() || !q.ring.completion().is_empty())
     }
 
     fn wakeup_fds(&self) -> Vec<RawFd> {
@@ -389,6 +435,7 @@ impl Port for TapPort {
                     qids: g.clone(),
                     stats: self.stats.clone(),
                     rx_offloads: self.rx_offloads,
+                    home: self.home.clone(),
                 }) as Box<dyn Port>
             })
             .collect();
@@ -399,12 +446,14 @@ impl Port for TapPort {
 
 impl Drop for TapPort {
     fn drop(&mut self) {
-        // Posted reads point into our packets: close the fds first so the kernel cancels them,
-        // then wait for every outstanding completion before the buffers are freed.
+        // Posted reads point into our packets: cancel them, then wait for every outstanding
+        // completion before the buffers go back to the pool (parked reads are done already).
         for q in &mut self.queues {
             let outstanding = q.rx_slots.iter().filter(|s| s.is_some()).count()
-                + q.tx_slots.iter().filter(|s| s.is_some()).count();
+                + q.tx_slots.iter().filter(|s| s.is_some()).count()
+                - q.done.len();
             if outstanding == 0 {
+                give_back(q, self.home.as_deref());
                 continue;
             }
             let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
@@ -431,7 +480,20 @@ impl Drop for TapPort {
                         std::mem::forget(p);
                     }
                 }
+            } else {
+                give_back(q, self.home.as_deref());
             }
+        }
+    }
+}
+
+/// The packets a queue still holds go back to `home`, the pool they came from: a tap that is
+/// removed does not shrink the pool by its posted reads.
+fn give_back(q: &mut TapQueue, home: Option<&SharedPool>) {
+    q.done.clear();
+    for s in q.rx_slots.iter_mut().chain(q.tx_slots.iter_mut()) {
+        if let (Some(p), Some(h)) = (s.take(), home) {
+            h.give_back(p);
         }
     }
 }
@@ -454,4 +516,126 @@ pub fn set_link_up(ifname: &str) -> io::Result<()> {
     ioctl_ptr(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)?;
     req.flags |= libc::IFF_UP as i16;
     ioctl_ptr(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A tap of its own (needs root: CAP_NET_ADMIN and /dev/net/tun) with IPv6 off, so that
+    /// the kernel sends nothing on it by itself.
+    fn tap(tag: &str, queues: u16) -> TapPort {
+        let ifname = format!("tt{tag}{}", std::process::id() % 100_000);
+        let _ = std::fs::write(
+            "/proc/sys/net/ipv6/conf/default/disable_ipv6",
+            "1", // only for interfaces made from now on; restored below
+        );
+        let t = TapPort::open("t", &ifname, queues);
+        let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "0");
+        t.unwrap_or_else(|e| panic!("tap {ifname} (run as root, with the tun module): {e}"))
+    }
+
+    /// Sends `n` frames into the tap's kernel side (a packet socket on its interface): they
+    /// arrive on the tap's queues as reads.
+    fn inject(ifname: &str, n: usize) {
+        let name = CString::new(ifname).unwrap();
+        // SAFETY: plain calls with valid arguments; the fd is closed below.
+        unsafe {
+            let idx = libc::if_nametoindex(name.as_ptr());
+            assert!(idx > 0, "no interface {ifname}");
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
+            let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_ifindex = idx as i32;
+            sa.sll_halen = 6;
+            let frame = crate::port::null::udp_frame(64);
+            for _ in 0..n {
+                let r = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&sa as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(r, frame.len() as isize, "{}", io::Error::last_os_error());
+            }
+            libc::close(fd);
+        }
+    }
+
+    #[test]
+    fn held_back_reads_wait_in_order_while_writes_complete() {
+        let pool = SharedPool::new(1024);
+        pool.populate(1024);
+        let mut pp = PacketPool::attach(pool);
+        let mut t = tap("h", 1);
+        let mut out = Vec::new();
+        // Posts the reads; nothing has arrived.
+        t.rx_burst(0, &mut pp, &mut out, 32);
+        assert!(out.is_empty());
+        inject(&t.ifname, 10);
+        // Polled with no allowance (a rate limit): the reads complete and wait.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.queues[0].done.len() < 10 && Instant::now() < deadline {
+            t.rx_burst(0, &mut pp, &mut out, 0);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(out.is_empty());
+        assert_eq!(t.queues[0].done.len(), 10, "reads completed and parked");
+        assert!(
+            t.arm_wakeup(),
+            "an adaptive PMD must not sleep on parked reads"
+        );
+        // Meanwhile the port keeps sending (more than its writes in flight), without drops:
+        // finished writes are reaped by the sends themselves.
+        let frame = crate::port::null::udp_frame(60);
+        for _ in 0..(3 * TX_DEPTH / BURST_T) {
+            let mut pkts: Vec<Packet> = (0..BURST_T)
+                .map(|_| {
+                    let mut p = pp.alloc().expect("pool");
+                    p.fill(&frame);
+                    p
+                })
+                .collect();
+            t.tx_burst(0, &mut pp, &mut pkts);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let st = t.stats().snapshot();
+        assert_eq!(st.tx_packets, 3 * TX_DEPTH as u64);
+        assert_eq!(st.tx_dropped_no_room, 0, "{st:?}");
+        // Handed out a few at a time, in order of arrival; none lost.
+        t.rx_burst(0, &mut pp, &mut out, 4);
+        assert_eq!(out.len(), 4);
+        t.rx_burst(0, &mut pp, &mut out, 32);
+        assert_eq!(out.len(), 10);
+        assert!(out.iter().all(|p| p.len() == 64));
+        out.drain(..).for_each(|p| pp.free(p));
+    }
+
+    #[test]
+    fn a_dropped_tap_gives_its_buffers_back_to_the_pool() {
+        let pool = SharedPool::new(512);
+        pool.populate(512);
+        let mut pp = PacketPool::attach(pool);
+        let mut t = tap("d", 2);
+        let mut out = Vec::new();
+        t.rx_burst(0, &mut pp, &mut out, 32);
+        t.rx_burst(1, &mut pp, &mut out, 32);
+        assert_eq!(pp.available(), 512 - 2 * RX_DEPTH, "reads posted");
+        // Some arrive and wait (held back), the rest stay posted.
+        inject(&t.ifname, 5);
+        std::thread::sleep(Duration::from_millis(50));
+        t.rx_burst(0, &mut pp, &mut out, 0);
+        t.rx_burst(1, &mut pp, &mut out, 0);
+        let parked: usize = t.queues.iter().map(|q| q.done.len()).sum();
+        assert_eq!(parked, 5);
+        drop(t);
+        assert_eq!(pp.available(), 512, "every buffer is back");
+    }
+
+    const BURST_T: usize = crate::port::BURST;
 }

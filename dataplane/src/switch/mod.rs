@@ -20,6 +20,7 @@ use torii_vhost_user_net::BufPool;
 use crate::packet::{Packet, PacketPool};
 use crate::pmd::{transmit, Batches, PmdWake};
 use crate::port::{Offloads, Port, PortStats, BURST};
+use crate::ratelimit::{Limiter, RateLimit};
 use mactable::{Learned, MacTable, PortId};
 use vlan::{Egress, VlanMode};
 
@@ -127,6 +128,8 @@ pub struct SwitchPort {
     /// This PMD sends what other PMDs queue for the port (the part with queue 0; the port's
     /// `link.owner`).
     pub drains_inbox: bool,
+    /// The rate limit on what this part takes in (its queues' share of the port's).
+    pub limiter: Option<Limiter>,
 }
 
 /// Where a PMD sends packets for a port.
@@ -296,6 +299,13 @@ impl Switch {
         }
     }
 
+    /// Limits what port `id` takes in (the part this PMD polls, if any), or lifts its limit.
+    pub fn set_rate_limit(&mut self, id: PortId, r: Option<RateLimit>, now: u64) {
+        for p in self.ports.iter_mut().filter(|p| p.link.id == id) {
+            p.limiter = r.map(|r| r.limiter_for(&*p.port, now));
+        }
+    }
+
     pub fn ports_mut(&mut self) -> impl Iterator<Item = &mut Box<dyn Port>> {
         self.ports.iter_mut().map(|p| &mut p.port)
     }
@@ -336,11 +346,34 @@ impl Switch {
             }
         }
         // One cycle-counter read per queue and round: the time from one queue's burst to the
-        // next is that queue's load.
+        // next is that queue's load. The first is also the rate limiters' clock.
         let mut t = crate::pmd::cycles();
+        let start = t;
         for i in 0..self.ports.len() {
-            for q in 0..self.ports[i].port.num_queues() {
-                self.ports[i].port.rx_burst(q, pool, &mut b.rx, BURST);
+            let nq = self.ports[i].port.num_queues();
+            // A limited port's queues take turns at being polled first.
+            let first = self.ports[i]
+                .limiter
+                .as_mut()
+                .map_or(0, |l| l.first_queue(nq));
+            for k in 0..nq {
+                let q = if first + k < nq {
+                    first + k
+                } else {
+                    first + k - nq
+                };
+                let sp = &mut self.ports[i];
+                let max = match sp.limiter.as_mut() {
+                    None => BURST,
+                    Some(l) => match crate::pmd::allowance(&*sp.port, l, start, BURST) {
+                        Some(n) => n,
+                        None => continue,
+                    },
+                };
+                sp.port.rx_burst(q, pool, &mut b.rx, max);
+                if let Some(l) = sp.limiter.as_mut() {
+                    crate::pmd::charge(&*sp.port, l, &b.rx, max, BURST);
+                }
                 if b.rx.is_empty() {
                     t = crate::pmd::cycles();
                     continue;
@@ -715,6 +748,7 @@ mod tests {
         SwitchPort {
             link: PortLink::new(id, stats.clone(), Arc::new([PmdWake::new().unwrap().0]), 0),
             drains_inbox: true,
+            limiter: None,
             port: Box::new(MemPort {
                 name: format!("p{id}"),
                 wire: wire.clone(),
@@ -849,6 +883,43 @@ mod tests {
         assert_eq!(r.send(0, frame(0xff, 1, None))[1].len(), 1);
         assert_eq!(r.stats(0).rx_dropped_mac_limit, 1);
         assert_eq!(r.shared.table.port_count(10), 2);
+    }
+
+    #[test]
+    fn a_rate_limited_port_takes_its_allowance_and_leaves_the_rest_waiting() {
+        let mut r = Rig::new(vec![access(0), access(0)]);
+        // A burst of 3, then one packet per 2^64 cycles: nothing more during the test.
+        let limit = RateLimit {
+            pps: Some(1),
+            bps: None,
+            burst_packets: 3,
+            burst_bytes: 0,
+            hz: u64::MAX,
+        };
+        r.sw.set_rate_limit(10, Some(limit), crate::pmd::cycles());
+        for _ in 0..10 {
+            r.wires[0]
+                .rx
+                .lock()
+                .unwrap()
+                .push_back(frame(0xff, 1, None));
+        }
+        let poll = |r: &mut Rig| {
+            r.sw.poll(&mut r.pool, &mut r.b);
+            std::mem::take(&mut *r.wires[1].tx.lock().unwrap()).len()
+        };
+        assert_eq!(poll(&mut r), 3);
+        assert_eq!(poll(&mut r), 0);
+        // The rest waits at the source, nothing is dropped.
+        assert_eq!(r.wires[0].rx.lock().unwrap().len(), 7);
+        assert_eq!(r.pool.available(), 256);
+        // Cut short once (3 of a burst), skipped once.
+        assert_eq!(r.stats(0).rx_rate_limited_rounds, 2);
+        // Lifted: the rest passes.
+        r.sw.set_rate_limit(10, None, 0);
+        assert_eq!(poll(&mut r), 7);
+        assert_eq!(r.stats(0).rx_rate_limited_rounds, 2);
+        assert_eq!(r.stats(1).rx_rate_limited_rounds, 0);
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub fn serve_metrics(
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadClass::Metrics);
             for stream in listener.incoming() {
                 let Ok(mut s) = stream else { continue };
                 let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));

@@ -350,7 +350,10 @@ impl<M: DeviceModel> Endpoint<M> {
         let stop = stop_event.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vhu-{}", cfg.name))
-            .spawn(move || control_loop(s, cfg, listener, stop))
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadClass::VhostUser);
+                control_loop(s, cfg, listener, stop)
+            })
             .map_err(thread_err)?;
         Ok(Endpoint {
             shared,
@@ -468,6 +471,7 @@ fn serve_one<M: DeviceModel>(
     let watcher = std::thread::Builder::new()
         .name(format!("vhu-{}-stop", cfg.name))
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadClass::Watcher);
             if wait_readable(&[stop2.as_raw_fd(), done2.as_raw_fd()], None) == Some(0) {
                 let _ = conn.shutdown(std::net::Shutdown::Both);
             }

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -30,6 +30,9 @@ use crate::{DeviceModel, GuestMem, MAX_QUEUE_SIZE};
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 pub(crate) const MAX_MEM_SLOTS: u64 = 32;
+
+/// Largest GET_CONFIG / SET_CONFIG transfer (the spec's VHOST_USER_MAX_CONFIG_SIZE).
+pub(crate) const MAX_CONFIG_SIZE: usize = 256;
 
 /// Why a request was refused; the frontend gets a non-zero ack when it asked for one.
 #[derive(Debug, thiserror::Error)]
@@ -53,11 +56,31 @@ pub(crate) struct MemRegion {
     pub mmap_offset: u64,
 }
 
+/// Checks that `len` bytes at `offset` of the frontend's `file` can be mapped and touched:
+/// a regular file (memfd, hugetlbfs and tmpfs files are) long enough to back all of them. A
+/// mapping past the end of its file would SIGBUS the daemon at the first access there.
+fn check_backing(file: &File, offset: u64, len: u64, what: &'static str) -> Result<()> {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::InvalidParam(what));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= meta.len() => Ok(()),
+        _ => Err(Error::InvalidParam(what)),
+    }
+}
+
 impl MemRegion {
     fn map(&self, file: File) -> Result<GuestRegionMmap<()>> {
         if self.size == 0 || self.size > isize::MAX as u64 {
             return Err(Error::InvalidParam("memory region size"));
         }
+        check_backing(
+            &file,
+            self.mmap_offset,
+            self.size,
+            "memory region not backed by its file",
+        )?;
         let region = MmapRegion::<()>::from_file(
             FileOffset::new(file, self.mmap_offset),
             self.size as usize,
@@ -72,6 +95,13 @@ struct Mapping {
     vmm_addr: u64,
     size: u64,
     gpa: u64,
+}
+
+/// The largest queue size of `model`'s queues: its own limit, within [`MAX_QUEUE_SIZE`] and
+/// rounded down to a power of two (a queue's initial and reset size).
+fn max_queue_size<M: DeviceModel>(model: &M) -> u16 {
+    let max = model.max_queue_size().clamp(1, MAX_QUEUE_SIZE);
+    1 << (usize::BITS - 1 - max.leading_zeros())
 }
 
 /// Protocol state of one connection.
@@ -93,8 +123,9 @@ impl<M: DeviceModel> ConnHandler<M> {
     pub(crate) fn new(shared: Arc<EndpointShared<M>>) -> io::Result<Self> {
         let mem: GuestMem = vm_memory::GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let queues = shared.model.num_queues().min(crate::MAX_QUEUES);
+        let max_size = max_queue_size(&shared.model);
         let vrings = (0..queues)
-            .map(|_| VringRwLock::new(mem.clone(), MAX_QUEUE_SIZE as u16))
+            .map(|_| VringRwLock::new(mem.clone(), max_size))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| io::Error::other(format!("vring: {e:?}")))?;
         let mem_generation = Arc::new(AtomicU64::new(0));
@@ -168,6 +199,7 @@ impl<M: DeviceModel> ConnHandler<M> {
     pub(crate) fn reset_owner(&mut self) -> Result<()> {
         self.reset_vrings();
         self.acked_features = 0;
+        self.conn.set_acked_features(0);
         Ok(())
     }
 
@@ -205,8 +237,11 @@ impl<M: DeviceModel> ConnHandler<M> {
         if regions.len() != files.len() || regions.len() as u64 > MAX_MEM_SLOTS {
             return Err(Error::InvalidParam("memory table"));
         }
-        let mut mapped = Vec::with_capacity(regions.len());
-        for (r, file) in regions.iter().zip(files) {
+        // Frontends need not send the regions in guest address order; the table wants it.
+        let mut sorted: Vec<(&MemRegion, File)> = regions.iter().zip(files).collect();
+        sorted.sort_by_key(|(r, _)| r.gpa);
+        let mut mapped = Vec::with_capacity(sorted.len());
+        for (r, file) in sorted {
             mapped.push(r.map(file)?);
         }
         let mem =
@@ -224,8 +259,8 @@ impl<M: DeviceModel> ConnHandler<M> {
     }
 
     pub(crate) fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
-        let max = self.shared.model.max_queue_size().min(MAX_QUEUE_SIZE);
-        if num == 0 || num as usize > max || !num.is_power_of_two() {
+        let max = max_queue_size(&self.shared.model);
+        if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
             return Err(Error::InvalidParam("queue size"));
         }
         self.vring(index)?.set_queue_size(num as u16);
@@ -242,17 +277,29 @@ impl<M: DeviceModel> ConnHandler<M> {
         let desc = self.vmm_va_to_gpa(descriptor)?;
         let avail = self.vmm_va_to_gpa(available)?;
         let used = self.vmm_va_to_gpa(used)?;
+        // Virtio 1.2 §2.7: alignment of the three areas. Checked first, so that a refused
+        // request changes nothing.
+        if desc % 16 != 0 || avail % 2 != 0 || used % 4 != 0 {
+            return Err(Error::InvalidParam("ring alignment"));
+        }
         let v = self.vring(index)?;
+        let old = {
+            let st = v.get_ref();
+            let q = st.get_queue();
+            (q.desc_table(), q.avail_ring(), q.used_ring())
+        };
         v.set_queue_info(desc, avail, used)
             .map_err(|_| Error::InvalidParam("ring addresses"))?;
+        let Ok(idx) = v.queue_used_idx() else {
+            // The addresses were valid before (or never set): put them back.
+            let _ = v.set_queue_info(old.0, old.1, old.2);
+            return Err(Error::InvalidParam("used ring outside guest memory"));
+        };
         // The used index in guest memory is the ground truth of what a previous backend
         // instance completed. A frontend that reconnects after a backend restart may send a
         // base (SET_VRING_BASE comes before SET_VRING_ADDR) that does not match it — DPDK
         // virtio-user sends 0 — so resume both indices from it; the few chains in flight are
         // redone (TX) or refilled (RX), as DPDK's own vhost library does.
-        let idx = v
-            .queue_used_idx()
-            .map_err(|_| Error::InvalidParam("used ring outside guest memory"))?;
         v.set_queue_next_used(idx);
         if v.queue_next_avail() != idx {
             tracing::info!(
@@ -291,16 +338,19 @@ impl<M: DeviceModel> ConnHandler<M> {
     }
 
     pub(crate) fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        self.vring(index as u32)?;
         let watch = match &fd {
             Some(f) => Some(f.try_clone()?),
             None => None,
         };
+        // Watched first: a fd epoll refuses (a regular file) is refused before the ring
+        // changes.
+        self.kicks.watch(index as usize, watch)?;
         let v = self.vring(index as u32)?;
         v.set_kick(fd);
         // "Start ring upon receiving a kick file descriptor."
         v.set_queue_ready(true);
         self.shared.bump_queue_epoch(Some(index as usize));
-        self.kicks.watch(index as usize, watch)?;
         Ok(())
     }
 
@@ -319,6 +369,9 @@ impl<M: DeviceModel> ConnHandler<M> {
     }
 
     pub(crate) fn set_protocol_features(&mut self, features: u64) -> Result<()> {
+        if features & !self.get_protocol_features().bits() != 0 {
+            return Err(Error::InvalidParam("protocol feature not offered"));
+        }
         self.acked_protocol = features;
         Ok(())
     }
@@ -340,11 +393,20 @@ impl<M: DeviceModel> ConnHandler<M> {
         let start = (offset as usize).min(c.len());
         let end = start.saturating_add(size as usize).min(c.len());
         let mut out = c[start..end].to_vec();
-        out.resize(size.min(256) as usize, 0);
+        out.resize((size as usize).min(MAX_CONFIG_SIZE), 0);
         out
     }
 
+    /// SET_CONFIG: the device model only ever sees writes inside its config space.
     pub(crate) fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
+        let len = self.shared.model.config().len();
+        if data.len() > MAX_CONFIG_SIZE
+            || (offset as usize)
+                .checked_add(data.len())
+                .is_none_or(|end| end > len)
+        {
+            return Err(Error::InvalidParam("config write outside the config space"));
+        }
         self.shared
             .model
             .set_config(offset, data)
@@ -377,6 +439,12 @@ impl<M: DeviceModel> ConnHandler<M> {
         if !self.inflight_offered() {
             return Err(Error::Unsupported("INFLIGHT_SHMFD not offered"));
         }
+        check_backing(
+            &file,
+            info.mmap_offset,
+            info.mmap_size,
+            "inflight region not backed by its file",
+        )?;
         let map = InflightMap::open(file, info).map_err(|e| Error::Io(io::Error::other(e)))?;
         self.conn.set_inflight(Some(Arc::new(map)));
         self.shared.bump_queue_epoch(None);
@@ -421,12 +489,103 @@ impl<M: DeviceModel> ConnHandler<M> {
     }
 }
 
+#[cfg(any(test, feature = "test-support"))]
+impl<M: DeviceModel> ConnHandler<M> {
+    /// Asserts what the handler promises about its state whatever the frontend sent, and
+    /// returns that state. Touches the first and last byte of every guest memory region: a
+    /// region mapped past the end of its file would SIGBUS here.
+    pub(crate) fn check_invariants(&self) -> crate::fuzzing::HandlerState {
+        use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+        let model = &self.shared.model;
+        let mem = self.mem.memory();
+        // The memory table: bounded, as the mappings say, every byte backed by its file.
+        assert!(mem.num_regions() as u64 <= MAX_MEM_SLOTS);
+        assert_eq!(mem.num_regions(), self.mappings.len());
+        let mut regions = Vec::new();
+        for r in mem.iter() {
+            let (start, len) = (r.start_addr().0, r.len());
+            assert!(len > 0);
+            assert!(
+                self.mappings
+                    .iter()
+                    .any(|m| m.gpa == start && m.size == len),
+                "region {start:#x}+{len:#x} has no mapping"
+            );
+            for a in [r.start_addr(), r.last_addr()] {
+                mem.read_obj::<u8>(a).expect("guest memory readable");
+            }
+            regions.push((start, len));
+        }
+        assert_eq!(
+            self.conn.mem.memory().num_regions(),
+            mem.num_regions(),
+            "the data path sees another memory table"
+        );
+
+        // Features: only what was offered, and the data path sees the same.
+        assert_eq!(self.acked_features & !model.features(), 0);
+        assert_eq!(self.conn.acked_features(), self.acked_features);
+        let offered = self.shared.model.protocol_features() | VhostUserProtocolFeatures::REPLY_ACK;
+        assert_eq!(self.acked_protocol & !offered.bits(), 0);
+
+        // Vrings: as many as the device has, sizes within its limit, areas aligned.
+        let max = max_queue_size(model);
+        assert_eq!(self.vrings.len(), model.num_queues().min(crate::MAX_QUEUES));
+        assert!(usize::from(max) <= MAX_QUEUE_SIZE);
+        let watched = self.kicks.watched.lock().unwrap();
+        assert!(watched.len() <= self.vrings.len());
+        let mut queues = Vec::new();
+        for (i, v) in self.vrings.iter().enumerate() {
+            let st = v.get_ref();
+            let q = st.get_queue();
+            assert_eq!(q.max_size(), max);
+            assert!(q.size() <= max && q.size().is_power_of_two(), "queue size");
+            assert_eq!(q.desc_table() % 16, 0);
+            assert_eq!(q.avail_ring() % 2, 0);
+            assert_eq!(q.used_ring() % 4, 0);
+            assert_eq!(q.event_idx_enabled(), self.conn.event_idx());
+            let kick = st.get_kick().is_some();
+            if watched.get(i).is_some_and(Option::is_some) {
+                assert!(kick, "queue {i}: a kick fd watched but not set");
+            }
+            queues.push(crate::fuzzing::QueueState {
+                size: q.size(),
+                ready: q.ready(),
+                enabled: st.is_enabled(),
+                valid: q.is_valid(&*mem),
+                kick,
+                call: st.get_call().is_some(),
+                next_avail: q.next_avail(),
+                areas: (q.desc_table(), q.avail_ring(), q.used_ring()),
+            });
+        }
+
+        let inflight = self.conn.inflight().map(|m| {
+            let qs = m.queue_size();
+            assert!(qs.is_power_of_two() && usize::from(qs) <= MAX_QUEUE_SIZE);
+            assert!(m.len() >= crate::inflight::queue_region_size(qs));
+            qs
+        });
+        crate::fuzzing::HandlerState {
+            regions,
+            acked_features: self.acked_features,
+            acked_protocol: self.acked_protocol,
+            queues,
+            inflight_queue_size: inflight,
+        }
+    }
+}
+
 /// A thread that turns guest kicks into data-path wakeups. Kicks only arrive while the data
 /// path has notifications enabled, i.e. when it is about to sleep.
 struct KickWatcher {
     epoll: Arc<OwnedFd>,
     exit: OwnedFd,
-    watched: Vec<Option<File>>,
+    /// Per queue, the kick fd watched (its epoll token is the queue index). Shared with the
+    /// thread, which reads a kick fd only under this lock: a fd the frontend replaced is never
+    /// read after it was closed, when its number may already name another file.
+    watched: Arc<Mutex<Vec<Option<File>>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -445,10 +604,61 @@ fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, token: u64) -> io::Result<()> {
     }
 }
 
-fn read_eventfd(fd: RawFd) {
+/// What reading a kick fd found.
+#[derive(Debug, PartialEq, Eq)]
+enum KickRead {
+    Kicked,
+    Nothing,
+    /// End of file or an error: not a live eventfd (a closed socket or pipe, say), which
+    /// would otherwise stay readable and spin the thread.
+    Dead,
+}
+
+/// Reads (consumes) a kick without ever blocking, whatever the fd's flags: the frontend owns
+/// the file and may have drained it meanwhile, and a blocked read would hang the watcher and
+/// the connection's teardown with it.
+fn read_kick(fd: RawFd) -> KickRead {
     let mut v = 0u64;
-    // SAFETY: reads 8 bytes into `v` from an eventfd.
-    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    let iov = libc::iovec {
+        iov_base: (&mut v as *mut u64).cast(),
+        iov_len: 8,
+    };
+    loop {
+        // SAFETY: `iov` describes the 8 bytes of `v`, alive for the call; offset -1 reads at
+        // the file position, as read(2) does.
+        let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+        if n > 0 {
+            return KickRead::Kicked;
+        }
+        if n == 0 {
+            return KickRead::Dead;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return KickRead::Nothing,
+            // A kernel without non-blocking reads of this file (or without preadv2): read
+            // only what poll says is there.
+            Some(libc::EOPNOTSUPP | libc::ENOSYS) => {
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, no timeout.
+                if unsafe { libc::poll(&mut p, 1, 0) } != 1 || p.revents & libc::POLLIN == 0 {
+                    return KickRead::Nothing;
+                }
+                // SAFETY: reads at most 8 bytes into `v`.
+                let n = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+                return if n > 0 {
+                    KickRead::Kicked
+                } else {
+                    KickRead::Dead
+                };
+            }
+            _ => return KickRead::Dead,
+        }
+    }
 }
 
 impl KickWatcher {
@@ -469,9 +679,12 @@ impl KickWatcher {
         let exit = unsafe { OwnedFd::from_raw_fd(ex) };
         epoll_ctl(ep, libc::EPOLL_CTL_ADD, exit.as_raw_fd(), EXIT_TOKEN)?;
         let ep2 = epoll.clone();
+        let watched: Arc<Mutex<Vec<Option<File>>>> = Arc::default();
+        let watched2 = watched.clone();
         let thread = std::thread::Builder::new()
             .name(format!("kick-{name}"))
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadClass::Watcher);
                 let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
                 loop {
                     // SAFETY: `evs` has room for 16 events.
@@ -487,8 +700,26 @@ impl KickWatcher {
                         if ev.u64 == EXIT_TOKEN {
                             return;
                         }
-                        read_eventfd(ev.u64 as RawFd);
-                        kicked = true;
+                        let queue = ev.u64 as usize;
+                        let mut w = watched2.lock().unwrap();
+                        // None: forgotten since epoll_wait returned.
+                        let Some(f) = w.get(queue).and_then(Option::as_ref) else {
+                            continue;
+                        };
+                        match read_kick(f.as_raw_fd()) {
+                            KickRead::Kicked => kicked = true,
+                            KickRead::Nothing => {}
+                            KickRead::Dead => {
+                                tracing::warn!(queue, "kick fd closed or not an eventfd: ignored");
+                                let _ = epoll_ctl(
+                                    ep2.as_raw_fd(),
+                                    libc::EPOLL_CTL_DEL,
+                                    f.as_raw_fd(),
+                                    0,
+                                );
+                                w[queue] = None;
+                            }
+                        }
                     }
                     if kicked {
                         wake();
@@ -498,7 +729,7 @@ impl KickWatcher {
         Ok(KickWatcher {
             epoll,
             exit,
-            watched: Vec::new(),
+            watched,
             thread: Some(thread),
         })
     }
@@ -506,22 +737,24 @@ impl KickWatcher {
     fn watch(&mut self, queue: usize, fd: Option<File>) -> io::Result<()> {
         self.forget(queue);
         if let Some(f) = fd {
+            let mut w = self.watched.lock().unwrap();
             epoll_ctl(
                 self.epoll.as_raw_fd(),
                 libc::EPOLL_CTL_ADD,
                 f.as_raw_fd(),
-                f.as_raw_fd() as u64,
+                queue as u64,
             )?;
-            if self.watched.len() <= queue {
-                self.watched.resize_with(queue + 1, || None);
+            if w.len() <= queue {
+                w.resize_with(queue + 1, || None);
             }
-            self.watched[queue] = Some(f);
+            w[queue] = Some(f);
         }
         Ok(())
     }
 
     fn forget(&mut self, queue: usize) {
-        if let Some(f) = self.watched.get_mut(queue).and_then(Option::take) {
+        let mut w = self.watched.lock().unwrap();
+        if let Some(f) = w.get_mut(queue).and_then(Option::take) {
             let _ = epoll_ctl(
                 self.epoll.as_raw_fd(),
                 libc::EPOLL_CTL_DEL,
@@ -540,5 +773,88 @@ impl Drop for KickWatcher {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::{make_fd, FuzzFd, FuzzModel};
+    use std::time::{Duration, Instant};
+    use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
+
+    #[test]
+    fn dead_kick_fds_are_dropped_not_spun_on() {
+        let shared = Arc::new(EndpointShared::new("kick-test".into(), FuzzModel::new(), 1));
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).unwrap();
+        shared.set_waker(0, Some(notifier));
+        let mut h = ConnHandler::new(shared.clone()).unwrap();
+        // A socket whose peer is gone is readable forever and reads 0 bytes.
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(b);
+        h.set_vring_kick(0, Some(File::from(OwnedFd::from(a))))
+            .unwrap();
+        // A live eventfd with a kick pending.
+        let ev = make_fd(FuzzFd::Eventfd).unwrap();
+        h.set_vring_kick(1, Some(File::from(ev))).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.kicks.watched.lock().unwrap()[0].is_some() {
+            assert!(Instant::now() < deadline, "dead kick fd still watched");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        // A wakeup for the real kick, not one per turn of a spinning loop.
+        let mut wakes = 0u64;
+        // SAFETY: reads at most 8 bytes into `wakes` from the (non-blocking) eventfd.
+        unsafe { libc::read(consumer.as_raw_fd(), (&mut wakes as *mut u64).cast(), 8) };
+        assert!((1..=2).contains(&wakes), "{wakes} wakeups");
+        assert!(h.kicks.watched.lock().unwrap()[1].is_some());
+        h.check_invariants();
+        drop(h);
+        assert_eq!(Arc::strong_count(&shared), 1, "kick thread joined");
+    }
+
+    #[test]
+    fn kick_reads_never_block() {
+        // A blocking eventfd with nothing pending (the frontend drained it): no kick, no wait.
+        // SAFETY: no pointer arguments.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        assert_eq!(read_kick(fd.as_raw_fd()), KickRead::Nothing);
+        // SAFETY: writes 8 bytes from a u64.
+        unsafe { libc::write(fd.as_raw_fd(), (&3u64 as *const u64).cast(), 8) };
+        assert_eq!(read_kick(fd.as_raw_fd()), KickRead::Kicked);
+        assert_eq!(read_kick(fd.as_raw_fd()), KickRead::Nothing);
+    }
+
+    #[test]
+    fn queue_limits_follow_the_device() {
+        struct Odd;
+        impl DeviceModel for Odd {
+            fn num_queues(&self) -> usize {
+                1
+            }
+            fn max_queue_size(&self) -> usize {
+                300
+            }
+            fn features(&self) -> u64 {
+                0
+            }
+            fn protocol_features(&self) -> VhostUserProtocolFeatures {
+                VhostUserProtocolFeatures::empty()
+            }
+            fn config(&self) -> Vec<u8> {
+                Vec::new()
+            }
+        }
+        assert_eq!(max_queue_size(&Odd), 256);
+        assert_eq!(max_queue_size(&FuzzModel::new()), 256);
+        let mut h = ConnHandler::new(Arc::new(EndpointShared::new("q".into(), Odd, 1))).unwrap();
+        assert!(h.set_vring_num(0, 512).is_err());
+        h.set_vring_num(0, 256).unwrap();
+        h.reset_device().unwrap();
+        assert_eq!(h.vrings[0].get_ref().get_queue().size(), 256);
     }
 }

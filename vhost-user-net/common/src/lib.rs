@@ -9,10 +9,13 @@
 
 pub mod daemon;
 mod endpoint;
+#[cfg(any(test, feature = "test-support"))]
+pub mod fuzzing;
 mod handler;
 pub mod inflight;
 mod protocol;
 pub mod ring;
+pub mod seccomp;
 pub mod sockdir;
 
 pub use endpoint::{

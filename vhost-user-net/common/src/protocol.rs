@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 
-use crate::handler::{ConnHandler, MemRegion, MAX_MEM_SLOTS};
+use crate::handler::{ConnHandler, MemRegion, MAX_CONFIG_SIZE, MAX_MEM_SLOTS};
 use crate::inflight::InflightInfo;
 use crate::DeviceModel;
 
@@ -116,6 +116,12 @@ pub(crate) struct Session<M: DeviceModel> {
 impl<M: DeviceModel> Session<M> {
     pub(crate) fn new(stream: UnixStream, handler: ConnHandler<M>) -> Self {
         Session { stream, handler }
+    }
+
+    /// The protocol state, for checks after a session (tests, fuzzing).
+    #[cfg(any(test, feature = "test-support"))]
+    pub(crate) fn handler(&self) -> &ConnHandler<M> {
+        &self.handler
     }
 
     /// Serves requests until the frontend goes away or a message is malformed.
@@ -325,7 +331,11 @@ impl<M: DeviceModel> Session<M> {
             }
             req::SET_CONFIG => {
                 let (offset, size) = (msg.u32_at(0)?, msg.u32_at(4)? as usize);
-                let data = msg.payload.get(12..12 + size.min(256)).ok_or_else(|| {
+                if size > MAX_CONFIG_SIZE {
+                    let r = Err(crate::handler::Error::InvalidParam("SET_CONFIG size"));
+                    return self.ack(&msg, r);
+                }
+                let data = msg.payload.get(12..12 + size).ok_or_else(|| {
                     SessionEnd::Malformed("SET_CONFIG: payload shorter than its size".into())
                 })?;
                 let r = self.handler.set_config(offset, data);

@@ -65,6 +65,16 @@ pub fn init(cfg: &DpdkConfig) -> Result<(), String> {
     if let Some(r) = &*state {
         return r.clone();
     }
+    // EAL initialisation loads the drivers (executable mappings) and maps its memory: not
+    // allowed under the control thread's seccomp filter. The daemon initialises DPDK before
+    // installing it when the configuration uses DPDK; a port added at run time to a daemon
+    // that did not would be killed.
+    {
+        use torii_vhost_user::seccomp;
+        if seccomp::installed() && seccomp::mode() == seccomp::Mode::Enforce {
+            return Err("DPDK is not initialised and cannot be once the seccomp filters are in place: add a [dpdk] section to the configuration (DPDK is then initialised at start), or set seccomp = \"log\" or \"off\"".into());
+        }
+    }
     let args = eal_args(cfg);
     tracing::info!(args = %args.join(" "), "initialising DPDK");
     let r = run_init(&args);
