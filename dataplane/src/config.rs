@@ -251,7 +251,7 @@ pub struct DataplaneConfig {
     pub control_socket: PathBuf,
     /// Also serve Prometheus metrics (`/metrics`) over TCP here, e.g. "127.0.0.1:9464".
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Per-thread seccomp filters (docs/security-seccomp.md): "enforce" (default), "log"
+    /// Per-thread seccomp filters (docs/security.md): "enforce" (default), "log"
     /// (the kernel logs what enforce would refuse) or "off".
     #[serde(default)]
     pub seccomp: torii_vhost_user::seccomp::Mode,

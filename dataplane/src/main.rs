@@ -36,7 +36,7 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Print the seccomp allowlist of each thread class (docs/security-seccomp.md).
+    /// Print the seccomp allowlist of each thread class (docs/security.md).
     Seccomp,
     /// Talk to a running data plane through its control API.
     Ctl {

@@ -1,4 +1,4 @@
-//! Per-thread seccomp filters in the real daemon (docs/security-seccomp.md): with the
+//! Per-thread seccomp filters in the real daemon (docs/security.md): with the
 //! default mode every thread of a running `torii-dataplane` has a filter (`Seccomp: 2` in
 //! `/proc/<pid>/task/*/status`), the threads that narrow the control filter with their own
 //! class have two, and traffic still flows through a vhost-user port (a dpdk-testpmd

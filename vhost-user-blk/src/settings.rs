@@ -3,7 +3,7 @@
 //! ```toml
 //! [daemon]
 //! metrics_listen = "127.0.0.1:9101"   # optional
-//! seccomp = "enforce"                 # enforce | log | off (docs/security-seccomp.md)
+//! seccomp = "enforce"                 # enforce | log | off (docs/security.md)
 //!
 //! [[export]]
 //! name = "vm1-root"                   # logs and metrics; also the default serial

@@ -1,4 +1,4 @@
-//! Per-thread seccomp filters in the real `torii-vhost-user-blk` (docs/security-seccomp.md):
+//! Per-thread seccomp filters in the real `torii-vhost-user-blk` (docs/security.md):
 //! with the default mode every thread has a filter (`Seccomp: 2` in
 //! `/proc/<pid>/task/*/status`), the threads that narrow the control filter with their own
 //! class have two (the watchers three), I/O and metrics work, and the daemon stops cleanly.
