@@ -17,7 +17,7 @@
 pub mod block;
 pub mod filesystems;
 /// The body and seeds of the `agent_frames` fuzz target (fuzz/).
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod fuzzing;
 pub mod hugepages;
 pub mod init;

@@ -14,7 +14,7 @@
 pub mod config;
 pub mod delegate;
 /// The body and seeds of the `cni_input` fuzz target (fuzz/).
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod fuzzing;
 pub mod plugin;
 pub mod sriov;

@@ -208,9 +208,15 @@ async fn rate_limit(dp: Shared, name: String, r: Option<RateLimitConfig>) -> Api
     // The first limit measures the PMDs' clock rate (20 ms): not on the async thread.
     let d = dp.clone();
     let n = name.clone();
-    tokio::task::spawn_blocking(move || lock(&d).set_rate_limit(&n, r))
-        .await
-        .map_err(|e| ControlError::Failed(e.to_string()))??;
+    tokio::task::spawn_blocking(move || {
+        // Measured before the lock is taken, so that the API is not held for it.
+        if r.is_some() {
+            crate::ratelimit::clock_hz();
+        }
+        lock(&d).set_rate_limit(&n, r)
+    })
+    .await
+    .map_err(|e| ControlError::Failed(e.to_string()))??;
     show_port(State(dp), Path(name)).await
 }
 

@@ -93,7 +93,7 @@ fn bind_control(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(l)
 }
 
-/// What the seccomp lists must cover in this build.
+/// What the seccomp lists can cover in this build (the lists `seccomp` prints).
 fn seccomp_options() -> seccomp::Options {
     seccomp::Options::dataplane(cfg!(feature = "dpdk"))
 }
@@ -104,16 +104,19 @@ fn seccomp_options() -> seccomp::Options {
 /// loads drivers and maps memory in ways no filter allows later (its threads get the filter
 /// with the rest of the process).
 fn start_seccomp(cfg: &Config) -> anyhow::Result<()> {
+    use torii_dataplane::config::PortKind;
     let mode = cfg.dataplane.seccomp;
-    seccomp::init(mode, seccomp_options())?;
-    #[cfg(feature = "dpdk")]
-    {
-        use torii_dataplane::config::PortKind;
-        let uses_dpdk = cfg.dpdk.is_some()
+    let uses_dpdk = cfg!(feature = "dpdk")
+        && (cfg.dpdk.is_some()
             || cfg
                 .ports
                 .iter()
-                .any(|p| matches!(p.kind, PortKind::Dpdk(_)));
+                .any(|p| matches!(p.kind, PortKind::Dpdk(_))));
+    // DPDK's drivers need more of the control thread (any ioctl, bpf, packet sockets): only
+    // when this configuration uses DPDK.
+    seccomp::init(mode, seccomp::Options::dataplane(uses_dpdk))?;
+    #[cfg(feature = "dpdk")]
+    {
         if mode != seccomp::Mode::Off && uses_dpdk {
             torii_dataplane::port::dpdk::eal::init(&cfg.dpdk.clone().unwrap_or_default())
                 .map_err(anyhow::Error::msg)?;

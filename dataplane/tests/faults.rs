@@ -271,8 +271,8 @@ fn a_hundred_dead_frontends_leak_nothing_in_the_daemon() {
 /// Real frontends: two QEMU guests on the switch, pinging each other ten times a second, and
 /// torii-dataplane SIGKILLed and restarted at once. QEMU reconnects (its chardev retries every
 /// 100 ms), re-negotiates, and the guests' virtio-net carries on: their traffic goes through
-/// the new daemon within a second of its start, no ping waits or is lost for longer than two,
-/// and no queue is broken.
+/// the new daemon within a second of its start, at most the two pings the dying daemon may
+/// have held are lost, none waits longer than two seconds, and no queue is broken.
 #[test]
 fn guests_ping_through_a_killed_dataplane() {
     use torii_perf::guest::{ChardevMode, GuestBuilder};
@@ -338,8 +338,19 @@ fn guests_ping_through_a_killed_dataplane() {
         .filter_map(|r| r.split_whitespace().next()?.parse().ok())
         .collect();
     assert!(
-        done.stdout.contains("packets transmitted") && seqs.len() > 10,
+        done.stdout.contains("packets transmitted"),
         "{}",
+        done.stdout
+    );
+    // At most the pings the dying daemon had taken from a ring and not yet delivered are lost;
+    // those waiting in the rings survive it.
+    let mut answered = seqs.clone();
+    answered.sort_unstable();
+    answered.dedup();
+    assert!(
+        answered.len() + 2 >= PINGS as usize,
+        "{} of {PINGS} pings answered:\n{}",
+        answered.len(),
         done.stdout
     );
     // The longest run of pings that got no answer.

@@ -15,6 +15,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, types, IoUring};
 
 /// How the export is opened.
@@ -83,6 +84,36 @@ const TIMEOUT_TOKEN: u64 = u64::MAX;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full;
 
+/// `io_uring_register` opcodes (linux/io_uring.h) a worker uses once the ring runs.
+const REGISTER_BUFFERS: u8 = 0;
+const UNREGISTER_BUFFERS: u8 = 1;
+const REGISTER_EVENTFD: u8 = 4;
+
+/// Limits `ring` to what the engine does — the reads, writes, syncs, discards and the timed
+/// wait it submits on its one registered file, and the registrations a worker makes later
+/// (guest memory as buffers, its completion eventfd) — and enables it. io_uring's operations
+/// are not seen by seccomp: without this, a worker thread someone took over could open files
+/// or sockets through its ring.
+fn restrict(ring: &IoUring) -> io::Result<()> {
+    let s = ring.submitter();
+    s.register_restrictions(&mut [
+        Restriction::sqe_op(opcode::Readv::CODE),
+        Restriction::sqe_op(opcode::Writev::CODE),
+        Restriction::sqe_op(opcode::ReadFixed::CODE),
+        Restriction::sqe_op(opcode::WriteFixed::CODE),
+        Restriction::sqe_op(opcode::ReadvFixed::CODE),
+        Restriction::sqe_op(opcode::WritevFixed::CODE),
+        Restriction::sqe_op(opcode::Fsync::CODE),
+        Restriction::sqe_op(opcode::Fallocate::CODE),
+        Restriction::sqe_op(opcode::Timeout::CODE),
+        Restriction::sqe_flags_allowed(squeue::Flags::FIXED_FILE.bits()),
+        Restriction::register_op(REGISTER_BUFFERS),
+        Restriction::register_op(UNREGISTER_BUFFERS),
+        Restriction::register_op(REGISTER_EVENTFD),
+    ])?;
+    s.register_enable_rings()
+}
+
 /// An export on one io_uring.
 pub struct Engine {
     ring: IoUring,
@@ -146,12 +177,14 @@ impl Engine {
         // Works for regular files and block devices alike.
         let capacity = file.seek(SeekFrom::End(0))?;
         let depth = depth.max(2);
-        let ring = IoUring::new(depth)?;
+        // Made disabled, so that what it may do is fixed before its first use.
+        let ring = IoUring::builder().setup_r_disabled().build(depth)?;
         ring.submitter().register_files(&[file.as_raw_fd()])?;
         let mut probe = io_uring::Probe::new();
         let vectored_fixed = ring.submitter().register_probe(&mut probe).is_ok()
             && probe.is_supported(opcode::ReadvFixed::CODE)
             && probe.is_supported(opcode::WritevFixed::CODE);
+        restrict(&ring)?;
         let inline = in_memory(&file);
         Ok(Engine {
             inline,
@@ -528,6 +561,32 @@ mod tests {
         let f = File::create(&p).unwrap();
         f.set_len(len).unwrap();
         (p, f)
+    }
+
+    /// The ring runs only the operations the engine submits: anything else (here a file
+    /// open, which seccomp would never see) completes with EACCES, and so do registrations
+    /// beyond the worker's.
+    #[test]
+    fn the_ring_refuses_operations_the_engine_does_not_make() {
+        let (p, _f) = scratch(&std::env::temp_dir(), 4096);
+        let mut e = Engine::open(&p, OpenFlags::default(), 8).unwrap();
+        let path = std::ffi::CString::new("/etc/hostname").unwrap();
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+            .build()
+            .user_data(7);
+        // SAFETY: `path` outlives the submission, which completes before this returns.
+        unsafe { e.ring.submission().push(&open).unwrap() };
+        e.ring.submit_and_wait(1).unwrap();
+        let c = e.ring.completion().next().expect("a completion");
+        assert_eq!((c.user_data(), c.result()), (7, -libc::EACCES));
+        let probe = e.ring.submitter().register_files(&[0]);
+        assert_eq!(
+            probe.unwrap_err().raw_os_error(),
+            Some(libc::EACCES),
+            "a registration the worker does not make"
+        );
+        drop(e);
+        std::fs::remove_file(p).unwrap();
     }
 
     fn rand_suffix() -> u64 {

@@ -47,7 +47,8 @@ fn killed_a_hundred_times_under_writes_no_acknowledged_write_is_lost() {
     );
     assert!(!sock.exists());
     assert_eq!(fault::sockets_in(dir.path()), Vec::<String>::new());
-    // Nobody holds the image open any more.
+    // Nobody holds the image open any more (fd links name the real path).
+    let img = img.canonicalize().or_fail("image path");
     let holders = std::fs::read_dir("/proc")
         .or_fail("/proc")
         .flatten()

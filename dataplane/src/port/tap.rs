@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
+use io_uring::register::Restriction;
 use io_uring::{opcode, types, IoUring};
 use torii_vhost_user_net::hdr::{HDR_LEN_LEGACY, HDR_LEN_MRG};
 use torii_vhost_user_net::{BufPool, Offloads, VirtioNetHdr};
@@ -39,7 +40,7 @@ pub enum TapError {
     BadName(String),
     #[error("cannot open /dev/net/tun (is the tun module loaded?): {0}")]
     Open(io::Error),
-    #[error("TUNSETIFF {ifname} failed (EPERM: making a tap needs CAP_NET_ADMIN; EBUSY or EINVAL: the name is taken by another kind of device): {source}")]
+    #[error("TUNSETIFF {ifname} failed: {source}{hint}", hint = setiff_hint(source))]
     SetIff { ifname: String, source: io::Error },
     #[error("tap {ifname}: {what} failed: {source}")]
     Ioctl {
@@ -51,6 +52,17 @@ pub enum TapError {
     Uring(io::Error),
     #[error("queues must be 1..=16, got {0}")]
     Queues(u16),
+}
+
+/// What a TUNSETIFF error most likely means.
+fn setiff_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => " (making a tap needs CAP_NET_ADMIN)",
+        Some(libc::EBUSY | libc::EINVAL) => {
+            " (the name is taken by another kind of device, or by a tap with other flags)"
+        }
+        _ => "",
+    }
 }
 
 #[repr(C)]
@@ -170,7 +182,11 @@ impl TapPort {
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
             return Err(ioctl_err("TUNSETOFFLOAD")(io::Error::last_os_error()));
         }
-        let ring = IoUring::new((RX_DEPTH + TX_DEPTH) as u32).map_err(TapError::Uring)?;
+        // Made disabled, so that what it may do is fixed before its first use.
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .build((RX_DEPTH + TX_DEPTH) as u32)
+            .map_err(TapError::Uring)?;
         // SAFETY: eventfd has no pointer arguments.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -178,9 +194,19 @@ impl TapPort {
         }
         // SAFETY: `efd` is a fresh fd we own.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
-        ring.submitter()
-            .register_eventfd(eventfd.as_raw_fd())
+        let sub = ring.submitter();
+        sub.register_eventfd(eventfd.as_raw_fd())
             .map_err(TapError::Uring)?;
+        // A tap queue reads, writes and cancels, nothing else: io_uring's operations are not
+        // seen by seccomp, so a PMD thread that someone took over cannot open files or
+        // sockets through the ring (no later registration either).
+        sub.register_restrictions(&mut [
+            Restriction::sqe_op(opcode::Read::CODE),
+            Restriction::sqe_op(opcode::Write::CODE),
+            Restriction::sqe_op(opcode::AsyncCancel::CODE),
+        ])
+        .map_err(TapError::Uring)?;
+        sub.register_enable_rings().map_err(TapError::Uring)?;
         Ok(TapQueue {
             fd,
             ring,
@@ -527,13 +553,16 @@ mod tests {
     /// A tap of its own (needs root: CAP_NET_ADMIN and /dev/net/tun) with IPv6 off, so that
     /// the kernel sends nothing on it by itself.
     fn tap(tag: &str, queues: u16) -> TapPort {
+        const DEFAULT: &str = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
+        // The default applies to interfaces made while it is set: one test at a time sets it,
+        // and puts back what the host had.
+        static HOST_SETTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let ifname = format!("tt{tag}{}", std::process::id() % 100_000);
-        let _ = std::fs::write(
-            "/proc/sys/net/ipv6/conf/default/disable_ipv6",
-            "1", // only for interfaces made from now on; restored below
-        );
+        let _one = HOST_SETTING.lock().unwrap_or_else(|e| e.into_inner());
+        let before = std::fs::read_to_string(DEFAULT).unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write(DEFAULT, "1");
         let t = TapPort::open("t", &ifname, queues);
-        let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "0");
+        let _ = std::fs::write(DEFAULT, before.trim());
         t.unwrap_or_else(|e| panic!("tap {ifname} (run as root, with the tun module): {e}"))
     }
 
@@ -614,6 +643,26 @@ mod tests {
         assert_eq!(out.len(), 10);
         assert!(out.iter().all(|p| p.len() == 64));
         out.drain(..).for_each(|p| pp.free(p));
+    }
+
+    /// A tap queue's ring reads, writes and cancels, nothing else: an operation seccomp would
+    /// not see (here a file open) completes with EACCES.
+    #[test]
+    fn the_ring_refuses_operations_the_tap_does_not_make() {
+        let mut t = tap("ur", 1);
+        let ring = &mut t.queues[0].ring;
+        let path = CString::new("/etc/hostname").unwrap();
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+            .build()
+            .user_data(u64::MAX - 1);
+        // SAFETY: `path` outlives the submission, which completes before this returns.
+        unsafe { ring.submission().push(&open).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let c = ring
+            .completion()
+            .find(|c| c.user_data() == u64::MAX - 1)
+            .expect("the open's completion");
+        assert_eq!(c.result(), -libc::EACCES);
     }
 
     #[test]

@@ -320,8 +320,11 @@ pub struct Endpoint<M: DeviceModel> {
 impl<M: DeviceModel> Endpoint<M> {
     /// Creates the socket (server mode) and starts the control thread for `shared`.
     pub fn start(cfg: EndpointConfig, shared: Arc<EndpointShared<M>>) -> Result<Self, StartError> {
-        // Whoever can write the socket's directory could stand in for either side.
-        crate::sockdir::check(&cfg.socket)?;
+        // Whoever can write the socket's directory could stand in for either side. A
+        // client's frontend may make its directory later: then it is not checked.
+        if cfg.mode == SocketMode::Server || crate::sockdir::dir_exists(&cfg.socket) {
+            crate::sockdir::check(&cfg.socket)?;
+        }
         let listener = match cfg.mode {
             SocketMode::Server => {
                 // A socket file left by a previous instance would make bind fail.

@@ -1267,7 +1267,6 @@ mod tests {
             fuzz_messages(s);
         }
         let mut rng = XorShift::new(0x7011_5eed);
-        let start = std::time::Instant::now();
         let mut ends = [0usize; 3];
         let mut deep = 0;
         for i in 0..3000 {
@@ -1290,7 +1289,6 @@ mod tests {
         // a ring the data path could serve.
         assert!(ends[0] > 1000, "ends: {ends:?}");
         assert!(deep > 600, "{deep} with a valid ring");
-        assert!(start.elapsed() < std::time::Duration::from_secs(60));
     }
 
     /// Entries of /proc/self/fd, and those naming the fuzzer's and the inflight memfds.

@@ -445,6 +445,9 @@ fn base() -> Allowlist {
         sys!(SYS_nanosleep),
         // std's HashMap keys (once per thread).
         sys!(SYS_getrandom),
+        // glibc's malloc counts CPUs with it when it makes another arena (from any thread
+        // that allocates, e.g. after a failed allocation).
+        sys!(SYS_sched_getaffinity),
         // Signals (tokio's handler can run on any thread) and thread exit (glibc blocks all
         // signals, std removes its alternate signal stack).
         sys!(SYS_rt_sigreturn),
@@ -1044,7 +1047,10 @@ pub fn enter(class: ThreadClass) {
     if let Err(e) = install(prog, class, false) {
         tracing::error!("{e}; stopping");
         eprintln!("torii: {e}");
-        std::process::abort();
+        // Not abort(): its tgkill is in no list, and the process would die of SIGSYS with a
+        // message that hides this one.
+        // SAFETY: _exit ends the process at once; nothing is left to run.
+        unsafe { libc::_exit(70) };
     }
 }
 
@@ -1190,10 +1196,26 @@ fn sigsys_message(comm: &[u8], class: u8, nr: i64, names: &[Sys]) -> Msg {
     m
 }
 
+/// `si_code` of a SIGSYS a seccomp filter raised.
+const SYS_SECCOMP: i32 = 1;
+
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // siginfo's _sigsys: the call's address at offset 16, its number (int) at 24, on every
     // 64-bit Linux.
-    // SAFETY: the kernel passes a valid siginfo_t (128 bytes) to an SA_SIGINFO handler.
+    // SAFETY: the kernel passes a valid siginfo_t (128 bytes) to an SA_SIGINFO handler;
+    // si_code is the int at offset 8.
+    let code = unsafe { std::ptr::read_unaligned((info as *const u8).add(8).cast::<i32>()) };
+    if code != SYS_SECCOMP {
+        // Sent by someone (kill -SYS), not a filter: SIGSYS's own meaning, said truthfully.
+        const MSG: &[u8] = b"torii: SIGSYS sent by another process: killing the process\n";
+        // SAFETY: writes MSG to stderr, then the same self-kill as below.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::syscall(SELF_KILL_NR);
+            libc::syscall(libc::SYS_exit_group, 128 + libc::SIGSYS);
+        }
+    }
+    // SAFETY: as above; for a seccomp trap the call's number is the int at offset 24.
     let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(24).cast::<i32>()) };
     let mut comm = [0u8; 16];
     // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL included, into `comm`.

@@ -4,9 +4,10 @@
 //! memory. So every Torii socket lives in a directory that only root and the daemon's own
 //! user can change: the directory itself must not be writable by others, and no directory
 //! above it may be writable by others unless it is sticky (as `/tmp` is, where nobody can
-//! rename what they do not own). Each directory on the way must belong to root or to the
-//! daemon's user. The same rule as OpenSSH's `StrictModes`, checked on the real path (symbolic
-//! links resolved).
+//! rename what they do not own). Each directory above the socket's own must belong to root or
+//! to the daemon's user (the socket's own directory may belong to the peer, e.g. the VMM's
+//! user). Close to OpenSSH's `StrictModes`, checked on the real path (symbolic links
+//! resolved).
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -42,6 +43,11 @@ fn parent(socket: &Path) -> &Path {
     }
 }
 
+/// Whether the directory `socket` would be in exists.
+pub fn dir_exists(socket: &Path) -> bool {
+    parent(socket).is_dir()
+}
+
 /// Checks the directory `socket` is (or will be) in, and every directory above it.
 pub fn check(socket: &Path) -> Result<(), SockDirError> {
     check_from(socket, parent(socket), true)
@@ -71,7 +77,9 @@ fn check_from(socket: &Path, dir: &Path, own: bool) -> Result<(), SockDirError> 
                 mode,
             });
         }
-        if m.uid() != 0 && m.uid() != me {
+        // The socket's own directory may belong to the peer (a VMM's user whose socket a
+        // client-mode port connects to): its owner is on the other end anyway.
+        if (!own || i > 0) && m.uid() != 0 && m.uid() != me {
             return Err(SockDirError::Owner {
                 socket: socket.to_path_buf(),
                 dir: d.to_path_buf(),
@@ -191,14 +199,20 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_of_another_user_is_refused() {
+    fn a_parent_of_another_user_is_refused_the_peers_own_directory_is_not() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             panic!("this test changes a directory's owner: run it as root");
         }
         let d = tmp("owner");
+        let sub = d.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::os::unix::fs::chown(&sub, Some(65534), None).unwrap();
+        // The socket's directory belongs to the peer: accepted.
+        check(&sub.join("a.sock")).unwrap();
+        // A directory above it that another user owns: they could rename `sub` away.
         std::os::unix::fs::chown(&d, Some(65534), None).unwrap();
-        let e = check(&d.join("a.sock")).unwrap_err();
+        let e = check(&sub.join("a.sock")).unwrap_err();
         assert!(matches!(e, SockDirError::Owner { uid: 65534, .. }), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
