@@ -13,29 +13,7 @@ use std::time::Duration;
 use common::{Daemon, OrFail};
 use torii_perf::blk_job::{run_spec, Pattern, RunSpec};
 use torii_perf::testpmd::{FwdMode, TestpmdBuilder};
-use torii_perf::{prereq, proc_util};
-
-/// Each thread of `pid`: its name, its seccomp mode and its number of filters.
-fn threads(pid: u32) -> Vec<(String, u32, u32)> {
-    let mut v = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).or_fail("task dir") {
-        let t = t.or_fail("task entry").path();
-        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
-            continue; // the thread ended meanwhile
-        };
-        let field = |k: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|| panic!("{k} missing from {}", t.display()))
-        };
-        let n = |k: &str| field(k).parse::<u32>().or_fail(k);
-        v.push((field("Name:"), n("Seccomp:"), n("Seccomp_filters:")));
-    }
-    v.sort();
-    v
-}
+use torii_perf::{fault, prereq, proc_util};
 
 fn image(dir: &Path, name: &str, mib: u64) -> PathBuf {
     let p = dir.join(name);
@@ -157,17 +135,7 @@ workers = 2
         "mac-ager",
     ];
     let pid = dp.pid();
-    let started = |ts: &[(String, u32, u32)]| {
-        want.iter().all(|w| ts.iter().any(|t| t.0 == *w))
-            && ts
-                .iter()
-                .all(|t| !(t.0.starts_with("kick-") || t.0.ends_with("-stop")) || t.2 == 3)
-    };
-    proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-        started(&threads(pid))
-    });
-    let ts = threads(pid);
-    assert!(started(&ts), "threads missing or not yet filtered: {ts:?}");
+    let ts = fault::started_and_filtered(pid, &want);
     for (name, mode, filters) in &ts {
         assert_eq!(
             *mode, 2,
@@ -206,7 +174,7 @@ fn off_installs_nothing_and_a_bad_mode_is_refused() {
     dp.wait_port("sink", Duration::from_secs(20), "traffic", |p| {
         p["tx_packets"].as_u64().unwrap_or(0) > 0
     });
-    let ts = threads(dp.pid());
+    let ts = fault::seccomp_threads(dp.pid());
     assert!(ts.iter().all(|t| t.1 == 0 && t.2 == 0), "{ts:?}");
     assert!(ts.iter().any(|t| t.0 == "pmd0"), "{ts:?}");
     dp.stop();

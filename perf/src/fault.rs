@@ -226,3 +226,43 @@ pub fn hugepages_free() -> u64 {
     let m = std::fs::read_to_string("/proc/meminfo").or_fail("meminfo");
     crate::prereq::parse_hugepages_2m(&m).or_fail("meminfo").1
 }
+
+/// Each thread of `pid`: its name, its seccomp mode (`Seccomp:`, 2 = filtered) and its number
+/// of filters (`Seccomp_filters:`), sorted by name.
+pub fn seccomp_threads(pid: u32) -> Vec<(String, u32, u32)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).or_fail("task dir") {
+        let t = t.or_fail("task entry").path();
+        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|| panic!("{k} missing from {}", t.display()))
+        };
+        let n = |k: &str| field(k).parse::<u32>().or_fail(k);
+        v.push((field("Name:"), n("Seccomp:"), n("Seccomp_filters:")));
+    }
+    v.sort();
+    v
+}
+
+/// [`seccomp_threads`] once every thread named in `want` runs and every watcher (`kick-*`,
+/// `*-stop`, which a connection starts) has installed its filter (its third): at most 10 s.
+pub fn started_and_filtered(pid: u32, want: &[&str]) -> Vec<(String, u32, u32)> {
+    let started = |ts: &[(String, u32, u32)]| {
+        want.iter().all(|w| ts.iter().any(|t| t.0 == *w))
+            && ts
+                .iter()
+                .all(|t| !(t.0.starts_with("kick-") || t.0.ends_with("-stop")) || t.2 == 3)
+    };
+    crate::proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        started(&seccomp_threads(pid))
+    });
+    let ts = seccomp_threads(pid);
+    assert!(started(&ts), "threads missing or not yet filtered: {ts:?}");
+    ts
+}

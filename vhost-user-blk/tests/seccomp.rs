@@ -13,31 +13,10 @@ use std::time::Duration;
 use common::{image, OrFail};
 use torii_perf::blk_client::{BlkClient, ClientConfig};
 use torii_perf::blk_job::{run_spec, Pattern, RunSpec};
+use torii_perf::fault;
 use torii_perf::proc_util::{self, wait_until, ChildGuard};
 
 const BIN: &str = env!("CARGO_BIN_EXE_torii-vhost-user-blk");
-
-/// Each thread of `pid`: its name, its seccomp mode and its number of filters.
-fn threads(pid: u32) -> Vec<(String, u32, u32)> {
-    let mut v = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).or_fail("task dir") {
-        let t = t.or_fail("task entry").path();
-        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
-            continue; // the thread ended meanwhile
-        };
-        let field = |k: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|| panic!("{k} missing from {}", t.display()))
-        };
-        let n = |k: &str| field(k).parse::<u32>().or_fail(k);
-        v.push((field("Name:"), n("Seccomp:"), n("Seccomp_filters:")));
-    }
-    v.sort();
-    v
-}
 
 /// Starts the daemon with `args`, its output in `log`; waits for `socket`.
 fn spawn(args: &[&str], log: &Path, socket: &Path) -> ChildGuard {
@@ -134,17 +113,7 @@ fn every_thread_is_filtered_and_io_and_metrics_work() {
         "metrics",
     ];
     let pid = child.pid();
-    let started = |ts: &[(String, u32, u32)]| {
-        want.iter().all(|w| ts.iter().any(|t| t.0 == *w))
-            && ts
-                .iter()
-                .all(|t| !(t.0.starts_with("kick-") || t.0.ends_with("-stop")) || t.2 == 3)
-    };
-    proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-        started(&threads(pid))
-    });
-    let ts = threads(pid);
-    assert!(started(&ts), "threads missing or not yet filtered: {ts:?}");
+    let ts = fault::started_and_filtered(pid, &want);
     for (name, mode, filters) in &ts {
         assert_eq!(
             *mode, 2,
@@ -195,7 +164,7 @@ fn off_installs_nothing_and_the_lists_print() {
         "off",
     ];
     let child = spawn(&args, &log, &socket);
-    let ts = threads(child.pid());
+    let ts = fault::seccomp_threads(child.pid());
     assert!(ts.iter().all(|t| t.1 == 0 && t.2 == 0), "{ts:?}");
     stop(child, &log);
 
