@@ -79,7 +79,7 @@ fn yes() -> bool {
 
 impl DpdkConfig {
     fn validate(&self) -> Result<(), String> {
-        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ncpu = host_cpus();
         if let Some(c) = self.cpus.iter().find(|&&c| c >= ncpu) {
             return Err(format!(
                 "cpus: CPU {c} does not exist (this host has {ncpu})"
@@ -125,6 +125,19 @@ fn is_pci_address(s: &str) -> bool {
 
 /// The device a `dpdk` port's `device` string names: the part before the first comma (a
 /// virtual device's name, such as `net_memif0`, or a PCI address).
+/// The CPUs online on the host. Not this thread's affinity: DPDK's initialisation narrows the
+/// main thread's to its own CPUs (`[dpdk] cpus`), after which the configuration is checked
+/// again when the data plane starts.
+fn host_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
 pub fn dpdk_device_name(device: &str) -> &str {
     device.split(',').next().unwrap_or(device)
 }
@@ -691,7 +704,7 @@ impl Config {
                 d.pool_size
             )));
         }
-        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ncpu = host_cpus();
         for &c in &d.pmd_cpus {
             if c >= ncpu {
                 return Err(ConfigError::Dataplane(format!(
