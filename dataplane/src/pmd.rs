@@ -537,17 +537,10 @@ fn forward(
 pub(crate) fn allowance(src: &dyn Port, l: &mut Limiter, now: u64, room: usize) -> Option<usize> {
     match l.allow(now, room) {
         0 => {
-            // Counted in batches: the shared counter is not written every round.
-            if l.note_held() {
-                PortStats::add(&src.stats().rx_rate_limited_rounds, l.take_held() as usize);
-            }
+            PortStats::add(&src.stats().rx_rate_limited_rounds, 1);
             None
         }
-        n => {
-            // Held back no more (for now): what was counted goes out.
-            PortStats::add(&src.stats().rx_rate_limited_rounds, l.take_held() as usize);
-            Some(n)
-        }
+        n => Some(n),
     }
 }
 
@@ -561,8 +554,8 @@ pub(crate) fn charge(src: &dyn Port, l: &mut Limiter, rx: &[Packet], max: usize,
         0
     };
     l.charge(rx.len(), bytes);
-    if max < room && rx.len() == max && l.note_held() {
-        PortStats::add(&src.stats().rx_rate_limited_rounds, l.take_held() as usize);
+    if max < room && rx.len() == max {
+        PortStats::add(&src.stats().rx_rate_limited_rounds, 1);
     }
 }
 

@@ -132,7 +132,6 @@ impl RateLimit {
             // Unknown until the first burst: one frame, of the largest size.
             frame: crate::packet::MAX_FRAME as u64,
             next_queue: 0,
-            held: 0,
         }
     }
 
@@ -157,26 +156,9 @@ pub struct Limiter {
     /// The queue polled first next round: a limited port's queues take turns at being first,
     /// so that a small allowance is not always spent on the same queue.
     next_queue: u16,
-    /// Polls the limit skipped or cut short, not yet added to the port's shared counter: a
-    /// throttled port is polled every round, and its counter may be shared by several PMDs.
-    held: u32,
 }
 
 impl Limiter {
-    /// Counts a poll the limit held back; true when the count should go to the port's
-    /// counter now (taken from here by [`Limiter::take_held`]).
-    #[inline]
-    pub fn note_held(&mut self) -> bool {
-        self.held += 1;
-        self.held >= 256
-    }
-
-    /// The polls held back since the last call.
-    #[inline]
-    pub fn take_held(&mut self) -> u32 {
-        std::mem::take(&mut self.held)
-    }
-
     /// How many packets the port may take now, at most `max`. Refills to `now` first (a
     /// second call with the same `now` adds nothing).
     #[inline]
