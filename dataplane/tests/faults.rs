@@ -178,15 +178,7 @@ fn a_hundred_dead_frontends_leak_nothing_in_the_daemon() {
     let mut dp = Daemon::start(
         dir.path(),
         "",
-        &format!(
-            "[[port]]\nname = \"v\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n\
-             [[port]]\nname = \"sink\"\ntype = \"sink\"\n\
-             [[xconnect]]\nports = [\"v\", \"sink\"]\n\
-             [[disk]]\nname = \"d\"\nsocket = \"{}\"\nfile = \"{}\"\n",
-            v_sock.display(),
-            d_sock.display(),
-            img.display()
-        ),
+        &common::vhost_to_sink_and_disk(&v_sock, &d_sock, &img),
     );
     let pid = dp.pid();
     let disk = |dp: &Daemon| {
@@ -231,15 +223,7 @@ fn a_hundred_dead_frontends_leak_nothing_in_the_daemon() {
     );
     // A frontend of the net port, killed the same way, three times.
     for round in 0..3 {
-        let tx = TestpmdBuilder::new()
-            .virtio_user(&v_sock, 1, false)
-            .forward_mode(FwdMode::TxOnly)
-            .pkt_size(64)
-            .mem_mib(256)
-            .total_num_mbufs(8192)
-            .lcores("0,1", 0)
-            .spawn()
-            .or_fail("starting testpmd");
+        let tx = common::sender(&v_sock);
         let seen = dp.counter("v", "rx_packets");
         dp.wait_port("v", Duration::from_secs(30), "traffic on v", |p| {
             p["rx_packets"].as_u64().unwrap_or(0) > seen + 10_000

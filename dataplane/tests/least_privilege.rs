@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, OrFail};
 use torii_perf::blk_client::{BlkClient, ClientConfig};
-use torii_perf::testpmd::{FwdMode, TestpmdBuilder};
 use torii_perf::{prereq, proc_util};
 
 const NOBODY: u32 = 65534;
@@ -87,15 +86,7 @@ fn nobody_without_capabilities_serves_vhost_user_ports_and_disks() {
         &wrapper,
         &run,
         "",
-        &format!(
-            "[[port]]\nname = \"v\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n\
-             [[port]]\nname = \"sink\"\ntype = \"sink\"\n\
-             [[xconnect]]\nports = [\"v\", \"sink\"]\n\
-             [[disk]]\nname = \"d\"\nsocket = \"{}\"\nfile = \"{}\"\n",
-            v_sock.display(),
-            d_sock.display(),
-            img.display()
-        ),
+        &common::vhost_to_sink_and_disk(&v_sock, &d_sock, &img),
     );
     let pid = dp.pid();
     // setpriv execs the daemon: the pid is the daemon's.
@@ -115,15 +106,7 @@ fn nobody_without_capabilities_serves_vhost_user_ports_and_disks() {
     assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
 
     // A DPDK frontend's packets go through the port.
-    let tx = TestpmdBuilder::new()
-        .virtio_user(&v_sock, 1, false)
-        .forward_mode(FwdMode::TxOnly)
-        .pkt_size(64)
-        .mem_mib(256)
-        .total_num_mbufs(8192)
-        .lcores("0,1", 0)
-        .spawn()
-        .or_fail("starting testpmd");
+    let tx = common::sender(&v_sock);
     dp.wait_port("v", Duration::from_secs(30), "traffic on v", |p| {
         p["rx_packets"].as_u64().unwrap_or(0) > 10_000
     });

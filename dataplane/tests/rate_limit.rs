@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use common::{Daemon, OrFail};
 use serde_json::{json, Value};
 use torii_dataplane::ctl;
-use torii_perf::testpmd::{FwdMode, TestpmdBuilder};
 use torii_perf::{prereq, proc_util};
 
 /// The PMD's burst: a poll may take this many before the limiter sees it again.
@@ -95,15 +94,7 @@ ports = ["v", "sink"]
     assert_eq!(port(&sock, "sink")["rate_limit"], Value::Null);
 
     // A DPDK guest sending 64 B frames as fast as it can.
-    let mut tx = TestpmdBuilder::new()
-        .virtio_user(&v_sock, 1, false)
-        .forward_mode(FwdMode::TxOnly)
-        .pkt_size(64)
-        .mem_mib(256)
-        .total_num_mbufs(8192)
-        .lcores("0,1", 0)
-        .spawn()
-        .or_fail("starting testpmd");
+    let mut tx = common::sender(&v_sock);
     dp.wait_port("v", Duration::from_secs(30), "traffic on v", |p| {
         p["rx_packets"].as_u64().unwrap_or(0) > 0
     });

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::{Daemon, OrFail};
 use torii_perf::blk_job::{run_spec, Pattern, RunSpec};
-use torii_perf::testpmd::{FwdMode, TestpmdBuilder};
 use torii_perf::{fault, prereq, proc_util};
 
 fn image(dir: &Path, name: &str, mib: u64) -> PathBuf {
@@ -77,15 +76,7 @@ workers = 2
     );
 
     // A frontend sends into v; the source sends into the tap (io_uring writes from the PMD).
-    let mut tx = TestpmdBuilder::new()
-        .virtio_user(&v_sock, 1, false)
-        .forward_mode(FwdMode::TxOnly)
-        .pkt_size(64)
-        .mem_mib(256)
-        .total_num_mbufs(8192)
-        .lcores("0,1", 0)
-        .spawn()
-        .or_fail("starting testpmd");
+    let mut tx = common::sender(&v_sock);
     dp.wait_port("v", Duration::from_secs(30), "traffic on v", |p| {
         p["rx_packets"].as_u64().unwrap_or(0) > 10_000
     });

@@ -490,3 +490,32 @@ pub fn upload_from_guest(
         "upload corrupted"
     );
 }
+
+/// A DPDK frontend (testpmd `net_virtio_user`, client of Torii's socket `sock`) sending 64-byte
+/// frames as fast as it can, on CPUs 0 and 1.
+pub fn sender(sock: &Path) -> torii_perf::testpmd::Testpmd {
+    use torii_perf::testpmd::{FwdMode, TestpmdBuilder};
+    TestpmdBuilder::new()
+        .virtio_user(sock, 1, false)
+        .forward_mode(FwdMode::TxOnly)
+        .pkt_size(64)
+        .mem_mib(256)
+        .total_num_mbufs(8192)
+        .lcores("0,1", 0)
+        .spawn()
+        .or_fail("starting testpmd")
+}
+
+/// Ports and a disk: vhost-user port `v` (socket `v`) cross-connected to a sink, and disk
+/// `d` (socket `d`) on the image `img`.
+pub fn vhost_to_sink_and_disk(v: &Path, d: &Path, img: &Path) -> String {
+    format!(
+        "[[port]]\nname = \"v\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n\
+         [[port]]\nname = \"sink\"\ntype = \"sink\"\n\
+         [[xconnect]]\nports = [\"v\", \"sink\"]\n\
+         [[disk]]\nname = \"d\"\nsocket = \"{}\"\nfile = \"{}\"\n",
+        v.display(),
+        d.display(),
+        img.display()
+    )
+}
