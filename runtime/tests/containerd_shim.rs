@@ -38,7 +38,7 @@ fn bin(name: &str) -> PathBuf {
 /// A containerd of the test's own, its shims configured to boot Torii pod VMs.
 struct Containerd {
     dir: TmpDir,
-    _daemon: ChildGuard,
+    daemon: ChildGuard,
 }
 
 impl Containerd {
@@ -102,10 +102,7 @@ impl Containerd {
                     proc_util::file_tail(dir.join("containerd.log"), 20)
                 )
             });
-        let cd = Containerd {
-            dir,
-            _daemon: daemon,
-        };
+        let cd = Containerd { dir, daemon };
         cd.import_busybox();
         cd
     }
@@ -345,6 +342,29 @@ impl Containerd {
         left
     }
 
+    /// The PIDs of this test's shims.
+    fn shim_pids(&self) -> Vec<i32> {
+        let shim = bin("containerd-shim-torii-v2").display().to_string();
+        let mark = self.dir.path().display().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                (cmd.starts_with(&shim) && cmd.contains(&mark))
+                    .then(|| e.file_name().to_string_lossy().parse().ok())?
+            })
+            .collect()
+    }
+
+    /// containerd ends (SIGKILL); its shims live on, as they would in production.
+    fn kill_containerd(&mut self) {
+        let child = self.daemon.child_mut();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Everything of the pods is gone (processes take a moment to be reaped once stopped).
     fn assert_clean(&self) {
         let clean =
@@ -352,6 +372,32 @@ impl Containerd {
                 self.left().is_empty()
             });
         assert!(clean, "left behind: {:#?}", self.left());
+    }
+}
+
+impl Drop for Containerd {
+    /// A failed test's shims outlive its containerd (shims are made to survive containerd
+    /// restarts): they are told to end, and their VMs and disk backends go with them.
+    fn drop(&mut self) {
+        let shims = self.shim_pids();
+        if shims.is_empty() {
+            return;
+        }
+        self.kill_containerd();
+        for &pid in &shims {
+            // SAFETY: kill(2) on a shim of this test's.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let ended =
+            proc_util::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+                self.shim_pids().is_empty()
+            });
+        if !ended {
+            for pid in self.shim_pids() {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
     }
 }
 
@@ -712,18 +758,7 @@ fn a_shim_that_dies_takes_its_vm_with_it_and_containerd_cleans_up_after_it() {
         .filter(|c| c.contains("containerd-shim-torii-v2"))
         .count();
     assert_eq!(shim, 1);
-    let pids: Vec<i32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let mark = cd.dir.path().display().to_string();
-            (cmd.starts_with(&bin("containerd-shim-torii-v2").display().to_string())
-                && cmd.contains(&mark))
-            .then(|| e.file_name().to_string_lossy().parse().ok())?
-        })
-        .collect();
+    let pids = cd.shim_pids();
     assert_eq!(pids.len(), 1);
     let socket = cd.shim_socket("x1");
     assert!(socket.exists(), "{}", socket.display());
@@ -746,6 +781,38 @@ fn a_shim_that_dies_takes_its_vm_with_it_and_containerd_cleans_up_after_it() {
         "the dead shim's socket {}",
         socket.display()
     );
+}
+
+#[test]
+fn a_shim_whose_containerd_is_gone_ends_on_sigterm_and_takes_its_pod_with_it() {
+    let _heavy = torii_perf::heavy_test_lock();
+    let mut cd = Containerd::start("orphan");
+    let group = ["-d", "--annotation", "io.kubernetes.cri.sandbox-id=t1"];
+    cd.ok(&run_args("t1", &group, &["sleep", "1000"]));
+    cd.ok(&run_args("t2", &group, &["sleep", "1000"]));
+    cd.wait_status("t1", "RUNNING");
+    cd.wait_status("t2", "RUNNING");
+    let pids = cd.shim_pids();
+    assert_eq!(
+        pids.len(),
+        1,
+        "one shim serves the sandbox: {:#?}",
+        cd.leftovers()
+    );
+    let socket = cd.shim_socket("t1");
+    cd.kill_containerd();
+    // Without its containerd the shim, its VM and both disk backends stay up.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cd.shim_pids(), pids);
+    assert!(cd.leftovers().len() >= 4, "{:#?}", cd.leftovers());
+    // SAFETY: kill(2) on this test's shim.
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGTERM) }, 0);
+    let ended = proc_util::wait_until(Duration::from_secs(40), Duration::from_millis(100), || {
+        cd.leftovers().is_empty()
+    });
+    assert!(ended, "still running after SIGTERM: {:#?}", cd.leftovers());
+    cd.assert_clean();
+    assert!(!socket.exists(), "the shim's socket {}", socket.display());
 }
 
 #[test]

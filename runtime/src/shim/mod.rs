@@ -111,7 +111,34 @@ impl containerd_shim::Shim for Shim {
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         close_on_exec();
         let sandbox = sandbox_of(Path::new("."), &self.id).unwrap_or_else(|_| self.id.clone());
-        service::Service::new(&self.namespace, &sandbox, publisher, self.exit.clone())
+        let service =
+            service::Service::new(&self.namespace, &sandbox, publisher, self.exit.clone());
+        end_on_signals(service.clone());
+        service
+    }
+}
+
+/// SIGTERM or SIGINT ends the shim in order ([`service::Service::terminate`]). The shim crate
+/// catches both and only logs them, so a shim whose containerd is gone would otherwise outlive
+/// every polite request to stop.
+fn end_on_signals(service: service::Service) {
+    let mut signals = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            containerd_shim::error!("SIGTERM handler: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("terminate".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                containerd_shim::info!("signal {sig}: stopping the sandbox");
+                service.terminate();
+            }
+        });
+    if let Err(e) = spawned {
+        containerd_shim::error!("SIGTERM thread: {e}");
     }
 }
 

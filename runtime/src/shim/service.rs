@@ -210,6 +210,25 @@ impl Service {
     }
 }
 
+impl Service {
+    /// The shim was told to end (SIGTERM, SIGINT), as when its containerd is gone for good and
+    /// an operator or init stops what is left: the sandbox VM is stopped (the guest syncs its
+    /// file systems), every container's disk backend and files go, and the shim exits. If
+    /// containerd comes back, it finds the shim gone and runs `delete` for each container.
+    pub fn terminate(&self) {
+        let inner = &self.0;
+        let mut slot = lock(&inner.lifecycle);
+        inner.stop_vm(&mut slot);
+        let containers = std::mem::take(&mut lock(&inner.state).containers);
+        let n = containers.len();
+        // Their disk backends stop as they are dropped.
+        drop(containers);
+        inner.exited.notify_all();
+        containerd_shim::info!("terminated: the sandbox VM and {n} container(s) stopped");
+        inner.exit.signal();
+    }
+}
+
 impl Inner {
     fn publish(&self, topic: &'static str, ev: Box<dyn MessageDyn + Send>) {
         let _ = lock(&self.events).send((topic, ev));
