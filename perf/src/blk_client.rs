@@ -165,6 +165,7 @@ pub struct BlkClient {
     mem: Arc<GuestMemory>,
     info: DeviceInfo,
     queues: Vec<DriverQueue>,
+    queues_at_connect: u64,
 }
 
 impl BlkClient {
@@ -274,6 +275,7 @@ impl BlkClient {
             mem,
             info,
             queues,
+            queues_at_connect: u64::from(cfg.queues),
         })
     }
 
@@ -284,6 +286,18 @@ impl BlkClient {
     /// Takes the queues, to drive them from one thread each.
     pub fn take_queues(&mut self) -> Vec<DriverQueue> {
         std::mem::take(&mut self.queues)
+    }
+
+    /// Shrinks the file behind the shared memory to `len` bytes after SET_MEM_TABLE, as a
+    /// buggy or hostile frontend could. This process maps it too: nothing here may touch the
+    /// memory past `len` afterwards.
+    pub fn truncate_memory(&self, len: u64) -> std::io::Result<()> {
+        self.mem.file.set_len(len)
+    }
+
+    /// Bytes of each queue's part of the memory (queue `q`'s part starts at `q` times this).
+    pub fn queue_area_len(&self) -> u64 {
+        self.mem.len as u64 / self.queues_at_connect
     }
 
     /// Stops every ring (GET_VRING_BASE) and closes the connection.

@@ -360,6 +360,66 @@ fn hostile_chains_break_only_their_queue() {
     be.stop();
 }
 
+#[test]
+fn a_frontend_that_truncates_guest_memory_breaks_its_queues_not_the_daemon() {
+    let _heavy = torii_perf::heavy_test_lock();
+    let dir = proc_util::unique_tmp_dir("torii-blk-truncate").or_fail("tmp dir");
+    let img = image(dir.path(), "disk.img", 8);
+    // Polling workers read queue 1's ring as soon as its memory is gone.
+    let mut be = Backend::start(dir.path(), &img, &["--queues", "2", "--poll-mode", "poll"]);
+    let cfg = ClientConfig {
+        queues: 2,
+        queue_size: 64,
+        slots: 4,
+        max_bytes: 4096,
+        segments: 1,
+    };
+    let mut client = BlkClient::connect(&be.socket, &cfg).or_fail("connect");
+    let mut qs = client.take_queues();
+    let q1 = qs.pop().expect("queue 1");
+    let mut q0 = qs.pop().expect("queue 0");
+    q0.data(0)[..4096].fill(0x22);
+    assert_eq!(one(&mut q0, T_OUT, 8, 4096).status, 0, "write before");
+    // The frontend keeps queue 0's part of the memory and drops queue 1's.
+    client
+        .truncate_memory(client.queue_area_len())
+        .or_fail("ftruncate");
+    let reported =
+        proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            be.log_text().contains("truncated by the frontend")
+        });
+    assert!(
+        reported,
+        "truncated memory not reported; log:\n{}",
+        be.log_text()
+    );
+    // The whole memory table is suspect: queue 0 completes nothing either.
+    q0.queue(0, T_IN, 8, 4096);
+    q0.publish();
+    assert!(
+        wait_one(&mut q0, Duration::from_millis(300)).is_none(),
+        "a queue of the truncated memory completed a request"
+    );
+    // Queue 1's memory is gone in this process too: it is dropped without a look.
+    drop((q0, q1));
+    client.close(2);
+    // The daemon lives on: a new connection reads what was written before, and both
+    // queues serve.
+    let mut again = BlkClient::connect(&be.socket, &cfg).or_fail("reconnect");
+    let mut q = again.take_queues().swap_remove(0);
+    assert_eq!(one(&mut q, T_IN, 8, 4096).status, 0, "read after");
+    assert!(q.data(0)[..4096].iter().all(|&b| b == 0x22), "data after");
+    drop(q);
+    again.close(2);
+    let r = verify(&be.socket, Pattern::Verify, 5, 2);
+    assert_eq!(
+        (r.errors, r.mismatches),
+        (0, 0),
+        "after the truncation: {r:?}"
+    );
+    be.stop();
+}
+
 /// A loop device over an image, detached when dropped.
 struct LoopDev(String);
 

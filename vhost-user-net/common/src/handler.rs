@@ -25,6 +25,7 @@ use vm_memory::{
 };
 
 use crate::endpoint::{Connection, EndpointShared};
+use crate::guard::Guard;
 use crate::inflight::{InflightInfo, InflightMap};
 use crate::{DeviceModel, GuestMem, MAX_QUEUE_SIZE};
 
@@ -71,7 +72,9 @@ fn check_backing(file: &File, offset: u64, len: u64, what: &'static str) -> Resu
 }
 
 impl MemRegion {
-    fn map(&self, file: File) -> Result<GuestRegionMmap<()>> {
+    /// Maps the region, guarded against the frontend truncating its file later
+    /// ([`crate::guard`]).
+    fn map(&self, file: File) -> Result<(GuestRegionMmap<()>, Option<Guard>)> {
         if self.size == 0 || self.size > isize::MAX as u64 {
             return Err(Error::InvalidParam("memory region size"));
         }
@@ -81,13 +84,16 @@ impl MemRegion {
             self.size,
             "memory region not backed by its file",
         )?;
+        let guard_file = file.try_clone()?;
         let region = MmapRegion::<()>::from_file(
             FileOffset::new(file, self.mmap_offset),
             self.size as usize,
         )
         .map_err(|e| Error::Io(io::Error::other(e)))?;
-        GuestRegionMmap::new(region, GuestAddress(self.gpa))
-            .ok_or(Error::InvalidParam("region overflows"))
+        let guard = Guard::for_file(region.as_ptr() as usize, region.size(), &guard_file);
+        let region = GuestRegionMmap::new(region, GuestAddress(self.gpa))
+            .ok_or(Error::InvalidParam("region overflows"))?;
+        Ok((region, guard))
     }
 }
 
@@ -95,6 +101,9 @@ struct Mapping {
     vmm_addr: u64,
     size: u64,
     gpa: u64,
+    /// Released one memory table after the region leaves the table: the data path may still
+    /// be reading the previous table until its next burst.
+    guard: Option<Guard>,
 }
 
 /// The largest queue size of `model`'s queues: its own limit, within [`MAX_QUEUE_SIZE`] and
@@ -114,6 +123,8 @@ pub(crate) struct ConnHandler<M: DeviceModel> {
     mem_generation: Arc<AtomicU64>,
     vrings: Vec<VringRwLock<GuestMem>>,
     mappings: Vec<Mapping>,
+    /// Guards of the regions the latest change of the memory table took out.
+    retired: Vec<Option<Guard>>,
     acked_features: u64,
     acked_protocol: u64,
     kicks: KickWatcher,
@@ -143,6 +154,7 @@ impl<M: DeviceModel> ConnHandler<M> {
             mem_generation,
             vrings,
             mappings: Vec::new(),
+            retired: Vec::new(),
             acked_features: 0,
             acked_protocol: 0,
             kicks,
@@ -241,20 +253,22 @@ impl<M: DeviceModel> ConnHandler<M> {
         let mut sorted: Vec<(&MemRegion, File)> = regions.iter().zip(files).collect();
         sorted.sort_by_key(|(r, _)| r.gpa);
         let mut mapped = Vec::with_capacity(sorted.len());
+        let mut mappings = Vec::with_capacity(sorted.len());
         for (r, file) in sorted {
-            mapped.push(r.map(file)?);
+            let (region, guard) = r.map(file)?;
+            mapped.push(region);
+            mappings.push(Mapping {
+                vmm_addr: r.user_addr,
+                size: r.size,
+                gpa: r.gpa,
+                guard,
+            });
         }
         let mem =
             GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Io(io::Error::other(e)))?;
         self.set_mem(mem);
-        self.mappings = regions
-            .iter()
-            .map(|r| Mapping {
-                vmm_addr: r.user_addr,
-                size: r.size,
-                gpa: r.gpa,
-            })
-            .collect();
+        let old = std::mem::replace(&mut self.mappings, mappings);
+        self.retired = old.into_iter().map(|m| m.guard).collect();
         Ok(())
     }
 
@@ -462,18 +476,20 @@ impl<M: DeviceModel> ConnHandler<M> {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(Error::InvalidParam("no free memory slot"));
         }
-        let r = Arc::new(region.map(file)?);
+        let (r, guard) = region.map(file)?;
         let mem = self
             .mem
             .memory()
-            .insert_region(r)
+            .insert_region(Arc::new(r))
             .map_err(|e| Error::Io(io::Error::other(e)))?;
         self.set_mem(mem);
         self.mappings.push(Mapping {
             vmm_addr: region.user_addr,
             size: region.size,
             gpa: region.gpa,
+            guard,
         });
+        self.retired.clear();
         Ok(())
     }
 
@@ -484,7 +500,11 @@ impl<M: DeviceModel> ConnHandler<M> {
             .remove_region(GuestAddress(region.gpa), region.size)
             .map_err(|e| Error::Io(io::Error::other(e)))?;
         self.set_mem(mem);
-        self.mappings.retain(|m| m.gpa != region.gpa);
+        let (gone, kept) = std::mem::take(&mut self.mappings)
+            .into_iter()
+            .partition(|m| m.gpa == region.gpa);
+        self.mappings = kept;
+        self.retired = gone.into_iter().map(|m| m.guard).collect::<Vec<_>>();
         Ok(())
     }
 }

@@ -240,6 +240,8 @@ pub struct InflightMap {
     len: usize,
     queue_size: u16,
     taken: Vec<std::sync::atomic::AtomicBool>,
+    /// Released before the region is unmapped.
+    guard: Option<crate::guard::Guard>,
 }
 
 // SAFETY: the mapping is plain shared memory; access to each queue's part is exclusive
@@ -324,8 +326,8 @@ impl InflightMap {
     ) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         // SAFETY: a new shared mapping of `len` bytes of `file`; nothing else is mapped at the
-        // address the kernel picks. The file's length was checked to cover it (a frontend
-        // that shrinks it later gets the backend a SIGBUS, as with guest memory).
+        // address the kernel picks. The file's length was checked to cover it; a frontend
+        // that shrinks it later gets zero pages instead (`crate::guard`), as with guest memory.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -344,6 +346,7 @@ impl InflightMap {
             len,
             queue_size,
             taken: (0..queues).map(|_| Default::default()).collect(),
+            guard: crate::guard::Guard::for_file(addr as usize, len, file),
         })
     }
 
@@ -380,6 +383,7 @@ impl InflightMap {
 
 impl Drop for InflightMap {
     fn drop(&mut self) {
+        self.guard = None;
         // SAFETY: unmaps exactly the mapping made in `map`; no `QueueRegion` outlives the map
         // (each holds a reference to it).
         unsafe { libc::munmap(self.addr.cast(), self.len) };

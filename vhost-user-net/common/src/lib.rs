@@ -11,6 +11,7 @@ pub mod daemon;
 mod endpoint;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fuzzing;
+pub mod guard;
 mod handler;
 pub mod inflight;
 mod protocol;

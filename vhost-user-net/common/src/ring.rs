@@ -25,7 +25,7 @@ use vm_memory::{
 };
 
 use crate::endpoint::Connection;
-use crate::{GuestMem, MAX_QUEUE_SIZE};
+use crate::{guard, GuestMem, MAX_QUEUE_SIZE};
 
 /// Enables or disables the driver's notifications (kicks) on `vring` (§2.7.10: the used
 /// ring's flags, or `avail_event` with EVENT_IDX) — only while the ring is started. Both are
@@ -63,6 +63,11 @@ pub enum RingError {
     Layout,
     #[error("request at descriptor {0}: {1}")]
     Request(u16, &'static str),
+    #[error(
+        "guest memory {0:#x}+{1:#x} was truncated by the frontend under the device (SIGBUS \
+         caught, zero pages mapped in its place)"
+    )]
+    Truncated(u64, u64),
 }
 
 const DESC_LEN: usize = 16;
@@ -145,6 +150,8 @@ pub struct RingMaps {
     mem: Option<Arc<GuestMemoryMmap<()>>>,
     generation: u64,
     maps: Vec<Option<RingMap>>,
+    /// [`guard::faults`] when the table was last found intact.
+    faults_seen: u64,
 }
 
 impl RingMaps {
@@ -153,6 +160,7 @@ impl RingMaps {
             mem: None,
             generation: 0,
             maps: vec![None; queues],
+            faults_seen: 0,
         }
     }
 
@@ -198,6 +206,10 @@ impl RingMaps {
 
     #[inline(always)]
     fn view(&mut self, qi: usize, queue: &virtio_queue::Queue) -> Result<SplitRing<'_>, RingError> {
+        let faults = guard::faults();
+        if faults != self.faults_seen {
+            self.check_memory(faults)?;
+        }
         let mem: &GuestMemoryMmap<()> = self.mem.as_deref().ok_or(RingError::Layout)?;
         let slot = self.maps.get_mut(qi).ok_or(RingError::Layout)?;
         let map = match slot {
@@ -214,6 +226,25 @@ impl RingMaps {
             mask: size - 1,
             last_region: Cell::new((0, 0, 0)),
         })
+    }
+
+    /// A SIGBUS was caught in some guarded mapping: is it in this table? Then the frontend
+    /// truncated this device's memory, and every queue of it is broken until the next memory
+    /// table.
+    #[cold]
+    fn check_memory(&mut self, faults: u64) -> Result<(), RingError> {
+        if let Some(mem) = &self.mem {
+            for r in mem.iter() {
+                let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else {
+                    continue;
+                };
+                if guard::faulted(host as usize, r.len() as usize) {
+                    return Err(RingError::Truncated(r.start_addr().0, r.len()));
+                }
+            }
+        }
+        self.faults_seen = faults;
+        Ok(())
     }
 
     #[cold]

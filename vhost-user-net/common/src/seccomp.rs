@@ -1018,6 +1018,11 @@ pub fn init(mode: Mode, o: Options) -> Result<(), Error> {
     if mode == Mode::Enforce {
         install_handler()?;
     }
+    // The handler that survives truncated guest memory goes in now, as the thread that maps
+    // guest memory later may not be allowed rt_sigaction (crate::guard).
+    if let Err(e) = crate::guard::install() {
+        tracing::warn!("{e}: a frontend that truncates guest memory will end the daemon");
+    }
     let state = State { mode, programs };
     let _ = STATE.set(state);
     match STATE.get() {
