@@ -397,6 +397,13 @@ fn merge_result(conf: &NetConf, iface: Interface, mut ipam: AddResult) -> CniRes
     Ok(out)
 }
 
+/// The data plane's user and group, when not root: the owner of its control socket.
+fn dataplane_user(control_socket: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(control_socket).ok()?;
+    (m.uid() != 0).then(|| (m.uid(), m.gid()))
+}
+
 fn add_vhost_user(
     env: &Env,
     conf: &NetConf,
@@ -410,15 +417,18 @@ fn add_vhost_user(
     };
     let mac = guest_mac(conf, env);
     // The socket's directory: made private if new, refused if others could write it (they
-    // could stand in for the data plane's socket and get the pod's memory).
-    torii_vhost_user::sockdir::prepare(socket).map_err(|e| {
-        use torii_vhost_user::sockdir::SockDirError;
-        let code = match e {
-            SockDirError::Io { .. } => Code::Io,
-            _ => Code::InvalidConfig,
-        };
-        CniError::new(code, format!("socketDir: {e}"))
-    })?;
+    // could stand in for the data plane's socket and get the pod's memory). A data plane that
+    // runs as another user (its control socket's owner) gets the directory it binds in.
+    torii_vhost_user::sockdir::prepare_for(socket, dataplane_user(&conf.control_socket)).map_err(
+        |e| {
+            use torii_vhost_user::sockdir::SockDirError;
+            let code = match e {
+                SockDirError::Io { .. } => Code::Io,
+                _ => Code::InvalidConfig,
+            };
+            CniError::new(code, format!("socketDir: {e}"))
+        },
+    )?;
     let mut settings = json!({
         "type": "vhost-user",
         "socket": socket,

@@ -6,9 +6,10 @@
 
 mod common;
 
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
-use common::{prerequisites, run_plugin, Out, Rig, CNI_PATH};
+use common::{prerequisites, run_plugin, OrFail, Out, Rig, CNI_PATH, NOBODY};
 use serde_json::{json, Value};
 
 /// What an attachment leaves: data plane ports, files under pods/ and state/, IP leases.
@@ -441,4 +442,40 @@ fn del_after_a_dataplane_crash_cleans_up() {
         assert!(del.ok, "{del:?}");
         assert_eq!(leftovers(&r), nothing(&r));
     }
+}
+
+/// A data plane that runs as `nobody` without capabilities binds its vhost-user sockets in
+/// the pod directories torii-cni (root) makes: they are handed to the data plane's user, the
+/// directories above them stay root's. DEL removes them.
+#[test]
+fn a_non_root_data_plane_gets_its_pod_directories() {
+    prerequisites();
+    let r = Rig::start_as("torii-cni-nobody", "", Some((NOBODY, NOBODY)));
+    let conf = r.conf("1.1.0");
+    let mut r = r;
+    let ns = r.netns();
+    let add = r.cni("ADD", Some("c1"), Some("net1"), Some(&ns), &conf);
+    assert!(add.ok, "ADD: {add:?}");
+    let socket = PathBuf::from(
+        add.json["interfaces"][0]["socketPath"]
+            .as_str()
+            .expect("socketPath"),
+    );
+    let dir = socket.parent().expect("pod directory");
+    let own = std::fs::metadata(dir).or_fail("pod directory");
+    assert_eq!(
+        (own.uid(), own.gid(), own.mode() & 0o777),
+        (NOBODY, NOBODY, 0o750),
+        "{}",
+        dir.display()
+    );
+    let above = std::fs::metadata(r.dir.join("pods")).or_fail("socketDir");
+    assert_eq!((above.uid(), above.mode() & 0o777), (0, 0o751));
+    // The data plane bound the socket, as nobody, and it answers.
+    let sock = std::fs::metadata(&socket).or_fail("socket");
+    assert_eq!(sock.uid(), NOBODY);
+    std::os::unix::net::UnixStream::connect(&socket).or_fail("connecting to the port");
+    let del = r.cni("DEL", Some("c1"), Some("net1"), Some(&ns), &conf);
+    assert!(del.ok, "DEL: {del:?}");
+    assert_eq!(leftovers(&r), nothing(&r));
 }

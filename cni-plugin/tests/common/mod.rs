@@ -47,7 +47,12 @@ pub struct Rig {
     dp: Option<ChildGuard>,
     pub netns: Vec<String>,
     extra_ports: String,
+    /// The data plane's user when not root (uid, gid).
+    user: Option<(u32, u32)>,
 }
+
+/// The unprivileged user `nobody`.
+pub const NOBODY: u32 = 65534;
 
 /// What one CNI call gave back.
 #[derive(Debug)]
@@ -67,19 +72,36 @@ impl Out {
 impl Rig {
     /// A rig whose data plane also has these `[[port]]` sections.
     pub fn start(tag: &str, extra_ports: &str) -> Rig {
+        Rig::start_as(tag, extra_ports, None)
+    }
+
+    /// A rig whose data plane runs as `user` (uid, gid) without any capability; its control
+    /// socket is in a directory of that user's.
+    pub fn start_as(tag: &str, extra_ports: &str, user: Option<(u32, u32)>) -> Rig {
         let dir = proc_util::unique_tmp_dir(tag).or_fail("tmp dir");
+        if let Some((uid, gid)) = user {
+            use std::os::unix::fs::PermissionsExt;
+            let run = dir.join("run");
+            std::fs::create_dir(&run).or_fail("run dir");
+            std::os::unix::fs::chown(&run, Some(uid), Some(gid)).or_fail("chown");
+            std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o750)).or_fail("chmod");
+        }
         let mut r = Rig {
             dir,
             dp: None,
             netns: Vec::new(),
             extra_ports: extra_ports.to_string(),
+            user,
         };
         r.start_dataplane();
         r
     }
 
     pub fn control_socket(&self) -> PathBuf {
-        self.dir.join("control.sock")
+        match self.user {
+            Some(_) => self.dir.join("run/control.sock"),
+            None => self.dir.join("control.sock"),
+        }
     }
 
     pub fn start_dataplane(&mut self) {
@@ -94,7 +116,22 @@ impl Rig {
         )
         .or_fail("dataplane config");
         let log = std::fs::File::create(self.dir.join("dataplane.log")).or_fail("log");
-        let mut cmd = Command::new(dataplane_bin());
+        let mut cmd = match self.user {
+            Some((uid, gid)) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={gid}"),
+                    "--clear-groups".into(),
+                    "--no-new-privs".into(),
+                    "--inh-caps=-all".into(),
+                    "--bounding-set=-all".into(),
+                ])
+                .arg(dataplane_bin());
+                c
+            }
+            None => Command::new(dataplane_bin()),
+        };
         cmd.args(["run", "-c"])
             .arg(&cfg)
             .stdin(Stdio::null())

@@ -94,29 +94,53 @@ fn check_from(socket: &Path, dir: &Path, own: bool) -> Result<(), SockDirError> 
 /// for the frontends it serves), then [`check`]s them. Nothing is created under a directory
 /// that fails the check.
 pub fn prepare(socket: &Path) -> Result<(), SockDirError> {
+    prepare_for(socket, None)
+}
+
+/// [`prepare`], for a socket that the daemon of another user binds: torii-cni, as root, makes
+/// the pod directories where a non-root data plane binds its sockets. With `owner`
+/// (uid, gid), the socket's own directory, if made here, is handed to that user (mode 0750),
+/// and the directories made above it may be traversed but not listed by others (0751).
+pub fn prepare_for(socket: &Path, owner: Option<(u32, u32)>) -> Result<(), SockDirError> {
     let dir = parent(socket);
-    let existing = dir
+    let io = |d: &Path, source| SockDirError::Io {
+        socket: socket.to_path_buf(),
+        dir: d.to_path_buf(),
+        source,
+    };
+    let missing: Vec<&Path> = dir
         .ancestors()
-        .map(|d| {
-            if d.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                d
-            }
-        })
-        .find(|d| d.is_dir());
-    if let Some(e) = existing.filter(|&e| e != dir) {
-        check_from(socket, e, false)?;
+        .filter(|d| !d.as_os_str().is_empty())
+        .take_while(|d| !d.is_dir())
+        .collect();
+    if let Some(existing) = dir.ancestors().find(|d| d.as_os_str().is_empty() || d.is_dir()) {
+        let existing = if existing.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            existing
+        };
+        if existing != dir {
+            check_from(socket, existing, false)?;
+        }
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o750)
-        .create(dir)
-        .map_err(|source| SockDirError::Io {
-            socket: socket.to_path_buf(),
-            dir: dir.to_path_buf(),
-            source,
-        })?;
+    for d in missing.iter().rev() {
+        let own = *d == dir;
+        match std::fs::DirBuilder::new().mode(0o750).create(d) {
+            Ok(()) => {}
+            // Made meanwhile by someone else: checked below like any existing directory.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(d, e)),
+        }
+        if let Some((uid, gid)) = owner {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = if own { 0o750 } else { 0o751 };
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| io(d, e))?;
+            if own {
+                std::os::unix::fs::chown(d, Some(uid), Some(gid)).map_err(|e| io(d, e))?;
+            }
+        }
+    }
     check(socket)
 }
 
@@ -233,6 +257,26 @@ mod tests {
         let e = prepare(&open.join("pod/a.sock")).unwrap_err();
         assert!(matches!(e, SockDirError::WorldWritable { .. }), "{e}");
         assert!(!open.join("pod").exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn prepare_for_hands_the_sockets_own_directory_to_the_daemons_user() {
+        let d = tmp("prepare-for");
+        let sock = d.join("pods/p1/a.sock");
+        let nobody = 65534;
+        prepare_for(&sock, Some((nobody, nobody))).unwrap();
+        let own = std::fs::metadata(d.join("pods/p1")).unwrap();
+        assert_eq!((own.uid(), own.gid(), own.mode() & 0o777), (nobody, nobody, 0o750));
+        let above = std::fs::metadata(d.join("pods")).unwrap();
+        assert_eq!((above.uid(), above.mode() & 0o777), (0, 0o751));
+        // A directory that was there is left as it is.
+        let kept = d.join("kept");
+        std::fs::create_dir(&kept).unwrap();
+        chmod(&kept, 0o700);
+        prepare_for(&kept.join("b.sock"), Some((nobody, nobody))).unwrap();
+        let m = std::fs::metadata(&kept).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o700));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
