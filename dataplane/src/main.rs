@@ -146,11 +146,12 @@ async fn serve(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
     // the first one's ports.
     let control = bind_control(&cfg.dataplane.control_socket)?;
     let metrics = match cfg.dataplane.metrics_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(|e| anyhow::anyhow!("metrics_listen {a}: {e}"))?,
-        ),
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| {
+            // Nothing of this daemon is left: its control socket goes too.
+            let _ = std::fs::remove_file(&cfg.dataplane.control_socket);
+            let e = torii_vhost_user::daemon::bind_error(a, e);
+            anyhow::anyhow!("metrics_listen {a}: {e}")
+        })?),
         None => None,
     };
     let dp = match start_seccomp(&cfg).and_then(|()| Dataplane::start(&cfg)) {

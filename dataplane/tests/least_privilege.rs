@@ -2,7 +2,9 @@
 //! (and no way to gain one: no_new_privs), it serves vhost-user ports and disks — a DPDK
 //! frontend's traffic and a disk client's writes go through — and with CAP_NET_ADMIN alone it
 //! also makes tap ports; without it, a tap port is refused with a clear error that names the
-//! capability.
+//! capability. Metrics on a port below 1024 need CAP_NET_BIND_SERVICE alone, and disks
+//! need CAP_IPC_LOCK (or a memlock limit the size of the guest's memory) only to register
+//! guest memory with io_uring.
 
 mod common;
 
@@ -17,6 +19,7 @@ use torii_perf::{prereq, proc_util};
 
 const NOBODY: u32 = 65534;
 const CAP_NET_ADMIN: u64 = 1 << 12;
+const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
 
 /// `setpriv` running a program as `nobody` with exactly the capabilities `caps` (e.g.
 /// `"+net_admin"`, or `""` for none) in its effective, inheritable, ambient and bounding sets.
@@ -70,16 +73,54 @@ fn prerequisites() {
     }
 }
 
+/// A disk client on `socket` writes a block and reads it back. Its memory is a little over
+/// 2 MiB.
+fn disk_roundtrip(socket: &Path) {
+    let cfg = ClientConfig {
+        queues: 1,
+        queue_size: 64,
+        slots: 16,
+        max_bytes: 128 << 10,
+        segments: 1,
+    };
+    let mut c = BlkClient::connect(socket, &cfg).or_fail("connect to the disk");
+    let mut q = c.take_queues().pop().expect("queue");
+    let roundtrip = |q: &mut torii_perf::blk_client::DriverQueue, kind: u32| {
+        q.queue(0, kind, 8, 4096);
+        q.publish();
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut out = Vec::new();
+        while out.is_empty() && Instant::now() < end {
+            q.poll(&mut out);
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        assert_eq!(out.first().map(|c| c.status), Some(0), "request {kind}");
+    };
+    q.data(0)[..4096].fill(0x5a);
+    roundtrip(&mut q, 1);
+    q.data(0)[..4096].fill(0);
+    roundtrip(&mut q, 0);
+    assert!(q.data(0)[..4096].iter().all(|&b| b == 0x5a), "read back");
+    drop(q);
+    drop(c);
+}
+
+/// A disk image of 16 MiB that `nobody` owns, in `run`.
+fn nobody_image(run: &Path) -> std::path::PathBuf {
+    let img = run.join("d.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(16 << 20))
+        .or_fail("image");
+    std::os::unix::fs::chown(&img, Some(NOBODY), Some(NOBODY)).or_fail("chown image");
+    img
+}
+
 #[test]
 fn nobody_without_capabilities_serves_vhost_user_ports_and_disks() {
     let _lock = torii_perf::heavy_test_lock();
     prerequisites();
     let (_dir, run) = nobody_dir("torii-lp");
-    let (v_sock, d_sock, img) = (run.join("v.sock"), run.join("d.sock"), run.join("d.img"));
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(16 << 20))
-        .or_fail("image");
-    std::os::unix::fs::chown(&img, Some(NOBODY), Some(NOBODY)).or_fail("chown image");
+    let (v_sock, d_sock, img) = (run.join("v.sock"), run.join("d.sock"), nobody_image(&run));
     let wrapper = as_nobody("");
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let mut dp = Daemon::start_under(
@@ -113,33 +154,7 @@ fn nobody_without_capabilities_serves_vhost_user_ports_and_disks() {
     drop(tx);
 
     // A disk client's write reads back.
-    let cfg = ClientConfig {
-        queues: 1,
-        queue_size: 64,
-        slots: 4,
-        max_bytes: 4096,
-        segments: 1,
-    };
-    let mut c = BlkClient::connect(&d_sock, &cfg).or_fail("connect to the disk");
-    let mut q = c.take_queues().pop().expect("queue");
-    let roundtrip = |q: &mut torii_perf::blk_client::DriverQueue, kind: u32| {
-        q.queue(0, kind, 8, 4096);
-        q.publish();
-        let end = Instant::now() + Duration::from_secs(5);
-        let mut out = Vec::new();
-        while out.is_empty() && Instant::now() < end {
-            q.poll(&mut out);
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        assert_eq!(out.first().map(|c| c.status), Some(0), "request {kind}");
-    };
-    q.data(0)[..4096].fill(0x5a);
-    roundtrip(&mut q, 1);
-    q.data(0)[..4096].fill(0);
-    roundtrip(&mut q, 0);
-    assert!(q.data(0)[..4096].iter().all(|&b| b == 0x5a), "read back");
-    drop(q);
-    drop(c);
+    disk_roundtrip(&d_sock);
     dp.stop();
 }
 
@@ -186,4 +201,142 @@ fn a_tap_port_needs_cap_net_admin_and_nothing_more() {
     assert!(Path::new(&format!("/sys/class/net/{tap}")).exists());
     dp.stop();
     assert!(!Path::new(&format!("/sys/class/net/{tap}")).exists());
+}
+
+/// `metrics_listen` on a port below 1024: refused as `nobody` without capabilities, with an
+/// error that names CAP_NET_BIND_SERVICE; served with that capability alone.
+#[test]
+fn a_metrics_port_below_1024_needs_cap_net_bind_service() {
+    let _lock = torii_perf::heavy_test_lock();
+    prerequisites();
+    let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .or_fail("ip_unprivileged_port_start")
+        .trim()
+        .parse()
+        .or_fail("ip_unprivileged_port_start");
+    assert!(
+        start > 600,
+        "net.ipv4.ip_unprivileged_port_start is {start}: every port is unprivileged here, set it back to 1024"
+    );
+    let port = (500..start.min(1024))
+        .rev()
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port below 1024");
+    let (_dir, run) = nobody_dir("torii-lp-low");
+    let listen = format!("metrics_listen = \"127.0.0.1:{port}\"\n");
+    let cfg = run.join("low.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[dataplane]\ncontrol_socket = \"{}\"\n{listen}",
+            run.join("control.sock").display()
+        ),
+    )
+    .or_fail("config");
+    let out = Command::new("setpriv")
+        .args(as_nobody("").iter().skip(1))
+        .arg(env!("CARGO_BIN_EXE_torii-dataplane"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .output()
+        .or_fail("running torii-dataplane");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "port {port} without the capability: {err}"
+    );
+    assert!(
+        err.contains("metrics_listen") && err.contains("CAP_NET_BIND_SERVICE"),
+        "unclear error: {err}"
+    );
+    assert!(!run.join("control.sock").exists(), "control socket left");
+
+    let wrapper = as_nobody("+net_bind_service");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut dp = Daemon::start_under(&wrapper, &run, &listen, "");
+    assert_eq!(caps_effective(dp.pid()), CAP_NET_BIND_SERVICE);
+    let body = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).or_fail("connect");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .or_fail("request");
+        let mut b = String::new();
+        s.read_to_string(&mut b).or_fail("response");
+        b
+    };
+    let status = body.lines().next().unwrap_or_default();
+    assert!(
+        status.starts_with("HTTP/1.") && status.contains(" 200"),
+        "{body}"
+    );
+    dp.stop();
+}
+
+/// Disks as `nobody` with a memlock limit (1 MiB) below the guest's memory: guest memory cannot
+/// be registered with io_uring, which the daemon says once, and I/O goes through all the
+/// same. With CAP_IPC_LOCK alone, the limit does not apply and the memory is registered.
+#[test]
+fn disks_need_memlock_or_cap_ipc_lock_only_for_registered_guest_memory() {
+    let _lock = torii_perf::heavy_test_lock();
+    prerequisites();
+    const NOT_REGISTERED: &str = "guest memory not registered with io_uring";
+    // Under 64 KiB not even a worker's ring fits: refused, and the error says why.
+    {
+        let (_dir, run) = nobody_dir("torii-lp-memlock");
+        let (v_sock, d_sock, img) = (run.join("v.sock"), run.join("d.sock"), nobody_image(&run));
+        let cfg = run.join("disk.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[dataplane]\ncontrol_socket = \"{}\"\n{}",
+                run.join("control.sock").display(),
+                common::vhost_to_sink_and_disk(&v_sock, &d_sock, &img)
+            ),
+        )
+        .or_fail("config");
+        let out = Command::new("prlimit")
+            .arg("--memlock=65536:65536")
+            .args(as_nobody(""))
+            .arg(env!("CARGO_BIN_EXE_torii-dataplane"))
+            .args(["run", "-c"])
+            .arg(&cfg)
+            .output()
+            .or_fail("running torii-dataplane");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "memlock 64 KiB: {err}");
+        assert!(
+            err.contains("disk \"d\"")
+                && err.contains("RLIMIT_MEMLOCK")
+                && err.contains("CAP_IPC_LOCK"),
+            "unclear error: {err}"
+        );
+        assert!(
+            !d_sock.exists() && !run.join("control.sock").exists(),
+            "left behind"
+        );
+    }
+    for (caps, registered) in [("", false), ("+ipc_lock", true)] {
+        let (_dir, run) = nobody_dir("torii-lp-memlock");
+        let (v_sock, d_sock, img) = (run.join("v.sock"), run.join("d.sock"), nobody_image(&run));
+        let mut wrapper = vec!["prlimit".to_string(), "--memlock=1048576:1048576".into()];
+        wrapper.extend(as_nobody(caps));
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let mut dp = Daemon::start_under(
+            &wrapper,
+            &run,
+            "",
+            &common::vhost_to_sink_and_disk(&v_sock, &d_sock, &img),
+        );
+        assert_eq!(
+            status_field(dp.pid(), "Uid:").split_whitespace().next(),
+            Some("65534")
+        );
+        disk_roundtrip(&d_sock);
+        let log = dp.stop();
+        assert_eq!(
+            !log.contains(NOT_REGISTERED),
+            registered,
+            "capabilities {caps:?}, memlock 1 MiB; log:\n{log}"
+        );
+    }
 }

@@ -165,6 +165,22 @@ fn io_result(r: libc::ssize_t) -> i32 {
     }
 }
 
+/// io_uring_setup's ENOMEM: the ring's memory is charged to RLIMIT_MEMLOCK (about 100 KiB
+/// at the default depth of 1024) unless the process has CAP_IPC_LOCK.
+fn memlock_hint(e: io::Error, depth: u32) -> io::Error {
+    if e.raw_os_error() == Some(libc::ENOMEM) {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "io_uring ring of {depth} entries: {e}; its memory counts against \
+                 RLIMIT_MEMLOCK: raise the limit (ulimit -l, LimitMEMLOCK=) or grant CAP_IPC_LOCK"
+            ),
+        )
+    } else {
+        e
+    }
+}
+
 impl Engine {
     /// Opens `path` and a ring of `depth` entries (per queue worker).
     pub fn open(path: &Path, flags: OpenFlags, depth: u32) -> io::Result<Engine> {
@@ -178,7 +194,10 @@ impl Engine {
         let capacity = file.seek(SeekFrom::End(0))?;
         let depth = depth.max(2);
         // Made disabled, so that what it may do is fixed before its first use.
-        let ring = IoUring::builder().setup_r_disabled().build(depth)?;
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .build(depth)
+            .map_err(|e| memlock_hint(e, depth))?;
         ring.submitter().register_files(&[file.as_raw_fd()])?;
         let mut probe = io_uring::Probe::new();
         let vectored_fixed = ring.submitter().register_probe(&mut probe).is_ok()

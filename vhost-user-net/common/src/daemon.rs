@@ -52,6 +52,21 @@ pub fn label_value(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A listener's bind error on `addr`; a port below 1024 refused names the capability it needs.
+pub fn bind_error(addr: std::net::SocketAddr, e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: a port below 1024 needs CAP_NET_BIND_SERVICE (or a lower \
+                 net.ipv4.ip_unprivileged_port_start)"
+            ),
+        )
+    } else {
+        e
+    }
+}
+
 /// Serves `render()` as a Prometheus text exposition over HTTP on `addr` (every request gets
 /// it), from a thread of its own. Bound before returning, so a bad address fails here.
 pub fn serve_metrics(
@@ -59,7 +74,7 @@ pub fn serve_metrics(
     render: impl Fn() -> String + Send + 'static,
 ) -> std::io::Result<std::net::SocketAddr> {
     use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind(addr)?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
         .name("metrics".into())
