@@ -432,3 +432,47 @@ fn af_xdp_and_tap_ports_carry_ping() {
     assert!(dp.port("tap")["rx_packets"].as_u64().unwrap() >= 5);
     dp.stop();
 }
+
+/// DPDK as `nobody` without any capability: EAL starts (in-memory, hugepages from memfds),
+/// and a memif port carries a vhost-user frontend's traffic to a testpmd memif peer.
+#[test]
+fn dpdk_ports_need_no_capability() {
+    let _lock = torii_perf::heavy_test_lock();
+    prerequisites();
+    let (_dir, run) = common::nobody_dir("torii-dpdk-nobody");
+    let (v_sock, m_sock) = (run.join("v.sock"), run.join("memif.sock"));
+    let body = format!(
+        "{DPDK}[[port]]\nname = \"v\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n{}\
+         [[xconnect]]\nports = [\"v\", \"memif\"]\n",
+        v_sock.display(),
+        memif_port("memif", 0, &m_sock)
+    );
+    let wrapper = common::as_nobody("");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut dp = Daemon::start_under(&wrapper, &run, "", &body);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", dp.pid())).or_fail("status");
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().next().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:"), common::NOBODY.to_string());
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    let mut peer = memif_peer(&m_sock, FwdMode::RxOnly, 0);
+    wait_link(&dp, "memif");
+    let tx = common::sender(&v_sock);
+    dp.wait_port(
+        "memif",
+        Duration::from_secs(30),
+        "traffic out of memif",
+        |p| p["tx_packets"].as_u64().unwrap_or(0) > 10_000,
+    );
+    drop(tx);
+    let seen = peer
+        .stop(Duration::from_secs(20))
+        .or_fail("stopping testpmd");
+    assert!(seen.rx_total > 10_000, "testpmd received {seen:?}");
+    dp.stop();
+}

@@ -8,47 +8,16 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, OrFail};
+use common::{as_nobody, nobody_dir, Daemon, OrFail, NOBODY};
 use torii_perf::blk_client::{BlkClient, ClientConfig};
-use torii_perf::{prereq, proc_util};
+use torii_perf::prereq;
 
-const NOBODY: u32 = 65534;
 const CAP_NET_ADMIN: u64 = 1 << 12;
 const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
-
-/// `setpriv` running a program as `nobody` with exactly the capabilities `caps` (e.g.
-/// `"+net_admin"`, or `""` for none) in its effective, inheritable, ambient and bounding sets.
-fn as_nobody(caps: &str) -> Vec<String> {
-    let set = format!("-all{}", if caps.is_empty() { "" } else { "," }) + caps;
-    let mut v = vec![
-        "setpriv".to_string(),
-        format!("--reuid={NOBODY}"),
-        format!("--regid={NOBODY}"),
-        "--clear-groups".into(),
-        "--no-new-privs".into(),
-        format!("--inh-caps={set}"),
-        format!("--bounding-set={set}"),
-    ];
-    if !caps.is_empty() {
-        v.push(format!("--ambient-caps={set}"));
-    }
-    v
-}
-
-/// A directory `nobody` owns (0750) under a fresh test directory.
-fn nobody_dir(tag: &str) -> (proc_util::TmpDir, std::path::PathBuf) {
-    let dir = proc_util::unique_tmp_dir(tag).or_fail("tmp dir");
-    let run = dir.join("run");
-    std::fs::create_dir(&run).or_fail("dir");
-    std::os::unix::fs::chown(&run, Some(NOBODY), Some(NOBODY)).or_fail("chown");
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o750)).or_fail("chmod");
-    (dir, run)
-}
 
 /// A field of `/proc/<pid>/status`.
 fn status_field(pid: u32, key: &str) -> String {

@@ -519,3 +519,36 @@ pub fn vhost_to_sink_and_disk(v: &Path, d: &Path, img: &Path) -> String {
         img.display()
     )
 }
+
+/// The unprivileged user `nobody`.
+pub const NOBODY: u32 = 65534;
+
+/// `setpriv` running a program as `nobody` with exactly the capabilities `caps` (e.g.
+/// `"+net_admin"`, or `""` for none) in its effective, inheritable, ambient and bounding sets.
+pub fn as_nobody(caps: &str) -> Vec<String> {
+    let set = format!("-all{}", if caps.is_empty() { "" } else { "," }) + caps;
+    let mut v = vec![
+        "setpriv".to_string(),
+        format!("--reuid={NOBODY}"),
+        format!("--regid={NOBODY}"),
+        "--clear-groups".into(),
+        "--no-new-privs".into(),
+        format!("--inh-caps={set}"),
+        format!("--bounding-set={set}"),
+    ];
+    if !caps.is_empty() {
+        v.push(format!("--ambient-caps={set}"));
+    }
+    v
+}
+
+/// A directory `nobody` owns (0750) under a fresh test directory.
+pub fn nobody_dir(tag: &str) -> (torii_perf::proc_util::TmpDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = torii_perf::proc_util::unique_tmp_dir(tag).or_fail("tmp dir");
+    let run = dir.join("run");
+    std::fs::create_dir(&run).or_fail("dir");
+    std::os::unix::fs::chown(&run, Some(NOBODY), Some(NOBODY)).or_fail("chown");
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o750)).or_fail("chmod");
+    (dir, run)
+}
