@@ -368,7 +368,7 @@ impl Containerd {
     /// Everything of the pods is gone (processes take a moment to be reaped once stopped).
     fn assert_clean(&self) {
         let clean =
-            proc_util::wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            proc_util::wait_until(Duration::from_secs(45), Duration::from_millis(100), || {
                 self.left().is_empty()
             });
         assert!(clean, "left behind: {:#?}", self.left());

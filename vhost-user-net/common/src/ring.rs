@@ -152,6 +152,8 @@ pub struct RingMaps {
     maps: Vec<Option<RingMap>>,
     /// [`guard::faults`] when the table was last found intact.
     faults_seen: u64,
+    /// Why `mem` is None although the connection has a table: it was truncated under us.
+    truncated: Option<RingError>,
 }
 
 impl RingMaps {
@@ -161,12 +163,14 @@ impl RingMaps {
             generation: 0,
             maps: vec![None; queues],
             faults_seen: 0,
+            truncated: None,
         }
     }
 
     /// Forgets every translation and the memory table (new connection, or none).
     pub fn clear(&mut self) {
         self.mem = None;
+        self.truncated = None;
         self.maps.iter_mut().for_each(|m| *m = None);
     }
 
@@ -181,8 +185,9 @@ impl RingMaps {
         queue: &virtio_queue::Queue,
     ) -> Result<SplitRing<'_>, RingError> {
         let generation = conn.mem_generation.load(Ordering::Acquire);
-        if self.mem.is_none() || generation != self.generation {
-            self.reload(conn.mem.memory().into_inner(), generation);
+        let faults = guard::faults();
+        if self.mem.is_none() || generation != self.generation || faults != self.faults_seen {
+            self.reload(conn.mem.memory().into_inner(), generation, faults);
         }
         self.view(qi, queue)
     }
@@ -198,19 +203,18 @@ impl RingMaps {
         qi: usize,
         queue: &virtio_queue::Queue,
     ) -> Result<SplitRing<'_>, RingError> {
-        if self.mem.is_none() || generation != self.generation {
-            self.reload(mem.clone(), generation);
+        let faults = guard::faults();
+        if self.mem.is_none() || generation != self.generation || faults != self.faults_seen {
+            self.reload(mem.clone(), generation, faults);
         }
         self.view(qi, queue)
     }
 
     #[inline(always)]
     fn view(&mut self, qi: usize, queue: &virtio_queue::Queue) -> Result<SplitRing<'_>, RingError> {
-        let faults = guard::faults();
-        if faults != self.faults_seen {
-            self.check_memory(faults)?;
-        }
-        let mem: &GuestMemoryMmap<()> = self.mem.as_deref().ok_or(RingError::Layout)?;
+        let Some(mem) = self.mem.as_deref() else {
+            return Err(self.truncated.clone().unwrap_or(RingError::Layout));
+        };
         let slot = self.maps.get_mut(qi).ok_or(RingError::Layout)?;
         let map = match slot {
             Some(m) if m.layout == RingMap::layout_of(queue) => m,
@@ -228,25 +232,6 @@ impl RingMaps {
         })
     }
 
-    /// A SIGBUS was caught in some guarded mapping: is it in this table? Then the frontend
-    /// truncated this device's memory, and every queue of it is broken until the next memory
-    /// table.
-    #[cold]
-    fn check_memory(&mut self, faults: u64) -> Result<(), RingError> {
-        if let Some(mem) = &self.mem {
-            for r in mem.iter() {
-                let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else {
-                    continue;
-                };
-                if guard::faulted(host as usize, r.len() as usize) {
-                    return Err(RingError::Truncated(r.start_addr().0, r.len()));
-                }
-            }
-        }
-        self.faults_seen = faults;
-        Ok(())
-    }
-
     #[cold]
     fn translate<'s>(
         slot: &'s mut Option<RingMap>,
@@ -256,11 +241,26 @@ impl RingMaps {
         Ok(slot.insert(RingMap::new(mem, queue)?))
     }
 
+    /// Takes the memory table `mem` of `generation`, unless a SIGBUS was caught in it (the
+    /// frontend truncated it under the device: every queue of it is broken until the next
+    /// table), and forgets the ring translations made under another.
     #[cold]
-    fn reload(&mut self, mem: Arc<GuestMemoryMmap<()>>, generation: u64) {
-        self.mem = Some(mem);
+    fn reload(&mut self, mem: Arc<GuestMemoryMmap<()>>, generation: u64, faults: u64) {
+        if generation != self.generation || self.mem.is_none() {
+            self.maps.iter_mut().for_each(|m| *m = None);
+        }
         self.generation = generation;
-        self.maps.iter_mut().for_each(|m| *m = None);
+        self.truncated = mem.iter().find_map(|r| {
+            let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+            guard::faulted(host as usize, r.len() as usize)
+                .then(|| RingError::Truncated(r.start_addr().0, r.len()))
+        });
+        if self.truncated.is_some() {
+            self.mem = None;
+        } else {
+            self.mem = Some(mem);
+            self.faults_seen = faults;
+        }
     }
 }
 
