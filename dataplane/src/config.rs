@@ -123,6 +123,11 @@ fn is_pci_address(s: &str) -> bool {
             .all(|(i, c)| matches!(i, 4 | 7 | 10) || c.is_ascii_hexdigit())
 }
 
+/// Whether a `dpdk` port's `device` names a PCI device (a NIC or VF through VFIO).
+pub fn is_pci_device(device: &str) -> bool {
+    is_pci_address(dpdk_device_name(device))
+}
+
 /// The device a `dpdk` port's `device` string names: the part before the first comma (a
 /// virtual device's name, such as `net_memif0`, or a PCI address).
 /// The CPUs online on the host. Not this thread's affinity: DPDK's initialisation narrows the
@@ -268,6 +273,17 @@ pub struct DataplaneConfig {
     /// (the kernel logs what enforce would refuse) or "off".
     #[serde(default)]
     pub seccomp: torii_vhost_user::seccomp::Mode,
+    /// Landlock file-system sandbox (docs/security.md): "off" (default) or "enforce" — the
+    /// daemon may then touch only what this file implies (`crate::sandbox`) and
+    /// `landlock_paths`.
+    #[serde(default)]
+    pub landlock: torii_vhost_user::landlock::Mode,
+    /// What the sandbox allows besides what the configuration implies (read, write, make and
+    /// remove files, sockets and directories beneath each): e.g. the directory where ports
+    /// and disks added at run time will have their sockets and images. Absolute paths that
+    /// exist when the daemon starts.
+    #[serde(default)]
+    pub landlock_paths: Vec<PathBuf>,
 }
 
 fn default_control_socket() -> PathBuf {
@@ -284,6 +300,8 @@ impl Default for DataplaneConfig {
             control_socket: default_control_socket(),
             metrics_listen: None,
             seccomp: Default::default(),
+            landlock: Default::default(),
+            landlock_paths: Vec::new(),
         }
     }
 }
@@ -711,6 +729,10 @@ impl Config {
                     "pmd_cpus: CPU {c} does not exist (this host has {ncpu})"
                 )));
             }
+        }
+        for p in &d.landlock_paths {
+            torii_vhost_user::landlock::check_operator_path(p)
+                .map_err(|e| ConfigError::Dataplane(format!("landlock_paths: {e}")))?;
         }
         let mut names = HashSet::new();
         // The control socket is taken too: no port or disk may listen there.

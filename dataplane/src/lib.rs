@@ -14,4 +14,5 @@ pub mod packet;
 pub mod pmd;
 pub mod port;
 pub mod ratelimit;
+pub mod sandbox;
 pub mod switch;

@@ -11,7 +11,8 @@ use torii_dataplane::api;
 use torii_dataplane::config::Config;
 use torii_dataplane::ctl::{self, CtlCmd};
 use torii_dataplane::daemon::Dataplane;
-use torii_vhost_user::seccomp;
+use torii_dataplane::sandbox;
+use torii_vhost_user::{landlock, seccomp};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,12 @@ enum Cmd {
     },
     /// Print the seccomp allowlist of each thread class (docs/security.md).
     Seccomp,
+    /// Print the Landlock rules a configuration produces (docs/security.md): the paths the
+    /// daemon may touch with `landlock = "enforce"`, with their rights and reasons.
+    Landlock {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Talk to a running data plane through its control API.
     Ctl {
         /// The daemon's control socket.
@@ -65,6 +72,9 @@ fn main() {
             print!("{}", seccomp::describe(seccomp_options()));
             Ok(())
         }
+        Cmd::Landlock { config } => Config::load(&config)
+            .map(|cfg| print!("{}", describe_landlock(&cfg)))
+            .map_err(anyhow::Error::from),
         Cmd::Ctl { socket, json, cmd } => ctl::run(&socket, json, cmd),
     };
     if let Err(e) = result {
@@ -98,29 +108,72 @@ fn seccomp_options() -> seccomp::Options {
     seccomp::Options::dataplane(cfg!(feature = "dpdk"))
 }
 
-/// Sets the seccomp mode for every thread and installs the control class's filter on the
-/// whole process, before any other thread of Torii's starts (each then narrows it with its
-/// own class). DPDK, if the configuration uses it, is initialised first: its initialisation
-/// loads drivers and maps memory in ways no filter allows later (its threads get the filter
-/// with the rest of the process).
-fn start_seccomp(cfg: &Config) -> anyhow::Result<()> {
-    use torii_dataplane::config::PortKind;
+/// What `torii-dataplane landlock` prints: the daemon's rules, and the first layer DPDK's
+/// initialisation runs under when the configuration uses DPDK.
+fn describe_landlock(cfg: &Config) -> String {
+    let rules = sandbox::rules(cfg);
+    let mut s = match cfg.dataplane.landlock {
+        landlock::Mode::Enforce => {
+            "landlock = \"enforce\": the daemon may touch only these paths, with these rights:\n"
+        }
+        landlock::Mode::Off => {
+            "landlock = \"off\" (no sandbox); with \"enforce\" the daemon could touch only these paths, with these rights:\n"
+        }
+    }
+    .to_string();
+    s.push_str(&landlock::describe(&rules));
+    if sandbox::uses_dpdk(cfg) {
+        s.push_str("\nDPDK's initialisation runs first under a wider layer, those rules and:\n");
+        s.push_str(&landlock::describe(&sandbox::dpdk_init_extra()));
+    }
+    s
+}
+
+/// Sets up the sandboxes before any thread of Torii's starts: the Landlock file-system
+/// sandbox (if enforced) on the main thread, which every later thread inherits, then the
+/// seccomp mode for every thread and the control class's filter on the whole process (each
+/// thread then narrows it with its own class). DPDK, if the configuration uses it, is
+/// initialised in between: its initialisation loads drivers and maps memory in ways no
+/// filter allows later (its threads get the filter with the rest of the process), and reads
+/// far more of the file system than the daemon's own Landlock rules allow, so it runs under
+/// a wider first layer (`sandbox::dpdk_init_rules`) and the daemon's rules follow.
+fn start_sandbox(cfg: &Config) -> anyhow::Result<()> {
     let mode = cfg.dataplane.seccomp;
-    let uses_dpdk = cfg!(feature = "dpdk")
-        && (cfg.dpdk.is_some()
-            || cfg
-                .ports
-                .iter()
-                .any(|p| matches!(p.kind, PortKind::Dpdk(_))));
+    let enforce_landlock = cfg.dataplane.landlock == landlock::Mode::Enforce;
+    let uses_dpdk = sandbox::uses_dpdk(cfg);
     // DPDK's drivers need more of the control thread (any ioctl, bpf, packet sockets): only
     // when this configuration uses DPDK.
     seccomp::init(mode, seccomp::Options::dataplane(uses_dpdk))?;
+    let rules = sandbox::rules(cfg);
     #[cfg(feature = "dpdk")]
     {
-        if mode != seccomp::Mode::Off && uses_dpdk {
-            torii_dataplane::port::dpdk::eal::init(&cfg.dpdk.clone().unwrap_or_default())
-                .map_err(anyhow::Error::msg)?;
+        use std::os::unix::fs::DirBuilderExt;
+        use torii_dataplane::port::dpdk::eal;
+        if (mode != seccomp::Mode::Off || enforce_landlock) && uses_dpdk {
+            let dpdk = cfg.dpdk.clone().unwrap_or_default();
+            if enforce_landlock {
+                // DPDK makes its runtime directory even with --in-memory: made here, so
+                // that the first layer need not let it make directories.
+                let dir = eal::runtime_dir(&dpdk);
+                if let Err(e) = std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                {
+                    tracing::warn!("DPDK's runtime directory {}: {e}", dir.display());
+                }
+                let a = landlock::restrict(&sandbox::dpdk_init_rules(&rules), sandbox::EXTEND)?;
+                tracing::info!(
+                    "file-system sandbox, layer 1 (DPDK's initialisation): {}",
+                    landlock::summary(&a)
+                );
+            }
+            eal::init(&dpdk).map_err(anyhow::Error::msg)?;
         }
+    }
+    if enforce_landlock {
+        let a = landlock::restrict(&rules, sandbox::EXTEND)?;
+        tracing::info!(landlock = %cfg.dataplane.landlock, "file-system sandbox: {}", landlock::summary(&a));
     }
     seccomp::enter_process(seccomp::ThreadClass::Control)?;
     tracing::info!(seccomp = %mode, "per-thread seccomp filters");
@@ -154,7 +207,7 @@ async fn serve(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
         })?),
         None => None,
     };
-    let dp = match start_seccomp(&cfg).and_then(|()| Dataplane::start(&cfg)) {
+    let dp = match start_sandbox(&cfg).and_then(|()| Dataplane::start(&cfg)) {
         Ok(d) => Arc::new(Mutex::new(d)),
         Err(e) => {
             let _ = std::fs::remove_file(&cfg.dataplane.control_socket);

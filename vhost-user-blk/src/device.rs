@@ -184,10 +184,12 @@ pub enum ExportError {
     PhysicalBlockSize { got: u32, logical: u32 },
     #[error("block_size must be a power of two between 512 and 65536, got {0}")]
     BlockSize(u32),
-    #[error("cannot open {path}: {source}")]
+    /// `hint`: empty, or why the Landlock sandbox refused it and how to allow it.
+    #[error("cannot open {path}: {source}{hint}")]
     Open {
         path: PathBuf,
         source: std::io::Error,
+        hint: String,
     },
     #[error("{path} is {size} bytes, not a whole number of {block} byte blocks (or empty)")]
     Size {
@@ -223,9 +225,18 @@ impl BlkExport {
         let engines = (0..cfg.workers)
             .map(|_| Engine::open(&cfg.path, flags, depth))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| ExportError::Open {
-                path: cfg.path.clone(),
-                source,
+            .map_err(|source| {
+                use torii_vhost_user::landlock::{explain, Rights};
+                let need = if cfg.read_only {
+                    Rights::READ_FILE
+                } else {
+                    Rights::READ_FILE | Rights::WRITE_FILE
+                };
+                ExportError::Open {
+                    hint: explain(&source, &cfg.path, need),
+                    path: cfg.path.clone(),
+                    source,
+                }
             })?;
         if engines[0].inline() {
             tracing::info!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use torii_vhost_user::daemon::StopSignals;
-use torii_vhost_user::seccomp;
+use torii_vhost_user::{landlock, seccomp};
 use torii_vhost_user_blk::{
     device, settings, stats, BlkExport, ExportConfig, PollMode, SocketMode,
 };
@@ -83,6 +83,18 @@ struct Args {
     /// Print each thread class's seccomp allowlist and exit.
     #[arg(long)]
     print_seccomp: bool,
+    /// Landlock file-system sandbox: off, or enforce (the daemon may then touch only its
+    /// exports' images and socket directories, and --landlock-path) [default: the file's
+    /// `landlock`, else off].
+    #[arg(long)]
+    landlock: Option<landlock::Mode>,
+    /// A path the Landlock sandbox allows besides the exports' own (repeatable; added to
+    /// the file's `landlock_paths`).
+    #[arg(long = "landlock-path", value_name = "PATH")]
+    landlock_paths: Vec<PathBuf>,
+    /// Print the Landlock rules the exports (and --landlock-path) produce and exit.
+    #[arg(long)]
+    print_landlock: bool,
 }
 
 /// The exports and metrics address the command line asks for.
@@ -93,14 +105,20 @@ fn settings(a: Args) -> Result<settings::Settings, String> {
         let mut s = settings::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         s.metrics_listen = a.metrics_listen.or(s.metrics_listen);
         s.seccomp = a.seccomp.unwrap_or(s.seccomp);
+        s.landlock = a.landlock.unwrap_or(s.landlock);
+        s.landlock_paths.extend(a.landlock_paths);
+        check_landlock_paths(&s.landlock_paths)?;
         return Ok(s);
     }
     let (Some(socket), Some(path)) = (a.socket, a.file) else {
         return Err("--socket and --file are needed without --config".into());
     };
+    check_landlock_paths(&a.landlock_paths)?;
     Ok(settings::Settings {
         metrics_listen: a.metrics_listen,
         seccomp: a.seccomp.unwrap_or_default(),
+        landlock: a.landlock.unwrap_or_default(),
+        landlock_paths: a.landlock_paths,
         exports: vec![ExportConfig {
             name: a.name,
             socket,
@@ -128,6 +146,25 @@ fn settings(a: Args) -> Result<settings::Settings, String> {
     })
 }
 
+fn check_landlock_paths(paths: &[PathBuf]) -> Result<(), String> {
+    for p in paths {
+        landlock::check_operator_path(p).map_err(|e| format!("landlock_paths: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Restricts the process to what `s` needs, before any thread starts (so every thread
+/// inherits it): the exports' images and socket directories and `landlock_paths`.
+fn start_landlock(s: &settings::Settings) -> Result<(), String> {
+    if s.landlock == landlock::Mode::Off {
+        return Ok(());
+    }
+    let a = landlock::restrict(&s.landlock_rules(), settings::LANDLOCK_EXTEND)
+        .map_err(|e| e.to_string())?;
+    tracing::info!(landlock = %s.landlock, "file-system sandbox: {}", landlock::summary(&a));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     torii_vhost_user::daemon::init_logging();
     let args = Args::parse();
@@ -135,6 +172,7 @@ fn main() -> ExitCode {
         print!("{}", seccomp::describe(seccomp::Options::blk()));
         return ExitCode::SUCCESS;
     }
+    let print_landlock = args.print_landlock;
     let s = match settings(args) {
         Ok(s) => s,
         Err(e) => {
@@ -142,6 +180,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if print_landlock {
+        print!("{}", landlock::describe(&s.landlock_rules()));
+        return ExitCode::SUCCESS;
+    }
     // Block the stop signals before any thread starts, so that only `wait` below sees them.
     let signals = match StopSignals::block() {
         Ok(s) => s,
@@ -150,6 +192,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The file-system sandbox before any thread starts: every thread inherits it.
+    if let Err(e) = start_landlock(&s) {
+        eprintln!("torii-vhost-user-blk: {e}");
+        return ExitCode::FAILURE;
+    }
     // Every thread this one starts runs under the control filter and narrows it with its
     // own class.
     let filters = seccomp::init(s.seccomp, seccomp::Options::blk())

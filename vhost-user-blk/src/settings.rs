@@ -4,6 +4,8 @@
 //! [daemon]
 //! metrics_listen = "127.0.0.1:9101"   # optional
 //! seccomp = "enforce"                 # enforce | log | off (docs/security.md)
+//! landlock = "off"                    # off | enforce: the file-system sandbox
+//! landlock_paths = ["/run/torii"]     # allowed besides the exports' images and sockets
 //!
 //! [[export]]
 //! name = "vm1-root"                   # logs and metrics; also the default serial
@@ -42,7 +44,44 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Per-thread seccomp filters.
     pub seccomp: torii_vhost_user::seccomp::Mode,
+    /// The Landlock file-system sandbox, and what it allows besides the exports' own files.
+    pub landlock: torii_vhost_user::landlock::Mode,
+    pub landlock_paths: Vec<PathBuf>,
     pub exports: Vec<ExportConfig>,
+}
+
+/// How an operator extends the block daemon's sandbox (for the errors of denied accesses).
+pub const LANDLOCK_EXTEND: &str = "`landlock_paths` in [daemon] (or --landlock-path)";
+
+impl Settings {
+    /// The Landlock rules these settings imply: each export's image (written unless
+    /// read-only) and its socket's directory, and the operator's `landlock_paths`.
+    pub fn landlock_rules(&self) -> torii_vhost_user::landlock::Rules {
+        let mut r = torii_vhost_user::landlock::Rules::new();
+        for e in &self.exports {
+            landlock_export(&mut r, e, "export");
+        }
+        for p in &self.landlock_paths {
+            r.operator(p, "landlock_paths");
+        }
+        r
+    }
+}
+
+/// Adds what export `e` needs to `rules`: its image (read, and written unless read-only)
+/// and its socket's directory (made and removed there, or connected to in client mode).
+/// `what` names the section (`export`, `disk`).
+pub fn landlock_export(
+    rules: &mut torii_vhost_user::landlock::Rules,
+    e: &ExportConfig,
+    what: &str,
+) {
+    rules.image(&e.path, e.read_only, format!("{what} {:?} image", e.name));
+    rules.socket(
+        &e.socket,
+        e.mode == SocketMode::Server,
+        format!("{what} {:?} socket", e.name),
+    );
 }
 
 #[derive(Deserialize)]
@@ -60,6 +99,10 @@ struct DaemonRepr {
     metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     seccomp: torii_vhost_user::seccomp::Mode,
+    #[serde(default)]
+    landlock: torii_vhost_user::landlock::Mode,
+    #[serde(default)]
+    landlock_paths: Vec<PathBuf>,
 }
 
 /// `poll_mode`: how an export's workers wait for work.
@@ -160,6 +203,10 @@ pub fn parse(text: &str) -> Result<Settings, String> {
     if f.exports.is_empty() {
         return Err("no [[export]] section".into());
     }
+    for p in &f.daemon.landlock_paths {
+        torii_vhost_user::landlock::check_operator_path(p)
+            .map_err(|e| format!("landlock_paths: {e}"))?;
+    }
     let (mut names, mut sockets) = (HashSet::new(), HashSet::new());
     let mut exports = Vec::new();
     for e in f.exports {
@@ -179,6 +226,8 @@ pub fn parse(text: &str) -> Result<Settings, String> {
     Ok(Settings {
         metrics_listen: f.daemon.metrics_listen,
         seccomp: f.daemon.seccomp,
+        landlock: f.daemon.landlock,
+        landlock_paths: f.daemon.landlock_paths,
         exports,
     })
 }
@@ -224,6 +273,43 @@ mod tests {
     }
 
     #[test]
+    fn landlock_rules_follow_the_exports() {
+        use torii_vhost_user::landlock::{Mode, Rights};
+        let s = parse(&GOOD.replace(
+            "[daemon]",
+            "[daemon]\nlandlock = \"enforce\"\nlandlock_paths = [\"/srv/images\"]",
+        ))
+        .unwrap();
+        assert_eq!(s.landlock, Mode::Enforce);
+        assert_eq!(parse(GOOD).unwrap().landlock, Mode::Off);
+        let m = s.landlock_rules().merged();
+        let rights = |p: &str| m.get(std::path::Path::new(p)).map(|e| e.0);
+        // Both sockets' directory, each image (b read-only), the operator's path; nothing else.
+        assert_eq!(rights("/tmp"), Some(Rights::SOCKET_DIR));
+        assert_eq!(
+            rights("/tmp/a.img"),
+            Some(Rights::READ_FILE | Rights::WRITE_FILE)
+        );
+        let b = rights("/dev/loop0").unwrap();
+        assert!(
+            b.contains(Rights::READ_FILE) && !b.contains(Rights::WRITE_FILE),
+            "{b}"
+        );
+        assert_eq!(rights("/srv/images"), Some(Rights::OPERATOR));
+        assert_eq!(m.len(), 4, "{m:?}");
+        assert!(m[std::path::Path::new("/tmp")]
+            .1
+            .contains(&"export \"a\" socket".to_string()));
+        let req: Vec<_> = s
+            .landlock_rules()
+            .iter()
+            .filter(|r| r.required)
+            .map(|r| r.path.clone())
+            .collect();
+        assert_eq!(req, vec![PathBuf::from("/srv/images")]);
+    }
+
+    #[test]
     fn bad_files_say_what_is_wrong() {
         let cases = [
             ("", "no [[export]]"),
@@ -260,6 +346,14 @@ mod tests {
             (
                 &GOOD.replace("127.0.0.1:9101", "nowhere"),
                 "invalid socket address",
+            ),
+            (
+                &GOOD.replace("[daemon]", "[daemon]\nlandlock = \"log\""),
+                "unknown variant `log`",
+            ),
+            (
+                &GOOD.replace("[daemon]", "[daemon]\nlandlock_paths = [\"run/torii\"]"),
+                "landlock_paths: run/torii is not an absolute path",
             ),
         ];
         for (text, want) in cases {

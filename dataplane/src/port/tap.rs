@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use io_uring::register::Restriction;
 use io_uring::{opcode, types, IoUring};
+use torii_vhost_user::landlock::Rights;
 use torii_vhost_user_net::hdr::{HDR_LEN_LEGACY, HDR_LEN_MRG};
 use torii_vhost_user_net::{BufPool, Offloads, VirtioNetHdr};
 
@@ -33,14 +34,17 @@ const TX_TAG: u64 = 1 << 63;
 /// Every vnet header we exchange with the tap is 12 bytes (`TUNSETVNETHDRSZ`).
 const VNET_HDR: usize = HDR_LEN_MRG;
 
+/// The TUN/TAP device every tap queue is opened from.
+pub const TUN: &str = "/dev/net/tun";
+
 /// Errors creating a tap port.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     #[error("tap interface name {0:?} is empty, longer than 15 bytes or has a NUL")]
     BadName(String),
-    #[error("cannot open /dev/net/tun (is the tun module loaded?): {0}")]
+    #[error("cannot open /dev/net/tun (is the tun module loaded?): {0}{hint}", hint = sandbox_hint(.0, Rights::DEVICE))]
     Open(io::Error),
-    #[error("TUNSETIFF {ifname} failed: {source}{hint}", hint = setiff_hint(source))]
+    #[error("TUNSETIFF {ifname} failed: {source}{hint}{sandbox}", hint = setiff_hint(source), sandbox = sandbox_hint(source, Rights::IOCTL_DEV))]
     SetIff { ifname: String, source: io::Error },
     #[error("tap {ifname}: {what} failed: {source}")]
     Ioctl {
@@ -52,6 +56,11 @@ pub enum TapError {
     Uring(io::Error),
     #[error("queues must be 1..=16, got {0}")]
     Queues(u16),
+}
+
+/// Why the Landlock sandbox refused `/dev/net/tun` (what it needs: `need`), if it did.
+fn sandbox_hint(e: &io::Error, need: Rights) -> String {
+    torii_vhost_user::landlock::explain(e, std::path::Path::new(TUN), need)
 }
 
 /// What a TUNSETIFF error most likely means.
@@ -147,7 +156,7 @@ impl TapPort {
     }
 
     fn open_queue(ifname: &str, multi: bool) -> Result<TapQueue, TapError> {
-        let path = CString::new("/dev/net/tun").expect("static path");
+        let path = CString::new(TUN).expect("static path");
         // io_uring honours O_NONBLOCK by returning EAGAIN instead of waiting, so the fd is
         // blocking: io_uring then waits for readiness itself.
         // SAFETY: `path` is a valid NUL-terminated string.

@@ -51,8 +51,13 @@ pub struct EndpointConfig {
 /// Errors when starting an endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on vhost-user socket {path}: {source}")]
-    Listen { path: PathBuf, source: io::Error },
+    /// `hint`: empty, or why the Landlock sandbox refused it and how to allow it.
+    #[error("cannot listen on vhost-user socket {path}: {source}{hint}")]
+    Listen {
+        path: PathBuf,
+        source: io::Error,
+        hint: String,
+    },
     #[error("cannot start the control thread of {name}: {source}")]
     Thread { name: String, source: io::Error },
     #[error(transparent)]
@@ -327,17 +332,27 @@ impl<M: DeviceModel> Endpoint<M> {
         }
         let listener = match cfg.mode {
             SocketMode::Server => {
+                use crate::landlock::{enforced, explain, Rights};
+                let listen_err = |source: io::Error, need| StartError::Listen {
+                    hint: explain(&source, &cfg.socket, need),
+                    path: cfg.socket.clone(),
+                    source,
+                };
                 // A socket file left by a previous instance would make bind fail.
                 if let Ok(m) = std::fs::symlink_metadata(&cfg.socket) {
                     use std::os::unix::fs::FileTypeExt;
                     if m.file_type().is_socket() {
-                        let _ = std::fs::remove_file(&cfg.socket);
+                        if let Err(e) = std::fs::remove_file(&cfg.socket) {
+                            // Under the sandbox, say why rather than fail later with
+                            // "address in use".
+                            if enforced() && e.kind() == io::ErrorKind::PermissionDenied {
+                                return Err(listen_err(e, Rights::REMOVE_FILE));
+                            }
+                        }
                     }
                 }
-                let l = UnixListener::bind(&cfg.socket).map_err(|source| StartError::Listen {
-                    path: cfg.socket.clone(),
-                    source,
-                })?;
+                let l = UnixListener::bind(&cfg.socket)
+                    .map_err(|source| listen_err(source, Rights::MAKE_SOCK))?;
                 Some(l)
             }
             SocketMode::Client => None,

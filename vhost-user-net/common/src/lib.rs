@@ -2,7 +2,9 @@
 //! devices: message framing (`protocol`), the per-connection protocol state — guest memory
 //! map, vrings, features, inflight region — (`handler`), the socket and connection lifecycle
 //! and the hand-off of each connection to the data path (`endpoint`), checked split-ring
-//! access for the data path (`ring`) and inflight I/O tracking (`inflight`).
+//! access for the data path (`ring`) and inflight I/O tracking (`inflight`); the daemons'
+//! sandboxes: per-thread seccomp filters (`seccomp`) and an optional Landlock file-system
+//! sandbox (`landlock`).
 //!
 //! A device plugs in through [`DeviceModel`]: the features and protocol features it offers,
 //! its queue count and its config space. Everything else is the same for every device.
@@ -14,6 +16,7 @@ pub mod fuzzing;
 pub mod guard;
 mod handler;
 pub mod inflight;
+pub mod landlock;
 mod protocol;
 pub mod ring;
 pub mod seccomp;

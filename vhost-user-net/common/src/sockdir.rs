@@ -113,7 +113,10 @@ pub fn prepare_for(socket: &Path, owner: Option<(u32, u32)>) -> Result<(), SockD
         .filter(|d| !d.as_os_str().is_empty())
         .take_while(|d| !d.is_dir())
         .collect();
-    if let Some(existing) = dir.ancestors().find(|d| d.as_os_str().is_empty() || d.is_dir()) {
+    if let Some(existing) = dir
+        .ancestors()
+        .find(|d| d.as_os_str().is_empty() || d.is_dir())
+    {
         let existing = if existing.as_os_str().is_empty() {
             Path::new(".")
         } else {
@@ -267,7 +270,10 @@ mod tests {
         let nobody = 65534;
         prepare_for(&sock, Some((nobody, nobody))).unwrap();
         let own = std::fs::metadata(d.join("pods/p1")).unwrap();
-        assert_eq!((own.uid(), own.gid(), own.mode() & 0o777), (nobody, nobody, 0o750));
+        assert_eq!(
+            (own.uid(), own.gid(), own.mode() & 0o777),
+            (nobody, nobody, 0o750)
+        );
         let above = std::fs::metadata(d.join("pods")).unwrap();
         assert_eq!((above.uid(), above.mode() & 0o777), (0, 0o751));
         // A directory that was there is left as it is.

@@ -109,6 +109,33 @@ fn run_init(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// The directory DPDK makes for its runtime files (`eal_create_runtime_dir`): under
+/// `/var/run` for root, `$XDG_RUNTIME_DIR` or `/tmp` for other users, then `dpdk/` and the
+/// file prefix (`--file-prefix`, default `rte`). Even with `--in-memory` DPDK makes it (and
+/// puts nothing in it).
+pub fn runtime_dir(cfg: &DpdkConfig) -> std::path::PathBuf {
+    // SAFETY: getuid has no preconditions.
+    let base = if unsafe { libc::getuid() } == 0 {
+        std::path::PathBuf::from("/var/run")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from("/tmp"))
+    };
+    let mut prefix = "rte".to_string();
+    let mut args = cfg.eal_args.iter();
+    while let Some(a) = args.next() {
+        if let Some(p) = a.strip_prefix("--file-prefix=") {
+            prefix = p.to_string();
+        } else if a == "--file-prefix" {
+            if let Some(p) = args.next() {
+                prefix = p.clone();
+            }
+        }
+    }
+    base.join("dpdk").join(prefix)
+}
+
 /// Whether DPDK is up in this process.
 pub fn initialized() -> bool {
     matches!(
@@ -176,5 +203,15 @@ mod tests {
         let v = a.iter().position(|x| x == "--vdev").unwrap();
         assert_eq!(a[v + 1], "net_null0");
         assert_eq!(a.last().unwrap(), "--log-level=8");
+    }
+
+    #[test]
+    fn the_runtime_directory_follows_the_file_prefix() {
+        let mut c = DpdkConfig::default();
+        assert!(runtime_dir(&c).ends_with("dpdk/rte"));
+        c.eal_args = vec!["--file-prefix".into(), "tor".into()];
+        assert!(runtime_dir(&c).ends_with("dpdk/tor"));
+        c.eal_args = vec!["--file-prefix=x1".into()];
+        assert!(runtime_dir(&c).ends_with("dpdk/x1"));
     }
 }

@@ -191,6 +191,12 @@ impl DpdkDevice {
     /// Initialises DPDK (with `eal`, unless it already is), makes or finds the device and
     /// starts it with `cfg`'s queues. Nothing is left behind on error.
     pub fn open(eal: &DpdkConfig, cfg: &DpdkPortConfig) -> Result<Arc<DpdkDevice>, String> {
+        // DPDK's initialisation reads its drivers' shared objects and much of sysfs, outside
+        // the Landlock sandbox: the daemon initialises it at start, between a wider layer
+        // and its own, when the configuration uses DPDK.
+        if !eal::initialized() && torii_vhost_user::landlock::enforced() {
+            return Err("DPDK is not initialised and cannot be once the Landlock sandbox is in place: add a [dpdk] section to the configuration (DPDK is then initialised at start)".into());
+        }
         eal::init(eal)?;
         sweep_pools();
         let name = dpdk_device_name(&cfg.device).to_string();
@@ -202,7 +208,10 @@ impl DpdkDevice {
                     CString::new(cfg.device.as_str()).map_err(|_| "device has a NUL byte")?;
                 // SAFETY: args is a valid C string; DPDK copies it.
                 let rc = unsafe { sys::rte_dev_probe(args.as_ptr()) };
-                check(rc, &format!("probing {:?}", cfg.device))?;
+                // A probe refused by the sandbox fails with DPDK's own error: say that the
+                // sandbox may be why.
+                check(rc, &format!("probing {:?}", cfg.device))
+                    .map_err(|e| format!("{e}{}", torii_vhost_user::landlock::note()))?;
                 find_port(&cname).ok_or_else(|| {
                     format!("DPDK made no network device named {name:?} (is it a net_* driver, or a NIC bound to vfio-pci?)")
                 })?
