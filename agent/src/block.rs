@@ -17,7 +17,7 @@ use crate::server::Roots;
 pub const MAX_SERIAL: usize = 20;
 
 /// Which disk.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Source {
     /// A virtio-blk disk's serial (`/sys/block/*/serial`).
@@ -99,8 +99,41 @@ fn describe(src: &Source) -> String {
     }
 }
 
-/// One look for the disk `src` names (checked already): its device node, if it is there.
-pub fn find_disk(src: &Source, roots: &Roots) -> Result<Option<PathBuf>, RpcError> {
+/// A disk's [`Source`], checked: a serial of 1 to [`MAX_SERIAL`] bytes, a PCI address in
+/// sysfs's form (`0000:00:05.0`, lower case), an absolute path with no NUL. Made only by its
+/// `TryFrom<Source>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk(Source);
+
+impl TryFrom<Source> for Disk {
+    type Error = RpcError;
+
+    fn try_from(src: Source) -> Result<Disk, RpcError> {
+        Ok(Disk(match src {
+            Source::Serial(s) if s.is_empty() || s.len() > MAX_SERIAL => {
+                return Err(bad(format!(
+                    "serial {}: a virtio-blk serial has 1 to {MAX_SERIAL} bytes",
+                    quote(&s)
+                )))
+            }
+            Source::Pci(a) => Source::Pci(pci_address(&a).ok_or_else(|| {
+                bad(format!("{} is not a PCI address (0000:00:05.0)", quote(&a)))
+            })?),
+            Source::Path(p) => Source::Path(absolute("source path", &p)?.display().to_string()),
+            s @ Source::Serial(_) => s,
+        }))
+    }
+}
+
+impl Disk {
+    pub fn source(&self) -> &Source {
+        &self.0
+    }
+}
+
+/// One look for disk `d`: its device node, if it is there.
+pub fn find_disk(d: &Disk, roots: &Roots) -> Result<Option<PathBuf>, RpcError> {
+    let src = &d.0;
     let disks: Vec<OsString> = match src {
         Source::Path(p) => return Ok(Path::new(p).exists().then(|| PathBuf::from(p))),
         Source::Serial(serial) => {
@@ -139,65 +172,106 @@ pub fn find_disk(src: &Source, roots: &Roots) -> Result<Option<PathBuf>, RpcErro
     }
 }
 
-/// The disk `src` names, waited for up to `roots.patience`.
-pub fn resolve(src: &Source, roots: &Roots) -> Result<PathBuf, RpcError> {
-    let src = match src {
-        Source::Serial(s) if s.is_empty() || s.len() > MAX_SERIAL => {
-            return Err(bad(format!(
-                "serial {}: a virtio-blk serial has 1 to {MAX_SERIAL} bytes",
-                quote(s)
-            )))
-        }
-        Source::Pci(a) => Source::Pci(
-            pci_address(a)
-                .ok_or_else(|| bad(format!("{} is not a PCI address (0000:00:05.0)", quote(a))))?,
-        ),
-        Source::Path(p) => Source::Path(absolute("source path", p)?.display().to_string()),
-        Source::Serial(s) => Source::Serial(s.clone()),
-    };
+/// Disk `d`, waited for up to `roots.patience`.
+pub fn resolve(d: &Disk, roots: &Roots) -> Result<PathBuf, RpcError> {
     let deadline = Instant::now() + roots.patience;
     loop {
-        if let Some(d) = find_disk(&src, roots)? {
-            return Ok(d);
+        if let Some(dev) = find_disk(d, roots)? {
+            return Ok(dev);
         }
         if Instant::now() >= deadline {
             return Err(RpcError::new(
                 "not_found",
-                format!("no disk for {} after {:?}", describe(&src), roots.patience),
+                format!("no disk for {} after {:?}", describe(&d.0), roots.patience),
             ));
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
+/// The longest file system type `mount_block` takes.
+pub const MAX_FSTYPE: usize = 32;
+
+/// `mount_block`, checked: the disk's source, an absolute target, a file system type's name,
+/// mount(8)'s options split into flags and the file system's (no bind or propagation, no
+/// NUL). Made only by its `TryFrom<MountBlock>`, in [`crate::server::Call::decode`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedMountBlock {
+    disk: Disk,
+    target: String,
+    fstype: String,
+    /// mount(2)'s flags, `MS_RDONLY` included if `read_only`.
+    flags: libc::c_ulong,
+    data: String,
+}
+
+impl TryFrom<MountBlock> for CheckedMountBlock {
+    type Error = RpcError;
+
+    fn try_from(m: MountBlock) -> Result<CheckedMountBlock, RpcError> {
+        absolute("target", &m.target)?;
+        if m.fstype.is_empty()
+            || m.fstype.len() > MAX_FSTYPE
+            || !m
+                .fstype
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(bad(format!(
+                "{} is not a file system type",
+                quote(&m.fstype)
+            )));
+        }
+        if m.options.contains('\0') {
+            return Err(bad("options hold a NUL byte"));
+        }
+        let o = mounts::parse_options([m.options.as_str()]);
+        if o.flags & libc::MS_BIND != 0 || !o.propagation.is_empty() {
+            return Err(bad(format!(
+                "options {}: bind and propagation options are for `mount`",
+                quote(&m.options)
+            )));
+        }
+        Ok(CheckedMountBlock {
+            disk: m.source.try_into()?,
+            target: m.target,
+            fstype: m.fstype,
+            flags: o.flags | if m.read_only { libc::MS_RDONLY } else { 0 },
+            data: o.data,
+        })
+    }
+}
+
+impl CheckedMountBlock {
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Absolute, no NUL.
+    pub fn target(&self) -> &Path {
+        Path::new(&self.target)
+    }
+
+    /// 1 to [`MAX_FSTYPE`] of ASCII letters, digits, `.`, `_` and `-`.
+    pub fn fstype(&self) -> &str {
+        &self.fstype
+    }
+
+    /// mount(2)'s flags: never `MS_BIND`.
+    pub fn flags(&self) -> libc::c_ulong {
+        self.flags
+    }
+
+    /// The file system's options, no NUL.
+    pub fn data(&self) -> &str {
+        &self.data
+    }
+}
+
 /// `mount_block`.
-pub fn mount_block(m: MountBlock, roots: &Roots) -> Result<Value, RpcError> {
-    let target = absolute("target", &m.target)?;
-    if m.fstype.is_empty()
-        || m.fstype.len() > 32
-        || !m
-            .fstype
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        return Err(bad(format!(
-            "{} is not a file system type",
-            quote(&m.fstype)
-        )));
-    }
-    if m.options.contains('\0') {
-        return Err(bad("options hold a NUL byte"));
-    }
-    let o = mounts::parse_options([m.options.as_str()]);
-    if o.flags & libc::MS_BIND != 0 || !o.propagation.is_empty() {
-        return Err(bad(format!(
-            "options {}: bind and propagation options are for `mount`",
-            quote(&m.options)
-        )));
-    }
-    let flags = o.flags | if m.read_only { libc::MS_RDONLY } else { 0 };
-    let data = o.data;
-    let device = resolve(&m.source, roots)?;
+pub fn mount_block(m: CheckedMountBlock, roots: &Roots) -> Result<Value, RpcError> {
+    let target = m.target();
+    let device = resolve(&m.disk, roots)?;
     let answer = json!({ "device": device, "target": m.target });
     std::fs::create_dir_all(target)
         .map_err(|e| failed(format!("creating {}: {e}", quote(&m.target))))?;
@@ -214,7 +288,14 @@ pub fn mount_block(m: MountBlock, roots: &Roots) -> Result<Value, RpcError> {
     {
         return Ok(answer);
     }
-    mounts::mount(&device.to_string_lossy(), target, &m.fstype, flags, &data).map_err(|e| {
+    mounts::mount(
+        &device.to_string_lossy(),
+        target,
+        &m.fstype,
+        m.flags,
+        &m.data,
+    )
+    .map_err(|e| {
         failed(format!(
             "mounting {shown} on {} ({}): {e}",
             quote(&m.target),
@@ -268,7 +349,7 @@ mod tests {
     #[test]
     fn disks_are_found_by_serial_pci_address_or_path() {
         let (root, roots) = fake();
-        let find = |s: Source| resolve(&s, &roots);
+        let find = |s: Source| resolve(&Disk::try_from(s).unwrap(), &roots);
         let serial = find(Source::Serial("disk1".into()));
         let pci = find(Source::Pci("00:05.0".into()));
         let path = find(Source::Path(roots.dev.join("vda").display().to_string()));
@@ -292,42 +373,99 @@ mod tests {
         assert_eq!(missing.unwrap_err().code, "not_found");
     }
 
+    /// What `mount_block` refuses without looking at the system is refused by
+    /// [`Call::decode`], with the words the call used to answer with when run.
     #[test]
-    fn bad_sources_and_targets_are_refused() {
-        let roots = Roots::default();
-        for s in [
-            Source::Serial("".into()),
-            Source::Serial("x".repeat(21)),
-            Source::Pci("0000:00:05".into()),
-            Source::Pci("../../../../etc".into()),
-            Source::Pci("0000:00:05.8".into()),
-            Source::Path("vdb".into()),
+    fn decode_refuses_bad_sources_targets_types_and_options() {
+        use crate::server::Call;
+        let mb = |source: Value, target: &str, fstype: &str, options: &str| json!({"source": source, "target": target, "fstype": fstype, "options": options});
+        let vdb = || json!({"path": "/dev/vdb"});
+        for (params, message) in [
+            (
+                mb(json!({"serial": ""}), "/mnt", "ext4", ""),
+                "serial \"\": a virtio-blk serial has 1 to 20 bytes".to_string(),
+            ),
+            (
+                mb(json!({"serial": "x".repeat(21)}), "/mnt", "ext4", ""),
+                format!(
+                    "serial \"{}\": a virtio-blk serial has 1 to 20 bytes",
+                    "x".repeat(21)
+                ),
+            ),
+            (
+                mb(json!({"pci": "0000:00:05"}), "/mnt", "ext4", ""),
+                "\"0000:00:05\" is not a PCI address (0000:00:05.0)".into(),
+            ),
+            (
+                mb(json!({"pci": "../../../../etc"}), "/mnt", "ext4", ""),
+                "\"../../../../etc\" is not a PCI address (0000:00:05.0)".into(),
+            ),
+            (
+                mb(json!({"pci": "0000:00:05.8"}), "/mnt", "ext4", ""),
+                "\"0000:00:05.8\" is not a PCI address (0000:00:05.0)".into(),
+            ),
+            (
+                mb(json!({"path": "vdb"}), "/mnt", "ext4", ""),
+                "source path \"vdb\" is not an absolute path".into(),
+            ),
+            (
+                mb(json!({"path": "/dev/vd\0"}), "/mnt", "ext4", ""),
+                "source path \"/dev/vd\\0\" is not an absolute path".into(),
+            ),
+            (
+                mb(vdb(), "mnt", "ext4", ""),
+                "target \"mnt\" is not an absolute path".into(),
+            ),
+            (
+                mb(vdb(), "/mnt", "ext4 -o x", ""),
+                "\"ext4 -o x\" is not a file system type".into(),
+            ),
+            (
+                mb(vdb(), "/mnt", "", ""),
+                "\"\" is not a file system type".into(),
+            ),
+            (
+                mb(vdb(), "/mnt", &"x".repeat(33), ""),
+                format!("\"{}\" is not a file system type", "x".repeat(33)),
+            ),
+            (
+                mb(vdb(), "/mnt", "ext4", "noatime\0"),
+                "options hold a NUL byte".into(),
+            ),
+            (
+                mb(vdb(), "/mnt", "ext4", "noatime,bind"),
+                "options \"noatime,bind\": bind and propagation options are for `mount`".into(),
+            ),
+            (
+                mb(vdb(), "/mnt", "ext4", "rbind"),
+                "options \"rbind\": bind and propagation options are for `mount`".into(),
+            ),
+            (
+                mb(vdb(), "/mnt", "ext4", "shared"),
+                "options \"shared\": bind and propagation options are for `mount`".into(),
+            ),
+            // The target is checked before the source, as it was.
+            (
+                mb(json!({"serial": ""}), "rel", "ext4", ""),
+                "target \"rel\" is not an absolute path".into(),
+            ),
         ] {
-            assert_eq!(resolve(&s, &roots).unwrap_err().code, "bad_params", "{s:?}");
+            let e = Call::decode("mount_block", params.clone()).unwrap_err();
+            assert_eq!(
+                (e.code.as_str(), e.message.as_str()),
+                ("bad_params", message.as_str()),
+                "{params}"
+            );
         }
-        assert_eq!(pci_address("0000:00:1F.7").as_deref(), Some("0000:00:1f.7"));
-        let m = |target: &str, fstype: &str| MountBlock {
-            source: Source::Path("/dev/null".into()),
-            target: target.into(),
-            fstype: fstype.into(),
-            options: String::new(),
-            read_only: false,
+        // Decoded: the PCI address in sysfs's form, the flags with read_only's.
+        let p = json!({"source": {"pci": "00:1F.7"}, "target": "/mnt", "fstype": "xfs",
+            "options": "noatime,nouuid", "read_only": true});
+        let Ok(Call::MountBlock(m)) = Call::decode("mount_block", p) else {
+            panic!("not decoded");
         };
-        for (t, f) in [("mnt", "ext4"), ("/mnt", "ext4 -o x"), ("/mnt", "")] {
-            assert_eq!(
-                mount_block(m(t, f), &roots).unwrap_err().code,
-                "bad_params",
-                "{t} {f}"
-            );
-        }
-        for o in ["noatime,bind", "rbind", "shared"] {
-            let mut b = m("/mnt", "ext4");
-            b.options = o.into();
-            assert_eq!(
-                mount_block(b, &roots).unwrap_err().code,
-                "bad_params",
-                "{o}"
-            );
-        }
+        assert_eq!(m.disk().source(), &Source::Pci("0000:00:1f.7".into()));
+        assert_eq!(m.flags(), libc::MS_NOATIME | libc::MS_RDONLY);
+        assert_eq!((m.fstype(), m.data()), ("xfs", "nouuid"));
+        assert_eq!(pci_address("0000:00:1F.7").as_deref(), Some("0000:00:1f.7"));
     }
 }

@@ -5,6 +5,7 @@
 
 use std::io::Cursor;
 use std::net::IpAddr;
+use std::path::{Component, Path};
 
 use serde_json::{json, Value};
 
@@ -12,7 +13,7 @@ use crate::protocol::{
     answer, encode, read_frame, write_frame, FrameError, RpcError, MAX_FRAME, MAX_MESSAGE,
 };
 use crate::server::{next_incoming, Call, Incoming};
-use crate::{block, mounts, net};
+use crate::{block, filesystems, net, process};
 
 /// The error codes of docs/agent-protocol.md.
 const CODES: [&str; 7] = [
@@ -29,9 +30,15 @@ const CODES: [&str; 7] = [
 /// the connection, as [`crate::server::serve`] does, and decodes each request. Checks that no
 /// frame is taken over [`MAX_FRAME`], that every answer (the decoded calls get a stand-in
 /// result) goes out as a frame `write_frame` accepts and the host reads back, with the id it
-/// must have and a bounded error, and that what the decoded parameters are checked with before
-/// anything is done (addresses, MACs, PCI addresses, mount options) holds up. Returns how many
-/// requests were decoded.
+/// must have and a bounded error; that a request refused is refused for its parameters; and
+/// that every call decoded keeps the promises of its checked type — routes with no host bits
+/// and a gateway of their family, no two to one destination; MACs, addresses, interface names
+/// and MTUs in range; argv, env, cwd and root that can be C strings, a program name, a PATH;
+/// a signal in 1..64; absolute paths without NUL (without `..` for a mount's target); a disk's
+/// serial, PCI address (sysfs's form) or path; mount flags, propagation and file system
+/// options that fit the file system type (a bind: `MS_BIND` alone, its flags remounted) —
+/// and, sent back as the host would, decodes to the same call. Returns how many requests were
+/// decoded.
 pub fn fuzz_frames(data: &[u8]) -> usize {
     let mut r = Cursor::new(data);
     let mut decoded = 0;
@@ -67,8 +74,13 @@ pub fn fuzz_frames(data: &[u8]) -> usize {
                         Ok(json!({ "method": call.method() }))
                     }
                     Err(e) => {
+                        // Refused for its parameters (an empty program name as resolving it
+                        // always answered that).
                         assert!(
-                            matches!(e.code.as_str(), "unknown_method" | "bad_params"),
+                            matches!(e.code.as_str(), "unknown_method" | "bad_params")
+                                || (method == "start_process"
+                                    && e.code == "failed"
+                                    && e.message.ends_with("the program name is empty")),
                             "{e}"
                         );
                         Err(e)
@@ -113,27 +125,167 @@ fn mac_text(m: &[u8; 6]) -> String {
 }
 
 /// `parse_mac` as the network calls use it: a MAC it takes reads back the same.
-fn check_mac(s: &str) {
-    if let Ok(m) = net::parse_mac(s) {
-        assert_eq!(net::parse_mac(&mac_text(&m)).ok(), Some(m), "{s:?}");
+fn check_mac(m: [u8; 6]) {
+    assert_eq!(net::parse_mac(&mac_text(&m)).ok(), Some(m), "{m:?}");
+}
+
+/// An address with a prefix length of its family, that reads back the same.
+fn check_cidr(ip: IpAddr, prefix: u8) {
+    assert!(
+        prefix <= if ip.is_ipv4() { 32 } else { 128 },
+        "{ip}/{prefix}"
+    );
+    let again = net::parse_cidr(&format!("{ip}/{prefix}")).expect("a CIDR reads back");
+    assert_eq!(again, (ip, prefix));
+}
+
+/// Whether `ip`'s bits after the first `prefix` are all zero (worked out apart from the
+/// agent's own `network`).
+fn host_bits_clear(ip: IpAddr, prefix: u8) -> bool {
+    match ip {
+        IpAddr::V4(a) => u64::from(u32::from(a))
+            .checked_shl(u32::from(prefix))
+            .is_none_or(|rest| rest & u64::from(u32::MAX) == 0),
+        IpAddr::V6(a) => u128::from(a)
+            .checked_shl(u32::from(prefix))
+            .is_none_or(|rest| rest == 0),
     }
 }
 
-fn check_cidr(s: &str) {
-    if let Ok((ip, prefix)) = net::parse_cidr(s) {
-        assert!(prefix <= if ip.is_ipv4() { 32 } else { 128 }, "{s:?}");
-        let again = net::parse_cidr(&format!("{ip}/{prefix}")).expect("a CIDR reads back");
-        assert_eq!(again, (ip, prefix));
+/// A string that can go to the kernel as a C string.
+fn c_string(what: &str, s: &str) {
+    assert!(!s.contains('\0'), "{what} {s:?}");
+    assert!(std::ffi::CString::new(s).is_ok(), "{what} {s:?}");
+}
+
+/// An absolute path with no NUL.
+fn check_absolute(what: &str, p: &Path) {
+    let s = p.to_str().expect("a path from a str");
+    assert!(s.starts_with('/'), "{what} {s:?}");
+    c_string(what, s);
+}
+
+/// A call, decoded: `Call::decode` of `method` with `params` must give it again (what the
+/// checks make of a request is already in the form they take).
+fn decodes_again(method: &str, params: Value, call: &Call, same: impl Fn(&Call) -> bool) {
+    match Call::decode(method, params.clone()) {
+        Ok(again) => assert!(same(&again), "{method} {params}: {again:?} for {call:?}"),
+        Err(e) => panic!("{method} {params}: {e}, sent back as decoded"),
     }
 }
 
-/// Mount options: each known one a flag or a propagation, the rest passed on; the atime
-/// options exclusive.
-fn check_options<'a>(options: impl IntoIterator<Item = &'a str>) {
+fn check_start(s: &process::CheckedStart) {
+    let program = s.argv().first().expect("a program");
+    assert!(!program.is_empty());
+    assert_eq!(s.program(), program);
+    s.argv().iter().for_each(|a| c_string("argv", a));
+    for (k, v) in s.env() {
+        assert!(!k.is_empty() && !k.contains('='), "env {k:?}");
+        c_string("env", k);
+        c_string("env", v);
+    }
+    // The program is looked for in the PATH it will have.
+    let last = s.env().iter().rev().find(|(k, _)| k == "PATH");
+    assert_eq!(last.map(|(_, v)| v.as_str()), Some(s.path()));
+    if let Some(r) = s.root() {
+        check_absolute("root", Path::new(r));
+        assert!(!r.contains(':'), "root {r:?}");
+    }
+    if let Some(d) = s.cwd() {
+        c_string("cwd", d);
+    }
+    let env: Vec<String> = s.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let params = json!({"argv": s.argv(), "env": env, "cwd": s.cwd(), "stdin": s.stdin(),
+        "root": s.root()});
+    let call = Call::StartProcess(s.clone());
+    decodes_again(
+        "start_process",
+        params,
+        &call,
+        |c| matches!(c, Call::StartProcess(again) if again == s),
+    );
+}
+
+fn check_interface(u: &net::CheckedInterface) {
+    check_mac(u.mac());
+    if let Some(n) = u.name() {
+        assert!((1..=net::MAX_IFNAME).contains(&n.len()), "name {n:?}");
+        assert!(!n.contains(['/', ':', ' ', '\0']), "name {n:?}");
+    }
+    if let Some(m) = u.mtu() {
+        assert!((68..=65535).contains(&m), "mtu {m}");
+    }
+    for &(ip, p) in u.addresses().into_iter().flatten() {
+        check_cidr(ip, p);
+    }
+    let addresses = u.addresses().map(|a| {
+        a.iter()
+            .map(|(ip, p)| format!("{ip}/{p}"))
+            .collect::<Vec<_>>()
+    });
+    let params = json!({"mac": mac_text(&u.mac()), "name": u.name(), "mtu": u.mtu(),
+        "addresses": addresses, "up": u.up()});
+    let call = Call::UpdateInterface(u.clone());
+    decodes_again(
+        "update_interface",
+        params,
+        &call,
+        |c| matches!(c, Call::UpdateInterface(again) if again == u),
+    );
+}
+
+fn check_routes(u: &net::CheckedRoutes) {
+    let mut seen = std::collections::HashSet::new();
+    for r in u.routes() {
+        let (dst, prefix) = (r.dst(), r.prefix());
+        check_cidr(dst, prefix);
+        assert!(host_bits_clear(dst, prefix), "{dst}/{prefix}");
+        assert!(seen.insert((dst, prefix)), "two routes to {dst}/{prefix}");
+        if let Some(g) = r.gateway() {
+            assert_eq!(g.is_ipv4(), dst.is_ipv4(), "{dst}/{prefix} via {g}");
+            assert!(!g.is_unspecified() && !g.is_multicast(), "via {g}");
+        }
+    }
+    let routes: Vec<Value> = u
+        .routes()
+        .iter()
+        .map(|r| {
+            json!({"dest": format!("{}/{}", r.dst(), r.prefix()), "gateway": r.gateway(),
+                "device": r.device()})
+        })
+        .collect();
+    let params = json!({"routes": routes, "devices": u.devices()});
+    let call = Call::UpdateRoutes(u.clone());
+    decodes_again(
+        "update_routes",
+        params,
+        &call,
+        |c| matches!(c, Call::UpdateRoutes(again) if again == u),
+    );
+}
+
+fn check_neighbors(a: &net::CheckedNeighbors) {
+    a.neighbors().iter().for_each(|n| check_mac(n.mac()));
+    let neighbors: Vec<Value> = a
+        .neighbors()
+        .iter()
+        .map(|n| json!({"ip": n.ip(), "mac": mac_text(&n.mac()), "device": n.device()}))
+        .collect();
+    let call = Call::AddArpNeighbors(a.clone());
+    decodes_again(
+        "add_arp_neighbors",
+        json!({ "neighbors": neighbors }),
+        &call,
+        |c| matches!(c, Call::AddArpNeighbors(again) if again == a),
+    );
+}
+
+/// Mount flags and propagation as parsed: each known one a flag or a propagation, the atime
+/// options exclusive; the file system's options without empty ones, and no NUL.
+fn check_options(flags: libc::c_ulong, propagation: &[libc::c_ulong], data: &str) {
     use libc::*;
-    let o = mounts::parse_options(options);
-    let atime = o.flags & (MS_NOATIME | MS_RELATIME | MS_STRICTATIME);
-    assert!(atime.count_ones() <= 1, "{o:?}");
+    let atime = flags & (MS_NOATIME | MS_RELATIME | MS_STRICTATIME);
+    assert!(atime.count_ones() <= 1, "{flags:#x}");
     let known = MS_RDONLY
         | MS_NOSUID
         | MS_NODEV
@@ -148,49 +300,105 @@ fn check_options<'a>(options: impl IntoIterator<Item = &'a str>) {
         | MS_NOSYMFOLLOW
         | MS_BIND
         | MS_REC;
-    assert_eq!(o.flags & !known, 0, "{o:?}");
-    let propagation = MS_PRIVATE | MS_SHARED | MS_SLAVE | MS_UNBINDABLE;
-    for p in &o.propagation {
-        assert_eq!(p & !(propagation | MS_REC), 0, "{o:?}");
-        assert_eq!((p & propagation).count_ones(), 1, "{o:?}");
+    assert_eq!(flags & !known, 0, "{flags:#x}");
+    let kinds = MS_PRIVATE | MS_SHARED | MS_SLAVE | MS_UNBINDABLE;
+    for p in propagation {
+        assert_eq!(p & !(kinds | MS_REC), 0, "{p:#x}");
+        assert_eq!((p & kinds).count_ones(), 1, "{p:#x}");
     }
     assert!(
-        o.data.is_empty() || o.data.split(',').all(|d| !d.is_empty()),
-        "{o:?}"
+        data.is_empty() || data.split(',').all(|d| !d.is_empty()),
+        "{data:?}"
     );
+    c_string("options", data);
 }
 
-/// The system-free checks the calls start with, on what was decoded.
+fn check_mount_block(m: &block::CheckedMountBlock) {
+    match m.disk().source() {
+        block::Source::Serial(s) => assert!((1..=block::MAX_SERIAL).contains(&s.len()), "{s:?}"),
+        block::Source::Pci(a) => {
+            // In sysfs's form: a name in /sys/bus/pci/devices, never a way out of it.
+            assert_eq!(a.len(), 12, "{a:?}");
+            assert_eq!(block::pci_address(a).as_ref(), Some(a), "{a:?}");
+            assert!(
+                a.bytes().all(|b| b.is_ascii_digit()
+                    || (b'a'..=b'f').contains(&b)
+                    || b":.".contains(&b)),
+                "{a:?}"
+            );
+            assert!(!a.contains(".."), "{a:?}");
+        }
+        block::Source::Path(p) => check_absolute("source", Path::new(p)),
+    }
+    check_absolute("target", m.target());
+    let f = m.fstype();
+    assert!((1..=block::MAX_FSTYPE).contains(&f.len()), "{f:?}");
+    assert!(
+        f.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+        "{f:?}"
+    );
+    // Not a bind: those are `mount`'s.
+    assert_eq!(
+        m.flags() & (libc::MS_BIND | libc::MS_REC),
+        0,
+        "{:#x}",
+        m.flags()
+    );
+    check_options(m.flags(), &[], m.data());
+}
+
+fn check_mount(m: &filesystems::CheckedMount) {
+    use libc::{MS_BIND, MS_REC};
+    check_absolute("root", m.root());
+    check_absolute("target", m.target());
+    assert!(
+        m.target().components().all(|c| c != Component::ParentDir),
+        "{:?}",
+        m.target()
+    );
+    c_string("source", m.source());
+    check_options(m.flags() | m.remount(), m.propagation(), m.data());
+    if m.bind() {
+        // A bind: of an absolute path, MS_BIND (and MS_REC) alone, its flags set by a remount,
+        // no file system options.
+        check_absolute("bind source", Path::new(m.source()));
+        assert_eq!(m.fstype(), "");
+        assert_eq!(m.flags() & !MS_REC, MS_BIND, "{:#x}", m.flags());
+        assert_eq!(m.remount() & (MS_BIND | MS_REC), 0, "{:#x}", m.remount());
+        assert_eq!(m.data(), "");
+    } else {
+        assert!(
+            filesystems::FSTYPES.contains(&m.fstype()) && !matches!(m.fstype(), "bind" | "none"),
+            "{:?}",
+            m.fstype()
+        );
+        assert_eq!(m.flags() & MS_BIND, 0, "{:#x}", m.flags());
+        assert_eq!(m.remount(), 0);
+    }
+}
+
+/// What the checks promise of what they let through, on what was decoded.
 fn check_call(call: &Call) {
     match call {
         Call::WriteStdin { data, .. } => assert!(data.len() <= MAX_FRAME),
-        Call::UpdateInterface(u) => {
-            check_mac(&u.mac);
-            u.addresses.iter().flatten().for_each(|a| check_cidr(a));
-        }
-        Call::UpdateRoutes(u) => {
-            for r in &u.routes {
-                check_cidr(&r.dest);
-                let _ = r.gateway.as_deref().map(str::parse::<IpAddr>);
-            }
-        }
-        Call::AddArpNeighbors(a) => {
-            for n in &a.neighbors {
-                check_mac(&n.mac);
-                let _ = n.ip.parse::<IpAddr>();
-            }
-        }
-        Call::MountBlock(m) => {
-            if let block::Source::Pci(a) = &m.source {
-                if let Some(full) = block::pci_address(a) {
-                    assert_eq!(full.len(), 12, "{a:?}");
-                    assert_eq!(block::pci_address(&full).as_ref(), Some(&full), "{a:?}");
-                }
-            }
-            check_options([m.options.as_str()]);
-        }
-        Call::Mount(m) => check_options(m.options.iter().map(String::as_str)),
-        _ => {}
+        Call::StartProcess(s) => check_start(s),
+        Call::KillProcess { signal, .. } => assert!((1..=64).contains(&signal.number())),
+        Call::UpdateInterface(u) => check_interface(u),
+        Call::UpdateRoutes(u) => check_routes(u),
+        Call::AddArpNeighbors(a) => check_neighbors(a),
+        Call::MountBlock(m) => check_mount_block(m),
+        Call::Mount(m) => check_mount(m),
+        Call::Unmount(u) => check_absolute("target", u.target()),
+        Call::SetupHugepages(h) => check_absolute("mount", h.mount()),
+        Call::Version
+        | Call::Health
+        | Call::WaitProcess { .. }
+        | Call::CloseStdin { .. }
+        | Call::Metrics
+        | Call::ListInterfaces
+        | Call::ListRoutes
+        | Call::Shutdown => {}
     }
 }
 
@@ -437,6 +645,48 @@ mod tests {
         // Cut inside a length, inside a frame.
         assert_eq!(fuzz_frames(&[0, 0]), 0);
         assert_eq!(fuzz_frames(&frame(1, "version", Value::Null)[..10]), 0);
+    }
+
+    /// Requests that the checks moved into [`Call::decode`] refuse: answered (one
+    /// `failed`, for the empty program name, as it always was), nothing decoded.
+    #[test]
+    fn requests_refused_by_the_checks_are_answered() {
+        let refused = [
+            ("start_process", json!({"argv": [""]})),
+            ("start_process", json!({"argv": ["sh"], "env": ["=x"]})),
+            ("start_process", json!({"argv": ["sh"], "root": "rel"})),
+            ("kill_process", json!({"process": "p1", "signal": 0})),
+            (
+                "update_interface",
+                json!({"mac": "02:00:00:00:50:02", "mtu": 9}),
+            ),
+            (
+                "update_routes",
+                json!({"routes": [{"dest": "10.0.0.1/8", "device": "eth0"}]}),
+            ),
+            (
+                "add_arp_neighbors",
+                json!({"neighbors": [{"ip": "x", "mac": "02:00:00:00:00:09", "device": "eth0"}]}),
+            ),
+            (
+                "mount_block",
+                json!({"source": {"pci": "../x"}, "target": "/mnt"}),
+            ),
+            (
+                "mount",
+                json!({"source": "proc", "target": "/a/../b", "fstype": "proc"}),
+            ),
+            ("unmount", json!({"target": "a"})),
+            ("setup_hugepages", json!({"count": 1, "mount": "h"})),
+        ];
+        let mut s = Vec::new();
+        for (i, (m, p)) in refused.iter().enumerate() {
+            let e = Call::decode(m, p.clone()).unwrap_err();
+            let want = if i == 0 { "failed" } else { "bad_params" };
+            assert_eq!(e.code, want, "{m} {p}: {e}");
+            s.extend(frame(i as u64, m, p.clone()));
+        }
+        assert_eq!(fuzz_frames(&s), 0);
     }
 
     #[test]

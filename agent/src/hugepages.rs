@@ -69,14 +69,52 @@ pub fn reserve(
     Ok(got)
 }
 
-/// `setup_hugepages`.
-pub fn setup(h: Hugepages, roots: &Roots) -> Result<Value, RpcError> {
-    if !h.mount.starts_with('/') || h.mount.contains('\0') {
-        return Err(RpcError::new(
-            "bad_params",
-            format!("mount {} is not an absolute path", quote(&h.mount)),
-        ));
+/// `setup_hugepages`, checked: an absolute mount point with no NUL. Made only by its
+/// `TryFrom<Hugepages>`, in [`crate::server::Call::decode`]. The page size and the count are
+/// the kernel's to take or refuse: which sizes it has is in sysfs (a size it does not have is
+/// `not_found`, with those it has), how many pages it can give is found by asking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedHugepages {
+    size_kb: u64,
+    count: u64,
+    mount: String,
+}
+
+impl TryFrom<Hugepages> for CheckedHugepages {
+    type Error = RpcError;
+
+    fn try_from(h: Hugepages) -> Result<CheckedHugepages, RpcError> {
+        if !h.mount.starts_with('/') || h.mount.contains('\0') {
+            return Err(RpcError::new(
+                "bad_params",
+                format!("mount {} is not an absolute path", quote(&h.mount)),
+            ));
+        }
+        Ok(CheckedHugepages {
+            size_kb: h.size_kb,
+            count: h.count,
+            mount: h.mount,
+        })
     }
+}
+
+impl CheckedHugepages {
+    pub fn size_kb(&self) -> u64 {
+        self.size_kb
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Where hugetlbfs goes: absolute, no NUL.
+    pub fn mount(&self) -> &Path {
+        Path::new(&self.mount)
+    }
+}
+
+/// `setup_hugepages`.
+pub fn setup(h: CheckedHugepages, roots: &Roots) -> Result<Value, RpcError> {
     let pools = roots.sys.join("kernel/mm/hugepages");
     let dir = pools.join(format!("hugepages-{}kB", h.size_kb));
     if !dir.is_dir() {
@@ -198,16 +236,18 @@ mod tests {
             mountinfo: root.join("mountinfo"),
             ..Roots::default()
         };
-        let ask = |size_kb, mount: &str| Hugepages {
-            size_kb,
-            count: 8,
-            mount: mount.into(),
+        let ask = |size_kb, mount: &str| {
+            CheckedHugepages::try_from(Hugepages {
+                size_kb,
+                count: 8,
+                mount: mount.into(),
+            })
         };
         let m = mnt.display().to_string();
-        let done = setup(ask(2048, &m), &roots);
+        let done = ask(2048, &m).and_then(|h| setup(h, &roots));
         let written = std::fs::read_to_string(pool.join("nr_hugepages"));
-        let no_size = setup(ask(4096, &m), &roots);
-        let relative = setup(ask(2048, "hugepages"), &roots);
+        let no_size = ask(4096, &m).and_then(|h| setup(h, &roots));
+        let relative = ask(2048, "hugepages");
         let _ = std::fs::remove_dir_all(&root);
         assert_eq!(
             done.unwrap(),
@@ -218,5 +258,43 @@ mod tests {
         assert_eq!(e.code, "not_found");
         assert!(e.message.contains("2048, 1048576"), "{e}");
         assert_eq!(relative.unwrap_err().code, "bad_params");
+    }
+
+    /// What `setup_hugepages` refuses without looking at the system is refused by
+    /// [`Call::decode`], with the words the call used to answer with when run.
+    #[test]
+    fn decode_refuses_a_mount_point_that_is_not_absolute() {
+        use crate::server::Call;
+        for (params, message) in [
+            (
+                json!({"count": 8, "mount": "hugepages"}),
+                "mount \"hugepages\" is not an absolute path",
+            ),
+            (
+                json!({"count": 8, "mount": ""}),
+                "mount \"\" is not an absolute path",
+            ),
+            (
+                json!({"count": 8, "mount": "/dev/huge\0"}),
+                "mount \"/dev/huge\\0\" is not an absolute path",
+            ),
+        ] {
+            let e = Call::decode("setup_hugepages", params.clone()).unwrap_err();
+            assert_eq!(
+                (e.code.as_str(), e.message.as_str()),
+                ("bad_params", message),
+                "{params}"
+            );
+        }
+        // Sizes and counts are the kernel's to refuse (a size it lacks is `not_found`).
+        let Ok(Call::SetupHugepages(h)) =
+            Call::decode("setup_hugepages", json!({"size_kb": 3, "count": 0}))
+        else {
+            panic!("not decoded");
+        };
+        assert_eq!(
+            (h.size_kb(), h.count(), h.mount()),
+            (3, 0, Path::new("/dev/hugepages"))
+        );
     }
 }

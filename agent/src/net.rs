@@ -151,23 +151,88 @@ fn yes() -> bool {
     true
 }
 
-/// `update_interface`: returns the interface as it is afterwards.
-pub fn update_interface(u: UpdateInterface) -> Result<Value, RpcError> {
-    let mac = parse_mac(&u.mac)?;
-    let addrs: Vec<(IpAddr, u8)> = u
-        .addresses
-        .iter()
-        .flatten()
-        .map(|a| parse_cidr(a))
-        .collect::<Result<_, _>>()?;
-    if let Some(n) = &u.name {
-        if n.is_empty() || n.len() > 15 || n.contains(['/', ':', ' ', '\0']) {
-            return Err(bad(format!("name {} is not an interface name", quote(n))));
+/// The longest interface name (`IFNAMSIZ` less its NUL).
+pub const MAX_IFNAME: usize = 15;
+
+/// An interface name `update_interface` gives: 1 to [`MAX_IFNAME`] bytes, no `/`, `:`, space
+/// or NUL.
+fn check_ifname(n: &str) -> Result<(), RpcError> {
+    if n.is_empty() || n.len() > MAX_IFNAME || n.contains(['/', ':', ' ', '\0']) {
+        return Err(bad(format!("name {} is not an interface name", quote(n))));
+    }
+    Ok(())
+}
+
+/// The MTUs `update_interface` sets.
+pub const MTU: std::ops::RangeInclusive<u32> = 68..=65535;
+
+/// `update_interface`, checked: the MAC and addresses parsed, the name and MTU in range. Made
+/// only by its `TryFrom<UpdateInterface>`, in [`crate::server::Call::decode`]; whether the
+/// interface is there is for [`update_interface`] to find out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedInterface {
+    mac: [u8; 6],
+    name: Option<String>,
+    mtu: Option<u32>,
+    addresses: Option<Vec<(IpAddr, u8)>>,
+    up: bool,
+}
+
+impl TryFrom<UpdateInterface> for CheckedInterface {
+    type Error = RpcError;
+
+    fn try_from(u: UpdateInterface) -> Result<CheckedInterface, RpcError> {
+        let mac = parse_mac(&u.mac)?;
+        let addresses = u
+            .addresses
+            .map(|a| a.iter().map(|a| parse_cidr(a)).collect::<Result<_, _>>())
+            .transpose()?;
+        if let Some(n) = &u.name {
+            check_ifname(n)?;
         }
+        if u.mtu.is_some_and(|m| !MTU.contains(&m)) {
+            return Err(bad("mtu: 68..65535"));
+        }
+        Ok(CheckedInterface {
+            mac,
+            name: u.name,
+            mtu: u.mtu,
+            addresses,
+            up: u.up,
+        })
     }
-    if u.mtu.is_some_and(|m| !(68..=65535).contains(&m)) {
-        return Err(bad("mtu: 68..65535"));
+}
+
+impl CheckedInterface {
+    /// Which interface: the one with this MAC.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
     }
+
+    /// Its new name: 1 to [`MAX_IFNAME`] bytes, no `/`, `:`, space or NUL.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Its new MTU, in [`MTU`].
+    pub fn mtu(&self) -> Option<u32> {
+        self.mtu
+    }
+
+    /// All its addresses, with prefix lengths of their family.
+    pub fn addresses(&self) -> Option<&[(IpAddr, u8)]> {
+        self.addresses.as_deref()
+    }
+
+    pub fn up(&self) -> bool {
+        self.up
+    }
+}
+
+/// `update_interface`: returns the interface as it is afterwards.
+pub fn update_interface(u: CheckedInterface) -> Result<Value, RpcError> {
+    let mac = u.mac;
+    let addrs: &[(IpAddr, u8)] = u.addresses.as_deref().unwrap_or_default();
     let mut nl = open()?;
     let links = nl.links().map_err(|e| failed("listing links", e))?;
     let l = links
@@ -213,7 +278,7 @@ pub fn update_interface(u: UpdateInterface) -> Result<Value, RpcError> {
             }
         }
         let have = nl.addresses().map_err(|e| failed("listing addresses", e))?;
-        for (ip, p) in &addrs {
+        for (ip, p) in addrs {
             let present = have.iter().any(|a| {
                 a.header.index == index && address_of(a) == Some(*ip) && a.header.prefix_len == *p
             });
@@ -443,8 +508,40 @@ pub fn list_routes() -> Result<Value, RpcError> {
     Ok(json!(routes(&mut open()?)?))
 }
 
+/// A route of `update_routes`, checked: the destination has no host bits set, the gateway
+/// is of its family and can be one. Made only by [`CheckedRoutes`]'s `TryFrom<UpdateRoutes>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedRoute {
+    dst: IpAddr,
+    prefix: u8,
+    gw: Option<IpAddr>,
+    device: String,
+}
+
+impl CheckedRoute {
+    /// The destination network (`0.0.0.0` or `::` for a default route).
+    pub fn dst(&self) -> IpAddr {
+        self.dst
+    }
+
+    /// The destination's prefix length: up to 32 (IPv4) or 128 (IPv6); 0 for a default.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The gateway: of the destination's family, neither unspecified nor multicast.
+    pub fn gateway(&self) -> Option<IpAddr> {
+        self.gw
+    }
+
+    /// The device, by name (looked up when the call runs).
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+}
+
 /// Checks a route: the destination has no host bits set, the gateway is of its family.
-fn parse_route(r: &Route) -> Result<(IpAddr, u8, Option<IpAddr>), RpcError> {
+fn parse_route(r: Route) -> Result<CheckedRoute, RpcError> {
     let gw: Option<IpAddr> = r
         .gateway
         .as_deref()
@@ -475,7 +572,55 @@ fn parse_route(r: &Route) -> Result<(IpAddr, u8, Option<IpAddr>), RpcError> {
             quote(&r.dest)
         )));
     }
-    Ok((dst, prefix, gw))
+    Ok(CheckedRoute {
+        dst,
+        prefix,
+        gw,
+        device: r.device,
+    })
+}
+
+/// `update_routes`, checked: each route as [`CheckedRoute`] says, no two to one destination.
+/// Made only by its `TryFrom<UpdateRoutes>`, in [`crate::server::Call::decode`]; whether the
+/// devices are there is for [`update_routes`] to find out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedRoutes {
+    routes: Vec<CheckedRoute>,
+    devices: Vec<String>,
+}
+
+impl TryFrom<UpdateRoutes> for CheckedRoutes {
+    type Error = RpcError;
+
+    fn try_from(u: UpdateRoutes) -> Result<CheckedRoutes, RpcError> {
+        let mut routes: Vec<CheckedRoute> = Vec::with_capacity(u.routes.len());
+        // A frame holds up to some 100000 routes: their destinations are looked up, not
+        // compared pairwise.
+        let mut seen = std::collections::HashSet::with_capacity(u.routes.len());
+        for r in u.routes {
+            let r = parse_route(r)?;
+            if !seen.insert((r.dst, r.prefix)) {
+                return Err(bad(format!("two routes to {}/{}", r.dst, r.prefix)));
+            }
+            routes.push(r);
+        }
+        Ok(CheckedRoutes {
+            routes,
+            devices: u.devices,
+        })
+    }
+}
+
+impl CheckedRoutes {
+    /// The routes, in the order given; no two to one destination.
+    pub fn routes(&self) -> &[CheckedRoute] {
+        &self.routes
+    }
+
+    /// The other devices named.
+    pub fn devices(&self) -> &[String] {
+        &self.devices
+    }
 }
 
 /// The route message that puts `old` back, as a dump gave it.
@@ -501,28 +646,18 @@ fn restorable(old: &RouteMessage) -> RouteMessage {
 }
 
 /// `update_routes`: the routes of each device named (in `routes` or `devices`) become
-/// exactly those given, besides the kernel's own. Everything is checked first; the new routes
+/// exactly those given, besides the kernel's own. Everything is checked first (the routes
+/// themselves in [`CheckedRoutes`], then the devices, then the table); the new routes
 /// go in before the old ones go (a route in the place of an old one replaces it in one step),
 /// and if the kernel refuses one, what was done is undone. Returns the main table afterwards.
-pub fn update_routes(u: UpdateRoutes) -> Result<Value, RpcError> {
-    let mut parsed = Vec::new();
-    for r in &u.routes {
-        let (dst, prefix, gw) = parse_route(r)?;
-        if parsed
-            .iter()
-            .any(|(d, p, _, _): &(IpAddr, u8, _, _)| (*d, *p) == (dst, prefix))
-        {
-            return Err(bad(format!("two routes to {dst}/{prefix}")));
-        }
-        parsed.push((dst, prefix, gw, r.device.as_str()));
-    }
+pub fn update_routes(u: CheckedRoutes) -> Result<Value, RpcError> {
     let mut want = Vec::new();
-    for (dst, prefix, gw, dev) in parsed {
+    for r in &u.routes {
         want.push(Spec {
-            dst,
-            prefix,
-            gw,
-            oif: ifindex(dev)?,
+            dst: r.dst,
+            prefix: r.prefix,
+            gw: r.gw,
+            oif: ifindex(&r.device)?,
         });
     }
     let mut devices: Vec<u32> = want.iter().map(|w| w.oif).collect();
@@ -645,20 +780,68 @@ pub struct AddNeighbors {
     pub neighbors: Vec<Neighbor>,
 }
 
-/// `add_arp_neighbors`: permanent entries, replacing what is there.
-pub fn add_arp_neighbors(a: AddNeighbors) -> Result<Value, RpcError> {
-    let mut parsed = Vec::new();
-    for n in &a.neighbors {
-        let ip: IpAddr =
-            n.ip.parse()
-                .map_err(|_| bad(format!("{} is not an address", quote(&n.ip))))?;
-        parsed.push((ip, parse_mac(&n.mac)?, n.device.clone()));
+/// A neighbour entry of `add_arp_neighbors`, checked: its address and MAC parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedNeighbor {
+    ip: IpAddr,
+    mac: [u8; 6],
+    device: String,
+}
+
+impl CheckedNeighbor {
+    pub fn ip(&self) -> IpAddr {
+        self.ip
     }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The device, by name (looked up when the call runs).
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+}
+
+/// `add_arp_neighbors`, checked: every entry parsed. Made only by its
+/// `TryFrom<AddNeighbors>`, in [`crate::server::Call::decode`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedNeighbors(Vec<CheckedNeighbor>);
+
+impl TryFrom<AddNeighbors> for CheckedNeighbors {
+    type Error = RpcError;
+
+    fn try_from(a: AddNeighbors) -> Result<CheckedNeighbors, RpcError> {
+        a.neighbors
+            .into_iter()
+            .map(|n| {
+                let ip: IpAddr =
+                    n.ip.parse()
+                        .map_err(|_| bad(format!("{} is not an address", quote(&n.ip))))?;
+                Ok(CheckedNeighbor {
+                    ip,
+                    mac: parse_mac(&n.mac)?,
+                    device: n.device,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(CheckedNeighbors)
+    }
+}
+
+impl CheckedNeighbors {
+    pub fn neighbors(&self) -> &[CheckedNeighbor] {
+        &self.0
+    }
+}
+
+/// `add_arp_neighbors`: permanent entries, replacing what is there.
+pub fn add_arp_neighbors(a: CheckedNeighbors) -> Result<Value, RpcError> {
     let mut nl = open()?;
-    for (ip, mac, dev) in parsed {
-        let i = ifindex(&dev)?;
-        nl.set_neighbour(i, ip, mac)
-            .map_err(|e| failed(&format!("neighbour {ip} on {dev}"), e))?;
+    for n in &a.0 {
+        let i = ifindex(&n.device)?;
+        nl.set_neighbour(i, n.ip, n.mac)
+            .map_err(|e| failed(&format!("neighbour {} on {}", n.ip, n.device), e))?;
     }
     Ok(json!({}))
 }
@@ -692,5 +875,175 @@ mod tests {
         ] {
             assert!(parse_mac(bad).is_err(), "{bad}");
         }
+    }
+
+    /// What `update_interface`, `update_routes` and `add_arp_neighbors` refuse without looking
+    /// at the system is refused by [`Call::decode`], with the words the calls used to answer
+    /// with when run (the first thing wrong, in the order they looked).
+    #[test]
+    fn decode_refuses_bad_addresses_macs_names_mtus_and_routes() {
+        use crate::server::Call;
+        let iface = |extra: Value| {
+            let mut p = json!({"mac": "02:00:00:00:50:02"});
+            if let (Some(p), Some(e)) = (p.as_object_mut(), extra.as_object()) {
+                p.extend(e.clone());
+            }
+            p
+        };
+        let routes = |r: Value| json!({"routes": r});
+        let cidr = |s: &str| format!("{s:?} is not an address with a prefix length (10.0.0.2/24)");
+        for (method, params, message) in [
+            (
+                "update_interface",
+                json!({"mac": "02:00:00:aa:bb"}),
+                "\"02:00:00:aa:bb\" is not a MAC address".to_string(),
+            ),
+            (
+                "update_interface",
+                json!({"mac": "2:0:0:aa:bb:1", "name": "a/b"}),
+                "\"2:0:0:aa:bb:1\" is not a MAC address".into(),
+            ),
+            (
+                "update_interface",
+                iface(json!({"addresses": ["10.50.0.4/24", "10.50.0.5/99"], "mtu": 1})),
+                cidr("10.50.0.5/99"),
+            ),
+            (
+                "update_interface",
+                iface(json!({"addresses": ["fd00::1"]})),
+                cidr("fd00::1"),
+            ),
+            (
+                "update_interface",
+                iface(json!({"name": "a/b", "mtu": 1})),
+                "name \"a/b\" is not an interface name".into(),
+            ),
+            (
+                "update_interface",
+                iface(json!({"name": ""})),
+                "name \"\" is not an interface name".into(),
+            ),
+            (
+                "update_interface",
+                iface(json!({"name": "abcdefghijklmnop"})),
+                "name \"abcdefghijklmnop\" is not an interface name".into(),
+            ),
+            (
+                "update_interface",
+                iface(json!({"name": "eth 0"})),
+                "name \"eth 0\" is not an interface name".into(),
+            ),
+            (
+                "update_interface",
+                iface(json!({"name": "eth0:1"})),
+                "name \"eth0:1\" is not an interface name".into(),
+            ),
+            (
+                "update_interface",
+                iface(json!({"mtu": 67})),
+                "mtu: 68..65535".into(),
+            ),
+            (
+                "update_interface",
+                iface(json!({"mtu": 65536})),
+                "mtu: 68..65535".into(),
+            ),
+            (
+                "update_routes",
+                routes(json!([{"dest": "default", "gateway": "x", "device": "eth7"}])),
+                "gateway \"x\" is not an address".into(),
+            ),
+            (
+                "update_routes",
+                routes(json!([{"dest": "10.80.0.0", "device": "eth7"}])),
+                cidr("10.80.0.0"),
+            ),
+            (
+                "update_routes",
+                routes(json!([{"dest": "10.80.0.0/16", "gateway": "fd00::1", "device": "eth7"}])),
+                "route \"10.80.0.0/16\": gateway fd00::1 is of the other family".into(),
+            ),
+            (
+                "update_routes",
+                routes(json!([{"dest": "default", "gateway": "0.0.0.0", "device": "eth7"}])),
+                "route \"default\": 0.0.0.0 is no gateway".into(),
+            ),
+            (
+                "update_routes",
+                routes(json!([{"dest": "default", "gateway": "ff02::1", "device": "eth7"}])),
+                "route \"default\": ff02::1 is no gateway".into(),
+            ),
+            (
+                "update_routes",
+                routes(json!([{"dest": "10.80.0.1/16", "device": "eth7"}])),
+                "route \"10.80.0.1/16\": host bits are set (the network is 10.80.0.0/16)".into(),
+            ),
+            (
+                "update_routes",
+                routes(json!([{"dest": "fd00:1::1/64", "device": "eth7"}])),
+                "route \"fd00:1::1/64\": host bits are set (the network is fd00:1::/64)".into(),
+            ),
+            (
+                "update_routes",
+                routes(json!([
+                    {"dest": "10.80.0.0/16", "device": "eth7"},
+                    {"dest": "10.80.0.0/16", "gateway": "10.50.0.1", "device": "eth8"}])),
+                "two routes to 10.80.0.0/16".into(),
+            ),
+            (
+                "update_routes",
+                routes(json!([
+                    {"dest": "default", "gateway": "10.50.0.1", "device": "eth7"},
+                    {"dest": "0.0.0.0/0", "device": "eth8"}])),
+                "two routes to 0.0.0.0/0".into(),
+            ),
+            (
+                "add_arp_neighbors",
+                json!({"neighbors": [
+                    {"ip": "10.50.0.9", "mac": "02:00:00:00:00:09", "device": "eth7"},
+                    {"ip": "10.50.0.300", "mac": "02:00:00:00:00:0a", "device": "eth7"}]}),
+                "\"10.50.0.300\" is not an address".into(),
+            ),
+            (
+                "add_arp_neighbors",
+                json!({"neighbors": [{"ip": "10.50.0.9", "mac": "zz:00:00:00:00:00", "device": "eth7"}]}),
+                "\"zz:00:00:00:00:00\" is not a MAC address".into(),
+            ),
+        ] {
+            let e = Call::decode(method, params.clone()).unwrap_err();
+            assert_eq!(
+                (e.code.as_str(), e.message.as_str()),
+                ("bad_params", message.as_str()),
+                "{method} {params}"
+            );
+        }
+        // Decoded: parsed; IPv6 defaults; the devices are for the run to look up.
+        let Ok(Call::UpdateInterface(i)) = Call::decode(
+            "update_interface",
+            iface(json!({"name": "eth7", "mtu": 68, "addresses": ["fd00::2/64"], "up": false})),
+        ) else {
+            panic!("not decoded");
+        };
+        assert_eq!(i.mac(), [2, 0, 0, 0, 0x50, 2]);
+        assert_eq!((i.name(), i.mtu(), i.up()), (Some("eth7"), Some(68), false));
+        assert_eq!(i.addresses(), Some(&[("fd00::2".parse().unwrap(), 64)][..]));
+        let Ok(Call::UpdateRoutes(r)) = Call::decode(
+            "update_routes",
+            json!({"routes": [{"dest": "default", "gateway": "fd00::1", "device": "nosuch0"}],
+                "devices": ["nosuch1"]}),
+        ) else {
+            panic!("not decoded");
+        };
+        let d = &r.routes()[0];
+        assert_eq!(
+            (d.dst(), d.prefix(), d.gateway(), d.device()),
+            (
+                Ipv6Addr::UNSPECIFIED.into(),
+                0,
+                Some("fd00::1".parse().unwrap()),
+                "nosuch0"
+            )
+        );
+        assert_eq!(r.devices(), ["nosuch1"]);
     }
 }

@@ -117,6 +117,131 @@ pub struct StartParams {
     pub root: Option<String>,
 }
 
+/// `start_process`, checked: a program name, no NUL anywhere, the environment's entries
+/// split (with PATH), an absolute `root`. Made only by its `TryFrom<StartParams>`, in
+/// [`crate::server::Call::decode`]; that the root, `cwd` and the program are there is for
+/// [`Processes::start`] to find out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedStart {
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+    stdin: bool,
+    root: Option<String>,
+}
+
+impl TryFrom<StartParams> for CheckedStart {
+    type Error = RpcError;
+
+    fn try_from(p: StartParams) -> Result<CheckedStart, RpcError> {
+        let Some(program) = p.argv.first() else {
+            return Err(bad("argv is empty"));
+        };
+        if p.argv.iter().any(|a| a.contains('\0')) {
+            return Err(bad("argv holds a NUL byte"));
+        }
+        let mut env = Vec::new();
+        for kv in p.env.iter().flatten() {
+            let (k, v) = kv
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty() && !kv.contains('\0'))
+                .ok_or_else(|| bad(format!("env entry {} is not KEY=VALUE", quote(kv))))?;
+            env.push((k.to_string(), v.to_string()));
+        }
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), DEFAULT_PATH.into()));
+        }
+        match &p.root {
+            Some(r) if r.contains(['\0', ':']) => {
+                return Err(bad(format!("root {} holds a NUL byte or ':'", quote(r))))
+            }
+            Some(r) if !r.starts_with('/') => {
+                return Err(bad(format!("root {} is not an absolute path", quote(r))))
+            }
+            _ => {}
+        }
+        if p.cwd.as_ref().is_some_and(|d| d.contains('\0')) {
+            return Err(bad("cwd holds a NUL byte"));
+        }
+        // Resolving the program fails on this before it looks anything up, with these words.
+        if let Err(e) = program_name(program) {
+            return Err(failed(match &p.root {
+                Some(r) => format!("in root {r}: {e}"),
+                None => e,
+            }));
+        }
+        Ok(CheckedStart {
+            argv: p.argv,
+            env,
+            cwd: p.cwd,
+            stdin: p.stdin,
+            root: p.root,
+        })
+    }
+}
+
+impl CheckedStart {
+    /// Program and arguments: at least the program, whose name is not empty; no NUL.
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
+    /// The whole environment, in order: keys neither empty nor holding `=`, no NUL; PATH in
+    /// it.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
+    /// The program: `argv[0]`.
+    pub fn program(&self) -> &str {
+        self.argv.first().map_or("", String::as_str)
+    }
+
+    /// Where the program is looked for: the environment's last PATH.
+    pub fn path(&self) -> &str {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map_or(DEFAULT_PATH, |(_, v)| v.as_str())
+    }
+
+    /// Its working directory (relative to the agent's, or to `/` in a root); no NUL.
+    pub fn cwd(&self) -> Option<&str> {
+        self.cwd.as_deref()
+    }
+
+    pub fn stdin(&self) -> bool {
+        self.stdin
+    }
+
+    /// The directory it is chrooted into: absolute, with no NUL or `:`.
+    pub fn root(&self) -> Option<&str> {
+        self.root.as_deref()
+    }
+}
+
+/// A signal `kill_process` sends: 1 to 64. Made only by [`Signal::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Signal(i32);
+
+impl Signal {
+    pub const KILL: Signal = Signal(libc::SIGKILL);
+    pub const TERM: Signal = Signal(libc::SIGTERM);
+
+    /// Signal `n`: `bad_params` outside 1..64.
+    pub fn new(n: i32) -> Result<Signal, RpcError> {
+        if !(1..=64).contains(&n) {
+            return Err(bad(format!("signal {n} is not 1..64")));
+        }
+        Ok(Signal(n))
+    }
+
+    pub fn number(self) -> i32 {
+        self.0
+    }
+}
+
 fn bad(msg: impl Into<String>) -> RpcError {
     RpcError::new("bad_params", msg)
 }
@@ -141,13 +266,19 @@ fn executable(p: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `program` can name a program at all (not empty); why not.
+fn program_name(program: &str) -> Result<(), String> {
+    if program.is_empty() {
+        return Err("the program name is empty".into());
+    }
+    Ok(())
+}
+
 /// The executable `program` names: a path if it holds a `/` (relative to `dir`, which is
 /// absolute), else the first executable `program` in `path`'s absolute entries. The path is
 /// not canonicalised: a multi-call binary still sees the name it was called by.
 pub fn resolve_program(program: &str, path: &str, dir: &Path) -> Result<PathBuf, String> {
-    if program.is_empty() {
-        return Err("the program name is empty".into());
-    }
+    program_name(program)?;
     if program.contains('/') {
         let p = dir.join(program);
         return executable(&p)
@@ -170,9 +301,7 @@ fn resolve_program_in(
     path: &str,
     dir: &Path,
 ) -> Result<PathBuf, String> {
-    if program.is_empty() {
-        return Err("the program name is empty".into());
-    }
+    program_name(program)?;
     let root_fd = crate::mounts::open_dir(root).map_err(|e| e.to_string())?;
     let executable_in = |p: &Path| -> Result<(), String> {
         use std::os::fd::{AsFd, AsRawFd};
@@ -255,38 +384,11 @@ impl Processes {
 
     /// Starts a process; its output goes to `emit` as `output` events. Returns its name and
     /// pid.
-    pub fn start(&self, p: StartParams, emit: Emit) -> Result<Value, RpcError> {
-        let Some(program) = p.argv.first() else {
-            return Err(bad("argv is empty"));
-        };
-        if p.argv.iter().any(|a| a.contains('\0')) {
-            return Err(bad("argv holds a NUL byte"));
-        }
-        let mut env = Vec::new();
-        for kv in p.env.iter().flatten() {
-            let (k, v) = kv
-                .split_once('=')
-                .filter(|(k, _)| !k.is_empty() && !kv.contains('\0'))
-                .ok_or_else(|| bad(format!("env entry {} is not KEY=VALUE", quote(kv))))?;
-            env.push((k, v));
-        }
-        // The last PATH counts, as for any environment.
-        let path = match env.iter().rev().find(|(k, _)| *k == "PATH") {
-            Some((_, v)) => *v,
-            None => {
-                env.push(("PATH", DEFAULT_PATH));
-                DEFAULT_PATH
-            }
-        };
+    pub fn start(&self, p: CheckedStart, emit: Emit) -> Result<Value, RpcError> {
+        let (program, path) = (p.program(), p.path());
         // With a root, paths are checked under it here and used as they are inside it.
         let root = match &p.root {
             None => None,
-            Some(r) if r.contains(['\0', ':']) => {
-                return Err(bad(format!("root {} holds a NUL byte or ':'", quote(r))))
-            }
-            Some(r) if !r.starts_with('/') => {
-                return Err(bad(format!("root {} is not an absolute path", quote(r))))
-            }
             Some(r) => match std::fs::metadata(r) {
                 Ok(m) if m.is_dir() => Some(PathBuf::from(r)),
                 Ok(_) => return Err(failed(format!("root {}: not a directory", quote(r)))),
@@ -302,7 +404,6 @@ impl Processes {
             None => std::env::current_dir().map_err(|e| failed(format!("the agent's cwd: {e}")))?,
         };
         let dir = match &p.cwd {
-            Some(d) if d.contains('\0') => return Err(bad("cwd holds a NUL byte")),
             Some(d) => {
                 let dir = here.join(d);
                 match std::fs::metadata(under(&dir)) {
@@ -323,7 +424,7 @@ impl Processes {
         };
         let mut cmd = Command::new(&exe);
         cmd.arg0(program)
-            .args(&p.argv[1..])
+            .args(p.argv.iter().skip(1))
             .stdin(if p.stdin {
                 Stdio::piped()
             } else {
@@ -332,7 +433,7 @@ impl Processes {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env_clear()
-            .envs(env)
+            .envs(p.env.iter().map(|(k, v)| (k, v)))
             // Its own process group, so that a signal for it reaches what it starts too.
             .process_group(0);
         match &root {
@@ -442,7 +543,7 @@ impl Processes {
                 .is_err();
         }
         if lost || unwaited {
-            let _ = self.kill(&name, libc::SIGKILL);
+            let _ = self.kill(&name, Signal::KILL);
             if unwaited {
                 // Nobody else would reap it.
                 self.wait_for(pid);
@@ -569,10 +670,7 @@ impl Processes {
 
     /// Sends `signal` to `name`'s process group: while it runs, or after it exited while
     /// what it started still holds its output pipes.
-    pub fn kill(&self, name: &str, signal: i32) -> Result<Value, RpcError> {
-        if !(1..=64).contains(&signal) {
-            return Err(bad(format!("signal {signal} is not 1..64")));
-        }
+    pub fn kill(&self, name: &str, signal: Signal) -> Result<Value, RpcError> {
         let t = self.lock();
         let p = t.procs.get(name).ok_or_else(|| not_found(name))?;
         // The group's id is its leader's pid. While no exit is recorded the leader is not
@@ -581,7 +679,7 @@ impl Processes {
         // what still holds the pipes (`readers`). Nobody left: ESRCH, nothing to do.
         if p.exit.is_none() || p.readers > 0 {
             // SAFETY: kill(2) takes no pointers.
-            if unsafe { libc::kill(-p.pid, signal) } != 0 {
+            if unsafe { libc::kill(-p.pid, signal.0) } != 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::ESRCH) {
                     return Err(failed(format!("kill {name}: {e}")));
@@ -664,6 +762,145 @@ mod tests {
         assert!(resolve_program("", DEFAULT_PATH, root).is_err());
         for d in ["/bin", "/sbin", "/usr/bin", "/usr/sbin"] {
             assert!(DEFAULT_PATH.split(':').any(|x| x == d), "{d}");
+        }
+    }
+
+    /// What `start_process` and `kill_process` refuse without looking at the system is
+    /// refused by [`Call::decode`], with the words (and codes) they used to answer with when
+    /// run.
+    #[test]
+    fn decode_refuses_what_needs_no_system() {
+        use crate::server::Call;
+        for (method, params, code, message) in [
+            (
+                "start_process",
+                json!({"argv": []}),
+                "bad_params",
+                "argv is empty",
+            ),
+            (
+                "start_process",
+                json!({"argv": ["sh", "a\0b"]}),
+                "bad_params",
+                "argv holds a NUL byte",
+            ),
+            (
+                "start_process",
+                json!({"argv": ["true"], "env": ["A=1", "NOEQUALS"]}),
+                "bad_params",
+                "env entry \"NOEQUALS\" is not KEY=VALUE",
+            ),
+            (
+                "start_process",
+                json!({"argv": ["true"], "env": ["=x"]}),
+                "bad_params",
+                "env entry \"=x\" is not KEY=VALUE",
+            ),
+            (
+                "start_process",
+                json!({"argv": ["true"], "env": ["A=\0"]}),
+                "bad_params",
+                "env entry \"A=\\0\" is not KEY=VALUE",
+            ),
+            (
+                "start_process",
+                json!({"argv": ["true"], "root": "rel"}),
+                "bad_params",
+                "root \"rel\" is not an absolute path",
+            ),
+            (
+                "start_process",
+                json!({"argv": ["true"], "root": "/a:b"}),
+                "bad_params",
+                "root \"/a:b\" holds a NUL byte or ':'",
+            ),
+            (
+                "start_process",
+                json!({"argv": ["true"], "root": "/r\0"}),
+                "bad_params",
+                "root \"/r\\0\" holds a NUL byte or ':'",
+            ),
+            (
+                "start_process",
+                json!({"argv": ["true"], "cwd": "/tmp\0"}),
+                "bad_params",
+                "cwd holds a NUL byte",
+            ),
+            // Resolving the program answered `failed` for an empty name: it still does.
+            (
+                "start_process",
+                json!({"argv": ["", "x"]}),
+                "failed",
+                "the program name is empty",
+            ),
+            (
+                "start_process",
+                json!({"argv": [""], "root": "/r"}),
+                "failed",
+                "in root /r: the program name is empty",
+            ),
+            (
+                "kill_process",
+                json!({"process": "p1", "signal": 99}),
+                "bad_params",
+                "signal 99 is not 1..64",
+            ),
+            (
+                "kill_process",
+                json!({"process": "p1", "signal": 0}),
+                "bad_params",
+                "signal 0 is not 1..64",
+            ),
+            (
+                "kill_process",
+                json!({"process": "p1", "signal": -9}),
+                "bad_params",
+                "signal -9 is not 1..64",
+            ),
+            (
+                "kill_process",
+                json!({"process": "p1", "signal": 65}),
+                "bad_params",
+                "signal 65 is not 1..64",
+            ),
+        ] {
+            let e = Call::decode(method, params.clone()).unwrap_err();
+            assert_eq!(
+                (e.code.as_str(), e.message.as_str()),
+                (code, message),
+                "{method} {params}"
+            );
+        }
+        // Decoded: PATH added when missing, the last one counts; SIGTERM by default.
+        let start = |p: Value| match Call::decode("start_process", p) {
+            Ok(Call::StartProcess(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        let s = start(json!({"argv": ["true"], "env": ["A=1=2"]}));
+        assert_eq!(s.path(), DEFAULT_PATH);
+        assert_eq!(
+            s.env(),
+            [
+                ("A".to_string(), "1=2".to_string()),
+                ("PATH".to_string(), DEFAULT_PATH.to_string())
+            ]
+        );
+        let s = start(json!({"argv": ["true"], "env": ["PATH=/a", "PATH=/b"]}));
+        assert_eq!((s.path(), s.env().len()), ("/b", 2));
+        let s = start(json!({"argv": ["true"], "root": "/", "cwd": "work"}));
+        assert_eq!(
+            (s.program(), s.root(), s.cwd()),
+            ("true", Some("/"), Some("work"))
+        );
+        for (signal, want) in [(None, libc::SIGTERM), (Some(1), 1), (Some(64), 64)] {
+            let mut p = json!({"process": "p1"});
+            if let Some(n) = signal {
+                p["signal"] = json!(n);
+            }
+            match Call::decode("kill_process", p) {
+                Ok(Call::KillProcess { signal, .. }) => assert_eq!(signal.number(), want),
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use base64::Engine as _;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::process::{Emit, Processes, StartParams};
+use crate::process::{CheckedStart, Emit, Processes, Signal, StartParams};
 use crate::protocol::{
     answer, encode, quote, read_frame, write_frame, FrameError, Request, RpcError,
 };
@@ -76,6 +76,12 @@ fn params<T: DeserializeOwned>(v: Value) -> Result<T, RpcError> {
     serde_json::from_value(v).map_err(|e| RpcError::new("bad_params", e.to_string()))
 }
 
+/// Parameters of shape `W`, decoded, then checked into `C` (`W`'s checked form, made only by
+/// its `TryFrom<W>`).
+fn checked<W: DeserializeOwned, C: TryFrom<W, Error = RpcError>>(v: Value) -> Result<C, RpcError> {
+    params::<W>(v)?.try_into()
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ProcessRef {
@@ -91,7 +97,7 @@ struct KillParams {
 }
 
 fn sigterm() -> i32 {
-    libc::SIGTERM
+    Signal::TERM.number()
 }
 
 #[derive(serde::Deserialize)]
@@ -102,20 +108,23 @@ struct StdinParams {
     data: String,
 }
 
-/// A request's method with its parameters decoded: everything about it checked that can be
-/// without touching the system (the parameters' shapes, base64). [`Call::run`] executes it —
-/// and the checks that need the system (or that the modules make on the way) happen there.
+/// A request's method with its parameters decoded and checked: everything about it that can be
+/// checked without touching the system (the parameters' shapes, base64, addresses, MACs,
+/// names, ranges, paths, mount types and options, …) is, and is carried in the modules'
+/// checked types, which only their `TryFrom` of the wire's shape makes. [`Call::run`] executes
+/// it — and only the checks that need the system (a process, interface, device, disk,
+/// directory or page size that is there or not) happen there.
 pub enum Call {
     Version,
     Health,
-    StartProcess(StartParams),
+    StartProcess(CheckedStart),
     WaitProcess {
         process: String,
     },
     KillProcess {
         process: String,
-        /// As given (SIGTERM if not): its range is checked when run.
-        signal: i32,
+        /// SIGTERM if not given.
+        signal: Signal,
     },
     WriteStdin {
         process: String,
@@ -127,14 +136,14 @@ pub enum Call {
     },
     Metrics,
     ListInterfaces,
-    UpdateInterface(net::UpdateInterface),
+    UpdateInterface(net::CheckedInterface),
     ListRoutes,
-    UpdateRoutes(net::UpdateRoutes),
-    AddArpNeighbors(net::AddNeighbors),
-    MountBlock(block::MountBlock),
-    Mount(filesystems::Mount),
-    Unmount(filesystems::Unmount),
-    SetupHugepages(hugepages::Hugepages),
+    UpdateRoutes(net::CheckedRoutes),
+    AddArpNeighbors(net::CheckedNeighbors),
+    MountBlock(block::CheckedMountBlock),
+    Mount(filesystems::CheckedMount),
+    Unmount(filesystems::CheckedUnmount),
+    SetupHugepages(hugepages::CheckedHugepages),
     /// Refused in [`Call::run`] unless the agent is the guest's init.
     Shutdown,
 }
@@ -146,13 +155,15 @@ impl std::fmt::Debug for Call {
 }
 
 impl Call {
-    /// Decodes `method`'s parameters `p` (`null` is `{}`): `unknown_method`, or `bad_params`
-    /// naming what is wrong. Methods that take no parameters ignore them.
+    /// Decodes `method`'s parameters `p` (`null` is `{}`) and checks them: `unknown_method`,
+    /// or `bad_params` naming what is wrong — or, for a `start_process` whose program name is
+    /// empty, `failed` (as resolving the program has always answered). Methods that take no
+    /// parameters ignore them.
     pub fn decode(method: &str, p: Value) -> Result<Call, RpcError> {
         Ok(match method {
             "version" => Call::Version,
             "health" => Call::Health,
-            "start_process" => Call::StartProcess(params(p)?),
+            "start_process" => Call::StartProcess(checked::<StartParams, _>(p)?),
             "wait_process" => Call::WaitProcess {
                 process: params::<ProcessRef>(p)?.process,
             },
@@ -160,7 +171,7 @@ impl Call {
                 let k: KillParams = params(p)?;
                 Call::KillProcess {
                     process: k.process,
-                    signal: k.signal,
+                    signal: Signal::new(k.signal)?,
                 }
             }
             "write_stdin" => {
@@ -178,14 +189,14 @@ impl Call {
             },
             "metrics" => Call::Metrics,
             "list_interfaces" => Call::ListInterfaces,
-            "update_interface" => Call::UpdateInterface(params(p)?),
+            "update_interface" => Call::UpdateInterface(checked::<net::UpdateInterface, _>(p)?),
             "list_routes" => Call::ListRoutes,
-            "update_routes" => Call::UpdateRoutes(params(p)?),
-            "add_arp_neighbors" => Call::AddArpNeighbors(params(p)?),
-            "mount_block" => Call::MountBlock(params(p)?),
-            "mount" => Call::Mount(params(p)?),
-            "unmount" => Call::Unmount(params(p)?),
-            "setup_hugepages" => Call::SetupHugepages(params(p)?),
+            "update_routes" => Call::UpdateRoutes(checked::<net::UpdateRoutes, _>(p)?),
+            "add_arp_neighbors" => Call::AddArpNeighbors(checked::<net::AddNeighbors, _>(p)?),
+            "mount_block" => Call::MountBlock(checked::<block::MountBlock, _>(p)?),
+            "mount" => Call::Mount(checked::<filesystems::Mount, _>(p)?),
+            "unmount" => Call::Unmount(checked::<filesystems::Unmount, _>(p)?),
+            "setup_hugepages" => Call::SetupHugepages(checked::<hugepages::Hugepages, _>(p)?),
             "shutdown" => Call::Shutdown,
             other => {
                 return Err(RpcError::new(
