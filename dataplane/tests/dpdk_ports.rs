@@ -476,3 +476,46 @@ fn dpdk_ports_need_no_capability() {
     assert!(seen.rx_total > 10_000, "testpmd received {seen:?}");
     dp.stop();
 }
+
+/// A memif peer killed while traffic flows both ways, 12 times: DPDK's memif driver unmaps the
+/// peer's regions from its interrupt thread while a burst may be copying from or into them
+/// (`shm_guard`). The data plane lives through every one, and serves the next peer.
+#[test]
+fn memif_peers_killed_under_traffic_do_not_take_the_data_plane_down() {
+    let _lock = torii_perf::heavy_test_lock();
+    prerequisites();
+    let dir = proc_util::unique_tmp_dir("torii-memif-kill").or_fail("tmp dir");
+    let (v_sock, m_sock) = (dir.join("v.sock"), dir.join("memif.sock"));
+    let body = format!(
+        "{DPDK}[[port]]\nname = \"v\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n{}\
+         [[xconnect]]\nports = [\"v\", \"memif\"]\n",
+        v_sock.display(),
+        memif_port("memif", 0, &m_sock)
+    );
+    let mut dp = Daemon::start(dir.path(), "", &body);
+    // Into the memif port: Torii writes into each peer's regions.
+    let tx = common::sender(&v_sock);
+    let mut last = 0;
+    for round in 0..12 {
+        // Out of it: Torii reads from them.
+        let mut peer = memif_peer(&m_sock, FwdMode::TxOnly, 0);
+        wait_link(&dp, "memif");
+        dp.wait_port("memif", Duration::from_secs(30), "traffic both ways", |p| {
+            p["rx_packets"].as_u64().unwrap_or(0) > last + 1000
+                && p["tx_packets"].as_u64().unwrap_or(0) > 0
+        });
+        // SAFETY: kill(2) on this test's testpmd.
+        assert_eq!(unsafe { libc::kill(peer.pid() as i32, libc::SIGKILL) }, 0);
+        let _ = peer.stop(Duration::from_secs(10));
+        dp.wait_port("memif", Duration::from_secs(30), "link down", |p| {
+            p["dpdk"]["link_up"] == false
+        });
+        let p = dp.port("memif");
+        last = p["rx_packets"].as_u64().unwrap_or(0);
+        assert!(p["kind"] == "dpdk", "round {round}: {p}");
+    }
+    drop(tx);
+    let log = dp.stop();
+    let survived = log.matches("a memif peer went away during a burst").count();
+    eprintln!("bursts carried through a peer's disconnect: {survived} in 12 kills");
+}

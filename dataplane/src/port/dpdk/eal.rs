@@ -80,6 +80,8 @@ pub fn init(cfg: &DpdkConfig) -> Result<(), String> {
     let r = run_init(&args);
     if let Err(e) = &r {
         tracing::error!("DPDK initialisation failed: {e}");
+    } else if let Err(e) = super::shm_guard::install() {
+        tracing::warn!("{e}: a memif peer that goes away during a burst will end the daemon");
     }
     *state = Some(r.clone());
     r

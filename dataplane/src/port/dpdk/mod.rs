@@ -19,6 +19,7 @@
 
 pub mod eal;
 pub mod offload;
+pub mod shm_guard;
 
 use std::cell::RefCell;
 use std::ffi::{c_void, CStr, CString};
@@ -65,6 +66,10 @@ const COPYING_DRIVERS: [&str; 7] = [
     "net_null",
 ];
 
+/// Drivers that map a peer's memory and read or write it in their bursts: the peer can
+/// take it away in the middle of one ([`shm_guard`]).
+const PEER_MEMORY_DRIVERS: [&str; 1] = ["net_memif"];
+
 /// A configured and started DPDK ethdev, shared by the parts of its port and the control
 /// path. Dropping the last reference stops and closes it and removes the device from DPDK,
 /// then frees its mempool.
@@ -85,6 +90,9 @@ pub struct DpdkDevice {
     multi_seg: bool,
     /// Packets' own buffers are lent to the device at transmit instead of being copied.
     lend_tx: bool,
+    /// The driver maps a peer's memory, which the peer can take away mid-burst: bursts run
+    /// under [`shm_guard::burst`].
+    peer_memory: bool,
 }
 
 // SAFETY: the raw pointers are DPDK objects (device, mempool) that stay valid until Drop, which
@@ -366,6 +374,7 @@ impl DpdkDevice {
                 && COPYING_DRIVERS.contains(&driver.as_str())
                 // memif in zero-copy mode transmits from its own shared-memory mbufs only.
                 && !cfg.device.contains("zero-copy=yes"),
+            peer_memory: PEER_MEMORY_DRIVERS.contains(&driver.as_str()),
             driver,
         };
         std::mem::forget(guard);
@@ -745,11 +754,15 @@ impl DpdkPort {
             // SAFETY: the mbufs past `next` were not used.
             unsafe { sys::rte_pktmbuf_free_bulk(fresh[next..].as_mut_ptr(), (need - next) as u32) };
         }
+        let (port, mbufs) = (self.dev.port_id, self.mbufs.as_mut_ptr());
         // SAFETY: valid port and queue, sent on by this thread only; the n mbufs are ours,
         // DPDK takes the ones it sends.
-        let sent = unsafe {
-            sys::torii_tx_burst(self.dev.port_id, qid, self.mbufs.as_mut_ptr(), n as u16)
-        } as usize;
+        let send = || unsafe { sys::torii_tx_burst(port, qid, mbufs, n as u16) } as usize;
+        let sent = if self.dev.peer_memory {
+            shm_guard::burst(send)
+        } else {
+            send()
+        };
         if sent < n {
             // SAFETY: DPDK left the unsent ones to us.
             unsafe {
@@ -793,10 +806,14 @@ impl Port for DpdkPort {
             return;
         };
         let n = max.min(BURST);
+        let (port, mbufs) = (self.dev.port_id, self.mbufs.as_mut_ptr());
         // SAFETY: valid port and queue, polled by this thread only; `mbufs` has room for n.
-        let got = unsafe {
-            sys::torii_rx_burst(self.dev.port_id, qid, self.mbufs.as_mut_ptr(), n as u16)
-        } as usize;
+        let receive = || unsafe { sys::torii_rx_burst(port, qid, mbufs, n as u16) } as usize;
+        let got = if self.dev.peer_memory {
+            shm_guard::burst(receive)
+        } else {
+            receive()
+        };
         if got == 0 {
             return;
         }
