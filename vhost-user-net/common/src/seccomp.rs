@@ -1281,6 +1281,46 @@ pub fn describe(o: Options) -> String {
 mod tests {
     use super::*;
 
+    /// docs/security.md's table of allowed calls per class and daemon says what the lists
+    /// are: a list that grows or shrinks fails here until the table follows.
+    #[test]
+    fn the_documented_counts_are_the_lists() {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/security.md"
+        ))
+        .expect("docs/security.md");
+        let rows: Vec<Vec<&str>> = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("| class | threads | torii-dataplane |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+            .collect();
+        assert_eq!(rows.len(), ThreadClass::ALL.len(), "{rows:?}");
+        let columns = [
+            Options::dataplane(false),
+            Options::dataplane(true),
+            Options::blk(),
+        ];
+        for row in &rows {
+            let class = ThreadClass::ALL
+                .into_iter()
+                .find(|c| c.name() == row[0])
+                .unwrap_or_else(|| panic!("no class {:?}", row[0]));
+            for (o, cell) in columns.iter().zip(&row[2..]) {
+                let real = class
+                    .used(*o)
+                    .then(|| allowlist(class, *o).len().to_string())
+                    .unwrap_or_else(|| "—".into());
+                assert_eq!(
+                    *cell, real,
+                    "{class} with {o:?}: docs/security.md says {cell}"
+                );
+            }
+        }
+    }
+
     const BOTH: [Options; 3] = [
         Options::blk(),
         Options::dataplane(false),
