@@ -13,11 +13,21 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Daemon, OrFail};
-use torii_perf::blk_client::{BlkClient, ClientConfig, DriverQueue};
+use torii_perf::blk_client::{write_and_read_back, ClientConfig};
+use torii_perf::proc_util::status_field;
 use torii_perf::{prereq, proc_util};
+
+/// A disk client's layout: one queue, 4 KiB requests.
+const SMALL: ClientConfig = ClientConfig {
+    queues: 1,
+    queue_size: 64,
+    slots: 4,
+    max_bytes: 4096,
+    segments: 1,
+};
 
 fn require_landlock() {
     if let Err(e) = torii_vhost_user::landlock::kernel_abi() {
@@ -44,16 +54,6 @@ fn dirs(tag: &str) -> (proc_util::TmpDir, PathBuf, PathBuf) {
     (dir, allowed, outside)
 }
 
-/// A field of `/proc/<pid>/status`.
-fn status_field(pid: u32, key: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .or_fail("status")
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
-}
-
 /// Asserts that a refused request's error is the sandbox's, naming how to extend it.
 fn assert_landlock_error(err: &str, path: &Path) {
     assert!(
@@ -63,35 +63,6 @@ fn assert_landlock_error(err: &str, path: &Path) {
             && err.contains("`landlock_paths` in [dataplane]"),
         "not the sandbox's error: {err}"
     );
-}
-
-/// One 4 KiB write and its read-back through a fresh client of the disk on `sock`.
-fn disk_roundtrip(sock: &Path, fill: u8) {
-    let cfg = ClientConfig {
-        queues: 1,
-        queue_size: 64,
-        slots: 4,
-        max_bytes: 4096,
-        segments: 1,
-    };
-    let mut c = BlkClient::connect(sock, &cfg).or_fail("connect to the disk");
-    let mut q = c.take_queues().pop().expect("queue");
-    let roundtrip = |q: &mut DriverQueue, kind: u32| {
-        q.queue(0, kind, 8, 4096);
-        q.publish();
-        let end = Instant::now() + Duration::from_secs(5);
-        let mut out = Vec::new();
-        while out.is_empty() && Instant::now() < end {
-            q.poll(&mut out);
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        assert_eq!(out.first().map(|c| c.status), Some(0), "request {kind}");
-    };
-    q.data(0)[..4096].fill(fill);
-    roundtrip(&mut q, 1);
-    q.data(0)[..4096].fill(0);
-    roundtrip(&mut q, 0);
-    assert!(q.data(0)[..4096].iter().all(|&b| b == fill), "read back");
 }
 
 #[test]
@@ -137,7 +108,7 @@ fn the_sandboxed_daemon_serves_its_ports_and_disks_and_refuses_everything_else()
     dp.wait_port("v", Duration::from_secs(30), "traffic on v", |p| {
         p["rx_packets"].as_u64().unwrap_or(0) > 10_000
     });
-    disk_roundtrip(&d_sock, 0x5a);
+    write_and_read_back(&d_sock, &SMALL, 0x5a).or_fail("disk");
     let sent = tx.stop(Duration::from_secs(20)).or_fail("stopping testpmd");
     assert!(sent.tx_packets > 10_000, "{sent:?}");
 
@@ -158,7 +129,7 @@ fn the_sandboxed_daemon_serves_its_ports_and_disks_and_refuses_everything_else()
         &format!("socket=\"{}\"", allowed.join("d2.sock").display()),
         &format!("file=\"{}\"", img2.display()),
     ]);
-    disk_roundtrip(&allowed.join("d2.sock"), 0x77);
+    write_and_read_back(&allowed.join("d2.sock"), &SMALL, 0x77).or_fail("disk");
     dp.ctl_ok(&["disk-del", "d2"]);
     dp.ctl_ok(&["del", "v2"]);
     // A second tap: /dev/net/tun is allowed since the configuration has a tap.
@@ -210,7 +181,7 @@ fn the_sandboxed_daemon_serves_its_ports_and_disks_and_refuses_everything_else()
     let ports = dp.ctl_ok(&["ports"]);
     assert!(!ports.contains("v3") && ports.contains("tap"), "{ports}");
     assert!(!dp.ctl_ok(&["disks"]).contains(" o "));
-    disk_roundtrip(&d_sock, 0x33);
+    write_and_read_back(&d_sock, &SMALL, 0x33).or_fail("disk");
 
     // (3) What can be seen from outside: no_new_privs (Landlock needs it without
     // CAP_SYS_ADMIN; seccomp sets it too, hence the next test).

@@ -10,24 +10,24 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{as_nobody, nobody_dir, Daemon, OrFail, NOBODY};
-use torii_perf::blk_client::{BlkClient, ClientConfig};
+use torii_perf::blk_client::{write_and_read_back, ClientConfig};
+use torii_perf::proc_util::status_field;
+
+/// A disk client's layout with a little over 2 MiB of memory.
+const BIG: ClientConfig = ClientConfig {
+    queues: 1,
+    queue_size: 64,
+    slots: 16,
+    max_bytes: 128 << 10,
+    segments: 1,
+};
 use torii_perf::prereq;
 
 const CAP_NET_ADMIN: u64 = 1 << 12;
 const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
-
-/// A field of `/proc/<pid>/status`.
-fn status_field(pid: u32, key: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .or_fail("status")
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
-}
 
 fn caps_effective(pid: u32) -> u64 {
     u64::from_str_radix(&status_field(pid, "CapEff:"), 16).or_fail("CapEff")
@@ -40,38 +40,6 @@ fn prerequisites() {
     if Command::new("setpriv").arg("--version").output().is_err() {
         panic!("prerequisite: setpriv is missing: apt-get install util-linux");
     }
-}
-
-/// A disk client on `socket` writes a block and reads it back. Its memory is a little over
-/// 2 MiB.
-fn disk_roundtrip(socket: &Path) {
-    let cfg = ClientConfig {
-        queues: 1,
-        queue_size: 64,
-        slots: 16,
-        max_bytes: 128 << 10,
-        segments: 1,
-    };
-    let mut c = BlkClient::connect(socket, &cfg).or_fail("connect to the disk");
-    let mut q = c.take_queues().pop().expect("queue");
-    let roundtrip = |q: &mut torii_perf::blk_client::DriverQueue, kind: u32| {
-        q.queue(0, kind, 8, 4096);
-        q.publish();
-        let end = Instant::now() + Duration::from_secs(5);
-        let mut out = Vec::new();
-        while out.is_empty() && Instant::now() < end {
-            q.poll(&mut out);
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        assert_eq!(out.first().map(|c| c.status), Some(0), "request {kind}");
-    };
-    q.data(0)[..4096].fill(0x5a);
-    roundtrip(&mut q, 1);
-    q.data(0)[..4096].fill(0);
-    roundtrip(&mut q, 0);
-    assert!(q.data(0)[..4096].iter().all(|&b| b == 0x5a), "read back");
-    drop(q);
-    drop(c);
 }
 
 /// A disk image of 16 MiB that `nobody` owns, in `run`.
@@ -123,7 +91,7 @@ fn nobody_without_capabilities_serves_vhost_user_ports_and_disks() {
     drop(tx);
 
     // A disk client's write reads back.
-    disk_roundtrip(&d_sock);
+    write_and_read_back(&d_sock, &BIG, 0x5a).or_fail("disk");
     dp.stop();
 }
 
@@ -300,7 +268,7 @@ fn disks_need_memlock_or_cap_ipc_lock_only_for_registered_guest_memory() {
             status_field(dp.pid(), "Uid:").split_whitespace().next(),
             Some("65534")
         );
-        disk_roundtrip(&d_sock);
+        write_and_read_back(&d_sock, &BIG, 0x5a).or_fail("disk");
         let log = dp.stop();
         assert_eq!(
             !log.contains(NOT_REGISTERED),

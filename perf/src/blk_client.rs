@@ -569,3 +569,33 @@ impl DriverQueue {
         }
     }
 }
+
+/// Writes one 4 KiB block of `fill` at sector 8 through a fresh connection to `socket` with
+/// `cfg`'s layout, reads it back and compares: what went wrong, if anything.
+pub fn write_and_read_back(socket: &Path, cfg: &ClientConfig, fill: u8) -> Result<(), String> {
+    let mut c = BlkClient::connect(socket, cfg).map_err(|e| format!("connect: {e}"))?;
+    let mut q = c.take_queues().pop().ok_or("no queue")?;
+    fn request(q: &mut DriverQueue, kind: u32) -> Result<(), String> {
+        q.queue(0, kind, 8, 4096);
+        q.publish();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut out = Vec::new();
+        while out.is_empty() && std::time::Instant::now() < end {
+            q.poll(&mut out);
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        match out.first().map(|c| c.status) {
+            Some(0) => Ok(()),
+            other => Err(format!("request {kind}: status {other:?}")),
+        }
+    }
+    q.data(0)[..4096].fill(fill);
+    request(&mut q, T_OUT)?;
+    q.data(0)[..4096].fill(0);
+    request(&mut q, T_IN)?;
+    if q.data(0)[..4096].iter().all(|&b| b == fill) {
+        Ok(())
+    } else {
+        Err("the block read back differs from the one written".into())
+    }
+}

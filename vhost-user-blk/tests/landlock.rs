@@ -12,13 +12,22 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{image, OrFail};
-use torii_perf::blk_client::{BlkClient, ClientConfig, DriverQueue};
-use torii_perf::proc_util::{self, wait_until, ChildGuard};
+use torii_perf::blk_client::{write_and_read_back, ClientConfig};
+use torii_perf::proc_util::{self, status_field, wait_until, ChildGuard};
 use torii_vhost_user::landlock;
 use torii_vhost_user_blk::{settings, BlkExport};
+
+/// A disk client's layout: one queue, 4 KiB requests.
+const SMALL: ClientConfig = ClientConfig {
+    queues: 1,
+    queue_size: 64,
+    slots: 4,
+    max_bytes: 4096,
+    segments: 1,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_torii-vhost-user-blk");
 
@@ -36,44 +45,6 @@ fn dirs(tag: &str) -> (proc_util::TmpDir, PathBuf, PathBuf) {
         std::fs::create_dir(d).or_fail("dir");
     }
     (dir, allowed, outside)
-}
-
-/// One 4 KiB write and its read-back through a fresh client of the export on `sock`.
-fn roundtrip(sock: &Path, fill: u8) {
-    let cfg = ClientConfig {
-        queues: 1,
-        queue_size: 64,
-        slots: 4,
-        max_bytes: 4096,
-        segments: 1,
-    };
-    let mut c = BlkClient::connect(sock, &cfg).or_fail("connect to the export");
-    let mut q = c.take_queues().pop().expect("queue");
-    let request = |q: &mut DriverQueue, kind: u32| {
-        q.queue(0, kind, 8, 4096);
-        q.publish();
-        let end = Instant::now() + Duration::from_secs(5);
-        let mut out = Vec::new();
-        while out.is_empty() && Instant::now() < end {
-            q.poll(&mut out);
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        assert_eq!(out.first().map(|c| c.status), Some(0), "request {kind}");
-    };
-    q.data(0)[..4096].fill(fill);
-    request(&mut q, 1);
-    q.data(0)[..4096].fill(0);
-    request(&mut q, 0);
-    assert!(q.data(0)[..4096].iter().all(|&b| b == fill), "read back");
-}
-
-fn status_field(pid: u32, key: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .or_fail("status")
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
 }
 
 fn read(p: &Path) -> String {
@@ -123,8 +94,8 @@ fn the_sandboxed_daemon_serves_its_exports() {
             && text.contains("landlock=enforce"),
         "{text}"
     );
-    roundtrip(&a_sock, 0x11);
-    roundtrip(&b_sock, 0x22);
+    write_and_read_back(&a_sock, &SMALL, 0x11).or_fail("export");
+    write_and_read_back(&b_sock, &SMALL, 0x22).or_fail("export");
     // No seccomp filter, yet no_new_privs: Landlock set it to restrict the process.
     let pid = child.pid();
     assert_eq!(status_field(pid, "Seccomp:"), "0");
@@ -157,7 +128,7 @@ fn the_sandboxed_daemon_serves_its_exports() {
         "{}",
         read(&log2)
     );
-    roundtrip(&a_sock, 0x33);
+    write_and_read_back(&a_sock, &SMALL, 0x33).or_fail("export");
     assert!(read(&log2).contains("file-system sandbox: Landlock ABI"));
     assert!(read(&log2).contains("per-thread seccomp filters seccomp=enforce"));
     child.signal(libc::SIGTERM).or_fail("SIGTERM");
@@ -224,7 +195,7 @@ fn restricted_child(dir: &Path) {
     println!("child: {}", landlock::summary(&a));
     let mut exports = s.exports;
     let mut served = BlkExport::start(exports.remove(0)).or_fail("the allowed export");
-    roundtrip(&allowed.join("a.sock"), 0x44);
+    write_and_read_back(&allowed.join("a.sock"), &SMALL, 0x44).or_fail("export");
     served.stop();
 
     let refused = |text: String| {
