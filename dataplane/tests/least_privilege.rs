@@ -42,6 +42,31 @@ fn prerequisites() {
     }
 }
 
+/// Runs torii-dataplane under `wrapper` (a command line that ends by running the program it is
+/// given) with its control socket in `run` and `body` as the rest of its configuration, where
+/// it must fail to start: its stderr.
+fn refused(wrapper: &[String], run: &Path, body: &str) -> String {
+    let cfg = run.join("refused.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[dataplane]\ncontrol_socket = \"{}\"\n{body}",
+            run.join("control.sock").display()
+        ),
+    )
+    .or_fail("config");
+    let out = Command::new(&wrapper[0])
+        .args(&wrapper[1..])
+        .arg(env!("CARGO_BIN_EXE_torii-dataplane"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .output()
+        .or_fail("running torii-dataplane");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "it started: {err}");
+    err
+}
+
 /// A disk image of 16 MiB that `nobody` owns, in `run`.
 fn nobody_image(run: &Path) -> std::path::PathBuf {
     let img = run.join("d.img");
@@ -106,24 +131,7 @@ fn a_tap_port_needs_cap_net_admin_and_nothing_more() {
     let body = format!("[[port]]\nname = \"t\"\ntype = \"tap\"\nifname = \"{tap}\"\n");
 
     // Without the capability: refused, with the reason and the capability named.
-    let cfg = run.join("tap.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[dataplane]\ncontrol_socket = \"{}\"\n{body}",
-            run.join("control.sock").display()
-        ),
-    )
-    .or_fail("config");
-    let out = Command::new("setpriv")
-        .args(as_nobody("").iter().skip(1))
-        .arg(env!("CARGO_BIN_EXE_torii-dataplane"))
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .output()
-        .or_fail("running torii-dataplane");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a tap without CAP_NET_ADMIN: {err}");
+    let err = refused(&as_nobody(""), &run, &body);
     assert!(
         err.contains("port \"t\"") && err.contains("CAP_NET_ADMIN"),
         "unclear error: {err}"
@@ -161,27 +169,7 @@ fn a_metrics_port_below_1024_needs_cap_net_bind_service() {
         .expect("a free port below 1024");
     let (_dir, run) = nobody_dir("torii-lp-low");
     let listen = format!("metrics_listen = \"127.0.0.1:{port}\"\n");
-    let cfg = run.join("low.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[dataplane]\ncontrol_socket = \"{}\"\n{listen}",
-            run.join("control.sock").display()
-        ),
-    )
-    .or_fail("config");
-    let out = Command::new("setpriv")
-        .args(as_nobody("").iter().skip(1))
-        .arg(env!("CARGO_BIN_EXE_torii-dataplane"))
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .output()
-        .or_fail("running torii-dataplane");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "port {port} without the capability: {err}"
-    );
+    let err = refused(&as_nobody(""), &run, &listen);
     assert!(
         err.contains("metrics_listen") && err.contains("CAP_NET_BIND_SERVICE"),
         "unclear error: {err}"
@@ -221,26 +209,13 @@ fn disks_need_memlock_or_cap_ipc_lock_only_for_registered_guest_memory() {
     {
         let (_dir, run) = nobody_dir("torii-lp-memlock");
         let (v_sock, d_sock, img) = (run.join("v.sock"), run.join("d.sock"), nobody_image(&run));
-        let cfg = run.join("disk.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[dataplane]\ncontrol_socket = \"{}\"\n{}",
-                run.join("control.sock").display(),
-                common::vhost_to_sink_and_disk(&v_sock, &d_sock, &img)
-            ),
-        )
-        .or_fail("config");
-        let out = Command::new("prlimit")
-            .arg("--memlock=65536:65536")
-            .args(as_nobody(""))
-            .arg(env!("CARGO_BIN_EXE_torii-dataplane"))
-            .args(["run", "-c"])
-            .arg(&cfg)
-            .output()
-            .or_fail("running torii-dataplane");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "memlock 64 KiB: {err}");
+        let mut wrapper = vec!["prlimit".to_string(), "--memlock=65536:65536".into()];
+        wrapper.extend(as_nobody(""));
+        let err = refused(
+            &wrapper,
+            &run,
+            &common::vhost_to_sink_and_disk(&v_sock, &d_sock, &img),
+        );
         assert!(
             err.contains("disk \"d\"")
                 && err.contains("RLIMIT_MEMLOCK")
