@@ -397,3 +397,53 @@ fn the_rules_print_and_bad_settings_are_refused() {
         "control socket left behind"
     );
 }
+
+/// Every sandbox at once, as a production unit would run the daemon: `nobody` without any
+/// capability, seccomp enforced, Landlock enforced. A vhost-user frontend's traffic and a
+/// disk client's write go through; a port outside the rules is refused by the sandbox, even
+/// in a directory `nobody` owns.
+#[test]
+fn nobody_under_seccomp_and_landlock_serves_and_refuses() {
+    let _lock = torii_perf::heavy_test_lock();
+    require_landlock();
+    let (_dir, run) = common::nobody_dir("torii-ll-nobody");
+    let other = run.parent().expect("test dir").join("other");
+    std::fs::create_dir(&other).or_fail("dir");
+    std::os::unix::fs::chown(&other, Some(common::NOBODY), Some(common::NOBODY)).or_fail("chown");
+    let (v_sock, d_sock, img) = (run.join("v.sock"), run.join("d.sock"), run.join("d.img"));
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(16 << 20))
+        .or_fail("image");
+    std::os::unix::fs::chown(&img, Some(common::NOBODY), Some(common::NOBODY)).or_fail("chown");
+    let wrapper = common::as_nobody("");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut dp = common::Daemon::start_under(
+        &wrapper,
+        &run,
+        "landlock = \"enforce\"\nseccomp = \"enforce\"",
+        &common::vhost_to_sink_and_disk(&v_sock, &d_sock, &img),
+    );
+    let pid = dp.pid();
+    assert_eq!(
+        status_field(pid, "Uid:").split_whitespace().next(),
+        Some("65534")
+    );
+    assert_eq!(status_field(pid, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(pid, "Seccomp:"), "2");
+    let tx = common::sender(&v_sock);
+    dp.wait_port("v", Duration::from_secs(30), "traffic on v", |p| {
+        p["rx_packets"].as_u64().unwrap_or(0) > 10_000
+    });
+    drop(tx);
+    write_and_read_back(&d_sock, &SMALL, 0x6b).or_fail("disk");
+    let outside = other.join("v2.sock");
+    let err = dp.ctl_err(&[
+        "add",
+        "v2",
+        "type=vhost-user",
+        &format!("socket=\"{}\"", outside.display()),
+    ]);
+    assert!(err.contains("denied by the Landlock sandbox"), "{err}");
+    assert!(!outside.exists());
+    dp.stop();
+}
