@@ -34,9 +34,7 @@ use torii_vhost_user::{
 };
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::device::BlkShared;
 use crate::engine::{Engine, Op};
@@ -144,7 +142,7 @@ impl QueueState {
 
 /// What a request needs from its worker besides its queue.
 struct Ctx<'a> {
-    mem: &'a GuestMemoryMmap<()>,
+    mem: &'a torii_vhost_user::MemTable,
     engine: &'a mut Engine,
     model: &'a crate::device::BlkModel,
     token: u64,
@@ -159,7 +157,7 @@ pub(crate) struct Worker {
     conn: Option<Arc<Connection>>,
     seen_generation: u64,
     /// The memory table the requests in flight were translated under, and its generation.
-    io_mem: Option<Arc<GuestMemoryMmap<()>>>,
+    io_mem: Option<Arc<torii_vhost_user::MemTable>>,
     io_generation: u64,
     maps: RingMaps,
     segs: Vec<Seg>,
@@ -311,7 +309,7 @@ impl Worker {
     /// at most 1 GiB, the kernel's limit), so that single-buffer reads and writes skip the
     /// page lookup of every request. Memory io_uring cannot pin (file-backed other than
     /// shmem or hugetlbfs) is simply not registered.
-    fn register_memory(&mut self, mem: &GuestMemoryMmap<()>) {
+    fn register_memory(&mut self, mem: &torii_vhost_user::MemTable) {
         const PIECE: usize = 1 << 30;
         let mut bufs = Vec::new();
         for r in mem.iter() {
@@ -881,7 +879,7 @@ fn result_status(slot: &Slot, res: i32) -> Status {
 /// Calls `f(host, len)` for each piece of guest range `addr..addr+len` (one piece when it lies
 /// in one region, which the walk already translated as `host`).
 fn pieces(
-    mem: &GuestMemoryMmap<()>,
+    mem: &torii_vhost_user::MemTable,
     seg: &Seg,
     skip: u64,
     take: u64,
@@ -911,7 +909,7 @@ fn pieces(
 /// Visits `take` bytes of the chain's buffers of one direction, after skipping `skip` bytes
 /// of them, piece by piece.
 fn visit(
-    mem: &GuestMemoryMmap<()>,
+    mem: &torii_vhost_user::MemTable,
     segs: &[Seg],
     write: bool,
     mut skip: u64,
@@ -937,7 +935,7 @@ fn visit(
 
 /// The iovecs of `len` data bytes (device-writable ones if `write`) after `skip` bytes.
 fn data_iov(
-    mem: &GuestMemoryMmap<()>,
+    mem: &torii_vhost_user::MemTable,
     segs: &[Seg],
     write: bool,
     skip: u64,
@@ -959,7 +957,7 @@ fn data_iov(
 
 /// The host address of the byte `at` bytes into the chain's buffers of one direction.
 fn byte_addr(
-    mem: &GuestMemoryMmap<()>,
+    mem: &torii_vhost_user::MemTable,
     segs: &[Seg],
     write: bool,
     at: u64,
@@ -974,7 +972,7 @@ fn byte_addr(
 
 /// Copies bytes of the chain's buffers of one direction, from `skip` on, into `dst`.
 fn copy_from_chain(
-    mem: &GuestMemoryMmap<()>,
+    mem: &torii_vhost_user::MemTable,
     segs: &[Seg],
     write: bool,
     skip: u64,
@@ -994,7 +992,7 @@ fn copy_from_chain(
 
 /// Copies `src` into the device-writable buffers from `skip` on.
 fn copy_to_chain(
-    mem: &GuestMemoryMmap<()>,
+    mem: &torii_vhost_user::MemTable,
     segs: &[Seg],
     skip: u64,
     src: &[u8],

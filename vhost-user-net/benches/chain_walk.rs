@@ -22,7 +22,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use torii_vhost_user::ring::{RingMaps, Seg, MAX_CHAIN};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const QUEUE_SIZE: u16 = 256;
 const BURST: u16 = 32;
@@ -37,9 +37,9 @@ const F_NEXT: u16 = 1;
 
 /// Guest memory holding a queue whose first `BURST` avail entries are chains of `per_chain`
 /// device-readable descriptors, and the queue as the frontend configured it.
-fn setup(per_chain: u16) -> (Arc<GuestMemoryMmap<()>>, Queue) {
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
+fn setup(per_chain: u16) -> (Arc<torii_vhost_user::MemTable>, Queue) {
+    let mem = torii_vhost_user::MemTable::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+        .expect("guest memory");
     let seg_len = CHAIN_BYTES / u32::from(per_chain);
     let mut buf = DATA;
     for c in 0..BURST {
@@ -83,7 +83,7 @@ fn setup(per_chain: u16) -> (Arc<GuestMemoryMmap<()>>, Queue) {
 #[inline(never)]
 fn torii_walk(
     maps: &mut RingMaps,
-    mem: &Arc<GuestMemoryMmap<()>>,
+    mem: &Arc<torii_vhost_user::MemTable>,
     queue: &mut Queue,
     segs: &mut Vec<Seg>,
     chains: &mut Vec<(u16, usize, usize)>,
@@ -117,7 +117,7 @@ fn torii_walk(
 /// The same burst through virtio-queue's `AvailIter` and `DescriptorChain`.
 #[inline(never)]
 fn reference_walk(
-    mem: &GuestMemoryMmap<()>,
+    mem: &torii_vhost_user::MemTable,
     queue: &mut Queue,
     segs: &mut Vec<Seg>,
     chains: &mut Vec<(u16, usize, usize)>,

@@ -588,7 +588,7 @@ fn unpush<P: BufPool>(out: &mut Vec<P::Buf>, pool: &mut P) {
 /// Copies guest memory at `addr` into `dst`: one bounds-checked slice when the range lies in
 /// one region (the common case), the general path otherwise.
 #[inline]
-fn read_guest(mem: &vm_memory::GuestMemoryMmap<()>, addr: GuestAddress, dst: &mut [u8]) -> bool {
+fn read_guest(mem: &torii_vhost_user::MemTable, addr: GuestAddress, dst: &mut [u8]) -> bool {
     match mem.get_slice(addr, dst.len()) {
         Ok(s) => s.copy_to(dst) == dst.len(),
         Err(_) => mem.read_slice(dst, addr).is_ok(),
@@ -597,7 +597,7 @@ fn read_guest(mem: &vm_memory::GuestMemoryMmap<()>, addr: GuestAddress, dst: &mu
 
 /// Copies `src` into guest memory at `addr`; see [`read_guest`].
 #[inline]
-fn write_guest(mem: &vm_memory::GuestMemoryMmap<()>, addr: GuestAddress, src: &[u8]) -> bool {
+fn write_guest(mem: &torii_vhost_user::MemTable, addr: GuestAddress, src: &[u8]) -> bool {
     match mem.get_slice(addr, src.len()) {
         Ok(s) => {
             s.copy_from(src);

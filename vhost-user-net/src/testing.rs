@@ -13,7 +13,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net as vn;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryRegion,
 };
 
@@ -390,7 +390,7 @@ impl TestDevice {
             region0 <= HOLE,
             "rings and scratch do not fit below the hole"
         );
-        let mmap = GuestMemoryMmap::<()>::from_ranges(&[
+        let mmap = torii_vhost_user::MemTable::from_ranges(&[
             (GuestAddress(0), region0 as usize),
             (GuestAddress(DATA_BASE), cfg.data_size as usize),
         ])

@@ -19,6 +19,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Once;
 
+use vm_memory::bitmap::{Bitmap, NewBitmap, WithBitmapSlice};
+
 /// Most mappings guarded at once, across all connections: 128 connections at the 32 memory
 /// regions a connection may have, or fewer with their previous memory tables and inflight
 /// regions. A mapping beyond that is not guarded: a truncation of it still ends the process,
@@ -56,7 +58,7 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// burst; it moves only when a frontend truncated memory under the daemon.
 #[inline(always)]
 pub fn faults() -> u64 {
-    FAULTS.load(Ordering::Relaxed)
+    FAULTS.load(Ordering::Acquire)
 }
 
 /// Installs the SIGBUS handler (once per process). A daemon calls this at start, before its
@@ -139,6 +141,7 @@ impl Drop for Guard {
         s.seq.fetch_add(1, Ordering::AcqRel);
         s.start.store(0, Ordering::Relaxed);
         s.len.store(0, Ordering::Relaxed);
+        s.faulted.store(false, Ordering::Relaxed);
         s.seq.fetch_add(1, Ordering::Release);
         s.used.store(false, Ordering::Release);
     }
@@ -160,14 +163,93 @@ fn page_size(file: &std::fs::File) -> usize {
 pub fn faulted(start: usize, len: usize) -> bool {
     let end = start.saturating_add(len);
     TABLE.iter().any(|s| {
-        s.faulted.load(Ordering::Acquire) && {
-            let (a, l) = (
-                s.start.load(Ordering::Relaxed),
-                s.len.load(Ordering::Relaxed),
-            );
-            a != 0 && a < end && start < a.saturating_add(l)
-        }
+        let before = s.seq.load(Ordering::Acquire);
+        let (a, l, hit) = (
+            s.start.load(Ordering::Relaxed),
+            s.len.load(Ordering::Relaxed),
+            s.faulted.load(Ordering::Acquire),
+        );
+        before & 1 == 0
+            && s.seq.load(Ordering::Acquire) == before
+            && hit
+            && a != 0
+            && a < end
+            && start < a.saturating_add(l)
     })
+}
+
+/// A guest memory mapping the daemon made of a frontend's file, guarded, as vm-memory's
+/// bitmap of its region (the only per-region value vm-memory lets a region own): dropped with
+/// the region, it releases the guard and then unmaps, so a slot never outlives its mapping.
+/// Regions made by vm-memory itself (anonymous memory in tests) carry an empty one.
+#[derive(Debug, Default)]
+pub struct Owned {
+    map: Option<(usize, usize, Option<Guard>)>,
+}
+
+impl Owned {
+    /// Maps `len` bytes of `file` at `offset`, shared and read-write, and guards them. The
+    /// caller has checked that the file backs all of them.
+    pub fn map(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Owned> {
+        use std::os::fd::AsRawFd;
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::other("mapping offset out of range"))?;
+        // SAFETY: a new shared mapping of the file at an address the kernel picks; nothing
+        // else is affected. It is unmapped exactly once, by `Drop`.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let guard = Guard::for_file(addr as usize, len, file);
+        Ok(Owned {
+            map: Some((addr as usize, len, guard)),
+        })
+    }
+
+    /// Where the mapping is (None for an empty one).
+    pub fn addr(&self) -> Option<*mut u8> {
+        self.map.as_ref().map(|m| m.0 as *mut u8)
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Some((addr, len, guard)) = self.map.take() {
+            drop(guard);
+            // SAFETY: unmaps the mapping made in `map`, once; the region that held this was
+            // the last user of it.
+            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+        }
+    }
+}
+
+impl WithBitmapSlice<'_> for Owned {
+    type S = ();
+}
+
+impl Bitmap for Owned {
+    fn mark_dirty(&self, _offset: usize, _len: usize) {}
+
+    fn dirty_at(&self, _offset: usize) -> bool {
+        false
+    }
+
+    fn slice_at(&self, _offset: usize) {}
+}
+
+impl NewBitmap for Owned {
+    fn with_len(_len: usize) -> Self {
+        Owned::default()
+    }
 }
 
 /// The guarded mapping holding `addr`: its start, length and page size, read consistently.

@@ -20,14 +20,13 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestAddressSpace, GuestRegionMmap};
 
 use crate::endpoint::{Connection, EndpointShared};
-use crate::guard::Guard;
+use crate::guard::Owned;
 use crate::inflight::{InflightInfo, InflightMap};
-use crate::{DeviceModel, GuestMem, MAX_QUEUE_SIZE};
+use crate::{DeviceModel, GuestMem, MemTable, MAX_QUEUE_SIZE};
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 pub(crate) const MAX_MEM_SLOTS: u64 = 32;
@@ -73,8 +72,8 @@ fn check_backing(file: &File, offset: u64, len: u64, what: &'static str) -> Resu
 
 impl MemRegion {
     /// Maps the region, guarded against the frontend truncating its file later
-    /// ([`crate::guard`]).
-    fn map(&self, file: File) -> Result<(GuestRegionMmap<()>, Option<Guard>)> {
+    /// ([`crate::guard`]): the region owns the mapping and its guard, released together.
+    fn map(&self, file: File) -> Result<GuestRegionMmap<Owned>> {
         if self.size == 0 || self.size > isize::MAX as u64 {
             return Err(Error::InvalidParam("memory region size"));
         }
@@ -84,16 +83,25 @@ impl MemRegion {
             self.size,
             "memory region not backed by its file",
         )?;
-        let guard_file = file.try_clone()?;
-        let region = MmapRegion::<()>::from_file(
-            FileOffset::new(file, self.mmap_offset),
-            self.size as usize,
-        )
+        if self.gpa.checked_add(self.size).is_none() {
+            return Err(Error::InvalidParam("region overflows"));
+        }
+        let len = self.size as usize;
+        let owned = Owned::map(&file, self.mmap_offset, len)?;
+        let addr = owned.addr().ok_or(Error::InvalidParam("memory region"))?;
+        // SAFETY: `addr` is the start of a live shared mapping of `len` bytes that `owned`
+        // made and unmaps only when dropped, which happens when the region is dropped.
+        let region = unsafe {
+            MmapRegionBuilder::new_with_bitmap(len, owned)
+                .with_raw_mmap_pointer(addr)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED)
+                .with_file_offset(FileOffset::new(file, self.mmap_offset))
+                .build()
+        }
         .map_err(|e| Error::Io(io::Error::other(e)))?;
-        let guard = Guard::for_file(region.as_ptr() as usize, region.size(), &guard_file);
-        let region = GuestRegionMmap::new(region, GuestAddress(self.gpa))
-            .ok_or(Error::InvalidParam("region overflows"))?;
-        Ok((region, guard))
+        GuestRegionMmap::new(region, GuestAddress(self.gpa))
+            .ok_or(Error::InvalidParam("region overflows"))
     }
 }
 
@@ -101,9 +109,6 @@ struct Mapping {
     vmm_addr: u64,
     size: u64,
     gpa: u64,
-    /// Released one memory table after the region leaves the table: the data path may still
-    /// be reading the previous table until its next burst.
-    guard: Option<Guard>,
 }
 
 /// The largest queue size of `model`'s queues: its own limit, within [`MAX_QUEUE_SIZE`] and
@@ -123,8 +128,6 @@ pub(crate) struct ConnHandler<M: DeviceModel> {
     mem_generation: Arc<AtomicU64>,
     vrings: Vec<VringRwLock<GuestMem>>,
     mappings: Vec<Mapping>,
-    /// Guards of the regions the latest change of the memory table took out.
-    retired: Vec<Option<Guard>>,
     acked_features: u64,
     acked_protocol: u64,
     kicks: KickWatcher,
@@ -132,7 +135,7 @@ pub(crate) struct ConnHandler<M: DeviceModel> {
 
 impl<M: DeviceModel> ConnHandler<M> {
     pub(crate) fn new(shared: Arc<EndpointShared<M>>) -> io::Result<Self> {
-        let mem: GuestMem = vm_memory::GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mem: GuestMem = vm_memory::GuestMemoryAtomic::new(MemTable::new());
         let queues = shared.model.num_queues().min(crate::MAX_QUEUES);
         let max_size = max_queue_size(&shared.model);
         let vrings = (0..queues)
@@ -154,7 +157,6 @@ impl<M: DeviceModel> ConnHandler<M> {
             mem_generation,
             vrings,
             mappings: Vec::new(),
-            retired: Vec::new(),
             acked_features: 0,
             acked_protocol: 0,
             kicks,
@@ -167,7 +169,7 @@ impl<M: DeviceModel> ConnHandler<M> {
     }
 
     /// Installs a new memory table; the PMD picks it up at its next burst.
-    fn set_mem(&self, mem: GuestMemoryMmap) {
+    fn set_mem(&self, mem: MemTable) {
         self.mem.lock().unwrap().replace(mem);
         self.mem_generation.fetch_add(1, Ordering::Release);
     }
@@ -253,22 +255,19 @@ impl<M: DeviceModel> ConnHandler<M> {
         let mut sorted: Vec<(&MemRegion, File)> = regions.iter().zip(files).collect();
         sorted.sort_by_key(|(r, _)| r.gpa);
         let mut mapped = Vec::with_capacity(sorted.len());
-        let mut mappings = Vec::with_capacity(sorted.len());
         for (r, file) in sorted {
-            let (region, guard) = r.map(file)?;
-            mapped.push(region);
-            mappings.push(Mapping {
+            mapped.push(r.map(file)?);
+        }
+        let mem = MemTable::from_regions(mapped).map_err(|e| Error::Io(io::Error::other(e)))?;
+        self.set_mem(mem);
+        self.mappings = regions
+            .iter()
+            .map(|r| Mapping {
                 vmm_addr: r.user_addr,
                 size: r.size,
                 gpa: r.gpa,
-                guard,
-            });
-        }
-        let mem =
-            GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Io(io::Error::other(e)))?;
-        self.set_mem(mem);
-        let old = std::mem::replace(&mut self.mappings, mappings);
-        self.retired = old.into_iter().map(|m| m.guard).collect();
+            })
+            .collect();
         Ok(())
     }
 
@@ -476,7 +475,7 @@ impl<M: DeviceModel> ConnHandler<M> {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(Error::InvalidParam("no free memory slot"));
         }
-        let (r, guard) = region.map(file)?;
+        let r = region.map(file)?;
         let mem = self
             .mem
             .memory()
@@ -487,9 +486,7 @@ impl<M: DeviceModel> ConnHandler<M> {
             vmm_addr: region.user_addr,
             size: region.size,
             gpa: region.gpa,
-            guard,
         });
-        self.retired.clear();
         Ok(())
     }
 
@@ -500,11 +497,7 @@ impl<M: DeviceModel> ConnHandler<M> {
             .remove_region(GuestAddress(region.gpa), region.size)
             .map_err(|e| Error::Io(io::Error::other(e)))?;
         self.set_mem(mem);
-        let (gone, kept) = std::mem::take(&mut self.mappings)
-            .into_iter()
-            .partition(|m| m.gpa == region.gpa);
-        self.mappings = kept;
-        self.retired = gone.into_iter().map(|m| m.guard).collect::<Vec<_>>();
+        self.mappings.retain(|m| m.gpa != region.gpa);
         Ok(())
     }
 }

@@ -34,8 +34,11 @@ pub use vmm_sys_util::event::{
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+/// A memory table: guest memory regions, each a mapping the daemon owns (`guard::Owned`).
+pub type MemTable = GuestMemoryMmap<guard::Owned>;
+
 /// Guest memory as the data path sees it.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+pub type GuestMem = GuestMemoryAtomic<MemTable>;
 
 /// Largest queue any device accepts. 1024 lets a net driver without MRG_RXBUF post 64 KiB
 /// receive buffers as chains of 4 KiB pages.

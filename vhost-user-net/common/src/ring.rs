@@ -20,8 +20,7 @@ use std::sync::Arc;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
 use crate::endpoint::Connection;
@@ -115,7 +114,7 @@ impl RingMap {
 
     /// Translates the ring areas of `queue`. Fails if any lies outside guest memory (or across
     /// two regions), or is not aligned as §2.7 requires (16, 2 and 4 bytes).
-    fn new(mem: &GuestMemoryMmap<()>, queue: &virtio_queue::Queue) -> Result<Self, RingError> {
+    fn new(mem: &crate::MemTable, queue: &virtio_queue::Queue) -> Result<Self, RingError> {
         let layout = Self::layout_of(queue);
         let (desc, avail, used, size) = layout;
         if size == 0 || !size.is_power_of_two() || size as usize > MAX_QUEUE_SIZE {
@@ -147,7 +146,7 @@ impl RingMap {
 pub struct RingMaps {
     /// The connection's memory table as of `generation`; the maps point into it, and holding
     /// it keeps those mappings alive.
-    mem: Option<Arc<GuestMemoryMmap<()>>>,
+    mem: Option<Arc<crate::MemTable>>,
     generation: u64,
     maps: Vec<Option<RingMap>>,
     /// [`guard::faults`] when the table was last found intact.
@@ -198,7 +197,7 @@ impl RingMaps {
     #[inline]
     pub fn get_in(
         &mut self,
-        mem: &Arc<GuestMemoryMmap<()>>,
+        mem: &Arc<crate::MemTable>,
         generation: u64,
         qi: usize,
         queue: &virtio_queue::Queue,
@@ -235,17 +234,18 @@ impl RingMaps {
     #[cold]
     fn translate<'s>(
         slot: &'s mut Option<RingMap>,
-        mem: &GuestMemoryMmap<()>,
+        mem: &crate::MemTable,
         queue: &virtio_queue::Queue,
     ) -> Result<&'s RingMap, RingError> {
         Ok(slot.insert(RingMap::new(mem, queue)?))
     }
 
     /// Takes the memory table `mem` of `generation`, unless a SIGBUS was caught in it (the
-    /// frontend truncated it under the device: every queue of it is broken until the next
-    /// table), and forgets the ring translations made under another.
+    /// frontend truncated it under the device: the callers report every queue of it broken,
+    /// until the frontend connects again), and forgets the ring translations made under
+    /// another.
     #[cold]
-    fn reload(&mut self, mem: Arc<GuestMemoryMmap<()>>, generation: u64, faults: u64) {
+    fn reload(&mut self, mem: Arc<crate::MemTable>, generation: u64, faults: u64) {
         if generation != self.generation || self.mem.is_none() {
             self.maps.iter_mut().for_each(|m| *m = None);
         }
@@ -266,7 +266,7 @@ impl RingMaps {
 
 /// One queue's rings, valid for one burst (while the memory table `'m` is borrowed).
 pub struct SplitRing<'m> {
-    mem: &'m GuestMemoryMmap<()>,
+    mem: &'m crate::MemTable,
     /// Host addresses of the descriptor table, avail ring and used ring.
     desc: usize,
     avail: usize,
@@ -287,7 +287,7 @@ pub struct SplitRing<'m> {
 impl<'m> SplitRing<'m> {
     /// The memory table the rings are in.
     #[inline]
-    pub fn mem(&self) -> &'m GuestMemoryMmap<()> {
+    pub fn mem(&self) -> &'m crate::MemTable {
         self.mem
     }
 
