@@ -71,6 +71,21 @@ fn pod_dir(conf: &NetConf, env: &Env) -> PathBuf {
     conf.socket_dir.join(format!("{}-{h:08x}", &cid[..24]))
 }
 
+/// The subdirectory of a pod directory where a data plane that is not root binds its sockets.
+const DATAPLANE_DIR: &str = "dataplane";
+
+/// Where the attachment's vhost-user socket goes: in the pod directory, or, when the data
+/// plane runs as another user, in a subdirectory that user owns. The pod directory itself
+/// stays root's: it holds the network files the VM launcher (root) reads, which the data
+/// plane's user must not be able to replace.
+fn socket_path(conf: &NetConf, env: &Env, dir: &Path) -> PathBuf {
+    let name = format!("{}.sock", env.ifname());
+    match dataplane_user(&conf.control_socket) {
+        Some(_) => dir.join(DATAPLANE_DIR).join(name),
+        None => dir.join(name),
+    }
+}
+
 /// The tap mode's record: the links named after the attachment (`tvh`/`tvp` and the hash
 /// of the data plane port name, 11 bytes).
 fn tap_kind(conf: &NetConf, env: &Env) -> Kind {
@@ -280,7 +295,7 @@ fn add(host: &mut Host, env: &Env, conf: &NetConf, store: &Store) -> CniResult<V
     let kind = match (&conf.mode, &conf.sriov) {
         (Mode::VhostUser, _) => {
             let dir = pod_dir(conf, env);
-            let socket = dir.join(format!("{}.sock", env.ifname()));
+            let socket = socket_path(conf, env, &dir);
             if !fits_sun_path(&socket) {
                 return Err(CniError::new(
                     Code::InvalidConfig,
@@ -397,6 +412,20 @@ fn merge_result(conf: &NetConf, iface: Interface, mut ipam: AddResult) -> CniRes
     Ok(out)
 }
 
+/// Gives `socket`'s directory, Torii's `dataplane` subdirectory of a pod directory, to the
+/// data plane's `user` if it is still root's.
+fn hand_over(socket: &Path, user: Option<(u32, u32)>) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (Some((uid, gid)), Some(d)) = (user, socket.parent()) else {
+        return Ok(());
+    };
+    if d.file_name() != Some(std::ffi::OsStr::new(DATAPLANE_DIR)) || fs::metadata(d)?.uid() != 0 {
+        return Ok(());
+    }
+    fs::set_permissions(d, fs::Permissions::from_mode(0o750))?;
+    std::os::unix::fs::chown(d, Some(uid), Some(gid))
+}
+
 /// The data plane's user and group, when not root: the owner of its control socket.
 fn dataplane_user(control_socket: &Path) -> Option<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
@@ -418,17 +447,24 @@ fn add_vhost_user(
     let mac = guest_mac(conf, env);
     // The socket's directory: made private if new, refused if others could write it (they
     // could stand in for the data plane's socket and get the pod's memory). A data plane that
-    // runs as another user (its control socket's owner) gets the directory it binds in.
-    torii_vhost_user::sockdir::prepare_for(socket, dataplane_user(&conf.control_socket)).map_err(
-        |e| {
-            use torii_vhost_user::sockdir::SockDirError;
-            let code = match e {
-                SockDirError::Io { .. } => Code::Io,
-                _ => Code::InvalidConfig,
-            };
-            CniError::new(code, format!("socketDir: {e}"))
-        },
-    )?;
+    // runs as another user (its control socket's owner) gets the subdirectory it binds in
+    // (`socket_path`), also when an earlier ADD made it but failed before handing it over.
+    let user = dataplane_user(&conf.control_socket);
+    let prepared = torii_vhost_user::sockdir::prepare_for(socket, user).and_then(|()| {
+        hand_over(socket, user).map_err(|source| torii_vhost_user::sockdir::SockDirError::Io {
+            socket: socket.to_path_buf(),
+            dir: socket.parent().unwrap_or(dir).to_path_buf(),
+            source,
+        })
+    });
+    prepared.map_err(|e| {
+        use torii_vhost_user::sockdir::SockDirError;
+        let code = match e {
+            SockDirError::Io { .. } => Code::Io,
+            _ => Code::InvalidConfig,
+        };
+        CniError::new(code, format!("socketDir: {e}"))
+    })?;
     let mut settings = json!({
         "type": "vhost-user",
         "socket": socket,
@@ -627,7 +663,11 @@ fn undo(
                 Err(e) => keep(Err(e)),
             }
             keep(remove_file(&pod_dir.join(format!("{}.json", a.ifname))));
-            // The pod directory goes with its last interface.
+            // The data plane's subdirectory and the pod directory go with their last
+            // interface.
+            if let Some(d) = socket.parent().filter(|d| d != pod_dir) {
+                let _ = fs::remove_dir(d);
+            }
             let _ = fs::remove_dir(pod_dir);
         }
         Kind::Sriov { device, vfio } => keep(sriov::release(
@@ -692,7 +732,7 @@ fn del(host: &mut Host, env: &Env, conf: &NetConf, store: &Store) -> CniResult<(
                     let dir = pod_dir(conf, env);
                     Kind::VhostUser {
                         port: port_name(conf, env),
-                        socket: dir.join(format!("{}.sock", env.ifname())),
+                        socket: socket_path(conf, env, &dir),
                         pod_dir: dir,
                     }
                 }

@@ -444,9 +444,10 @@ fn del_after_a_dataplane_crash_cleans_up() {
     }
 }
 
-/// A data plane that runs as `nobody` without capabilities binds its vhost-user sockets in
-/// the pod directories torii-cni (root) makes: they are handed to the data plane's user, the
-/// directories above them stay root's. DEL removes them.
+/// A data plane that runs as `nobody` without capabilities binds its vhost-user sockets in a
+/// `dataplane` subdirectory of the pod directory that torii-cni (root) makes and hands to the
+/// data plane's user; the pod directory itself, with the network files the VM launcher reads,
+/// stays root's, and the directories above can be passed through. DEL removes them all.
 #[test]
 fn a_non_root_data_plane_gets_its_pod_directories() {
     prerequisites();
@@ -461,21 +462,31 @@ fn a_non_root_data_plane_gets_its_pod_directories() {
             .as_str()
             .expect("socketPath"),
     );
-    let dir = socket.parent().expect("pod directory");
-    let own = std::fs::metadata(dir).or_fail("pod directory");
+    let sockets = socket.parent().expect("socket directory");
+    assert_eq!(
+        sockets.file_name().and_then(|n| n.to_str()),
+        Some("dataplane")
+    );
+    let own = std::fs::metadata(sockets).or_fail("socket directory");
     assert_eq!(
         (own.uid(), own.gid(), own.mode() & 0o777),
         (NOBODY, NOBODY, 0o750),
         "{}",
-        dir.display()
+        sockets.display()
     );
-    let above = std::fs::metadata(r.dir.join("pods")).or_fail("socketDir");
-    assert_eq!((above.uid(), above.mode() & 0o777), (0, 0o751));
+    let pod = sockets.parent().expect("pod directory");
+    for d in [pod, &r.dir.join("pods")] {
+        let m = std::fs::metadata(d).or_fail("directory");
+        assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o751), "{}", d.display());
+    }
+    let json = pod.join("net1.json");
+    assert_eq!(std::fs::metadata(&json).or_fail("network file").uid(), 0);
     // The data plane bound the socket, as nobody, and it answers.
     let sock = std::fs::metadata(&socket).or_fail("socket");
     assert_eq!(sock.uid(), NOBODY);
     std::os::unix::net::UnixStream::connect(&socket).or_fail("connecting to the port");
     let del = r.cni("DEL", Some("c1"), Some("net1"), Some(&ns), &conf);
     assert!(del.ok, "DEL: {del:?}");
+    assert!(!pod.exists(), "{} left", pod.display());
     assert_eq!(leftovers(&r), nothing(&r));
 }
