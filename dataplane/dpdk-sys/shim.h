@@ -21,4 +21,18 @@ void torii_mbuf_set_tx_offload(struct rte_mbuf *m, uint16_t l2_len, uint16_t l3_
  * runs when the last reference goes. */
 void torii_mbuf_attach_extbuf(struct rte_mbuf *m, void *buf, uint16_t len,
                               struct rte_mbuf_ext_shared_info *shinfo);
+/* Bursts of a driver that maps a peer's memory (memif), which the peer can take away during
+ * the burst: DPDK 22.11's memif driver unmaps and frees a departing peer's regions from its
+ * interrupt thread without waiting for the data path. A SIGSEGV or SIGBUS inside the burst
+ * abandons it: the call returns 0 with *fault set. The driver's queue is being torn down by
+ * then; mbufs it had taken for the abandoned burst are not returned (at most `n`). */
+uint16_t torii_rx_burst_guarded(uint16_t port, uint16_t queue, struct rte_mbuf **pkts,
+                                uint16_t n, int *fault);
+uint16_t torii_tx_burst_guarded(uint16_t port, uint16_t queue, struct rte_mbuf **pkts,
+                                uint16_t n, int *fault);
+/* Installs the SIGSEGV and SIGBUS handlers the guarded bursts need; other faults go to the
+ * handlers that were there before (or the default action). 0, or -1 with errno. */
+int torii_burst_guard_install(void);
+/* Reads the byte at `p` under the same guard (for tests): 0 with *fault set if it faulted. */
+uint8_t torii_guarded_read(const volatile uint8_t *p, int *fault);
 #endif

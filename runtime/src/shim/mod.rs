@@ -118,7 +118,8 @@ impl containerd_shim::Shim for Shim {
     }
 }
 
-/// SIGTERM or SIGINT ends the shim in order ([`service::Service::terminate`]). The shim crate
+/// SIGTERM or SIGINT ends the shim in order ([`service::Service::terminate`]); a second one
+/// while that is under way ends it at once. The shim crate
 /// catches both and only logs them, so a shim whose containerd is gone would otherwise outlive
 /// every polite request to stop.
 fn end_on_signals(service: service::Service) {
@@ -132,9 +133,23 @@ fn end_on_signals(service: service::Service) {
     let spawned = std::thread::Builder::new()
         .name("terminate".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            let mut signals = signals.forever();
+            if let Some(sig) = signals.next() {
                 containerd_shim::info!("signal {sig}: stopping the sandbox");
-                service.terminate();
+                let stopping = service.clone();
+                if let Err(e) = std::thread::Builder::new()
+                    .name("terminating".into())
+                    .spawn(move || stopping.terminate())
+                {
+                    containerd_shim::error!("terminate thread: {e}");
+                    std::process::exit(128 + sig);
+                }
+            }
+            // A second request while the first is under way: now (the VMM and the disk
+            // backends die with the shim, PR_SET_PDEATHSIG).
+            if let Some(sig) = signals.next() {
+                containerd_shim::warn!("signal {sig} again: exiting at once");
+                std::process::exit(128 + sig);
             }
         });
     if let Err(e) = spawned {

@@ -90,8 +90,8 @@ pub struct DpdkDevice {
     multi_seg: bool,
     /// Packets' own buffers are lent to the device at transmit instead of being copied.
     lend_tx: bool,
-    /// The driver maps a peer's memory, which the peer can take away mid-burst: bursts run
-    /// under [`shm_guard::burst`].
+    /// The driver maps a peer's memory, which the peer can take away mid-burst: bursts go
+    /// through the guarded calls ([`shm_guard`]).
     peer_memory: bool,
 }
 
@@ -756,13 +756,23 @@ impl DpdkPort {
         }
         let (port, mbufs) = (self.dev.port_id, self.mbufs.as_mut_ptr());
         // SAFETY: valid port and queue, sent on by this thread only; the n mbufs are ours,
-        // DPDK takes the ones it sends.
-        let send = || unsafe { sys::torii_tx_burst(port, qid, mbufs, n as u16) } as usize;
-        let sent = if self.dev.peer_memory {
-            shm_guard::burst(send)
-        } else {
-            send()
-        };
+        // DPDK takes the ones it sends; a guarded call that faulted leaves them all where the
+        // driver had them (not ours to free: it may have freed some).
+        let sent = unsafe {
+            if self.dev.peer_memory {
+                let mut fault = 0;
+                let sent = sys::torii_tx_burst_guarded(port, qid, mbufs, n as u16, &mut fault);
+                if fault != 0 {
+                    shm_guard::abandoned(&self.name, "transmit", n);
+                    take_returned(pool);
+                    PortStats::add(&self.stats.tx_dropped_no_room, n);
+                    return;
+                }
+                sent
+            } else {
+                sys::torii_tx_burst(port, qid, mbufs, n as u16)
+            }
+        } as usize;
         if sent < n {
             // SAFETY: DPDK left the unsent ones to us.
             unsafe {
@@ -808,12 +818,18 @@ impl Port for DpdkPort {
         let n = max.min(BURST);
         let (port, mbufs) = (self.dev.port_id, self.mbufs.as_mut_ptr());
         // SAFETY: valid port and queue, polled by this thread only; `mbufs` has room for n.
-        let receive = || unsafe { sys::torii_rx_burst(port, qid, mbufs, n as u16) } as usize;
-        let got = if self.dev.peer_memory {
-            shm_guard::burst(receive)
-        } else {
-            receive()
-        };
+        let got = unsafe {
+            if self.dev.peer_memory {
+                let mut fault = 0;
+                let got = sys::torii_rx_burst_guarded(port, qid, mbufs, n as u16, &mut fault);
+                if fault != 0 {
+                    shm_guard::abandoned(&self.name, "receive", n);
+                }
+                got
+            } else {
+                sys::torii_rx_burst(port, qid, mbufs, n as u16)
+            }
+        } as usize;
         if got == 0 {
             return;
         }
