@@ -387,6 +387,36 @@ mod tests {
     }
 
     #[test]
+    fn an_owned_mapping_takes_its_entry_with_it() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let len = 2 * 4096;
+        let file = memfd(len as u64);
+        let owned = Owned::map(&file, 0, len).unwrap();
+        let p = owned.addr().unwrap();
+        file.set_len(0).unwrap();
+        // SAFETY: inside the mapping; past the file's end, so the guard catches it.
+        assert_eq!(unsafe { p.add(4096).read_volatile() }, 0);
+        assert!(faulted(p as usize, len));
+        drop(owned);
+        // The entry went first, then the memory: nothing is guarded or mapped there now.
+        assert!(!faulted(p as usize, len));
+        // SAFETY: probes the old address with NOREPLACE (fails if anything is still mapped
+        // there), then unmaps the probe.
+        unsafe {
+            let probe = libc::mmap(
+                p.cast(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            );
+            assert_eq!(probe, p.cast());
+            libc::munmap(probe, len);
+        }
+    }
+
+    #[test]
     fn slots_are_reused_and_bounded() {
         let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         // Other tests of this crate map guest memory meanwhile, and hold some slots.
