@@ -477,6 +477,51 @@ fn dpdk_ports_need_no_capability() {
     dp.stop();
 }
 
+/// net_af_packet as `nobody`: refused without CAP_NET_RAW (its packet socket) and with it alone
+/// (starting sets the interface's MAC address and promiscuous mode: CAP_NET_ADMIN), each time
+/// with an error that names the capability; with both and nothing else its ports carry ping
+/// between two kernel namespaces.
+#[test]
+fn an_af_packet_port_needs_cap_net_raw_and_cap_net_admin_and_nothing_more() {
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    const CAP_NET_RAW: u64 = 1 << 13;
+    let _lock = torii_perf::heavy_test_lock();
+    prerequisites();
+    prereq::require_binary("ethtool", "apt-get install ethtool").or_fail("prerequisite");
+    let (_dir, run) = common::nobody_dir("torii-afp-nobody");
+    let (ns1, ns2) = (Netns::new("afr1"), Netns::new("afr2"));
+    let (v1, v2) = (
+        Veth::new("r1", &ns1, "10.93.0.1/24"),
+        Veth::new("r2", &ns2, "10.93.0.2/24"),
+    );
+    let body = format!(
+        "{DPDK}[[port]]\nname = \"k1\"\ntype = \"dpdk\"\ndevice = \"net_af_packet0,iface={}\"\n[[port]]\nname = \"k2\"\ntype = \"dpdk\"\ndevice = \"net_af_packet1,iface={}\"\n",
+        v1.near, v2.near
+    );
+    for (caps, named) in [("", "CAP_NET_RAW"), ("+net_raw", "CAP_NET_ADMIN")] {
+        let err = common::refused(&common::as_nobody(caps), &run, &body);
+        assert!(
+            err.contains("port \"k1\"") && err.contains(named),
+            "with {caps:?}, unclear error: {err}"
+        );
+    }
+
+    let wrapper = common::as_nobody("+net_raw,+net_admin");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut dp = Daemon::start_under(&wrapper, &run, "", &body);
+    let cap_eff = proc_util::status_field(dp.pid(), "CapEff:");
+    assert_eq!(
+        u64::from_str_radix(&cap_eff, 16).or_fail("CapEff"),
+        CAP_NET_RAW | CAP_NET_ADMIN
+    );
+    let out = ns1.exec("ping -c 5 -i 0.2 -W 2 10.93.0.2");
+    assert!(
+        out.contains(" 0% packet loss"),
+        "ping over af_packet as nobody:\n{out}"
+    );
+    dp.stop();
+}
+
 /// A memif peer killed while traffic flows both ways, 12 times: DPDK's memif driver unmaps the
 /// peer's regions from its interrupt thread while a burst may be copying from or into them
 /// (`shm_guard`). The data plane lives through every one, and serves the next peer.

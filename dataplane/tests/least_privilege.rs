@@ -42,31 +42,6 @@ fn prerequisites() {
     }
 }
 
-/// Runs torii-dataplane under `wrapper` (a command line that ends by running the program it is
-/// given) with its control socket in `run` and `body` as the rest of its configuration, where
-/// it must fail to start: its stderr.
-fn refused(wrapper: &[String], run: &Path, body: &str) -> String {
-    let cfg = run.join("refused.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[dataplane]\ncontrol_socket = \"{}\"\n{body}",
-            run.join("control.sock").display()
-        ),
-    )
-    .or_fail("config");
-    let out = Command::new(&wrapper[0])
-        .args(&wrapper[1..])
-        .arg(env!("CARGO_BIN_EXE_torii-dataplane"))
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .output()
-        .or_fail("running torii-dataplane");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "it started: {err}");
-    err
-}
-
 /// A disk image of 16 MiB that `nobody` owns, in `run`.
 fn nobody_image(run: &Path) -> std::path::PathBuf {
     let img = run.join("d.img");
@@ -131,7 +106,7 @@ fn a_tap_port_needs_cap_net_admin_and_nothing_more() {
     let body = format!("[[port]]\nname = \"t\"\ntype = \"tap\"\nifname = \"{tap}\"\n");
 
     // Without the capability: refused, with the reason and the capability named.
-    let err = refused(&as_nobody(""), &run, &body);
+    let err = common::refused(&as_nobody(""), &run, &body);
     assert!(
         err.contains("port \"t\"") && err.contains("CAP_NET_ADMIN"),
         "unclear error: {err}"
@@ -169,7 +144,7 @@ fn a_metrics_port_below_1024_needs_cap_net_bind_service() {
         .expect("a free port below 1024");
     let (_dir, run) = nobody_dir("torii-lp-low");
     let listen = format!("metrics_listen = \"127.0.0.1:{port}\"\n");
-    let err = refused(&as_nobody(""), &run, &listen);
+    let err = common::refused(&as_nobody(""), &run, &listen);
     assert!(
         err.contains("metrics_listen") && err.contains("CAP_NET_BIND_SERVICE"),
         "unclear error: {err}"
@@ -211,7 +186,7 @@ fn disks_need_memlock_or_cap_ipc_lock_only_for_registered_guest_memory() {
         let (v_sock, d_sock, img) = (run.join("v.sock"), run.join("d.sock"), nobody_image(&run));
         let mut wrapper = vec!["prlimit".to_string(), "--memlock=65536:65536".into()];
         wrapper.extend(as_nobody(""));
-        let err = refused(
+        let err = common::refused(
             &wrapper,
             &run,
             &common::vhost_to_sink_and_disk(&v_sock, &d_sock, &img),

@@ -542,6 +542,31 @@ pub fn as_nobody(caps: &str) -> Vec<String> {
     v
 }
 
+/// Runs torii-dataplane under `wrapper` (a command line that ends by running the program it is
+/// given) with its control socket in `run` and `body` as the rest of its configuration, where
+/// it must fail to start: its stderr.
+pub fn refused(wrapper: &[String], run: &Path, body: &str) -> String {
+    let cfg = run.join("refused.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[dataplane]\ncontrol_socket = \"{}\"\n{body}",
+            run.join("control.sock").display()
+        ),
+    )
+    .or_fail("config");
+    let out = Command::new(&wrapper[0])
+        .args(&wrapper[1..])
+        .arg(env!("CARGO_BIN_EXE_torii-dataplane"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .output()
+        .or_fail("running torii-dataplane");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "it started: {err}");
+    err
+}
+
 /// A directory `nobody` owns (0750) under a fresh test directory.
 pub fn nobody_dir(tag: &str) -> (torii_perf::proc_util::TmpDir, PathBuf) {
     use std::os::unix::fs::PermissionsExt;

@@ -189,6 +189,18 @@ fn check(rc: i32, what: &str) -> Result<(), String> {
     }
 }
 
+/// What a driver needs beyond what every DPDK port needs, for the error of a failed probe or
+/// start (the driver's own error says only that a call was not permitted). net_af_packet opens
+/// a packet socket when it is probed, and sets the interface's MAC address and promiscuous
+/// mode when it starts.
+fn privilege_note(device_name: &str, starting: bool) -> &'static str {
+    match (device_name.starts_with("net_af_packet"), starting) {
+        (true, false) => " (net_af_packet opens a packet socket on the interface: that needs CAP_NET_RAW, and the interface must exist)",
+        (true, true) => " (net_af_packet sets the interface's MAC address and promiscuous mode as it starts: that needs CAP_NET_ADMIN)",
+        (false, _) => "",
+    }
+}
+
 fn find_port(name: &CStr) -> Option<u16> {
     let mut id = 0u16;
     // SAFETY: name is a valid C string; id is written on success only.
@@ -218,8 +230,13 @@ impl DpdkDevice {
                 let rc = unsafe { sys::rte_dev_probe(args.as_ptr()) };
                 // A probe refused by the sandbox fails with DPDK's own error: say that the
                 // sandbox may be why.
-                check(rc, &format!("probing {:?}", cfg.device))
-                    .map_err(|e| format!("{e}{}", torii_vhost_user::landlock::note()))?;
+                check(rc, &format!("probing {:?}", cfg.device)).map_err(|e| {
+                    format!(
+                        "{e}{}{}",
+                        privilege_note(&name, false),
+                        torii_vhost_user::landlock::note()
+                    )
+                })?;
                 find_port(&cname).ok_or_else(|| {
                     format!("DPDK made no network device named {name:?} (is it a net_* driver, or a NIC bound to vfio-pci?)")
                 })?
@@ -352,10 +369,15 @@ impl DpdkDevice {
             tracing::debug!(port = %name, "promiscuous mode: {}", eal::strerror(rc));
         }
         // SAFETY: valid, configured port.
-        check(
-            unsafe { sys::rte_eth_dev_start(port_id) },
-            &format!("starting {name}"),
-        )?;
+        let rc = unsafe { sys::rte_eth_dev_start(port_id) };
+        check(rc, &format!("starting {name}")).map_err(|e| {
+            let note = if rc == -libc::EPERM {
+                privilege_note(&name, true)
+            } else {
+                ""
+            };
+            format!("{e}{note}")
+        })?;
         guard.started = true;
         let mut mac = sys::rte_ether_addr::default();
         // SAFETY: valid port; mac is written.
