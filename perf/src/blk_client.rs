@@ -13,7 +13,9 @@ use std::ptr;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -166,11 +168,24 @@ pub struct BlkClient {
     info: DeviceInfo,
     queues: Vec<DriverQueue>,
     queues_at_connect: u64,
+    /// The inflight region the backend made (GET_INFLIGHT_FD), when asked for.
+    inflight: Option<File>,
 }
 
 impl BlkClient {
     /// Connects to `socket`, negotiates, shares the memory and starts `cfg.queues` queues.
     pub fn connect(socket: &Path, cfg: &ClientConfig) -> Result<Self, ClientError> {
+        Self::open(socket, cfg, false)
+    }
+
+    /// As [`BlkClient::connect`], and has the backend track requests in flight in an inflight
+    /// region it makes (GET_INFLIGHT_FD, then SET_INFLIGHT_FD), as QEMU does for a backend that
+    /// may reconnect. This process does not map the region.
+    pub fn connect_with_inflight(socket: &Path, cfg: &ClientConfig) -> Result<Self, ClientError> {
+        Self::open(socket, cfg, true)
+    }
+
+    fn open(socket: &Path, cfg: &ClientConfig, inflight: bool) -> Result<Self, ClientError> {
         if cfg.segments == 0 || cfg.segments > MAX_SEGMENTS {
             return Err(ClientError::Setup(format!(
                 "segments must be 1..={MAX_SEGMENTS}, got {}",
@@ -202,9 +217,17 @@ impl BlkClient {
         }
         fe.set_features(offered & want)?;
         let p = fe.get_protocol_features()?;
-        let wantp = VhostUserProtocolFeatures::CONFIG
+        let mut wantp = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK;
+        if inflight {
+            if !p.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+                return Err(ClientError::Setup(
+                    "backend without the INFLIGHT_SHMFD protocol feature".into(),
+                ));
+            }
+            wantp |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
         fe.set_protocol_features(p & wantp)?;
         if !p.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(ClientError::Setup(
@@ -244,6 +267,18 @@ impl BlkClient {
             mmap_offset: 0,
             mmap_handle: mem.file.as_raw_fd(),
         }])?;
+        let inflight = if inflight {
+            let (region, file) = fe.get_inflight_fd(&VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: cfg.queues,
+                queue_size: cfg.queue_size,
+            })?;
+            fe.set_inflight_fd(&region, file.as_raw_fd())?;
+            Some(file)
+        } else {
+            None
+        };
         let mut queues = Vec::new();
         for q in 0..cfg.queues {
             let base = per_queue * u64::from(q);
@@ -276,6 +311,7 @@ impl BlkClient {
             info,
             queues,
             queues_at_connect: u64::from(cfg.queues),
+            inflight,
         })
     }
 
@@ -293,6 +329,15 @@ impl BlkClient {
     /// memory past `len` afterwards.
     pub fn truncate_memory(&self, len: u64) -> std::io::Result<()> {
         self.mem.file.set_len(len)
+    }
+
+    /// Shrinks the inflight region's file to `len` bytes under the backend, as a buggy or
+    /// hostile frontend could (the client must have connected with an inflight region).
+    pub fn truncate_inflight(&self, len: u64) -> std::io::Result<()> {
+        self.inflight
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("connected without an inflight region"))?
+            .set_len(len)
     }
 
     /// Bytes of each queue's part of the memory (queue `q`'s part starts at `q` times this).

@@ -106,6 +106,8 @@ struct QueueState {
     pending: u32,
     slots: Vec<Slot>,
     inflight: Option<QueueInflight<QueueRegion>>,
+    /// `guard::faults()` when the inflight region was last looked at.
+    faults_seen: u64,
     /// Completed this round: (head, bytes written).
     done: Vec<(u16, u32)>,
     heads: Vec<u16>,
@@ -123,6 +125,7 @@ impl QueueState {
             pending: 0,
             slots: Vec::new(),
             inflight: None,
+            faults_seen: 0,
             done: Vec::with_capacity(crate::device::MAX_QUEUE_SIZE as usize),
             heads: Vec::with_capacity(crate::device::MAX_QUEUE_SIZE as usize),
             counters: Counters::default(),
@@ -535,6 +538,17 @@ impl Worker {
         q.done.clear();
         shared.set_queue_busy(q.vq as usize, q.pending);
         publish_stats(shared, q);
+        // The frontend may have truncated the inflight region under the queue: the records of
+        // this batch went to zero pages. The completions are published (guest memory and rings
+        // are sound), and then the queue is broken, as a reconnect could not recover it.
+        let faults = torii_vhost_user::guard::faults();
+        if faults != q.faults_seen {
+            q.faults_seen = faults;
+            if q.inflight.as_ref().is_some_and(|i| i.memory().faulted()) {
+                q.inflight = None;
+                broken(shared, q, RingError::InflightTruncated);
+            }
+        }
         n
     }
 

@@ -420,6 +420,69 @@ fn a_frontend_that_truncates_guest_memory_breaks_its_queues_not_the_daemon() {
     be.stop();
 }
 
+/// A frontend that shrinks the inflight region's file under a polling worker: the write whose
+/// record faults completes (guest memory and rings are sound), then the queue is reported
+/// broken, since a reconnect could no longer recover its requests. The daemon lives on, and a
+/// new connection reads every acknowledged write.
+#[test]
+fn a_frontend_that_truncates_its_inflight_region_breaks_its_queue_not_the_daemon() {
+    let _heavy = torii_perf::heavy_test_lock();
+    let dir = proc_util::unique_tmp_dir("torii-blk-inflight-truncate").or_fail("tmp dir");
+    let img = image(dir.path(), "disk.img", 8);
+    let mut be = Backend::start(dir.path(), &img, &["--poll-mode", "poll"]);
+    let cfg = ClientConfig {
+        queues: 1,
+        queue_size: 64,
+        slots: 4,
+        max_bytes: 4096,
+        segments: 1,
+    };
+    let mut client = BlkClient::connect_with_inflight(&be.socket, &cfg).or_fail("connect");
+    let mut q = client.take_queues().swap_remove(0);
+    q.data(0)[..4096].fill(0x33);
+    assert_eq!(one(&mut q, T_OUT, 8, 4096).status, 0, "write before");
+    assert!(
+        !be.log_text().contains("inflight region"),
+        "{}",
+        be.log_text()
+    );
+
+    client.truncate_inflight(0).or_fail("ftruncate");
+    q.data(0)[..4096].fill(0x44);
+    assert_eq!(one(&mut q, T_OUT, 16, 4096).status, 0, "write after");
+    let reported =
+        proc_util::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            be.log_text()
+                .contains("inflight region was truncated by the frontend")
+        });
+    assert!(
+        reported,
+        "truncated inflight region not reported; log:\n{}",
+        be.log_text()
+    );
+    q.queue(0, T_IN, 8, 4096);
+    q.publish();
+    assert!(
+        wait_one(&mut q, Duration::from_millis(300)).is_none(),
+        "the broken queue completed a request"
+    );
+    drop(q);
+    client.close(1);
+
+    let mut again = BlkClient::connect_with_inflight(&be.socket, &cfg).or_fail("reconnect");
+    let mut q = again.take_queues().swap_remove(0);
+    for (sector, fill) in [(8, 0x33), (16, 0x44)] {
+        assert_eq!(one(&mut q, T_IN, sector, 4096).status, 0, "read {sector}");
+        assert!(
+            q.data(0)[..4096].iter().all(|&b| b == fill),
+            "data at sector {sector}"
+        );
+    }
+    drop(q);
+    again.close(1);
+    be.stop();
+}
+
 /// A loop device over an image, detached when dropped.
 struct LoopDev(String);
 

@@ -65,6 +65,11 @@ pub struct QueueInflight<B> {
 }
 
 impl<B: AsRef<[u8]> + AsMut<[u8]>> QueueInflight<B> {
+    /// The memory the queue's part lives in.
+    pub fn memory(&self) -> &B {
+        &self.mem
+    }
+
     /// A fresh region (GET_INFLIGHT_FD: the frontend has just allocated it, zeroed): writes
     /// the header.
     pub fn init(mut mem: B, queue_size: u16) -> Result<Self, InflightError> {
@@ -364,6 +369,14 @@ impl InflightMap {
         self.queue_size
     }
 
+    /// Whether the frontend truncated the region's file under the mapping (a SIGBUS was caught
+    /// in it: what the daemon wrote since went to zero pages, not to the frontend).
+    pub fn faulted(&self) -> bool {
+        self.guard
+            .as_ref()
+            .is_some_and(crate::guard::Guard::faulted)
+    }
+
     /// Exclusive access to queue `q`'s part, until the returned [`QueueRegion`] is dropped.
     /// None if `q` is out of range or its part is taken.
     pub fn take_queue(map: &std::sync::Arc<Self>, q: u16) -> Option<QueueRegion> {
@@ -399,6 +412,13 @@ pub struct QueueRegion {
     map: std::sync::Arc<InflightMap>,
     offset: usize,
     len: usize,
+}
+
+impl QueueRegion {
+    /// Whether the region this part belongs to was truncated ([`InflightMap::faulted`]).
+    pub fn faulted(&self) -> bool {
+        self.map.faulted()
+    }
 }
 
 impl AsRef<[u8]> for QueueRegion {

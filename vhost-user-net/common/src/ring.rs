@@ -67,6 +67,11 @@ pub enum RingError {
          caught, zero pages mapped in its place)"
     )]
     Truncated(u64, u64),
+    #[error(
+        "the inflight region was truncated by the frontend under the device (SIGBUS caught, \
+         zero pages mapped in its place): requests in flight can no longer be recovered"
+    )]
+    InflightTruncated,
 }
 
 const DESC_LEN: usize = 16;
