@@ -346,12 +346,20 @@ pub fn edu_dma_check(sysfs_dir: &Path, addr: PciAddr) -> Result<DmaReport, VfioE
     let (iova_src, iova_dst) = (0x10_0000u64, 0x10_1000u64);
     for (iova, p) in [(iova_src, &src), (iova_dst, &dst)] {
         // SAFETY: the pages stay mapped until after the unmap below (they are dropped last).
-        unsafe { o.container.vfio_dma_map(iova, PAGE, p.ptr) }.map_err(|source| {
-            VfioError::Vfio {
+        unsafe { o.container.vfio_dma_map(iova, PAGE, p.ptr) }.map_err(|source| match source {
+            // The type1 IOMMU pins the pages it maps and counts them against the caller's
+            // RLIMIT_MEMLOCK unless it has CAP_IPC_LOCK.
+            vfio_ioctls::VfioError::IommuDmaMap(e) if e.errno() == libc::ENOMEM => {
+                VfioError::other(
+                    addr,
+                    format!("mapping a page for DMA: {e}: pages mapped for DMA are pinned and count against RLIMIT_MEMLOCK; raise the limit or grant CAP_IPC_LOCK"),
+                )
+            }
+            source => VfioError::Vfio {
                 addr,
                 what: "mapping a page for DMA",
                 source,
-            }
+            },
         })?;
     }
     let transfer = |from: u64, to: u64, cmd: u32| -> Result<(), VfioError> {
