@@ -376,7 +376,13 @@ pub fn prometheus(r: &Report) -> String {
                 labels.clone(),
                 &json!(u8::from(d["link_up"] == true)),
             );
-            for k in ["rx_missed", "rx_errors", "rx_no_mbuf", "tx_errors"] {
+            for k in [
+                "rx_missed",
+                "rx_errors",
+                "rx_no_mbuf",
+                "tx_errors",
+                "bursts_abandoned",
+            ] {
                 add(
                     format!("torii_port_dpdk_{k}_total"),
                     "counter",

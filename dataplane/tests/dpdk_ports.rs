@@ -119,6 +119,7 @@ fn memif_port_exchanges_traffic_with_a_testpmd_memif_peer() {
         // The peer has gone: the link is down.
         "torii_port_link_up{port=\"memif\",kind=\"dpdk\"} 0",
         "torii_port_dpdk_rx_missed_total{port=\"memif\",kind=\"dpdk\"} 0",
+        "torii_port_dpdk_bursts_abandoned_total{port=\"memif\",kind=\"dpdk\"} 0",
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
@@ -560,7 +561,14 @@ fn memif_peers_killed_under_traffic_do_not_take_the_data_plane_down() {
         assert!(p["kind"] == "dpdk", "round {round}: {p}");
     }
     drop(tx);
+    let counted = dp.port("memif")["dpdk"]["bursts_abandoned"]
+        .as_u64()
+        .expect("bursts_abandoned in the port's report");
     let log = dp.stop();
     let survived = log.matches("a memif peer went away during a burst").count();
+    assert_eq!(
+        counted, survived as u64,
+        "abandoned bursts counted and logged"
+    );
     eprintln!("bursts carried through a peer's disconnect: {survived} in 12 kills");
 }

@@ -93,6 +93,8 @@ pub struct DpdkDevice {
     /// The driver maps a peer's memory, which the peer can take away mid-burst: bursts go
     /// through the guarded calls ([`shm_guard`]).
     peer_memory: bool,
+    /// Guarded bursts abandoned because the peer's memory went away under them.
+    bursts_abandoned: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: the raw pointers are DPDK objects (device, mempool) that stay valid until Drop, which
@@ -397,6 +399,7 @@ impl DpdkDevice {
                 // memif in zero-copy mode transmits from its own shared-memory mbufs only.
                 && !cfg.device.contains("zero-copy=yes"),
             peer_memory: PEER_MEMORY_DRIVERS.contains(&driver.as_str()),
+            bursts_abandoned: Default::default(),
             driver,
         };
         std::mem::forget(guard);
@@ -430,6 +433,9 @@ impl DpdkDevice {
             rx_errors: s.ierrors,
             rx_no_mbuf: s.rx_nombuf,
             tx_errors: s.oerrors,
+            bursts_abandoned: self
+                .bursts_abandoned
+                .load(std::sync::atomic::Ordering::Relaxed),
             rxq_packets: if stats_ok {
                 s.q_ipackets[..nq].to_vec()
             } else {
@@ -473,6 +479,9 @@ pub struct DpdkReport {
     /// Frames dropped for want of an mbuf.
     pub rx_no_mbuf: u64,
     pub tx_errors: u64,
+    /// Bursts abandoned because a memif peer's memory went away during them (`shm_guard`);
+    /// each may have kept up to a burst's worth of mbufs.
+    pub bursts_abandoned: u64,
     pub rxq_packets: Vec<u64>,
     pub txq_packets: Vec<u64>,
 }
@@ -785,7 +794,7 @@ impl DpdkPort {
                 let mut fault = 0;
                 let sent = sys::torii_tx_burst_guarded(port, qid, mbufs, n as u16, &mut fault);
                 if fault != 0 {
-                    shm_guard::abandoned(&self.name, "transmit", n);
+                    shm_guard::abandoned(&self.dev.bursts_abandoned, &self.name, "transmit", n);
                     take_returned(pool);
                     PortStats::add(&self.stats.tx_dropped_no_room, n);
                     return;
@@ -845,7 +854,7 @@ impl Port for DpdkPort {
                 let mut fault = 0;
                 let got = sys::torii_rx_burst_guarded(port, qid, mbufs, n as u16, &mut fault);
                 if fault != 0 {
-                    shm_guard::abandoned(&self.name, "receive", n);
+                    shm_guard::abandoned(&self.dev.bursts_abandoned, &self.name, "receive", n);
                 }
                 got
             } else {

@@ -23,9 +23,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use torii_dpdk_sys as sys;
 
-/// Bursts abandoned because their peer's memory went away under them.
-static ABANDONED: AtomicU64 = AtomicU64::new(0);
-
 /// Installs the fault handlers of the guarded bursts, once DPDK is up and while rt_sigaction
 /// is allowed (DPDK is initialised before the seccomp filters).
 pub fn install() -> std::io::Result<()> {
@@ -38,10 +35,11 @@ pub fn install() -> std::io::Result<()> {
     }
 }
 
-/// A guarded burst faulted and was abandoned: counted and logged (cold).
+/// A guarded burst faulted and was abandoned: counted in the device's `count` and logged
+/// (cold).
 #[cold]
-pub fn abandoned(port: &str, what: &'static str, mbufs: usize) {
-    ABANDONED.fetch_add(1, Ordering::Relaxed);
+pub fn abandoned(count: &AtomicU64, port: &str, what: &'static str, mbufs: usize) {
+    count.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(
         port,
         what,
@@ -49,11 +47,6 @@ pub fn abandoned(port: &str, what: &'static str, mbufs: usize) {
         "a memif peer went away during a burst: the burst was abandoned (its mbufs, at most \
          {mbufs}, are not returned)"
     );
-}
-
-/// Bursts abandoned so far (all ports).
-pub fn abandoned_count() -> u64 {
-    ABANDONED.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]
