@@ -324,6 +324,27 @@ impl Drop for Pages {
     }
 }
 
+/// Whether this process's pinned memory is bounded by RLIMIT_MEMLOCK: a finite limit and no
+/// CAP_IPC_LOCK (so an ENOMEM from a DMA map is most likely that limit).
+fn memlock_bounds_dma() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into `lim`.
+    let finite = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0
+        && lim.rlim_cur != libc::RLIM_INFINITY;
+    let ipc_lock = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0);
+    finite && !ipc_lock
+}
+
 /// DMA through the IOMMU with QEMU's `edu` device at `addr` (bound to vfio-pci): a page
 /// mapped at one IOVA is copied into the device and back to a page mapped at another, and must
 /// arrive byte-exact; once that page is unmapped, a copy to its IOVA must not reach it (the
@@ -349,7 +370,9 @@ pub fn edu_dma_check(sysfs_dir: &Path, addr: PciAddr) -> Result<DmaReport, VfioE
         unsafe { o.container.vfio_dma_map(iova, PAGE, p.ptr) }.map_err(|source| match source {
             // The type1 IOMMU pins the pages it maps and counts them against the caller's
             // RLIMIT_MEMLOCK unless it has CAP_IPC_LOCK.
-            vfio_ioctls::VfioError::IommuDmaMap(e) if e.errno() == libc::ENOMEM => {
+            vfio_ioctls::VfioError::IommuDmaMap(e)
+                if e.errno() == libc::ENOMEM && memlock_bounds_dma() =>
+            {
                 VfioError::other(
                     addr,
                     format!("mapping a page for DMA: {e}: pages mapped for DMA are pinned and count against RLIMIT_MEMLOCK; raise the limit or grant CAP_IPC_LOCK"),

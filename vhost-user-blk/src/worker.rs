@@ -407,7 +407,10 @@ impl Worker {
                 return 0;
             }
             q.epoch = epoch;
-            let resubmit = start_queue(q, conn, queue.size(), ring.used_idx(), &shared.name);
+            let resubmit = match start_queue(q, conn, queue.size(), ring.used_idx(), &shared.name) {
+                Ok(heads) => heads,
+                Err(e) => return broken(shared, q, e),
+            };
             for (k, head) in resubmit.iter().enumerate() {
                 segs.clear();
                 let r = walk(&ring, *head, segs)
@@ -638,26 +641,31 @@ fn walk(
 
 /// A queue starts serving (ready and enabled, nothing in flight): sizes its request table,
 /// opens its part of the inflight region and returns the requests a previous backend left in
-/// flight, oldest first.
+/// flight, oldest first. A region the frontend truncated (read as zeros) breaks the queue:
+/// what it held cannot be recovered.
 fn start_queue(
     q: &mut QueueState,
     conn: &Connection,
     size: u16,
     used_idx: u16,
     name: &str,
-) -> Vec<u16> {
+) -> Result<Vec<u16>, RingError> {
     q.started = true;
     if q.slots.len() != size as usize {
         q.slots = (0..size).map(|_| Slot::default()).collect();
     }
     q.inflight = None;
     let Some(map) = conn.inflight() else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     let opened = InflightMap::take_queue(&map, q.vq)
         .ok_or_else(|| "queue outside the region".to_string())
         .and_then(|r| QueueInflight::open(r, size).map_err(|e| e.to_string()));
-    match opened {
+    q.faults_seen = torii_vhost_user::guard::faults();
+    if map.faulted() {
+        return Err(RingError::InflightTruncated);
+    }
+    Ok(match opened {
         Ok(mut inf) => {
             let heads = inf.recover(used_idx);
             if !heads.is_empty() {
@@ -675,7 +683,7 @@ fn start_queue(
             tracing::warn!(device = name, queue = q.vq, "inflight region not used: {e}");
             Vec::new()
         }
-    }
+    })
 }
 
 /// Checks the request in `segs` (chain `head` of local queue `i`) and issues it, or completes

@@ -52,6 +52,28 @@ pub fn label_value(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Capability numbers (linux/capability.h) the daemons' error hints name.
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_NET_RAW: u32 = 13;
+pub const CAP_IPC_LOCK: u32 = 14;
+
+/// The process's effective capabilities (`CapEff`), read once and kept: the daemon reads them
+/// before its sandboxes go on ([`crate::seccomp::init`]), which may refuse `/proc` later. None
+/// if they could not be read.
+pub fn capabilities() -> Option<u64> {
+    static CAPS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *CAPS.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+        u64::from_str_radix(hex.trim(), 16).ok()
+    })
+}
+
+/// Whether the process lacks capability `cap` (or its capabilities could not be read).
+pub fn lacks(cap: u32) -> bool {
+    capabilities().is_none_or(|c| c & (1 << cap) == 0)
+}
+
 /// A listener's bind error on `addr`; a port below 1024 refused names the capability it needs.
 pub fn bind_error(addr: std::net::SocketAddr, e: std::io::Error) -> std::io::Error {
     if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {

@@ -1023,6 +1023,8 @@ pub fn init(mode: Mode, o: Options) -> Result<(), Error> {
     if let Err(e) = crate::guard::install() {
         tracing::warn!("{e}: a frontend that truncates guest memory will end the daemon");
     }
+    // Read before the sandboxes, which may not allow it later (for error hints only).
+    let _ = crate::daemon::capabilities();
     let state = State { mode, programs };
     let _ = STATE.set(state);
     match STATE.get() {

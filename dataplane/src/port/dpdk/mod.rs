@@ -191,15 +191,20 @@ fn check(rc: i32, what: &str) -> Result<(), String> {
     }
 }
 
-/// What a driver needs beyond what every DPDK port needs, for the error of a failed probe or
-/// start (the driver's own error says only that a call was not permitted). net_af_packet opens
-/// a packet socket when it is probed, and sets the interface's MAC address and promiscuous
-/// mode when it starts.
+/// What a driver needs beyond what every DPDK port needs and the daemon lacks, for the error of
+/// a failed probe or start (the driver's own error says only that a call failed).
+/// net_af_packet opens a packet socket when it is probed, and sets the interface's flags
+/// (promiscuous mode) when it starts.
 fn privilege_note(device_name: &str, starting: bool) -> &'static str {
-    match (device_name.starts_with("net_af_packet"), starting) {
-        (true, false) => " (net_af_packet opens a packet socket on the interface: that needs CAP_NET_RAW, and the interface must exist)",
-        (true, true) => " (net_af_packet sets the interface's MAC address and promiscuous mode as it starts: that needs CAP_NET_ADMIN)",
-        (false, _) => "",
+    use torii_vhost_user::daemon::{lacks, CAP_NET_ADMIN, CAP_NET_RAW};
+    if !device_name.starts_with("net_af_packet") {
+        ""
+    } else if !starting && lacks(CAP_NET_RAW) {
+        " (net_af_packet opens a packet socket on the interface: that needs CAP_NET_RAW, which the daemon lacks)"
+    } else if starting && lacks(CAP_NET_ADMIN) {
+        " (net_af_packet sets the interface's flags (promiscuous mode) as it starts: that needs CAP_NET_ADMIN, which the daemon lacks)"
+    } else {
+        ""
     }
 }
 
