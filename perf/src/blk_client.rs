@@ -161,6 +161,32 @@ fn queue_area(cfg: &ClientConfig) -> (u64, [u64; 6]) {
     (end, [desc, avail, used, hdrs, ind, data])
 }
 
+/// Whose file the inflight region sent back with SET_INFLIGHT_FD is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Inflight {
+    /// The backend's, from GET_INFLIGHT_FD.
+    Backends,
+    /// A copy in a memfd of the client's.
+    Own,
+}
+
+/// `len` bytes of `file` from `offset`, copied into a new memfd.
+fn copy_to_memfd(file: &File, offset: u64, len: u64) -> std::io::Result<File> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
+    file.read_exact_at(&mut bytes, offset)?;
+    // SAFETY: the name is a NUL-terminated literal.
+    let fd =
+        unsafe { libc::memfd_create(c"torii-blk-client-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh fd we own.
+    let own = unsafe { File::from_raw_fd(fd) };
+    own.write_all_at(&bytes, 0)?;
+    Ok(own)
+}
+
 /// A connected vhost-user-blk device.
 pub struct BlkClient {
     frontend: Frontend,
@@ -175,17 +201,31 @@ pub struct BlkClient {
 impl BlkClient {
     /// Connects to `socket`, negotiates, shares the memory and starts `cfg.queues` queues.
     pub fn connect(socket: &Path, cfg: &ClientConfig) -> Result<Self, ClientError> {
-        Self::open(socket, cfg, false)
+        Self::open(socket, cfg, None)
     }
 
     /// As [`BlkClient::connect`], and has the backend track requests in flight in an inflight
-    /// region it makes (GET_INFLIGHT_FD, then SET_INFLIGHT_FD), as QEMU does for a backend that
-    /// may reconnect. This process does not map the region.
+    /// region it makes (GET_INFLIGHT_FD, then SET_INFLIGHT_FD with the same file), as QEMU
+    /// does for a backend that may reconnect. This process does not map the region.
     pub fn connect_with_inflight(socket: &Path, cfg: &ClientConfig) -> Result<Self, ClientError> {
-        Self::open(socket, cfg, true)
+        Self::open(socket, cfg, Some(Inflight::Backends))
     }
 
-    fn open(socket: &Path, cfg: &ClientConfig, inflight: bool) -> Result<Self, ClientError> {
+    /// As [`BlkClient::connect_with_inflight`], but the region sent back with SET_INFLIGHT_FD
+    /// is a copy in a file of this client's own making (which it may then truncate: the
+    /// backend's own file is sealed at its size).
+    pub fn connect_with_own_inflight(
+        socket: &Path,
+        cfg: &ClientConfig,
+    ) -> Result<Self, ClientError> {
+        Self::open(socket, cfg, Some(Inflight::Own))
+    }
+
+    fn open(
+        socket: &Path,
+        cfg: &ClientConfig,
+        inflight: Option<Inflight>,
+    ) -> Result<Self, ClientError> {
         if cfg.segments == 0 || cfg.segments > MAX_SEGMENTS {
             return Err(ClientError::Setup(format!(
                 "segments must be 1..={MAX_SEGMENTS}, got {}",
@@ -220,7 +260,7 @@ impl BlkClient {
         let mut wantp = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK;
-        if inflight {
+        if inflight.is_some() {
             if !p.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
                 return Err(ClientError::Setup(
                     "backend without the INFLIGHT_SHMFD protocol feature".into(),
@@ -267,17 +307,29 @@ impl BlkClient {
             mmap_offset: 0,
             mmap_handle: mem.file.as_raw_fd(),
         }])?;
-        let inflight = if inflight {
-            let (region, file) = fe.get_inflight_fd(&VhostUserInflight {
-                mmap_size: 0,
-                mmap_offset: 0,
-                num_queues: cfg.queues,
-                queue_size: cfg.queue_size,
-            })?;
-            fe.set_inflight_fd(&region, file.as_raw_fd())?;
-            Some(file)
-        } else {
-            None
+        let inflight = match inflight {
+            Some(how) => {
+                let (region, mut file) = fe.get_inflight_fd(&VhostUserInflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: cfg.queues,
+                    queue_size: cfg.queue_size,
+                })?;
+                if how == Inflight::Own {
+                    file = copy_to_memfd(&file, region.mmap_offset, region.mmap_size)?;
+                }
+                let sent = VhostUserInflight {
+                    mmap_offset: if how == Inflight::Own {
+                        0
+                    } else {
+                        region.mmap_offset
+                    },
+                    ..region
+                };
+                fe.set_inflight_fd(&sent, file.as_raw_fd())?;
+                Some(file)
+            }
+            None => None,
         };
         let mut queues = Vec::new();
         for q in 0..cfg.queues {
@@ -332,7 +384,8 @@ impl BlkClient {
     }
 
     /// Shrinks the inflight region's file to `len` bytes under the backend, as a buggy or
-    /// hostile frontend could (the client must have connected with an inflight region).
+    /// hostile frontend could (the client must have connected with an inflight region; the
+    /// backend's own file refuses, sealed).
     pub fn truncate_inflight(&self, len: u64) -> std::io::Result<()> {
         self.inflight
             .as_ref()

@@ -420,10 +420,11 @@ fn a_frontend_that_truncates_guest_memory_breaks_its_queues_not_the_daemon() {
     be.stop();
 }
 
-/// A frontend that shrinks the inflight region's file under a polling worker: the write whose
-/// record faults completes (guest memory and rings are sound), then the queue is reported
-/// broken, since a reconnect could no longer recover its requests. The daemon lives on, and a
-/// new connection reads every acknowledged write.
+/// A frontend that shrinks the inflight region's file under a polling worker (a region of its
+/// own: the one the backend makes is sealed at its size): the write whose record faults
+/// completes (guest memory and rings are sound), then the queue is reported broken, since a
+/// reconnect could no longer recover its requests. The daemon lives on, and a new connection
+/// reads every acknowledged write.
 #[test]
 fn a_frontend_that_truncates_its_inflight_region_breaks_its_queue_not_the_daemon() {
     let _heavy = torii_perf::heavy_test_lock();
@@ -437,7 +438,9 @@ fn a_frontend_that_truncates_its_inflight_region_breaks_its_queue_not_the_daemon
         max_bytes: 4096,
         segments: 1,
     };
-    let mut client = BlkClient::connect_with_inflight(&be.socket, &cfg).or_fail("connect");
+    // The region the backend makes is sealed at its size; a frontend may send back a region
+    // of its own making instead, which it can shrink.
+    let mut client = BlkClient::connect_with_own_inflight(&be.socket, &cfg).or_fail("connect");
     let mut q = client.take_queues().swap_remove(0);
     q.data(0)[..4096].fill(0x33);
     assert_eq!(one(&mut q, T_OUT, 8, 4096).status, 0, "write before");
@@ -470,6 +473,10 @@ fn a_frontend_that_truncates_its_inflight_region_breaks_its_queue_not_the_daemon
     client.close(1);
 
     let mut again = BlkClient::connect_with_inflight(&be.socket, &cfg).or_fail("reconnect");
+    let e = again
+        .truncate_inflight(0)
+        .expect_err("the backend's region shrank");
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
     let mut q = again.take_queues().swap_remove(0);
     for (sector, fill) in [(8, 0x33), (16, 0x44)] {
         assert_eq!(one(&mut q, T_IN, sector, 4096).status, 0, "read {sector}");

@@ -55,7 +55,6 @@ pub fn label_value(s: &str) -> String {
 /// Capability numbers (linux/capability.h) the daemons' error hints name.
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_NET_RAW: u32 = 13;
-pub const CAP_IPC_LOCK: u32 = 14;
 
 /// The process's effective capabilities (`CapEff`), read once and kept: the daemon reads them
 /// before its sandboxes go on ([`crate::seccomp::init`]), which may refuse `/proc` later. None

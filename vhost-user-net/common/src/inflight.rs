@@ -279,6 +279,20 @@ impl InflightMap {
         // SAFETY: `fd` is a fresh fd we own.
         let file = unsafe { std::fs::File::from_raw_fd(fd) };
         file.set_len(len as u64)?;
+        // Sealed at its size: the frontend that gets this file cannot shrink it under the
+        // daemon (a region of its own making, sent with SET_INFLIGHT_FD, still can: the guard
+        // covers that).
+        // SAFETY: fcntl on our own fd; F_ADD_SEALS takes an int of seal flags.
+        if unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        } < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
         let map = Self::map(&file, 0, len, queue_size, queues)?;
         let size = queue_region_size(queue_size);
         for q in 0..queues as usize {
@@ -447,6 +461,19 @@ impl Drop for QueueRegion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_region_the_daemon_makes_cannot_change_size() {
+        let (map, file) = InflightMap::create(2, 128).unwrap();
+        let len = file.metadata().unwrap().len();
+        assert_eq!(len, region_size(2, 128) as u64);
+        for to in [0, len / 2, len * 2] {
+            let e = file.set_len(to).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "set_len({to})");
+        }
+        assert_eq!(file.metadata().unwrap().len(), len);
+        assert!(!map.faulted());
+    }
 
     #[test]
     fn sizes_are_aligned() {
